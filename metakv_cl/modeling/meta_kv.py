@@ -1,0 +1,293 @@
+"""Meta-KV attention for Hugging Face causal language models.
+
+``add_meta_kv(model, config)`` attaches a :class:`MetaKV` module to a loaded transformers model
+(as ``model.meta_kv``) and hooks every self-attention layer:
+
+1. a pre-hook on the decoder (``model.base_model``) records the 2-D padding mask of the call;
+2. a pre-hook on each attention module computes the meta-state C of the chunk from the
+   attention input x (continuing the running state kept beside the KV cache when decoding)
+   and the modulation ``delta = alpha * (x A(C)) B(C)`` for K and V;
+3. hooks on the K/V projections add delta to their outputs.
+
+So the model's own forward, its KV cache (which stores the modulated K and V) and
+``generate()`` work unchanged, the base weights are untouched, and the state-dict keys of the
+base model keep their names (Meta-KV parameters live under ``meta_kv.``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+from torch import nn
+
+from metakv_cl.modeling.adapters import find_attention_sites
+from metakv_cl.modeling.config import MetaKVConfig
+from metakv_cl.modeling.modulation import build_modulation, delta_weights
+from metakv_cl.modeling.sources import ConsolidatedMemory, build_dynamic_source
+
+PARAMETER_GROUPS = ("all", "memory", "generator", "source")
+
+
+class MetaKVLayer(nn.Module):
+    """The Meta-KV parts of one attention layer: its dynamic source and its modulation."""
+
+    def __init__(self, config: MetaKVConfig, hidden_size: int, kv_size: int):
+        super().__init__()
+        dynamic = config.dynamic_source
+        self.source = (
+            build_dynamic_source(dynamic, hidden_size, config.state_dim, config.attentive_score_bound)
+            if dynamic is not None
+            else None
+        )
+        self.modulation = build_modulation(config, hidden_size, kv_size)
+
+    def meta_state(self, x: torch.Tensor, real: torch.Tensor | None, state, memory: ConsolidatedMemory | None):
+        """C [batch, time, state_dim] for the chunk x, and the new running state (or None)."""
+        batch, time, _ = x.shape
+        c, new_state = None, None
+        if self.source is not None:
+            c, new_state = self.source(x, real, state)
+        if memory is not None:
+            m = memory.state().to(x.dtype).expand(batch, time, -1)
+            c = m if c is None else c + m
+        return c, new_state
+
+
+class MetaKV(nn.Module):
+    """All Meta-KV parameters of a model plus the bookkeeping of its hooks.
+
+    Attributes:
+        config: the :class:`MetaKVConfig`.
+        layers: one :class:`MetaKVLayer` per self-attention layer.
+        memories: the consolidated state M (one per layer, or one shared), empty if unused.
+        merged: whether the consolidated modulation is currently folded into the base weights.
+    """
+
+    def __init__(self, config: MetaKVConfig, adapter, sites):
+        super().__init__()
+        self.config = config
+        self.adapter = adapter
+        self.sites = sites
+        self.layers = nn.ModuleList(MetaKVLayer(config, s.hidden_size, s.kv_size) for s in sites)
+        memory_count = (1 if config.share_memory else len(sites)) if config.uses_memory else 0
+        self.memories = nn.ModuleList(ConsolidatedMemory(config.memory_slots, config.state_dim) for _ in range(memory_count))
+        self.merged = False
+        self._padding_mask: torch.Tensor | None = None
+        self._pending: list[torch.Tensor | None] = [None] * len(sites)
+        # Running dynamic states per cache object and layer, dropped with the cache.
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._hooks: list = []
+
+    def memory_for(self, layer: int) -> ConsolidatedMemory | None:
+        if not self.config.uses_memory:
+            return None
+        return self.memories[0 if self.config.share_memory else layer]
+
+    def running_state(self, cache, layer: int):
+        """The dynamic state stored beside ``cache`` for ``layer`` (None for a new sequence)."""
+        if cache is None:
+            return None
+        return self._states.get(cache, {}).get(layer)
+
+    def layer_forward(self, layer: int, x: torch.Tensor, cache) -> None:
+        """Compute and stash the K/V modulation of ``layer`` for the chunk x."""
+        if self.merged:
+            if torch.is_grad_enabled() and self.training:
+                raise RuntimeError("Meta-KV is merged into the base weights: call unmerge_meta_kv(model) before training")
+            self._pending[layer] = None
+            return
+        real = None
+        if self._padding_mask is not None:
+            real = self._padding_mask[:, -x.shape[1] :]
+            if real.shape[0] != x.shape[0]:
+                raise ValueError(f"attention_mask has batch {real.shape[0]} but the input has batch {x.shape[0]}")
+        state = self.running_state(cache, layer)
+        if state is not None and state[0].shape[0] != x.shape[0]:
+            raise RuntimeError(
+                "the batch changed between cached decoding steps (beam search or cache reordering); "
+                "the dynamic meta-state cannot follow that: use greedy or sampling decoding"
+            )
+        meta_layer = self.layers[layer]
+        c, new_state = meta_layer.meta_state(x, real, state, self.memory_for(layer))
+        if cache is not None and new_state is not None:
+            self._states.setdefault(cache, {})[layer] = new_state
+        delta = meta_layer.modulation(x, c)
+        if real is not None:
+            delta = delta * real[:, :, None, None].to(delta.dtype)  # padding keeps its base K/V
+        self._pending[layer] = delta
+
+    def hook(self, model: nn.Module) -> None:
+        """Register the decoder, attention and projection hooks on ``model``.
+
+        Hooks are small objects holding this module (not closures), so ``copy.deepcopy`` of the
+        model (a teacher for distillation, say) gives a copy whose hooks drive the copy.
+        """
+        decoder = model.base_model
+        self._hooks.append(decoder.register_forward_pre_hook(_PaddingHook(self, decoder), with_kwargs=True))
+        for index, site in enumerate(self.sites):
+            self._hooks.append(site.attention.register_forward_pre_hook(_AttentionHook(self, index), with_kwargs=True))
+            self._hooks.append(site.attention.register_forward_hook(_ClearHook(self, index), with_kwargs=True))
+            for module, target in self.adapter.output_hook_points(site):
+                self._hooks.append(module.register_forward_hook(_ProjectionHook(self, index, target)))
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def set_merged(self, merged: bool) -> None:
+        """Fold the consolidated modulation into the base weights (True) or take it out (False)."""
+        if self.config.source != "consolidated":
+            raise ValueError(
+                f"only a purely consolidated meta-state can be merged (it is constant); source is {self.config.source!r}"
+            )
+        if merged == self.merged:
+            raise RuntimeError(f"Meta-KV is already {'merged' if merged else 'unmerged'}")
+        for index, (site, layer) in enumerate(zip(self.sites, self.layers)):
+            memory = self.memory_for(index)
+            c = memory.state().detach().to(layer.modulation.A.dtype)
+            self.adapter.add_weights(site, delta_weights(layer.modulation, site.hidden_size, c), 1.0 if merged else -1.0)
+        self.merged = merged
+
+
+class _PaddingHook:
+    """Decoder pre-hook: remember the 2-D padding mask of this call (None if absent or 4-D)."""
+
+    def __init__(self, meta_kv: MetaKV, decoder: nn.Module):
+        self.meta_kv, self.signature = meta_kv, inspect.signature(decoder.forward)
+
+    def __call__(self, module, args, kwargs):
+        mask = self.signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+        self.meta_kv._padding_mask = mask.bool() if mask is not None and mask.dim() == 2 else None
+
+
+class _AttentionHook:
+    """Attention pre-hook: compute the layer's K/V modulation for this chunk."""
+
+    def __init__(self, meta_kv: MetaKV, index: int):
+        self.meta_kv, self.index = meta_kv, index
+        self.signature = inspect.signature(meta_kv.sites[index].attention.forward)
+
+    def __call__(self, module, args, kwargs):
+        arguments = self.signature.bind_partial(*args, **kwargs).arguments
+        self.meta_kv.layer_forward(self.index, arguments["hidden_states"], arguments.get("past_key_values"))
+
+
+class _ClearHook:
+    """Attention post-hook: drop the stashed modulation once the layer is done."""
+
+    def __init__(self, meta_kv: MetaKV, index: int):
+        self.meta_kv, self.index = meta_kv, index
+
+    def __call__(self, module, args, kwargs, output):
+        self.meta_kv._pending[self.index] = None
+
+
+class _ProjectionHook:
+    """K/V projection post-hook: add the stashed modulation to the projection's output."""
+
+    def __init__(self, meta_kv: MetaKV, index: int, target: int | None):
+        self.meta_kv, self.index, self.target = meta_kv, index, target
+
+    def __call__(self, module, inputs, output):
+        delta = self.meta_kv._pending[self.index]
+        return output if delta is None else self.meta_kv.adapter.add_delta(output, delta, self.target)
+
+
+def get_meta_kv(model: nn.Module) -> MetaKV:
+    """The :class:`MetaKV` module of ``model`` (through a peft wrapper too).
+
+    Raises:
+        ValueError: if the model has no Meta-KV.
+    """
+    for module in model.modules():
+        if isinstance(module, MetaKV):
+            return module
+    raise ValueError(f"{type(model).__name__} has no Meta-KV: call add_meta_kv(model, MetaKVConfig(...)) first")
+
+
+def has_meta_kv(model: nn.Module) -> bool:
+    return any(isinstance(module, MetaKV) for module in model.modules())
+
+
+def add_meta_kv(model: nn.Module, config: MetaKVConfig | None = None) -> nn.Module:
+    """Add Meta-KV attention to a loaded transformers causal LM, in place.
+
+    Args:
+        model: a GPT-2 or Llama-family model (``...ForCausalLM``).
+        config: the Meta-KV configuration (default ``MetaKVConfig()``).
+
+    Returns:
+        The same model object, now computing modulated K and V. At initialisation it computes
+        exactly what it computed before (B starts at zero).
+
+    Raises:
+        ValueError: unsupported architecture, a rank above the head dimension, or a model that
+            already has Meta-KV.
+    """
+    config = config or MetaKVConfig()
+    if has_meta_kv(model):
+        raise ValueError("the model already has Meta-KV; remove_meta_kv(model) first")
+    adapter, sites = find_attention_sites(model)
+    head_dim = sites[0].head_dim
+    if config.rank > head_dim:
+        raise ValueError(f"rank {config.rank} is larger than the head dimension {head_dim} of this model allows")
+    base_parameter = next(model.parameters())
+    meta_kv = MetaKV(config, adapter, sites).to(device=base_parameter.device, dtype=base_parameter.dtype)
+    model.add_module("meta_kv", meta_kv)
+    meta_kv.hook(model)
+    return model
+
+
+def remove_meta_kv(model: nn.Module) -> nn.Module:
+    """Remove Meta-KV (hooks and parameters), restoring the base model; merged weights are unmerged."""
+    meta_kv = get_meta_kv(model)
+    if meta_kv.merged:
+        meta_kv.set_merged(False)
+    meta_kv.remove_hooks()
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if child is meta_kv:
+                delattr(module, name)
+    return model
+
+
+def merge_meta_kv(model: nn.Module) -> nn.Module:
+    """Fold the consolidated modulation into the K/V projection weights: zero-overhead inference."""
+    get_meta_kv(model).set_merged(True)
+    return model
+
+
+def unmerge_meta_kv(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_meta_kv`."""
+    get_meta_kv(model).set_merged(False)
+    return model
+
+
+def meta_kv_parameters(model: nn.Module, group: str = "all") -> list[nn.Parameter]:
+    """The Meta-KV parameters of one group.
+
+    Args:
+        group: ``"memory"`` (the consolidated state M), ``"generator"`` (A, B and the
+            generators that map C to them), ``"source"`` (the dynamic source) or ``"all"``.
+    """
+    if group not in PARAMETER_GROUPS:
+        raise ValueError(f"unknown Meta-KV parameter group {group!r}; choose one of {', '.join(PARAMETER_GROUPS)}")
+    meta_kv = get_meta_kv(model)
+    if group == "all":
+        return list(meta_kv.parameters())
+    if group == "memory":
+        return list(meta_kv.memories.parameters())
+    part = "modulation" if group == "generator" else "source"
+    return [p for layer in meta_kv.layers if getattr(layer, part) is not None for p in getattr(layer, part).parameters()]
+
+
+def freeze_base(model: nn.Module) -> nn.Module:
+    """Set ``requires_grad=False`` on every parameter that is not a Meta-KV parameter."""
+    meta = {id(p) for p in meta_kv_parameters(model)}
+    for parameter in model.parameters():
+        if id(parameter) not in meta:
+            parameter.requires_grad_(False)
+    return model

@@ -1,0 +1,183 @@
+"""Meta-state sources: where the meta-state C of a layer comes from.
+
+Every dynamic source is causal (C at token t sees tokens <= t only) and has ONE code path for a
+whole sequence and for one decoding step: ``forward(x, real, state)`` reads a chunk of tokens
+plus the running state left by earlier chunks, and returns C for the chunk and the new state.
+A full forward is one chunk; cached decoding is many chunks of one token; the two therefore
+compute the same C (up to float rounding).
+
+Shapes: x [batch, time, hidden]; real [batch, time] bool (False on padding) or None;
+C [batch, time, state_dim]. Sources compute in float32 whatever the autocast setting, so the
+running sums stay exact enough for long inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+State = tuple[torch.Tensor, ...]
+
+
+def _float32(module_forward):
+    """Run a source's forward in float32 with autocast off, returning C in the input dtype."""
+
+    def wrapper(self, x, real, state):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            c, new_state = module_forward(self, x.float(), real, state)
+        return c.to(x.dtype), new_state
+
+    return wrapper
+
+
+def _real_mask(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    if real is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return real
+
+
+def causal_weighted_mean(values: torch.Tensor, weights: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+    """C_t = sum_{s<=t} w_s v_s / sum_{s<=t} w_s, continuing the running sums in ``state``.
+
+    Args:
+        values: [batch, time, dim].
+        weights: [batch, time, 1], zero on padding.
+        state: (weighted sum [batch, dim], weight total [batch, 1]) or None.
+
+    Returns:
+        C [batch, time, dim] (zero where nothing has been seen yet) and the new state.
+    """
+    numerator = torch.cumsum(weights * values, dim=1)
+    denominator = torch.cumsum(weights, dim=1)
+    if state is not None:
+        numerator = numerator + state[0].unsqueeze(1)
+        denominator = denominator + state[1].unsqueeze(1)
+    seen = denominator > 0
+    c = torch.where(seen, numerator / torch.where(seen, denominator, torch.ones_like(denominator)), 0.0)
+    return c, (numerator[:, -1], denominator[:, -1])
+
+
+class MeanSource(nn.Module):
+    """Running mean of a projection of the layer input."""
+
+    def __init__(self, hidden_size: int, state_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, state_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(hidden_size))
+
+    @_float32
+    def forward(self, x, real, state):
+        weights = _real_mask(x, real).unsqueeze(-1).float()
+        return causal_weighted_mean(F.linear(x, self.proj.weight.float()), weights, state)
+
+
+class AttentivePoolingSource(nn.Module):
+    """A learned query pools the prefix: C_t = sum_{s<=t} softmax_s(q . k_s) v_s.
+
+    The query does not depend on t, so the softmax over the prefix is a weighted running mean
+    with weights exp(score_s - bound); scores are bounded by ``bound * tanh(score / bound)``
+    so these weights never underflow in float32 (exp(-2 bound) stays representable), which
+    keeps step-by-step decoding equal to a full pass without a running max.
+    """
+
+    def __init__(self, hidden_size: int, state_dim: int, score_bound: float):
+        super().__init__()
+        self.key = nn.Linear(hidden_size, state_dim, bias=False)
+        self.value = nn.Linear(hidden_size, state_dim, bias=False)
+        self.query = nn.Parameter(torch.randn(state_dim) / math.sqrt(state_dim))
+        self.score_bound = score_bound
+        for linear in (self.key, self.value):
+            nn.init.normal_(linear.weight, std=1.0 / math.sqrt(hidden_size))
+
+    @_float32
+    def forward(self, x, real, state):
+        keys = F.linear(x, self.key.weight.float())
+        scores = keys @ self.query.float() / math.sqrt(keys.shape[-1])
+        scores = self.score_bound * torch.tanh(scores / self.score_bound)
+        weights = torch.exp(scores - self.score_bound) * _real_mask(x, real).float()
+        return causal_weighted_mean(F.linear(x, self.value.weight.float()), weights.unsqueeze(-1), state)
+
+
+class MaxSource(nn.Module):
+    """Running element-wise max of a projection of the layer input."""
+
+    def __init__(self, hidden_size: int, state_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, state_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(hidden_size))
+
+    @_float32
+    def forward(self, x, real, state):
+        projected = F.linear(x, self.proj.weight.float())
+        projected = projected.masked_fill(~_real_mask(x, real).unsqueeze(-1), float("-inf"))
+        running = torch.cummax(projected, dim=1).values
+        if state is not None:
+            running = torch.maximum(running, state[0].unsqueeze(1))
+        c = torch.where(torch.isfinite(running), running, 0.0)
+        return c, (running[:, -1],)
+
+
+class RecurrentSource(nn.Module):
+    """A GRU over the layer input; C_t is its hidden state after token t. Padding is skipped."""
+
+    def __init__(self, hidden_size: int, state_dim: int):
+        super().__init__()
+        self.gru = nn.GRU(hidden_size, state_dim, batch_first=True)
+
+    @_float32
+    def forward(self, x, real, state):
+        batch, time, _ = x.shape
+        h0 = (
+            state[0].unsqueeze(0)
+            if state is not None
+            else x.new_zeros(1, batch, self.gru.hidden_size)
+        )
+        gru = self.gru.float()
+        if real is None or bool(real.all()):
+            c, h_n = gru(x, h0)
+            return c, (h_n[0],)
+        # Move each row's real tokens to the front (keeping their order), run them packed, and
+        # scatter the outputs back: padding never touches the recurrent state.
+        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+        lengths = real.sum(dim=1)
+        front = torch.gather(x, 1, order.unsqueeze(-1).expand_as(x))
+        packed = pack_padded_sequence(front, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
+        out, h_n = gru(packed, h0)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=time)
+        c = torch.zeros_like(out).scatter(1, order.unsqueeze(-1).expand_as(out), out)
+        c = c * real.unsqueeze(-1)
+        h_n = torch.where((lengths > 0).unsqueeze(-1), h_n[0], h0[0])
+        return c, (h_n,)
+
+
+class ConsolidatedMemory(nn.Module):
+    """The consolidated state M: ``memory_slots`` learnable vectors whose mean is C.
+
+    M does not depend on the input, so C is the same for every token and the modulation it
+    produces can be merged into the projection weights.
+    """
+
+    def __init__(self, memory_slots: int, state_dim: int):
+        super().__init__()
+        self.slots = nn.Parameter(torch.randn(memory_slots, state_dim) / math.sqrt(state_dim))
+
+    def state(self) -> torch.Tensor:
+        """C as a [state_dim] vector."""
+        return self.slots.mean(dim=0)
+
+
+def build_dynamic_source(name: str, hidden_size: int, state_dim: int, score_bound: float) -> nn.Module:
+    """The dynamic source called ``name`` ("mean", "max", "attentive" or "recurrent")."""
+    if name == "mean":
+        return MeanSource(hidden_size, state_dim)
+    if name == "max":
+        return MaxSource(hidden_size, state_dim)
+    if name == "attentive":
+        return AttentivePoolingSource(hidden_size, state_dim, score_bound)
+    if name == "recurrent":
+        return RecurrentSource(hidden_size, state_dim)
+    raise ValueError(f"unknown dynamic meta-state source {name!r}; choose mean, max, attentive or recurrent")
