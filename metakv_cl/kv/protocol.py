@@ -1,0 +1,305 @@
+"""The compaction protocol every KV method implements, and the helpers methods share.
+
+One protocol covers the three families of methods:
+
+* score-and-keep (sliding window, sinks, H2O, random, Attention Matching's key choice): keep a
+  subset of the cached tokens;
+* merge (moving and cumulative averages, compressive memory): replace blocks of tokens by
+  weighted means;
+* construct (Attention Matching's fitted values and biases, quantized storage): build new
+  entries that reproduce the attention of the old ones.
+
+``compact(keys, values, queries, budget)`` works on one layer at a time, on tensors shaped
+[batch, kv_heads, tokens, head_dim], and returns ``(keys, values, bias)``: the compacted keys and
+values (float tensors, :class:`~metakv_cl.kv.quantization.QuantizedTensor` or
+:class:`~metakv_cl.kv.quantization.KVStorage`) and a per-entry additive attention bias
+[batch, kv_heads, entries] (or None). The bias enters attention as ``q.k * scale + bias``; a bias
+of ``log w`` makes an entry count like ``w`` copies of itself, which is how merged entries keep
+the attention mass of the tokens they replace.
+
+Conventions:
+
+* ``budget`` is the fraction, in (0, 1], of the input's full-precision size to keep. Token
+  methods keep ``floor(budget * tokens)`` entries (at least one); quantization methods keep
+  ``budget`` of the bytes. At ``budget == 1`` every method returns its inputs unchanged.
+* ``queries`` are reference queries [batch, kv_heads, n, head_dim], already multiplied by the
+  attention's softmax scale (so scores are ``queries @ keys^T + bias``); query heads that share a
+  KV head (grouped-query attention) are stacked along n.
+* ``bias`` on input is the bias the entries already carry (from an earlier compaction, or
+  :data:`MASKED_BIAS` for padding); methods must account for it.
+* ``importance`` is the per-entry attention statistic the cache tracks for methods that set
+  ``tracks_attention`` (see :meth:`CompactionMethod.update_importance`).
+* Entries stay in chronological order (merged entries take the place of their block), except
+  where a method documents otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator, Protocol, Union, runtime_checkable
+
+import torch
+
+from metakv_cl.kv.quantization import KVStorage, QuantizedTensor
+
+# Bias of entries that must receive no attention (padding). Finite, so that sums stay defined.
+MASKED_BIAS = torch.finfo(torch.float32).min
+
+Stored = Union[torch.Tensor, QuantizedTensor, KVStorage]
+
+
+@dataclass
+class CompactedKV:
+    """The result of a compaction: unpacks as ``keys, values, bias``.
+
+    Attributes:
+        keys: compacted keys [batch, kv_heads, entries, head_dim] (float or quantized).
+        values: compacted values, same layout.
+        bias: per-entry additive attention bias [batch, kv_heads, entries] (float32), or None.
+        kept: for entries that are input tokens, their indices into the input
+            [batch, kv_heads, entries] (the cache carries per-token statistics with them);
+            None for merged or constructed entries.
+    """
+
+    keys: Stored
+    values: Stored
+    bias: torch.Tensor | None = None
+    kept: torch.Tensor | None = field(default=None, repr=False)
+
+    def __iter__(self) -> Iterator:
+        return iter((self.keys, self.values, self.bias))
+
+
+@dataclass
+class AttentionReceived:
+    """Attention that cached entries received during one forward call, per KV head.
+
+    Attributes:
+        total: summed over the call's queries and the query heads of each KV head
+            [batch, kv_heads, entries].
+        peak: the maximum over the same queries and heads [batch, kv_heads, entries].
+    """
+
+    total: torch.Tensor
+    peak: torch.Tensor
+
+
+@runtime_checkable
+class KVCompressor(Protocol):
+    """What a cache needs from a compaction method."""
+
+    tracks_attention: ClassVar[bool]
+    needs_queries: ClassVar[bool]
+    unbounded: ClassVar[bool]
+
+    def compact(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor | None,
+        budget: float,
+        *,
+        bias: torch.Tensor | None = None,
+        importance: torch.Tensor | None = None,
+    ) -> CompactedKV: ...
+
+    def update_importance(self, importance: torch.Tensor, received: AttentionReceived) -> torch.Tensor: ...
+
+    def initial_importance(self, like: torch.Tensor) -> torch.Tensor: ...
+
+
+def validate_budget(budget: float) -> float:
+    """Return ``budget`` as a float, or raise ValueError if it is not in (0, 1]."""
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget must be a number in (0, 1], got {budget!r}") from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise ValueError(f"budget must be in (0, 1] (a fraction of the input kept), got {budget}")
+    return value
+
+
+def validate_inputs(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    queries: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    importance: torch.Tensor | None,
+) -> None:
+    """Check the shapes of a compaction call; raise ValueError naming the mismatch."""
+    if keys.dim() != 4 or values.dim() != 4:
+        raise ValueError(
+            f"keys and values must be [batch, kv_heads, tokens, head_dim]; got {tuple(keys.shape)} and {tuple(values.shape)}"
+        )
+    if keys.shape[:3] != values.shape[:3]:
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} disagree on batch, heads or tokens")
+    if keys.shape[-2] == 0:
+        raise ValueError("cannot compact an empty cache (0 tokens)")
+    if queries is not None:
+        if queries.dim() != 4 or queries.shape[:2] != keys.shape[:2] or queries.shape[-1] != keys.shape[-1]:
+            raise ValueError(
+                f"queries must be [batch, kv_heads, n, head_dim] = [{keys.shape[0]}, {keys.shape[1]}, n, {keys.shape[-1]}], "
+                f"got {tuple(queries.shape)}"
+            )
+    for name, tensor in (("bias", bias), ("importance", importance)):
+        if tensor is not None and tuple(tensor.shape) != tuple(keys.shape[:3]):
+            raise ValueError(f"{name} must be [batch, kv_heads, tokens] = {tuple(keys.shape[:3])}, got {tuple(tensor.shape)}")
+
+
+def entries_for_budget(tokens: int, budget: float) -> int:
+    """Entries a token method keeps: ``floor(budget * tokens)``, at least 1, at most ``tokens``."""
+    return max(1, min(tokens, int(math.floor(budget * tokens + 1e-9))))
+
+
+def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Select entries along the token axis: x [b, h, s] or [b, h, s, d], indices [b, h, t]."""
+    if x.dim() == 3:
+        return torch.gather(x, 2, indices)
+    return torch.gather(x, 2, indices.unsqueeze(-1).expand(*indices.shape, x.shape[-1]))
+
+
+def token_weights(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """How many tokens each entry stands for, ``exp(bias)`` in float32 (1 where there is no bias)."""
+    if bias is None:
+        return torch.ones(like.shape[:3], dtype=torch.float32, device=like.device)
+    return torch.exp(bias.float())
+
+
+def weights_to_bias(weights: torch.Tensor) -> torch.Tensor | None:
+    """``log(weights)`` as a bias (MASKED_BIAS for zero weight), or None if every weight is 1."""
+    if torch.all(weights == 1):
+        return None
+    return torch.where(weights > 0, torch.log(weights.clamp_min(1e-38)), torch.full_like(weights, MASKED_BIAS))
+
+
+def merge_entries(
+    keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, assignment: torch.Tensor, slots: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted means of entries grouped into ``slots`` slots (the same grouping for every head).
+
+    Args:
+        keys, values: [b, h, s, d] entries.
+        weights: [b, h, s] token weights (how many tokens each entry stands for; 0 = padding).
+        assignment: [s] slot index in [0, slots) of every entry.
+        slots: number of output slots.
+
+    Returns:
+        (keys, values, weights) of the slots, [b, h, slots, d] and [b, h, slots]. A slot whose
+        entries all have zero weight gets the plain mean and weight 0.
+    """
+    one_hot = torch.nn.functional.one_hot(assignment.to(keys.device), slots).to(torch.float32)  # [s, slots]
+    slot_weights = torch.einsum("bhs,sk->bhk", weights, one_hot)
+    mixing = weights.unsqueeze(-1) * one_hot  # [b, h, s, slots]
+    # Fall back to a plain mean for slots made of padding only, so no division by zero.
+    empty = slot_weights <= 0
+    mixing = torch.where(empty.unsqueeze(2), one_hot.expand_as(mixing), mixing)
+    mixing = mixing / mixing.sum(dim=2, keepdim=True).clamp_min(1e-30)
+    merged_keys = torch.einsum("bhsk,bhsd->bhkd", mixing, keys.float()).to(keys.dtype)
+    merged_values = torch.einsum("bhsk,bhsd->bhkd", mixing, values.float()).to(values.dtype)
+    return merged_keys, merged_values, slot_weights
+
+
+class CompactionMethod(ABC):
+    """Base class of the methods: input checks and the ``budget == 1`` identity, then :meth:`_compact`.
+
+    Class attributes:
+        tracks_attention: the cache records the attention each entry receives and keeps it in
+            ``importance`` (see :meth:`update_importance`).
+        needs_queries: the cache captures reference queries for :meth:`compact`.
+        unbounded: the method never drops anything (the full cache); the cache ignores its
+            capacity.
+    """
+
+    tracks_attention: ClassVar[bool] = False
+    needs_queries: ClassVar[bool] = False
+    unbounded: ClassVar[bool] = False
+
+    def compact(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor | None,
+        budget: float,
+        *,
+        bias: torch.Tensor | None = None,
+        importance: torch.Tensor | None = None,
+    ) -> CompactedKV:
+        """Compact one layer's cache to ``budget`` of its full-precision size.
+
+        Args:
+            keys: [batch, kv_heads, tokens, head_dim].
+            values: [batch, kv_heads, tokens, head_dim_v].
+            queries: reference queries [batch, kv_heads, n, head_dim], pre-scaled, or None.
+            budget: fraction in (0, 1] of the input's full-precision size to keep.
+            bias: the entries' current additive attention bias [batch, kv_heads, tokens].
+            importance: the cache's per-entry attention statistic [batch, kv_heads, tokens].
+
+        Returns:
+            :class:`CompactedKV` (unpacks as ``keys, values, bias``).
+
+        Raises:
+            ValueError: a budget outside (0, 1] or inconsistent shapes.
+        """
+        budget = validate_budget(budget)
+        validate_inputs(keys, values, queries, bias, importance)
+        tokens = keys.shape[-2]
+        if budget >= 1.0:
+            kept = torch.arange(tokens, device=keys.device).expand(*keys.shape[:2], tokens)
+            return CompactedKV(keys, values, bias, kept)
+        return self._compact(keys, values, queries, budget, bias=bias, importance=importance)
+
+    @abstractmethod
+    def _compact(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor | None,
+        budget: float,
+        *,
+        bias: torch.Tensor | None,
+        importance: torch.Tensor | None,
+    ) -> CompactedKV:
+        """Compact validated inputs with ``budget < 1``."""
+
+    def initial_importance(self, like: torch.Tensor) -> torch.Tensor:
+        """Importance of entries that just entered the cache ([b, h, s] zeros by default)."""
+        return torch.zeros(like.shape[:3], dtype=torch.float32, device=like.device)
+
+    def update_importance(self, importance: torch.Tensor, received: AttentionReceived) -> torch.Tensor:
+        """Fold one forward call's attention into the importance (accumulated attention by default)."""
+        return importance + received.total
+
+
+class TokenSelector(CompactionMethod):
+    """Score-and-keep methods: choose ``count`` input tokens per (batch, head); the rest are dropped."""
+
+    def _compact(self, keys, values, queries, budget, *, bias, importance) -> CompactedKV:
+        count = entries_for_budget(keys.shape[-2], budget)
+        kept = self.select(keys, values, queries, count, bias=bias, importance=importance)
+        kept, _ = kept.sort(dim=-1)  # chronological order
+        return CompactedKV(
+            gather_tokens(keys, kept),
+            gather_tokens(values, kept),
+            None if bias is None else gather_tokens(bias, kept),
+            kept,
+        )
+
+    @abstractmethod
+    def select(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor | None,
+        count: int,
+        *,
+        bias: torch.Tensor | None,
+        importance: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Indices [batch, kv_heads, count] of the tokens to keep (any order)."""
+
+
+def recent_indices(tokens: int, count: int, like: torch.Tensor) -> torch.Tensor:
+    """The last ``count`` token indices, expanded to [batch, heads, count]."""
+    return torch.arange(tokens - count, tokens, device=like.device).expand(*like.shape[:2], count)

@@ -1,0 +1,453 @@
+"""End-of-run reports: the score matrix of each method, its figures, tables and plots.
+
+A run produces one :class:`MethodResult` per strategy (its matrix R, see
+:mod:`metakv_cl.metrics` for the definitions and sign conventions). :func:`write_report`
+writes, into one folder:
+
+- ``report.json``: every method's matrix, summary figures and extra facts (wall time,
+  peak memory, trainable parameters, seed, ...);
+- ``report.md``: the side-by-side table and each method's matrix;
+- ``heatmap_<method>.png``: R as an annotated heatmap (the just-trained cells outlined);
+- ``curves_<method>.png``: each experience's score across the stream;
+- ``forgetting.png``: forgetting per experience and on average, one bar per method.
+
+:func:`aggregate_seeds` turns several seeds' results into a mean +- std table. Plots use
+matplotlib's object-oriented API on the Agg canvas, so no display and no global pyplot
+state are involved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from metakv_cl.metrics import SUMMARY_FIGURES, continual_summary
+
+__all__ = [
+    "SCORE_NAMES",
+    "MethodResult",
+    "format_table",
+    "write_report",
+    "seed_statistics",
+    "aggregate_seeds",
+]
+
+# score name -> higher is better
+SCORE_NAMES = {"accuracy": True, "loss": False}
+
+SIGN_CONVENTIONS = (
+    "Figures are oriented the same way for accuracy and loss: forgetting > 0 means earlier "
+    "experiences got worse (Chaudhry et al. 2018: best earlier score minus final score); "
+    "BWT > 0 means later training improved earlier experiences and BWT < 0 is forgetting "
+    "(GEM: final score minus score right after training); FWT > 0 means earlier training "
+    "helped an experience before it was trained (GEM: score just before training minus the "
+    "untrained model's score). For losses the differences are negated so that these "
+    "readings hold; perplexity = exp(mean final loss over experiences)."
+)
+
+_FIGURE_HEADERS = {"average": "average", "forgetting": "forgetting", "bwt": "BWT", "fwt": "FWT",
+                   "perplexity": "perplexity"}
+
+
+@dataclass
+class MethodResult:
+    """One method's run on a stream.
+
+    Args:
+        method: method (strategy) name, unique within a report.
+        experience_names: one name per experience, in stream order.
+        score_name: ``"accuracy"`` (higher is better) or ``"loss"`` (mean per-token NLL in
+            nats, lower is better).
+        matrix: R as rows: row 0 before training, row i after experience i; a partial run
+            has fewer than T + 1 rows. NaN or None marks an unmeasured cell.
+        extra: anything else worth keeping: ``wall_time_s``, ``peak_memory_bytes``,
+            ``trainable_params``, ``seed``, ...
+    """
+
+    method: str
+    experience_names: list[str]
+    score_name: str
+    matrix: list[list[float]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.score_name not in SCORE_NAMES:
+            raise ValueError(f"{self.method}: score_name must be one of {sorted(SCORE_NAMES)}, got {self.score_name!r}")
+        self.experience_names = list(self.experience_names)
+        self.matrix = [[math.nan if cell is None else float(cell) for cell in row] for row in self.matrix]
+        if any(len(row) != len(self.experience_names) for row in self.matrix):
+            raise ValueError(
+                f"{self.method}: every matrix row needs one score per experience "
+                f"({len(self.experience_names)}), got row lengths {[len(row) for row in self.matrix]}"
+            )
+
+    @property
+    def higher_is_better(self) -> bool:
+        return SCORE_NAMES[self.score_name]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """:func:`metakv_cl.metrics.continual_summary` of the matrix."""
+        return continual_summary(self.matrix, self.higher_is_better)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (NaN cells become null); ``summary`` is included for readers
+        and ignored by :meth:`from_json`.
+
+        Returns:
+            ``{"method", "experience_names", "score_name", "matrix", "extra", "summary"}``.
+        """
+        return _json_safe({
+            "method": self.method,
+            "experience_names": self.experience_names,
+            "score_name": self.score_name,
+            "matrix": self.matrix,
+            "extra": self.extra,
+            "summary": self.summary,
+        })
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str) -> "MethodResult":
+        """Rebuild a result from :meth:`to_json` output (a dict or its JSON text).
+
+        Raises:
+            KeyError: if a required field is missing.
+        """
+        if isinstance(data, str):
+            data = json.loads(data)
+        missing = [key for key in ("method", "experience_names", "score_name", "matrix") if key not in data]
+        if missing:
+            raise KeyError(f"MethodResult JSON lacks {missing}; has {sorted(data)}")
+        return cls(method=data["method"], experience_names=data["experience_names"], score_name=data["score_name"],
+                   matrix=data["matrix"], extra=dict(data.get("extra", {})))
+
+
+def _json_safe(value: Any) -> Any:
+    """Recursively convert to JSON types: NaN/inf -> None, tensors/arrays -> lists, paths -> str."""
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if hasattr(value, "tolist"):  # torch tensors, numpy arrays and scalars
+        return _json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _figure_keys(results: Sequence[MethodResult]) -> list[str]:
+    has_loss = any(not result.higher_is_better for result in results)
+    return [*SUMMARY_FIGURES, *(("perplexity",) if has_loss else ())]
+
+
+def _format_number(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _format_params(value: Any) -> str:
+    return f"{int(value):,}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _check_results(results: Sequence[MethodResult]) -> None:
+    if not results:
+        raise ValueError("no results to report")
+    names = [result.method for result in results]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise ValueError(f"method names must be unique within a report, repeated: {duplicated}")
+
+
+def format_table(results: Sequence[MethodResult]) -> str:
+    """The side-by-side Markdown table: one row per method.
+
+    Args:
+        results: the methods to compare (usually on one stream and seed).
+
+    Returns:
+        A Markdown table with score, average, forgetting, BWT, FWT, perplexity (when any
+        result is a loss), wall time and trainable parameters. Undefined figures show "–";
+        a partial run is marked "(k/T trained)" after its name.
+
+    Raises:
+        ValueError: if ``results`` is empty or repeats a method name.
+    """
+    _check_results(results)
+    figures = _figure_keys(results)
+    header = ["method", "score", *(_FIGURE_HEADERS[f] for f in figures), "wall time (s)", "trainable params"]
+    rows = []
+    for result in results:
+        summary = result.summary
+        trained, total = summary["num_trained"], len(result.experience_names)
+        rows.append([
+            result.method if trained == total else f"{result.method} ({trained}/{total} trained)",
+            result.score_name,
+            *(_format_number(summary.get(figure)) for figure in figures),
+            _format_number(result.extra.get("wall_time_s"), digits=1),
+            _format_params(result.extra.get("trainable_params")),
+        ])
+    return _markdown_table(header, rows)
+
+
+def _row_labels(result: MethodResult) -> list[str]:
+    return ["before training"] + [f"after {i}: {name}" for i, name in enumerate(result.experience_names, 1)]
+
+
+def _matrix_markdown(result: MethodResult) -> str:
+    header = ["R", *(f"{j}: {name}" for j, name in enumerate(result.experience_names, 1))]
+    rows = [[label, *(_format_number(cell) for cell in row)] for label, row in zip(_row_labels(result), result.matrix)]
+    return _markdown_table(header, rows)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "method"
+
+
+def _wrap(label: str, width: int = 18) -> str:
+    return "\n".join(textwrap.wrap(label, width)) or label
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    FigureCanvasAgg(figure)  # attach the Agg canvas: no display and no pyplot state
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_heatmap(result: MethodResult, path: Path) -> Path:
+    """R as a heatmap with each cell's value written in it; better scores are brighter.
+
+    Args:
+        result: the method's result.
+        path: where to write the PNG.
+
+    Returns:
+        ``path``.
+    """
+    num_rows, num_cols = len(result.matrix), len(result.experience_names)
+    figure = Figure(figsize=(2.0 + 1.3 * num_cols, 1.2 + 0.6 * num_rows))
+    axes = figure.add_subplot()
+    finite = [cell for row in result.matrix for cell in row if math.isfinite(cell)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    if high == low:
+        high = low + 1.0
+    # viridis: bright = better for accuracies; reversed for losses.
+    cmap = "viridis" if result.higher_is_better else "viridis_r"
+    image = axes.imshow(result.matrix, cmap=cmap, vmin=low, vmax=high, aspect="auto")
+    colorbar = figure.colorbar(image, ax=axes)
+    colorbar.set_label(result.score_name)
+    for i, row in enumerate(result.matrix):
+        for j, cell in enumerate(row):
+            if not math.isfinite(cell):
+                axes.text(j, i, "–", ha="center", va="center", color="grey")
+                continue
+            brightness = (cell - low) / (high - low)
+            if not result.higher_is_better:
+                brightness = 1.0 - brightness
+            axes.text(j, i, f"{cell:.2f}", ha="center", va="center", fontsize=9,
+                      color="black" if brightness > 0.55 else "white")
+    for j in range(min(num_cols, num_rows - 1)):  # the cell right after training each experience
+        axes.add_patch(Rectangle((j - 0.5, j + 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+    axes.set_xticks(range(num_cols), [_wrap(f"{j}: {name}") for j, name in enumerate(result.experience_names, 1)],
+                    rotation=30, ha="right", fontsize=8)
+    axes.set_yticks(range(num_rows), _row_labels(result)[:num_rows], fontsize=8)
+    axes.set_xlabel("evaluated experience")
+    axes.set_ylabel("training progress")
+    axes.set_title(f"{result.method}: {result.score_name} matrix R (red: just trained)")
+    return _save(figure, path)
+
+
+def plot_curves(result: MethodResult, path: Path) -> Path:
+    """Each experience's score after each training step; a star marks where it was trained.
+
+    Args:
+        result: the method's result.
+        path: where to write the PNG.
+
+    Returns:
+        ``path``.
+    """
+    figure = Figure(figsize=(7.5, 4.2))
+    axes = figure.add_subplot()
+    steps = range(len(result.matrix))
+    for j, name in enumerate(result.experience_names):
+        line, = axes.plot(steps, [row[j] for row in result.matrix], marker="o", markersize=4, label=f"{j + 1}: {name}")
+        if j + 1 < len(result.matrix):
+            axes.plot([j + 1], [result.matrix[j + 1][j]], marker="*", markersize=13, color=line.get_color())
+    axes.set_xticks(list(steps), ["init"] + [f"after {i}" for i in steps[1:]])
+    axes.set_xlabel("training progress")
+    axes.set_ylabel(result.score_name + ("" if result.higher_is_better else " (lower is better)"))
+    axes.set_title(f"{result.method}: score per experience (star: just trained)")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="experience")
+    return _save(figure, path)
+
+
+def plot_forgetting(results: Sequence[MethodResult], path: Path) -> Path:
+    """Forgetting per experience and its mean, one bar per method (a panel per score type).
+
+    Args:
+        results: the methods to compare.
+        path: where to write the PNG.
+
+    Returns:
+        ``path``.
+    """
+    panels = [name for name in SCORE_NAMES if any(result.score_name == name for result in results)]
+    figure = Figure(figsize=(max(6.0, 1.2 * max(len(r.experience_names) for r in results) + 3), 3.8 * len(panels)))
+    for panel, score_name in enumerate(panels, 1):
+        axes = figure.add_subplot(len(panels), 1, panel)
+        group = [result for result in results if result.score_name == score_name]
+        num_groups = max(len(result.summary["forgetting_per_experience"]) for result in group) + 1
+        width = 0.8 / len(group)
+        for index, result in enumerate(group):
+            summary = result.summary
+            values = [math.nan if v is None else v for v in summary["forgetting_per_experience"]]
+            values += [math.nan] * (num_groups - 1 - len(values))
+            values.append(math.nan if summary["forgetting"] is None else summary["forgetting"])
+            positions = [g + (index - (len(group) - 1) / 2) * width for g in range(num_groups)]
+            bars = axes.bar(positions, values, width=width, label=result.method)
+            axes.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.2f}" for v in values], fontsize=7)
+        names = group[0].experience_names
+        axes.set_xticks(range(num_groups), [_wrap(f"{j}: {names[j - 1]}" if j <= len(names) else str(j))
+                                            for j in range(1, num_groups)] + ["mean"], fontsize=8)
+        axes.axhline(0.0, color="black", linewidth=0.8)
+        axes.set_ylabel(f"forgetting ({score_name})\n> 0: got worse")
+        axes.set_title(f"Forgetting per experience ({score_name})")
+        axes.legend(fontsize=8)
+        axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and the PNG plots for a set of methods.
+
+    Args:
+        results: one result per method (unique method names).
+        out_dir: output folder; created if missing. Existing report files are overwritten.
+
+    Returns:
+        Paths by key: ``"json"``, ``"markdown"``, ``"forgetting_plot"``, and per method
+        ``"heatmap:<method>"`` and ``"curves:<method>"``.
+
+    Raises:
+        ValueError: if ``results`` is empty or repeats a method name.
+    """
+    _check_results(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    slugs: dict[str, str] = {}
+    for result in results:
+        slug = _slug(result.method)
+        while slug in slugs.values():  # "LoRA (shared)" and "lora shared" must not overwrite each other
+            slug += "_"
+        slugs[result.method] = slug
+        paths[f"heatmap:{result.method}"] = plot_heatmap(result, out / f"heatmap_{slug}.png")
+        paths[f"curves:{result.method}"] = plot_curves(result, out / f"curves_{slug}.png")
+    paths["forgetting_plot"] = plot_forgetting(results, out / "forgetting.png")
+
+    report = {
+        "sign_conventions": SIGN_CONVENTIONS,
+        "methods": [result.to_json() for result in results],
+        "plots": {key: path.name for key, path in paths.items()},
+    }
+    paths["json"] = out / "report.json"
+    paths["json"].write_text(json.dumps(report, indent=2))
+
+    sections = ["# Continual-learning report", "", format_table(results), "", SIGN_CONVENTIONS, "",
+                f"![forgetting per method]({paths['forgetting_plot'].name})", ""]
+    for result in results:
+        sections += [f"## {result.method}", "", _matrix_markdown(result), "",
+                     f"![R heatmap]({paths[f'heatmap:{result.method}'].name})", ""]
+    paths["markdown"] = out / "report.md"
+    paths["markdown"].write_text("\n".join(sections))
+    return paths
+
+
+def seed_statistics(results_by_seed: Sequence[Sequence[MethodResult]]) -> dict[str, dict[str, Any]]:
+    """Mean and standard deviation over seeds of every figure, per method.
+
+    Args:
+        results_by_seed: one list of results per seed; methods are matched by name.
+
+    Returns:
+        method -> ``{"score_name", "seeds", <figure>: {"mean", "std", "n"}}`` for the figures
+        (average, forgetting, bwt, fwt, perplexity for losses) and ``wall_time_s``.
+        ``std`` is the sample standard deviation (0 with one seed); undefined values of a
+        seed are left out and ``n`` counts the rest.
+
+    Raises:
+        ValueError: if there are no results, or one method has different score names.
+    """
+    by_method: dict[str, list[MethodResult]] = {}
+    for seed_results in results_by_seed:
+        _check_results(seed_results)
+        for result in seed_results:
+            by_method.setdefault(result.method, []).append(result)
+    if not by_method:
+        raise ValueError("no results to aggregate")
+    statistics_by_method = {}
+    for method, runs in by_method.items():
+        score_names = {run.score_name for run in runs}
+        if len(score_names) > 1:
+            raise ValueError(f"method {method!r} mixes score names across seeds: {sorted(score_names)}")
+        summaries = [run.summary for run in runs]
+        entry: dict[str, Any] = {"score_name": runs[0].score_name, "seeds": len(runs)}
+        values_by_key = {figure: [summary.get(figure) for summary in summaries] for figure in _figure_keys(runs)}
+        values_by_key["wall_time_s"] = [run.extra.get("wall_time_s") for run in runs]
+        for key, values in values_by_key.items():
+            present = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+            entry[key] = {
+                "mean": statistics.fmean(present) if present else None,
+                "std": statistics.stdev(present) if len(present) > 1 else (0.0 if present else None),
+                "n": len(present),
+            }
+        statistics_by_method[method] = entry
+    return statistics_by_method
+
+
+def aggregate_seeds(results_by_seed: Sequence[Sequence[MethodResult]]) -> str:
+    """A Markdown table of mean +- std over seeds, one row per method.
+
+    Args:
+        results_by_seed: one list of :class:`MethodResult` per seed; methods are matched by
+            name (a method missing from some seeds is averaged over the seeds it has).
+
+    Returns:
+        The table: method, score, seeds, average, forgetting, BWT, FWT, perplexity (when any
+        method is scored by loss) and wall time, each as ``mean ± std``.
+
+    Raises:
+        ValueError: see :func:`seed_statistics`.
+    """
+    stats = seed_statistics(results_by_seed)
+    has_loss = any(entry["score_name"] == "loss" for entry in stats.values())
+    figures = [*SUMMARY_FIGURES, *(("perplexity",) if has_loss else ())]
+    header = ["method", "score", "seeds", *(_FIGURE_HEADERS[f] for f in figures), "wall time (s)"]
+
+    def cell(entry: dict[str, Any] | None, digits: int = 3) -> str:
+        if entry is None or entry["mean"] is None:
+            return "–"
+        return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+
+    rows = [[method, entry["score_name"], str(entry["seeds"]), *(cell(entry.get(f)) for f in figures),
+             cell(entry["wall_time_s"], digits=1)] for method, entry in stats.items()]
+    return _markdown_table(header, rows)

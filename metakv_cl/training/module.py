@@ -1,0 +1,274 @@
+"""The LightningModule every strategy trains: a causal LM, its loss, extra loss terms, its optimiser.
+
+:class:`ContinualLMModule` wraps a transformers causal LM (optionally with Meta-KV attention):
+
+* training loss = ``lm_loss_weight`` x next-token cross-entropy (mean over the label tokens of
+  the batch, and over all ranks under DDP: the token count is all-reduced, so a DDP run takes the
+  same step as one process seeing the union of the ranks' batches) + the *penalty terms* that
+  strategies register (EWC's quadratic anchor, LwF's distillation, consolidation objectives);
+* a non-finite loss stops training with :class:`NonFiniteLossError` naming the experience, the
+  step and every loss component;
+* validation = the score of one experience: token-weighted mean loss for language modelling,
+  label-likelihood accuracy for classification, accumulated in torchmetrics ``SumMetric`` states
+  so that DDP ranks (each seeing a shard) agree on the result (:attr:`eval_result`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+import metakv_cl  # noqa: F401  (torchvision import fix before transformers' models load)
+import pytorch_lightning as pl
+from torchmetrics.aggregation import SumMetric
+
+from metakv_cl.data.scoring import rank_choices, sequence_nll
+from metakv_cl.modeling.config import MetaKVConfig
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+# A penalty term: (module, batch, model outputs) -> scalar tensor added to the training loss.
+Penalty = Callable[["ContinualLMModule", dict, Any], torch.Tensor]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class ContinualLMModule(pl.LightningModule):
+    """A causal LM trained and evaluated experience by experience.
+
+    Args:
+        model: a model name or path for :func:`metakv_cl.hub.load_causal_lm` (``"gpt2"``,
+            ``"smollm2-135m"``, a local directory), or an already built ``nn.Module``.
+        from_scratch: build the named architecture with random weights (see ``load_causal_lm``).
+        config_overrides: model config fields to change, e.g. ``{n_layer: 2, n_embd: 128}``.
+        gguf_file: GGUF file inside the directory ``model``.
+        dtype: parameter dtype name (``float32``, ``bfloat16``, ``float16``).
+        meta_kv: add Meta-KV attention with this configuration (``None``: plain model).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        lr_schedule: ``"constant"``, ``"linear"`` (decay to 0) or ``"cosine"`` after warm-up,
+            over the steps of one ``Trainer.fit`` (one experience or one phase).
+        warmup_steps: linear warm-up steps of each fit.
+        attn_implementation: ``"sdpa"`` or ``"eager"``.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = "gpt2",
+        *,
+        from_scratch: bool = False,
+        config_overrides: dict[str, Any] | None = None,
+        gguf_file: str | None = None,
+        dtype: str | None = None,
+        meta_kv: MetaKVConfig | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        attn_implementation: str = "sdpa",
+    ):
+        super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if isinstance(model, str):
+            from metakv_cl.hub import load_causal_lm
+
+            self.save_hyperparameters()
+            model = load_causal_lm(
+                model,
+                from_scratch=from_scratch,
+                config_overrides=config_overrides,
+                gguf_file=gguf_file,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+            )
+        if meta_kv is not None:
+            from metakv_cl.modeling import add_meta_kv
+
+            add_meta_kv(model, meta_kv)
+        self.model = model
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
+        self.penalties: dict[str, Penalty] = {}
+        self.lm_loss_weight = 1.0
+        self.experience_label = "(no experience)"
+        # the last training step, for the Avalanche plugin bridge
+        self.current_batch: dict | None = None
+        self.current_outputs: Any = None
+        self.current_loss: torch.Tensor | None = None
+        # evaluation sums (synchronised across ranks by torchmetrics)
+        self.eval_nll = SumMetric()
+        self.eval_tokens = SumMetric()
+        self.eval_correct = SumMetric()
+        self.eval_examples = SumMetric()
+        self.eval_result: dict[str, float] = {}
+        self._evaluating_classification = False
+
+    # ------------------------------------------------------------------ model access
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's position limit (``n_positions`` / ``max_position_embeddings``), if it has one."""
+        config = getattr(self.model, "config", None)
+        for name in ("n_positions", "max_position_embeddings"):
+            value = getattr(config, name, None)
+            if value:
+                return int(value)
+        return None
+
+    @property
+    def vocab_size(self) -> int | None:
+        return getattr(getattr(self.model, "config", None), "vocab_size", None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ objectives
+
+    def token_mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """``total / count`` where ``count`` is summed over all DDP ranks (times the world size).
+
+        DDP averages gradients over ranks, so scaling by the world size makes the step equal to
+        that of one process taking the mean over the union of the ranks' tokens.
+        """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            count = self.trainer.strategy.reduce(count.detach().float(), reduce_op="sum") / world
+        return total / count.clamp_min(1)
+
+    def lm_loss(self, batch: dict, outputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, nll_sum, token_count) of a batch with ``labels``."""
+        nll, count = sequence_nll(outputs.logits, batch["labels"])
+        total, tokens = nll.sum(), count.sum()
+        return self.token_mean(total, tokens), total, tokens
+
+    @contextlib.contextmanager
+    def phase(
+        self,
+        *,
+        lr: float | None = None,
+        lm_loss_weight: float | None = None,
+        penalties: dict[str, Penalty] | None = None,
+    ) -> Iterator["ContinualLMModule"]:
+        """Temporarily change the objective (for one ``Trainer.fit`` of a strategy phase).
+
+        Args:
+            lr: learning rate of this phase.
+            lm_loss_weight: weight of the language-modelling loss (0 for pure distillation).
+            penalties: extra penalty terms for this phase only.
+        """
+        saved = (self.lr, self.lm_loss_weight, dict(self.penalties))
+        if lr is not None:
+            self.lr = lr
+        if lm_loss_weight is not None:
+            self.lm_loss_weight = lm_loss_weight
+        self.penalties.update(penalties or {})
+        try:
+            yield self
+        finally:
+            self.lr, self.lm_loss_weight, self.penalties = saved[0], saved[1], saved[2]
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        outputs = self(batch["input_ids"], batch["attention_mask"])
+        lm_loss, nll_sum, tokens = self.lm_loss(batch, outputs)
+        components = {"lm": lm_loss}
+        loss = self.lm_loss_weight * lm_loss
+        for name, penalty in self.penalties.items():
+            value = penalty(self, batch, outputs)
+            components[name] = value
+            loss = loss + value
+        if not torch.isfinite(loss):
+            details = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in components.items())
+            raise NonFiniteLossError(
+                f"non-finite training loss ({float(loss.detach())}) in {self.experience_label} at global step "
+                f"{self.trainer.global_step} (epoch {self.current_epoch}, batch {batch_idx}); components: {details}"
+            )
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/lm_loss", (nll_sum / tokens.clamp_min(1)).detach(), batch_size=batch_size)
+        for name, value in components.items():
+            if name != "lm":
+                self.log(f"train/{name}", value.detach(), batch_size=batch_size)
+        self.current_batch, self.current_outputs, self.current_loss = batch, outputs, loss
+        return loss
+
+    def configure_optimizers(self):
+        parameters = self.trainable_parameters()
+        if not parameters:
+            raise ValueError(f"{self.experience_label}: the model has no trainable parameter (everything is frozen)")
+        decay = [p for p in parameters if p.dim() >= 2]
+        no_decay = [p for p in parameters if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
+        if self.lr_schedule == "constant" and self.warmup_steps == 0:
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(self.lr_schedule, self.warmup_steps, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def on_validation_epoch_start(self) -> None:
+        for metric in (self.eval_nll, self.eval_tokens, self.eval_correct, self.eval_examples):
+            metric.reset()
+        self._evaluating_classification = False
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if "choice_input_ids" in batch:
+            self._evaluating_classification = True
+            log_likelihoods, predictions = rank_choices(
+                self.model, batch["choice_input_ids"], batch["choice_labels"], batch["choice_attention_mask"]
+            )
+            gold = batch["target"]
+            gold_ll = log_likelihoods.gather(1, gold[:, None]).squeeze(1)
+            labels = batch["choice_labels"][torch.arange(gold.shape[0]), gold]
+            self.eval_nll.update(-gold_ll.sum())
+            self.eval_tokens.update((labels[:, 1:] != -100).sum())
+            self.eval_correct.update((predictions == gold).sum())
+            self.eval_examples.update(torch.tensor(float(gold.shape[0])))
+        else:
+            outputs = self(batch["input_ids"], batch["attention_mask"])
+            nll, count = sequence_nll(outputs.logits, batch["labels"])
+            self.eval_nll.update(nll.sum())
+            self.eval_tokens.update(count.sum())
+            self.eval_examples.update(torch.tensor(float(nll.shape[0])))
+
+    def on_validation_epoch_end(self) -> None:
+        tokens = float(self.eval_tokens.compute())
+        examples = float(self.eval_examples.compute())
+        result = {"loss": float(self.eval_nll.compute()) / max(tokens, 1.0), "tokens": tokens, "examples": examples}
+        if self._evaluating_classification:
+            result["accuracy"] = float(self.eval_correct.compute()) / max(examples, 1.0)
+        self.eval_result = result
+        self.log("eval/loss", result["loss"])
+        if "accuracy" in result:
+            self.log("eval/accuracy", result["accuracy"])
+
+
+def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor

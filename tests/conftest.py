@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny randomly initialised GPT-2 and Llama-family models."""
+
+import pytest
+import torch
+
+from metakv_cl.testing import tiny_gpt2, tiny_llama
+
+TINY_MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_model_factory(request):
+    """A factory for each tiny architecture (GPT-2, Llama)."""
+    torch.manual_seed(0)
+    return TINY_MODELS[request.param]
+
+
+def pytest_configure(config):
+    # No test may wait on the Hugging Face hub: offline fallbacks are what is tested.
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
