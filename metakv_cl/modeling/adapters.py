@@ -51,8 +51,10 @@ class GPT2Adapter:
     @staticmethod
     def add_delta(output: torch.Tensor, delta: torch.Tensor, target: int | None) -> torch.Tensor:
         size = output.shape[-1] // 3  # [Q | K | V]
-        key_value = output[..., size:] + delta.flatten(-2).to(output.dtype)
-        return torch.cat([output[..., :size], key_value], dim=-1)
+        # In place: c_attn's matmul does not keep its output for backward, and a copy of the
+        # whole [Q | K | V] tensor would cost more than the modulation itself.
+        output[..., size:] += delta.flatten(-2).to(output.dtype)
+        return output
 
     @staticmethod
     @torch.no_grad()
