@@ -1,0 +1,232 @@
+"""Meta-KV performance against the plain model, every ratio measured side by side in one run.
+
+Sections (pick with --sections):
+
+* ``forward``: forward-pass time and extra parameters of every meta-state source x form.
+* ``train``: training-step throughput (forward + backward, bf16 autocast on GPU; every
+  parameter trainable in every variant, so the ratio is Meta-KV's own cost) of the same variants, and the model FLOPs utilisation of the plain path against the measured matmul rate.
+* ``decode``: cached greedy decoding tokens/s, plain vs Meta-KV dynamic (mean) vs consolidated
+  merged, at several batch sizes and context lengths.
+
+Variants are interleaved over rounds, so drift in the machine's speed hits all of them alike;
+tables report medians and the ratio to plain.
+
+    python benchmarks/perf.py --shape gpt2 --sections forward --seq-len 256            # CPU
+    python benchmarks/perf.py --device cuda --dtype bfloat16 --sections train decode --out perf.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from metakv_cl.hub import load_causal_lm
+from metakv_cl.modeling import FORMS, SOURCES, MetaKVConfig, add_meta_kv, merge_meta_kv, meta_kv_parameters
+
+# name -> (architecture, config overrides); every shape is built from its config, randomly initialised.
+SHAPES = {
+    "gpt2": ("gpt2", {}),  # GPT-2 small, 124M
+    "smollm2": (
+        "llama",
+        dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+             num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
+             rope_theta=100000.0),
+    ),  # SmolLM2-135M
+    "gpt2-tiny": ("gpt2", {"n_layer": 2, "n_embd": 128, "n_head": 4}),
+}
+
+
+def build_base(shape: str, device: str) -> torch.nn.Module:
+    architecture, overrides = SHAPES[shape]
+    return load_causal_lm(architecture, from_scratch=True, config_overrides=overrides).to(device)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(steps: dict, rounds: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each step, timing all steps round-robin after one warm-up each."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def matmul_tflops(device: str, dtype: torch.dtype, size: int = 8192, rounds: int = 10) -> float:
+    """Measured dense matmul rate (TFLOP/s) for ``dtype`` on ``device``."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = interleaved_medians({"mm": lambda: a @ b}, rounds, device)["mm"]
+    return 2 * size**3 / seconds / 1e12
+
+
+def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """6 N (weights, forward + backward) + 6 L T d (attention scores and values), the PaLM count."""
+    config = model.config
+    n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    return 6 * n_params + 6 * layers * seq_len * hidden
+
+
+def meta_kv_variants(base, sources, forms, rank: int) -> dict[str, torch.nn.Module]:
+    variants = {"plain": base}
+    for source in sources:
+        for form in forms:
+            variants[f"{source}/{form}"] = add_meta_kv(copy.deepcopy(base), MetaKVConfig(source=source, form=form, rank=rank))
+    return variants
+
+
+def run_forward_or_train(args, base, train: bool) -> list[dict]:
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq_len), device=args.device)
+    autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    variants = meta_kv_variants(base, args.sources, args.forms, args.rank)
+
+    def step_for(name, model):
+        if not train:
+            model.eval()
+
+            def forward():
+                with torch.no_grad(), autocast:
+                    model(ids)
+
+            return forward
+        model.train()  # every parameter trains in every variant, so the ratio is Meta-KV's own cost
+
+        def train_step():
+            with autocast:
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return train_step
+
+    medians = interleaved_medians({name: step_for(name, model) for name, model in variants.items()}, args.rounds, args.device)
+    plain_params = sum(p.numel() for p in base.parameters())
+    tokens = args.batch * args.seq_len
+    rows = []
+    for name, model in variants.items():
+        extra = 0 if name == "plain" else sum(p.numel() for p in meta_kv_parameters(model))
+        rows.append(
+            {
+                "section": "train" if train else "forward",
+                "variant": name,
+                "extra_params": extra,
+                "extra_params_pct": 100.0 * extra / plain_params,
+                "median_s": medians[name],
+                "tokens_per_s": tokens / medians[name],
+                "ratio_to_plain": medians["plain"] / medians[name],
+            }
+        )
+    if train and args.device.startswith("cuda"):
+        peak = matmul_tflops(args.device, torch.bfloat16)
+        achieved = training_flops_per_token(base, args.seq_len) * tokens / medians["plain"] / 1e12
+        rows[0]["mfu"] = achieved / peak
+        rows[0]["matmul_tflops"] = peak
+    del variants
+    return rows
+
+
+@torch.no_grad()
+def run_decode(args, base) -> list[dict]:
+    rows = []
+    dynamic = add_meta_kv(copy.deepcopy(base), MetaKVConfig(source="mean", rank=args.rank)).eval()
+    merged = merge_meta_kv(add_meta_kv(copy.deepcopy(base), MetaKVConfig(source="consolidated", rank=args.rank)).eval())
+    variants = {"plain": base.eval(), "mean/factorized": dynamic, "consolidated merged": merged}
+    max_positions = getattr(base.config, "n_positions", None) or base.config.max_position_embeddings
+    for batch in args.decode_batches:
+        for context in args.decode_contexts:
+            if context + args.new_tokens > max_positions:
+                continue
+            ids = torch.randint(0, base.config.vocab_size, (batch, context), device=args.device)
+
+            def generate(model):
+                return lambda: model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                              do_sample=False, pad_token_id=0)
+
+            with torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+                medians = interleaved_medians({name: generate(model) for name, model in variants.items()}, args.rounds, args.device)
+            for name, seconds in medians.items():
+                rows.append(
+                    {
+                        "section": "decode",
+                        "variant": name,
+                        "batch": batch,
+                        "context": context,
+                        "median_s": seconds,
+                        "tokens_per_s": batch * args.new_tokens / seconds,
+                        "ratio_to_plain": medians["plain"] / seconds,
+                    }
+                )
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = [c for c in ("section", "variant", "batch", "context", "extra_params", "median_s", "tokens_per_s",
+                           "ratio_to_plain", "mfu") if any(c in row for row in rows)]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column, "")
+            cells.append(f"{value:.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value))
+        print("| " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2")
+    parser.add_argument("--sections", nargs="+", choices=["forward", "train", "decode"], default=["forward"])
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES))
+    parser.add_argument("--forms", nargs="+", default=list(FORMS))
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=None, help="write all rows as JSON here")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    base = build_base(args.shape, args.device)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"{args.shape}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters on {device_name}, {args.dtype}, "
+          f"batch {args.batch} x {args.seq_len} tokens, rank {args.rank}, median of {args.rounds} interleaved rounds")
+    rows: list[dict] = []
+    for section in args.sections:
+        if section == "decode":
+            rows += run_decode(args, base)
+        else:
+            rows += run_forward_or_train(args, base, train=section == "train")
+        print_table([row for row in rows if row["section"] == section])
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": device_name, "args": {k: str(v) for k, v in vars(args).items()},
+                                        "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
