@@ -35,8 +35,7 @@ SHAPES = {
     "smollm2": (
         "llama",
         dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
-             rope_theta=100000.0),
+             num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True),
     ),  # SmolLM2-135M
     "gpt2-tiny": ("gpt2", {"n_layer": 2, "n_embd": 128, "n_head": 4}),
 }

@@ -44,13 +44,13 @@ class MetaKVLayer(nn.Module):
         self.modulation = build_modulation(config, hidden_size, kv_size)
 
     def meta_state(self, x: torch.Tensor, real: torch.Tensor | None, state, memory: ConsolidatedMemory | None):
-        """C [batch, time, state_dim] for the chunk x, and the new running state (or None)."""
-        batch, time, _ = x.shape
+        """C for the chunk x ([batch, time, state_dim], or [1, 1, state_dim] when only M feeds it)
+        and the new running state (or None)."""
         c, new_state = None, None
         if self.source is not None:
             c, new_state = self.source(x, real, state)
         if memory is not None:
-            m = memory.state().to(x.dtype).expand(batch, time, -1)
+            m = memory.state().to(x.dtype).view(1, 1, -1)  # broadcast: one state for every token
             c = m if c is None else c + m
         return c, new_state
 
@@ -152,6 +152,11 @@ class MetaKV(nn.Module):
         self.merged = merged
 
 
+def _argument(signature: inspect.Signature, args, kwargs, name: str):
+    """The value of argument ``name`` in a call (None if not passed); the slow general path."""
+    return signature.bind_partial(*args, **kwargs).arguments.get(name)
+
+
 class _PaddingHook:
     """Decoder pre-hook: remember the 2-D padding mask of this call (None if absent or 4-D)."""
 
@@ -159,7 +164,7 @@ class _PaddingHook:
         self.meta_kv, self.signature = meta_kv, inspect.signature(decoder.forward)
 
     def __call__(self, module, args, kwargs):
-        mask = self.signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+        mask = kwargs["attention_mask"] if "attention_mask" in kwargs else _argument(self.signature, args, kwargs, "attention_mask")
         self.meta_kv._padding_mask = mask.bool() if mask is not None and mask.dim() == 2 else None
 
 
@@ -171,8 +176,9 @@ class _AttentionHook:
         self.signature = inspect.signature(meta_kv.sites[index].attention.forward)
 
     def __call__(self, module, args, kwargs):
-        arguments = self.signature.bind_partial(*args, **kwargs).arguments
-        self.meta_kv.layer_forward(self.index, arguments["hidden_states"], arguments.get("past_key_values"))
+        hidden_states = args[0] if args else _argument(self.signature, args, kwargs, "hidden_states")
+        cache = kwargs["past_key_values"] if "past_key_values" in kwargs else _argument(self.signature, args, kwargs, "past_key_values")
+        self.meta_kv.layer_forward(self.index, hidden_states, cache)
 
 
 class _ClearHook:

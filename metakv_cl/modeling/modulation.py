@@ -2,6 +2,8 @@
 
 Both compute, for the K and V targets at once (index n), ``delta_n = alpha * (X A_n(C)) B_n(C)``
 with x [batch, time, d_in] and C [batch, time, state_dim], returning [batch, time, 2, d_out].
+A C of shape [1, 1, state_dim] means one state for every token (the consolidated M): the
+C-dependent factors are then built once per call instead of per token.
 B starts at zero, so a freshly added modulation changes nothing; A and the generators start
 random, so every parameter gets a gradient once B moves. Neither form materialises a per-token
 d x d (or even d x r) matrix.
@@ -37,6 +39,11 @@ class FactorizedModulation(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         batch, time, _ = x.shape
         u = (x @ self.A).view(batch, time, TARGETS, self.rank)  # [b, t, 2, r]
+        if c.shape[:2] == (1, 1):  # one state for every token: fold the core into B once
+            eye = torch.eye(self.rank, dtype=u.dtype, device=u.device)
+            generated = self.core_generator(c[0, 0]).view(TARGETS, self.rank, -1)
+            core = eye + generated if self.core == "matrix" else torch.diag_embed(1 + generated[..., 0])
+            return self.alpha * torch.einsum("btnr,nrd->btnd", u, core @ self.B)
         generated = self.core_generator(c)
         if self.core == "matrix":
             core = generated.view(batch, time, TARGETS, self.rank, self.rank)
@@ -65,6 +72,12 @@ class HypernetworkModulation(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         batch, time, _ = x.shape
+        if c.shape[:2] == (1, 1):  # one state for every token: build A(C) and B(C) once
+            coefficients = torch.cat([c.new_ones(1), self.compress(c[0, 0])])  # [m+1]
+            a = torch.einsum("dnjr,j->dnr", self.A.view(-1, TARGETS, self.terms, self.rank), coefficients)
+            b = torch.einsum("njrd,j->nrd", self.B.view(TARGETS, self.terms, self.rank, -1), coefficients)
+            u = (x @ a.flatten(1)).view(batch, time, TARGETS, self.rank)
+            return self.alpha * torch.einsum("btnr,nrd->btnd", u, b)
         coefficients = torch.cat([c.new_ones(batch, time, 1), self.compress(c)], dim=-1)  # [b, t, m+1]
         xa = (x @ self.A).view(batch, time, TARGETS, self.terms, self.rank)
         u = torch.einsum("btnjr,btj->btnr", xa, coefficients)  # X A(C)
