@@ -226,3 +226,23 @@ def test_adding_twice_is_rejected():
     model = add_meta_kv(tiny_gpt2())
     with pytest.raises(ValueError, match="already has Meta-KV"):
         add_meta_kv(model)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "qwen3", "mistral"])
+def test_other_llama_family_architectures(architecture):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        architecture, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, head_dim=16, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids, mask, positions = left_padded_batch()
+    reference = model(ids, attention_mask=mask, position_ids=positions).logits
+    add_meta_kv(model, MetaKVConfig(source="attentive", rank=4, state_dim=16))
+    assert (model(ids, attention_mask=mask, position_ids=positions).logits - reference).abs().max().item() <= 1e-6
+    randomize_meta_kv(model)
+    full = model(ids, attention_mask=mask, position_ids=positions).logits
+    step = stepwise_logits(model, ids, mask, positions, prefill=3)
+    assert ((full - step).abs() * mask[..., None]).max().item() <= 1e-4
