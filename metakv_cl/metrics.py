@@ -210,7 +210,8 @@ class ContinualMatrix(Metric):
         self.count[row, col] += items
 
     def mean_matrix(self) -> torch.Tensor:
-        """The (T+1) x T matrix of cell means, NaN where nothing was added (this rank only)."""
+        """The (T+1) x T matrix of cell means, NaN where nothing was added (this rank's states
+        unless called inside :meth:`compute`, where torchmetrics has synced them)."""
         return torch.where(self.count > 0, self.value_sum / self.count.clamp_min(1e-12), torch.nan)
 
     def compute(self) -> dict[str, Any]:

@@ -38,6 +38,9 @@ __all__ = [
     "MethodResult",
     "format_table",
     "write_report",
+    "plot_heatmap",
+    "plot_curves",
+    "plot_forgetting",
     "seed_statistics",
     "aggregate_seeds",
 ]

@@ -1,0 +1,225 @@
+"""Topic-split Wikipedia: the 14 DBpedia topics as a stream of language-modelling experiences.
+
+Each DBpedia-14 record is a Wikipedia article abstract with one of 14 topic labels. The
+stream groups the topics into experiences (by default 7 experiences of 2 topics) and holds
+out a fraction of each topic's abstracts for perplexity.
+
+Data: ``<project>/../shared/data/dbpedia14/`` (``test.json``: a JSON list of
+``{"label", "sentence": "Title: ...\\nText: ..."}``, plus ``labels.json``), or a folder given
+by ``root`` or the ``METAKV_CL_DATA`` environment variable (the folder that *contains*
+``dbpedia14/``). When no local copy exists and the Hugging Face ``datasets`` package is
+installed, the ``dbpedia_14`` dataset (its ``test`` split, 5,000 abstracts per topic) is
+loaded from the hub instead.
+
+This module also holds the small I/O helpers the other real-data loaders share: the
+default data root, the labelled-JSON reader and the seeded train/test split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+from metakv_cl.data.tasks import TextTask
+
+__all__ = [
+    "DATA_ROOT_ENV",
+    "DBPEDIA_TOPICS",
+    "default_data_root",
+    "read_labelled_json",
+    "split_holdout",
+    "load_dbpedia_records",
+    "dbpedia_topic_tasks",
+]
+
+DATA_ROOT_ENV = "METAKV_CL_DATA"
+
+# The dataset's own label order (dbpedia_14 label ids 0..13): the "fixed" experience order.
+DBPEDIA_TOPICS = (
+    "Company", "Educational Institution", "Artist", "Athlete", "Office Holder", "Mean of Transportation",
+    "Building", "Natural Place", "Village", "Animal", "Plant", "Album", "Film", "Written Work",
+)
+
+Item = TypeVar("Item")
+
+
+def default_data_root() -> Path:
+    """The shared data folder: ``$METAKV_CL_DATA`` if set, else ``<project>/../shared/data``."""
+    configured = os.environ.get(DATA_ROOT_ENV)
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def read_labelled_json(path: str | Path) -> list[tuple[str, str]]:
+    """Read a JSON list of ``{"label": str, "sentence": str}`` records.
+
+    Args:
+        path: the JSON file.
+
+    Returns:
+        ``(sentence, label)`` pairs in file order.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist (the message names it).
+        ValueError: if the file is not such a list, or is empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    records = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of {{'label', 'sentence'}} records, got {type(records).__name__}")
+    if not records:
+        raise ValueError(f"{path}: no records (an experience needs data)")
+    pairs = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or not {"label", "sentence"} <= record.keys():
+            raise ValueError(f"{path}: record {index} is not a {{'label', 'sentence'}} object: {str(record)[:80]}")
+        pairs.append((str(record["sentence"]), str(record["label"])))
+    return pairs
+
+
+def split_holdout(items: Sequence[Item], test_fraction: float, seed: int | str, what: str) -> tuple[list[Item], list[Item]]:
+    """Shuffle ``items`` with ``seed`` and hold out ``test_fraction`` of them.
+
+    Args:
+        items: what to split.
+        test_fraction: share of items for the test split, in (0, 1); at least one item goes
+            to each split.
+        seed: shuffling seed (ints and strings both give reproducible orders).
+        what: a name for error messages (e.g. the topic).
+
+    Returns:
+        ``(train, test)``.
+
+    Raises:
+        ValueError: if ``test_fraction`` is outside (0, 1) or there are fewer than 2 items.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if len(items) < 2:
+        raise ValueError(f"{what}: needs at least 2 items to make a train and a test split, got {len(items)}")
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    num_test = min(max(1, round(len(shuffled) * test_fraction)), len(shuffled) - 1)
+    return shuffled[num_test:], shuffled[:num_test]
+
+
+def _abstract_text(sentence: str) -> str:
+    """``"Title: T\\nText:  body"`` -> ``"T\\nbody"`` (other layouts are kept, stripped)."""
+    match = re.match(r"\s*Title:\s*(.*?)\s*\n\s*Text:\s*(.*)", sentence, flags=re.DOTALL)
+    return f"{match.group(1)}\n{match.group(2).strip()}" if match else sentence.strip()
+
+
+def _spaced_label(name: str) -> str:
+    """Hub label names are CamelCase (``"MeanOfTransportation"``); the local files' are spaced."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).replace(" Of ", " of ")
+
+
+def _records_from_hub(missing: Path) -> list[tuple[str, str]]:
+    """The hub's ``dbpedia_14`` test split; FileNotFoundError (naming ``missing``) if unavailable."""
+    try:
+        from datasets import load_dataset  # optional dependency, only for the hub fallback
+    except ImportError as error:
+        raise FileNotFoundError(
+            f"DBpedia-14 data not found: {missing} (pass root=<folder with test.json>, set ${DATA_ROOT_ENV}, "
+            "or install `datasets` to load dbpedia_14 from the hub)"
+        ) from error
+    try:
+        dataset = load_dataset("dbpedia_14", split="test")
+    except Exception as error:  # offline, hub errors: report the local path too
+        raise FileNotFoundError(f"DBpedia-14 data not found: {missing}, and the hub failed: {error}") from error
+    names = dataset.features["label"].names
+    return [(f"{row['title']}\n{row['content'].strip()}", _spaced_label(names[row["label"]])) for row in dataset]
+
+
+def load_dbpedia_records(root: str | Path | None = None) -> list[tuple[str, str]]:
+    """All DBpedia-14 abstracts as ``(text, topic)`` pairs, text = ``"title\\nabstract"``.
+
+    Args:
+        root: the ``dbpedia14`` folder. Default: ``default_data_root() / "dbpedia14"``, and
+            when that is missing, the hub's ``dbpedia_14`` test split if ``datasets`` is installed.
+
+    Returns:
+        ``(text, topic)`` pairs.
+
+    Raises:
+        FileNotFoundError: if ``test.json`` is missing (the message names the path looked
+            at); with the default root, only once the hub fallback failed too.
+    """
+    folder = Path(root) if root is not None else default_data_root() / "dbpedia14"
+    data_file = folder / "test.json"
+    if not data_file.is_file() and root is None:
+        return _records_from_hub(data_file)
+    return [(_abstract_text(sentence), label) for sentence, label in read_labelled_json(data_file)]
+
+
+def _ordered_topics(present: set[str], order: str, seed: int) -> list[str]:
+    topics = [topic for topic in DBPEDIA_TOPICS if topic in present] + sorted(present - set(DBPEDIA_TOPICS))
+    if order == "shuffled":
+        random.Random(seed).shuffle(topics)
+    elif order != "fixed":
+        raise ValueError(f"order must be 'fixed' or 'shuffled', got {order!r}")
+    return topics
+
+
+def dbpedia_topic_tasks(
+    root: str | Path | None = None,
+    topics_per_experience: int = 2,
+    order: str = "fixed",
+    seed: int = 0,
+    max_train_per_topic: int | None = None,
+    test_fraction: float = 0.2,
+    max_test_per_topic: int | None = None,
+) -> list[TextTask]:
+    """The topic-split Wikipedia stream: DBpedia topics grouped into LM experiences.
+
+    Args:
+        root: the ``dbpedia14`` folder (see :func:`load_dbpedia_records` for the default).
+        topics_per_experience: topics per experience; 14 topics with the default 2 give 7
+            experiences. When it does not divide the number of topics, the last experience
+            holds the remainder.
+        order: ``"fixed"``: the dataset's label order (Company, Educational Institution,
+            Artist, Athlete, Office Holder, Mean of Transportation, Building, Natural Place,
+            Village, Animal, Plant, Album, Film, Written Work); ``"shuffled"``: that list
+            shuffled with ``seed``.
+        seed: seeds the topic shuffle and each topic's train/test split.
+        max_train_per_topic: cap on training abstracts per topic (default: all).
+        test_fraction: share of each topic's abstracts held out for evaluation.
+        max_test_per_topic: cap on held-out abstracts per topic (default: all).
+
+    Returns:
+        One :class:`TextTask` per experience, named ``"Topic A + Topic B"``; texts are
+        ``"title\\nabstract"``.
+
+    Raises:
+        FileNotFoundError: if the data is missing.
+        ValueError: on an unknown order or out-of-range sizes.
+    """
+    if topics_per_experience < 1:
+        raise ValueError(f"topics_per_experience must be at least 1, got {topics_per_experience}")
+    for name, cap in (("max_train_per_topic", max_train_per_topic), ("max_test_per_topic", max_test_per_topic)):
+        if cap is not None and cap < 1:
+            raise ValueError(f"{name} must be at least 1 or None, got {cap}")
+    texts_by_topic: dict[str, list[str]] = {}
+    for text, topic in load_dbpedia_records(root):
+        texts_by_topic.setdefault(topic, []).append(text)
+    topics = _ordered_topics(set(texts_by_topic), order, seed)
+
+    tasks = []
+    for start in range(0, len(topics), topics_per_experience):
+        group = topics[start:start + topics_per_experience]
+        train, test = [], []
+        for topic in group:
+            topic_train, topic_test = split_holdout(texts_by_topic[topic], test_fraction, f"{seed}-{topic}", topic)
+            train += topic_train[:max_train_per_topic]
+            test += topic_test[:max_test_per_topic]
+        name = " + ".join(group)
+        random.Random(f"{seed}-{name}").shuffle(train)  # interleave the topics of one experience
+        tasks.append(TextTask(name=name, train=train, test=test))
+    return tasks

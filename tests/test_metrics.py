@@ -1,0 +1,223 @@
+"""Continual-learning metrics against hand-computed matrices, DDP reduction, Avalanche plugin."""
+
+import io
+import math
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from metakv_cl.metrics import ContinualMatrix, ContinualMatrixPluginMetric, continual_summary
+
+# Accuracies, 3 experiences. Row 0 = before training, row i = after training experience i.
+ACCURACY = [
+    [0.1, 0.2, 0.3],
+    [0.9, 0.3, 0.2],
+    [0.6, 0.8, 0.4],
+    [0.5, 0.7, 0.9],
+]
+# average    = (0.5 + 0.7 + 0.9) / 3                                   = 0.7
+# forgetting = ((max(0.9, 0.6) - 0.5) + (max(0.3, 0.8) - 0.7)) / 2      = (0.4 + 0.1) / 2 = 0.25
+# bwt        = ((0.5 - 0.9) + (0.7 - 0.8)) / 2                          = -0.25
+# fwt        = ((R[1][2] - R[0][2]) + (R[2][3] - R[0][3])) / 2
+#            = ((0.3 - 0.2) + (0.4 - 0.3)) / 2                          = 0.1
+
+# Mean token losses (nats), 3 experiences; lower is better.
+LOSS = [
+    [4.0, 4.0, 4.0],
+    [2.0, 3.5, 3.8],
+    [2.5, 1.5, 3.0],
+    [3.0, 2.0, 1.0],
+]
+# average    = (3.0 + 2.0 + 1.0) / 3 = 2.0, perplexity = exp(2.0)
+# forgetting (positive = the loss rose above its best earlier value):
+#   exp 1: 3.0 - min(2.0, 2.5) = 1.0 ; exp 2: 2.0 - min(3.5, 1.5) = 0.5   -> 0.75
+# bwt (positive = later training lowered the loss): (2.0 - 3.0) + (1.5 - 2.0) -> -1.5 / 2 = -0.75
+# fwt (positive = earlier training lowered the loss before training):
+#   (4.0 - 3.5) + (4.0 - 3.0) -> 1.5 / 2 = 0.75
+
+
+def test_accuracy_matrix_by_hand():
+    summary = continual_summary(ACCURACY, higher_is_better=True)
+    assert summary["average"] == pytest.approx(0.7)
+    assert summary["forgetting"] == pytest.approx(0.25)
+    assert summary["forgetting_per_experience"] == pytest.approx([0.4, 0.1])
+    assert summary["bwt"] == pytest.approx(-0.25)
+    assert summary["bwt_per_experience"] == pytest.approx([-0.4, -0.1])
+    assert summary["fwt"] == pytest.approx(0.1)
+    assert summary["num_trained"] == 3
+    assert "perplexity" not in summary
+
+
+def test_loss_matrix_by_hand_with_oriented_signs():
+    summary = continual_summary(LOSS, higher_is_better=False)
+    assert summary["average"] == pytest.approx(2.0)
+    assert summary["perplexity"] == pytest.approx(math.exp(2.0))
+    assert summary["forgetting"] == pytest.approx(0.75)
+    assert summary["forgetting_per_experience"] == pytest.approx([1.0, 0.5])
+    assert summary["bwt"] == pytest.approx(-0.75)
+    assert summary["fwt"] == pytest.approx(0.75)
+    assert summary["fwt_per_experience"] == pytest.approx([0.5, 1.0])
+
+
+def test_partial_matrix_and_unmeasured_cells():
+    after_first = continual_summary(ACCURACY[:2], higher_is_better=True)
+    assert after_first["average"] == pytest.approx(0.9)  # only experience 1 is trained
+    assert after_first["forgetting"] is None and after_first["bwt"] is None
+    assert after_first["fwt"] == pytest.approx(0.3 - 0.2)
+    no_row_zero = [[None, None, None]] + ACCURACY[1:]
+    summary = continual_summary(no_row_zero, higher_is_better=True)
+    assert summary["fwt"] is None
+    assert summary["forgetting"] == pytest.approx(0.25)
+    tensor_summary = continual_summary(torch.tensor(LOSS), higher_is_better=False)
+    assert tensor_summary["bwt"] == pytest.approx(-0.75)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "message"),
+    [([], "empty"), ([[1.0, 2.0], [1.0]], "ragged"), ([[1.0]] * 3, "at most 2"), (torch.zeros(3), "2-D")],
+)
+def test_summary_rejects_bad_matrices(matrix, message):
+    with pytest.raises(ValueError, match=message):
+        continual_summary(matrix, higher_is_better=True)
+
+
+def test_torchmetric_accumulates_sums_and_counts():
+    metric = ContinualMatrix(num_experiences=3, higher_is_better=True)
+    for row, scores in enumerate(ACCURACY):
+        for col, score in enumerate(scores):
+            # Two batches per cell; their mean is the cell's score.
+            metric.update(row, col, torch.tensor([score, score - 0.05]))
+            metric.update(row, col, torch.tensor([score + 0.05]), count=1)
+    result = metric.compute()
+    assert torch.allclose(result["matrix"], torch.tensor(ACCURACY, dtype=torch.float64))
+    assert result["forgetting"] == pytest.approx(0.25)
+    assert result["fwt"] == pytest.approx(0.1)
+
+
+def test_torchmetric_summary_uses_rows_measured_so_far():
+    metric = ContinualMatrix(num_experiences=3, higher_is_better=False)
+    metric.update(0, 0, torch.tensor(9.0), count=3)  # a summed NLL of 9 nats over 3 tokens
+    metric.update(1, 0, torch.tensor([1.0, 2.0, 3.0]))
+    result = metric.compute()
+    assert result["matrix"][0, 0].item() == pytest.approx(3.0)
+    assert result["num_trained"] == 1
+    assert result["average"] == pytest.approx(2.0)
+    assert result["perplexity"] == pytest.approx(math.exp(2.0))
+    assert math.isnan(result["matrix"][2, 0].item())
+    with pytest.raises(IndexError, match="row 4"):
+        metric.update(4, 0, torch.tensor(1.0))
+    with pytest.raises(IndexError, match="col 3"):
+        metric.update(0, 3, torch.tensor(1.0))
+
+
+def test_rank_states_combine_as_sums_not_means_of_means():
+    rank0 = ContinualMatrix(num_experiences=2)
+    rank1 = ContinualMatrix(num_experiences=2)
+    rank0.update(1, 0, torch.tensor([1.0, 1.0, 0.0]))  # 2 of 3 correct
+    rank1.update(1, 0, torch.tensor([0.0]))  # 0 of 1 correct
+    rank0.merge_state(rank1)  # torchmetrics applies the states' dist_reduce_fx ("sum")
+    # 2 correct of 4 samples = 0.5, not the mean of rank means (2/3 + 0) / 2.
+    assert rank0.compute()["matrix"][1, 0].item() == pytest.approx(0.5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gloo_worker(rank: int, port: int, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        metric = ContinualMatrix(num_experiences=2)
+        if rank == 0:
+            metric.update(1, 0, torch.tensor([1.0, 1.0, 0.0]))
+            metric.update(2, 1, torch.tensor([1.0]))
+        else:
+            metric.update(1, 0, torch.tensor([0.0]))
+            metric.update(2, 1, torch.tensor([0.0, 0.0, 0.0]))
+            metric.update(2, 0, torch.tensor([1.0]))
+        results[rank] = metric.compute()["matrix"].tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_agree_on_the_synced_matrix():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_gloo_worker, args=(_free_port(), results), nprocs=2, start_method="fork")
+        per_rank = [torch.tensor(results[0]), torch.tensor(results[1])]
+    assert torch.allclose(per_rank[0], per_rank[1], equal_nan=True)
+    matrix = per_rank[0]
+    assert matrix[1, 0].item() == pytest.approx(0.5)  # (2 + 0) / (3 + 1)
+    assert matrix[2, 1].item() == pytest.approx(0.25)  # (1 + 0) / (1 + 3)
+    assert matrix[2, 0].item() == pytest.approx(1.0)  # only rank 1 measured it
+    assert math.isnan(matrix[0, 0].item())
+
+
+class _FakeExperience(SimpleNamespace):
+    def logging(self):  # EvaluationPlugin switches experiences to logging mode
+        return self
+
+
+def _run_stream(plugin_callback, matrix):
+    """Replay `matrix` through the strategy contract: one eval pass per row."""
+    stream = SimpleNamespace(name="test")
+    strategy = SimpleNamespace(eval_scores={}, trained_experiences=0, clock=SimpleNamespace(train_iterations=0),
+                               experience=None, is_eval=True)
+    emitted = []
+    for row, scores in enumerate(matrix):
+        strategy.trained_experiences = row
+        strategy.clock.train_iterations = 10 * row
+        strategy.eval_scores = {}
+        for exp_id, score in enumerate(scores):
+            strategy.experience = _FakeExperience(current_experience=exp_id, origin_stream=stream)
+            strategy.eval_scores[exp_id] = score
+            plugin_callback("after_eval_exp", strategy)
+        emitted.append(plugin_callback("after_eval", strategy))
+    return emitted
+
+
+def test_plugin_metric_emits_figures_after_each_eval():
+    plugin = ContinualMatrixPluginMetric(higher_is_better=False)
+    emitted = _run_stream(lambda hook, strategy: getattr(plugin, hook)(strategy), LOSS)
+    first = {value.name: value.value for value in emitted[0]}
+    assert first == {}  # before any training nothing is defined yet
+    last = {value.name: value.value for value in emitted[-1]}
+    assert last["CL_Average/eval_phase/test_stream"] == pytest.approx(2.0)
+    assert last["CL_Forgetting/eval_phase/test_stream"] == pytest.approx(0.75)
+    assert last["CL_BWT/eval_phase/test_stream"] == pytest.approx(-0.75)
+    assert last["CL_FWT/eval_phase/test_stream"] == pytest.approx(0.75)
+    assert last["CL_Perplexity/eval_phase/test_stream"] == pytest.approx(math.exp(2.0))
+    assert emitted[-1][0].x_plot == 30
+    assert plugin.matrix == LOSS
+    plugin.reset()
+    assert plugin.result() == {}
+
+
+def test_plugin_metric_through_avalanche_evaluation_plugin():
+    from avalanche.logging import TextLogger
+    from avalanche.training.plugins import EvaluationPlugin
+
+    plugin = ContinualMatrixPluginMetric(higher_is_better=True, name="Acc")
+    log = io.StringIO()
+    evaluator = EvaluationPlugin(plugin, loggers=[TextLogger(log)], collect_all=True)
+    _run_stream(lambda hook, strategy: getattr(evaluator, hook)(strategy), ACCURACY)
+    assert "Acc_BWT/eval_phase/test_stream = -0.2500" in log.getvalue()
+    history = evaluator.get_all_metrics()
+    xs, forgetting = history["Acc_Forgetting/eval_phase/test_stream"]
+    assert xs == [20, 30]  # defined from the second trained experience on
+    assert forgetting == pytest.approx([0.9 - 0.6, 0.25])
+    assert evaluator.get_last_metrics()["Acc_Average/eval_phase/test_stream"] == pytest.approx(0.7)
+
+
+def test_plugin_metric_names_a_missing_score():
+    plugin = ContinualMatrixPluginMetric()
+    strategy = SimpleNamespace(eval_scores={0: 1.0}, trained_experiences=1,
+                               experience=SimpleNamespace(current_experience=2))
+    with pytest.raises(KeyError, match="experience 2"):
+        plugin.after_eval_exp(strategy)

@@ -1,0 +1,114 @@
+"""Reports: MethodResult JSON round trip, tables, seed aggregation and the written files."""
+
+import json
+import math
+
+import pytest
+
+from metakv_cl.report import MethodResult, aggregate_seeds, format_table, seed_statistics, write_report
+
+NAMES = ["people", "cities", "companies"]
+ACCURACY = [[0.1, 0.2, 0.3], [0.9, 0.3, 0.2], [0.6, 0.8, 0.4], [0.5, 0.7, 0.9]]
+LOSS = [[4.0, 4.0, 4.0], [2.0, 3.5, 3.8], [2.5, 1.5, 3.0], [3.0, 2.0, 1.0]]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _results():
+    return [
+        MethodResult("naive", NAMES, "loss", LOSS, {"wall_time_s": 12.34, "trainable_params": 1234567, "seed": 0}),
+        MethodResult("Meta-KV (distill)", NAMES, "loss", [[c - 0.5 for c in row] for row in LOSS],
+                     {"wall_time_s": 20.0, "trainable_params": 4096, "seed": 0}),
+        MethodResult("replay", NAMES, "loss", LOSS[:2] + [[None, None, None]]),  # partial, one row unmeasured
+    ]
+
+
+def test_summary_property_matches_hand_values():
+    accuracy = MethodResult("ewc", NAMES, "accuracy", ACCURACY)
+    assert accuracy.summary["forgetting"] == pytest.approx(0.25)
+    assert accuracy.summary["bwt"] == pytest.approx(-0.25)
+    loss = MethodResult("naive", NAMES, "loss", LOSS)
+    assert loss.summary["forgetting"] == pytest.approx(0.75)
+    assert loss.summary["perplexity"] == pytest.approx(math.exp(2.0))
+
+
+def test_json_round_trip_through_text_keeps_nan_cells():
+    original = _results()[2]
+    original.extra = {"peak_memory_bytes": 123, "nested": {"values": (1.5, float("nan"))}}
+    text = json.dumps(original.to_json())
+    assert "NaN" not in text  # strict JSON: unmeasured cells are null
+    restored = MethodResult.from_json(text)
+    assert restored.method == "replay" and restored.score_name == "loss"
+    assert restored.matrix[:2] == LOSS[:2]
+    assert all(math.isnan(cell) for cell in restored.matrix[2])
+    assert restored.extra == {"peak_memory_bytes": 123, "nested": {"values": [1.5, None]}}
+    assert MethodResult.from_json(restored.to_json()).to_json() == restored.to_json()
+
+
+def test_method_result_validation():
+    with pytest.raises(ValueError, match="score_name"):
+        MethodResult("x", NAMES, "f1", ACCURACY)
+    with pytest.raises(ValueError, match="one score per experience"):
+        MethodResult("x", NAMES, "accuracy", [[0.1, 0.2]])
+    with pytest.raises(KeyError, match="matrix"):
+        MethodResult.from_json({"method": "x", "experience_names": NAMES, "score_name": "loss"})
+
+
+def test_format_table_rows_and_columns():
+    table = format_table(_results())
+    lines = table.splitlines()
+    assert lines[0] == ("| method | score | average | forgetting | BWT | FWT | perplexity | wall time (s) "
+                        "| trainable params |")
+    assert lines[2] == "| naive | loss | 2.000 | 0.750 | -0.750 | 0.750 | 7.389 | 12.3 | 1,234,567 |"
+    # The partial run: only experience 1 trained (a trailing unmeasured row is not counted);
+    # FWT of experience 2 for a loss: R[0][2] - R[1][2] = 4.0 - 3.5.
+    assert lines[4] == "| replay (1/3 trained) | loss | 2.000 | – | – | 0.500 | 7.389 | – | – |"
+    with pytest.raises(ValueError, match="unique"):
+        format_table([_results()[0], _results()[0]])
+    with pytest.raises(ValueError, match="no results"):
+        format_table([])
+
+
+def test_aggregate_seeds_mean_and_std():
+    seed0 = [MethodResult("naive", NAMES, "accuracy", ACCURACY, {"wall_time_s": 10.0})]
+    shifted = [[c + 0.1 for c in row] for row in ACCURACY]
+    seed1 = [MethodResult("naive", NAMES, "accuracy", shifted, {"wall_time_s": 14.0})]
+    stats = seed_statistics([seed0, seed1])["naive"]
+    assert stats["seeds"] == 2
+    assert stats["average"]["mean"] == pytest.approx(0.75)
+    assert stats["average"]["std"] == pytest.approx(math.sqrt(2 * 0.05**2))  # sample std of 0.7, 0.8
+    assert stats["forgetting"]["std"] == pytest.approx(0.0)
+    table = aggregate_seeds([seed0, seed1])
+    assert "| naive | accuracy | 2 | 0.750 ± 0.071 | 0.250 ± 0.000 | -0.250 ± 0.000 | 0.100 ± 0.000 | 12.0 ± 2.8 |" in table
+    assert "perplexity" not in table
+    with pytest.raises(ValueError, match="mixes score names"):
+        seed_statistics([seed0, [MethodResult("naive", NAMES, "loss", LOSS)]])
+
+
+def test_write_report_files(tmp_path):
+    results = _results()
+    paths = write_report(results, tmp_path / "out")
+    expected_pngs = {"forgetting_plot"} | {f"{kind}:{r.method}" for r in results for kind in ("heatmap", "curves")}
+    assert set(paths) == expected_pngs | {"json", "markdown"}
+    for key in expected_pngs:
+        data = paths[key].read_bytes()
+        assert data.startswith(PNG_SIGNATURE), key
+        assert len(data) > 5000, key  # a real plot, not an empty canvas
+    assert paths["heatmap:Meta-KV (distill)"].name == "heatmap_meta_kv_distill.png"
+
+    report = json.loads(paths["json"].read_text())
+    assert [MethodResult.from_json(entry).method for entry in report["methods"]] == [r.method for r in results]
+    assert report["methods"][0]["summary"]["bwt"] == pytest.approx(-0.75)
+    assert report["plots"]["forgetting_plot"] == "forgetting.png"
+
+    markdown = paths["markdown"].read_text()
+    assert format_table(results) in markdown
+    assert "| after 2: cities | 2.500 | 1.500 | 3.000 |" in markdown
+    assert "![R heatmap](heatmap_naive.png)" in markdown
+
+
+def test_write_report_mixed_scores_and_clashing_slugs(tmp_path):
+    results = [MethodResult("LoRA shared", NAMES, "accuracy", ACCURACY),
+               MethodResult("lora-shared", NAMES, "loss", LOSS)]
+    paths = write_report(results, tmp_path)
+    assert paths["heatmap:LoRA shared"] != paths["heatmap:lora-shared"]
+    assert paths["forgetting_plot"].read_bytes().startswith(PNG_SIGNATURE)
