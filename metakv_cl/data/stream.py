@@ -40,12 +40,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 import metakv_cl  # noqa: F401  (torchvision import fix before avalanche loads)
+import pytorch_lightning as pl
 from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
 from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
 from avalanche.benchmarks.utils.data import AvalancheDataset
@@ -131,11 +132,17 @@ class LMBenchmark(CLScenario):
 
         Resuming a run checks it, so a changed stream config is refused instead of mixing runs.
         """
-        shape = [
-            [i.name, i.kind, list(i.labels), i.num_train_items, i.num_test_items]
-            for i in self.warmup_infos + self.experience_infos
-        ]
-        payload = json.dumps({"experiences": shape, "max_length": self.max_length, "overflow": self.overflow})
+        def shape(infos: list[ExperienceInfo]) -> list:
+            return [[i.name, i.kind, list(i.labels), i.num_train_items, i.num_test_items] for i in infos]
+
+        payload = json.dumps(
+            {
+                "warmup": shape(self.warmup_infos),
+                "experiences": shape(self.experience_infos),
+                "max_length": self.max_length,
+                "overflow": self.overflow,
+            }
+        )
         return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
@@ -535,6 +542,60 @@ def word_level_tokenizer(texts: Iterable[str], vocab_size: int | None = None):
     )
 
 
+class CompactVocabulary:
+    """A tokenizer's own segmentation with ids renumbered to the tokens a stream actually uses.
+
+    A from-scratch model only ever sees the tokens of its stream; with GPT-2's 50,257-entry
+    vocabulary most of its embedding and output layer (and most of the compute of a tiny model)
+    would go to tokens that never occur. This wrapper keeps the real tokenizer's segmentation
+    and maps the ids found in ``texts`` to ``0..N-1`` (plus EOS/pad and an unknown-token slot),
+    so the model needs only ``len(vocabulary)`` embeddings. :meth:`decode` maps back.
+
+    Args:
+        tokenizer: the underlying Hugging Face tokenizer.
+        texts: the texts whose tokens form the vocabulary.
+    """
+
+    UNKNOWN = 0  # compact id of every token not seen when fitting
+
+    def __init__(self, tokenizer, texts: Iterable[str]):
+        self.tokenizer = tokenizer
+        seen: set[int] = set()
+        batch = list(texts)
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"] if batch else []:
+            seen.update(ids)
+        specials = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
+        self.to_original = [tokenizer.unk_token_id if tokenizer.unk_token_id is not None else -1]
+        self.to_original += sorted((seen | specials) - {self.to_original[0]})
+        self.to_compact = {original: compact for compact, original in enumerate(self.to_original)}
+
+    def __len__(self) -> int:
+        return len(self.to_original)
+
+    def _compact(self, original: int | None) -> int | None:
+        return None if original is None else self.to_compact.get(original, self.UNKNOWN)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._compact(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._compact(self.tokenizer.pad_token_id)
+
+    def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = False, **kwargs) -> dict[str, Any]:
+        """Tokenise like the wrapped tokenizer and return compact ``input_ids``."""
+        encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
+        if isinstance(texts, str):
+            return {"input_ids": [self.to_compact.get(i, self.UNKNOWN) for i in encoded]}
+        return {"input_ids": [[self.to_compact.get(i, self.UNKNOWN) for i in ids] for ids in encoded]}
+
+    def decode(self, ids: Sequence[int], **kwargs) -> str:
+        """Text of compact ``ids`` (unknown slots decode as the tokenizer's unknown token)."""
+        originals = [self.to_original[int(i)] for i in ids]
+        return self.tokenizer.decode([i for i in originals if i >= 0], **kwargs)
+
+
 def _task_texts(task: Task) -> list[str]:
     if isinstance(task, TextTask):
         return list(task.train) + list(task.test)
@@ -570,11 +631,13 @@ def _resolve_callable(path: str):
     return getattr(module, attribute)
 
 
-class TaskStream:
+class TaskStream(pl.LightningDataModule):
     """The configurable description of a stream: where its tasks come from and how they are tokenised.
 
     This is what ``data:`` in the YAML configs instantiates (``class_path:
-    metakv_cl.data.TaskStream``); :meth:`build` returns the :class:`LMBenchmark`.
+    metakv_cl.data.TaskStream``; a ``LightningDataModule`` so that ``LightningCLI`` takes it);
+    :meth:`build` returns the :class:`LMBenchmark`, from which the strategies build one loader
+    per experience.
 
     Args:
         loader: dotted path of a function returning a task list, e.g.
@@ -586,10 +649,14 @@ class TaskStream:
         tokenizer: tokenizer name or path for :func:`metakv_cl.hub.load_tokenizer`, or
             ``"word-level"`` for :func:`word_level_tokenizer` fitted on the stream's texts.
         word_level_vocab_size: vocabulary cap of the word-level tokenizer.
+        compact_vocabulary: renumber the tokenizer's ids to those the stream uses
+            (:class:`CompactVocabulary`): a from-scratch model then needs only
+            :attr:`vocab_size` embeddings. The tokenizer's segmentation is unchanged.
         max_length: token limit per item; ``None`` = the model's number of positions.
         overflow: ``"chunk"``, ``"truncate"`` or ``"error"`` for over-long texts.
         warmup_experiences: how many leading tasks form the warm-up stream (pre-training of a
             from-scratch model before the continual stream; not evaluated).
+        warmup_epochs: epochs of warm-up training (all parameters, LM loss).
         append_eos: end every text with the EOS token.
     """
 
@@ -600,11 +667,14 @@ class TaskStream:
         tasks: list[dict[str, Any]] | None = None,
         tokenizer: str = "gpt2",
         word_level_vocab_size: int | None = None,
+        compact_vocabulary: bool = False,
         max_length: int | None = None,
-        overflow: str = "chunk",
+        overflow: Literal["chunk", "truncate", "error"] = "chunk",
         warmup_experiences: int = 0,
+        warmup_epochs: int = 1,
         append_eos: bool = True,
     ):
+        super().__init__()
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"unknown overflow policy {overflow!r}; choose one of {', '.join(OVERFLOW_POLICIES)}")
         if warmup_experiences < 0:
@@ -614,9 +684,11 @@ class TaskStream:
         self.inline_tasks = tasks
         self.tokenizer_name = tokenizer
         self.word_level_vocab_size = word_level_vocab_size
+        self.compact_vocabulary = compact_vocabulary
         self.max_length = max_length
         self.overflow = overflow
         self.warmup_experiences = warmup_experiences
+        self.warmup_epochs = warmup_epochs
         self.append_eos = append_eos
         self._tasks: list[Task] | None = None
         self._tokenizer = None
@@ -651,14 +723,23 @@ class TaskStream:
     def tokenizer(self):
         """The tokenizer (loaded or fitted once)."""
         if self._tokenizer is None:
+            texts = [text for task in self.tasks() for text in _task_texts(task)]
             if self.tokenizer_name == "word-level":
-                texts = [text for task in self.tasks() for text in _task_texts(task)]
                 self._tokenizer = word_level_tokenizer(texts, self.word_level_vocab_size)
             else:
                 from metakv_cl.hub import load_tokenizer
 
                 self._tokenizer = load_tokenizer(self.tokenizer_name)
+                if self.compact_vocabulary:
+                    self._tokenizer = CompactVocabulary(self._tokenizer, texts)
         return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Size of the stream's own vocabulary (word-level or compact), else None (the model's)."""
+        if self.tokenizer_name == "word-level" or self.compact_vocabulary:
+            return len(self.tokenizer())
+        return None
 
     def build(self, model_max_positions: int | None = None) -> LMBenchmark:
         """Tokenise the tasks into the benchmark.

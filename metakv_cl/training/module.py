@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -49,6 +49,8 @@ class ContinualLMModule(pl.LightningModule):
         config_overrides: model config fields to change, e.g. ``{n_layer: 2, n_embd: 128}``.
         gguf_file: GGUF file inside the directory ``model``.
         dtype: parameter dtype name (``float32``, ``bfloat16``, ``float16``).
+        vocab_size: vocabulary size of a from-scratch model (set by the stream when it uses its
+            own compact or word-level vocabulary; ``None`` keeps the architecture's).
         meta_kv: add Meta-KV attention with this configuration (``None``: plain model).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -67,11 +69,12 @@ class ContinualLMModule(pl.LightningModule):
         config_overrides: dict[str, Any] | None = None,
         gguf_file: str | None = None,
         dtype: str | None = None,
+        vocab_size: int | None = None,
         meta_kv: MetaKVConfig | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
-        lr_schedule: str = "constant",
+        lr_schedule: Literal["constant", "linear", "cosine"] = "constant",
         warmup_steps: int = 0,
         attn_implementation: str = "sdpa",
     ):
@@ -84,14 +87,24 @@ class ContinualLMModule(pl.LightningModule):
             from metakv_cl.hub import load_causal_lm
 
             self.save_hyperparameters()
+            overrides = dict(config_overrides or {})
+            if vocab_size is not None:
+                if not from_scratch:
+                    raise ValueError(
+                        f"vocab_size={vocab_size} needs from_scratch=True: a pretrained model keeps its "
+                        "tokenizer's vocabulary (use the stream without compact_vocabulary / word-level)"
+                    )
+                overrides["vocab_size"] = vocab_size
             model = load_causal_lm(
                 model,
                 from_scratch=from_scratch,
-                config_overrides=config_overrides,
+                config_overrides=overrides,
                 gguf_file=gguf_file,
                 dtype=dtype,
                 attn_implementation=attn_implementation,
             )
+        elif vocab_size is not None and (getattr(getattr(model, "config", None), "vocab_size", None) or 0) < vocab_size:
+            raise ValueError(f"the given model's vocabulary is smaller than vocab_size={vocab_size}")
         if meta_kv is not None:
             from metakv_cl.modeling import add_meta_kv
 
@@ -206,6 +219,10 @@ class ContinualLMModule(pl.LightningModule):
                 self.log(f"train/{name}", value.detach(), batch_size=batch_size)
         self.current_batch, self.current_outputs, self.current_loss = batch, outputs, loss
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # callbacks (the Avalanche bridge) have seen the step; drop the graph and the logits
+        self.current_batch = self.current_outputs = self.current_loss = None
 
     def configure_optimizers(self):
         parameters = self.trainable_parameters()

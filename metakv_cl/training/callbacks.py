@@ -1,0 +1,129 @@
+"""Lightning callbacks the strategies put on every Trainer they build."""
+
+from __future__ import annotations
+
+import random
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import pytorch_lightning as pl
+
+if TYPE_CHECKING:
+    from metakv_cl.strategies.base import LightningCLStrategy
+
+
+class AvalancheBridge(pl.Callback):
+    """Calls the Avalanche plugin hooks of a strategy from inside Lightning's loops.
+
+    Lightning runs the loops; Avalanche plugins expect the SGD template's events. The mapping:
+
+    ============================  ==========================================================
+    Lightning hook                Avalanche events (in order)
+    ============================  ==========================================================
+    ``on_train_epoch_start``      ``before_training_epoch``
+    ``on_train_batch_start``      ``before_training_iteration``, ``before_forward``
+    ``on_before_backward``        ``after_forward``, ``before_backward``
+    ``on_after_backward``         ``after_backward``
+    ``on_before_optimizer_step``  ``before_update``
+    ``on_train_batch_end``        ``after_update`` (when a step was taken), ``after_training_iteration``
+    ``on_train_epoch_end``        ``after_training_epoch``
+    ``on_validation_batch_*``     ``before_eval_iteration``, ``before_eval_forward`` /
+                                  ``after_eval_forward``, ``after_eval_iteration``
+    ============================  ==========================================================
+
+    ``before/after_training_exp`` and ``before/after_eval_exp`` are fired by the template
+    itself around each ``Trainer.fit`` / ``Trainer.validate``. The strategy's ``mbatch``,
+    ``mb_output`` (logits) and ``loss`` are set before the events that read them, and a plugin
+    calling ``strategy.stop_training()`` stops the fit after the current batch.
+
+    Args:
+        strategy: the Avalanche strategy whose plugins are called.
+    """
+
+    def __init__(self, strategy: "LightningCLStrategy"):
+        self.strategy = strategy
+        self._stepped = False
+
+    def _fire(self, *events: str) -> None:
+        for event in events:
+            self.strategy.trigger(event)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.strategy.dataloader = trainer.train_dataloader  # Avalanche loggers size their bars by it
+        self._fire("before_training_epoch")
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        self.strategy.mbatch = batch
+        self._stepped = False
+        self._fire("before_training_iteration", "before_forward")
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        outputs = getattr(pl_module, "current_outputs", None)
+        self.strategy.mb_output = getattr(outputs, "logits", outputs)
+        self.strategy.loss = loss
+        self._fire("after_forward", "before_backward")
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self._fire("after_backward")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._stepped = True
+        self._fire("before_update")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        if self._stepped:
+            self._fire("after_update")
+        self._fire("after_training_iteration")
+        # drop the step's logits and graph (they can be large) once the plugins have seen them
+        self.strategy.mb_output = self.strategy.loss = None
+        if self.strategy.stop_requested:
+            trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._fire("after_training_epoch")
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loaders = trainer.val_dataloaders
+        self.strategy.dataloader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+
+    def on_validation_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.strategy.mbatch = batch
+        self._fire("before_eval_iteration", "before_eval_forward")
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._fire("after_eval_forward", "after_eval_iteration")
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 31-bit seed determined by ``parts`` (stable across processes and Python runs)."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class BatchSeeding(pl.Callback):
+    """Reseed the global generators before every training batch from (seed, key, epoch, batch).
+
+    Everything random in a step (dropout, ...) then depends only on where the step is, so a fit
+    resumed from a checkpoint reproduces the uninterrupted run exactly (whatever Lightning does
+    or skips while restarting), and DDP ranks draw the same numbers.
+
+    Args:
+        seed: the run's seed.
+        key: what identifies this fit, e.g. ``("exp_002", "train")``.
+    """
+
+    def __init__(self, seed: int, key: tuple):
+        self.seed, self.key = seed, key
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        seed_all(derived_seed(self.seed, *self.key, trainer.current_epoch, batch_idx))

@@ -1,0 +1,75 @@
+"""Data loading for one Lightning fit or validation: DDP-aware, deterministic, resumable."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+
+
+class _ExperienceLoaders(pl.LightningDataModule):
+    """Shared loader construction: the dataset's own ``collate_fn``, this rank's share."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+
+    def world(self) -> tuple[int, int]:
+        """(world size, rank) of the attached Trainer ((1, 0) before one is attached)."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def loader(self, sampler) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=getattr(self.dataset, "collate_fn", None),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class TrainingDataModule(_ExperienceLoaders):
+    """Shuffled training batches of one (adapted) experience dataset.
+
+    Shuffling uses a ``DistributedSampler`` seeded by ``seed`` even on one process: the order of
+    epoch e depends only on (seed, e), so a fit resumed from an end-of-epoch checkpoint sees the
+    same batches as an uninterrupted one, and DDP ranks take disjoint shares of one permutation.
+
+    Args:
+        dataset: the items (an ``AvalancheDataset``: its ``collate_fn`` batches them).
+        batch_size: mini-batch size per process.
+        seed: shuffling seed.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int = 8, seed: int = 0, num_workers: int = 0):
+        super().__init__(dataset, batch_size, num_workers)
+        self.seed = seed
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self.world()
+        return self.loader(DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed))
+
+
+class EvaluationDataModule(_ExperienceLoaders):
+    """In-order evaluation batches; under DDP each rank scores a disjoint share (no repeats),
+    so the summed metrics of all ranks equal a single process's.
+
+    Args:
+        dataset: the test items.
+        batch_size: mini-batch size per process.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int = 16, num_workers: int = 0):
+        super().__init__(dataset, batch_size, num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        world, rank = self.world()
+        if world > 1:
+            return self.loader(UnrepeatedDistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=False))
+        return self.loader(SequentialSampler(self.dataset))

@@ -1,0 +1,376 @@
+"""Running a whole stream with one strategy, checkpointing it, resuming it, comparing strategies.
+
+:func:`run_stream` is the loop every entry point uses (``metakv-cl fit`` and ``compare``)::
+
+    row 0  = strategy.eval(test_stream)          # before any training
+    for k in experiences:
+        strategy.train(train_stream[k])          # one or more Lightning fits
+        row k+1 = strategy.eval(test_stream)
+        save the stream state                     # model, strategy state, rows, RNG, next k
+
+The stream state lives in ``<root_dir>/stream_state/``: ``state.pt`` (model weights including
+Meta-KV and adapters, the strategy's state such as replay buffer, Fisher or M history, the
+rows of R, RNG states, the index of the next experience), ``result.json`` (the rows so far as a
+:class:`~metakv_cl.report.MethodResult`) and ``progress.json`` (human-readable progress). Inside
+an experience every fit writes ``last.ckpt`` at each epoch end. ``run_stream(...,
+resume=True)`` (the CLI's ``--ckpt_path last``) restores the stream state, continues the
+interrupted experience from its ``last.ckpt`` files and never redoes finished experiences.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from metakv_cl.data.stream import LMBenchmark, concat_experience_datasets
+from metakv_cl.report import MethodResult, format_table, write_report
+from metakv_cl.training.callbacks import derived_seed, seed_all
+from metakv_cl.training.passes import is_global_zero
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "stream_state"
+STATE_FORMAT = 1
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _peak_memory_bytes() -> int:
+    """Peak accelerator memory if CUDA is in use, otherwise the process's peak resident memory."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+class StreamState:
+    """Reads and writes the stream state of one method's run under ``<root_dir>/stream_state/``.
+
+    Args:
+        root_dir: the method's run folder.
+    """
+
+    def __init__(self, root_dir: str | Path):
+        self.folder = Path(root_dir) / STATE_DIR
+        self.path = self.folder / "state.pt"
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def save(self, strategy, benchmark: LMBenchmark, rows: list[list[float]], next_experience: int, wall_time_s: float,
+             extra: dict[str, Any]) -> None:
+        """Write the state (rank 0 only; other ranks return at once)."""
+        if not is_global_zero():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "format": STATE_FORMAT,
+            "method": strategy.method_name,
+            "fingerprint": benchmark.fingerprint(),
+            "next_experience": next_experience,
+            "rows": rows,
+            "eval_results": strategy.eval_results,
+            "module": strategy.module.state_dict(),
+            "strategy": strategy.state_dict(),
+            "rng": _rng_state(),
+            "wall_time_s": wall_time_s,
+            "extra": extra,
+        }
+        _atomic_save(state, self.path)
+        partial = MethodResult(strategy.method_name, benchmark.experience_names, benchmark.score_name, rows, extra)
+        _atomic_write_text(json.dumps(partial.to_json(), indent=2) + "\n", self.folder / "result.json")
+        progress = {
+            "method": strategy.method_name,
+            "next_experience": next_experience,
+            "num_experiences": benchmark.num_experiences,
+            "fingerprint": benchmark.fingerprint(),
+        }
+        _atomic_write_text(json.dumps(progress, indent=2) + "\n", self.folder / "progress.json")
+
+    def load(self, strategy, benchmark: LMBenchmark) -> dict[str, Any]:
+        """Restore strategy, weights and RNG from the state; returns the state dict.
+
+        Raises:
+            FileNotFoundError: no state. ValueError: the state belongs to another stream or method.
+        """
+        if not self.exists():
+            raise FileNotFoundError(f"no stream state to resume from: {self.path}")
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{self.path}: unsupported stream-state format {state.get('format')!r}")
+        if state["fingerprint"] != benchmark.fingerprint():
+            raise ValueError(
+                f"{self.path} was written for a different stream (fingerprint {state['fingerprint']} vs "
+                f"{benchmark.fingerprint()}): the data config changed; use a new default_root_dir"
+            )
+        if state["method"] != strategy.method_name:
+            raise ValueError(
+                f"{self.path} belongs to method {state['method']!r}, not {strategy.method_name!r}; "
+                "use a new default_root_dir or the same strategy"
+            )
+        strategy.load_state_dict(state["strategy"])  # rebuilds adapters etc. before the weights load
+        strategy.module.load_state_dict(state["module"])
+        strategy.eval_results = dict(state["eval_results"])
+        _set_rng_state(state["rng"])
+        return state
+
+
+def _evaluate_row(strategy, benchmark: LMBenchmark) -> list[float]:
+    strategy.eval_scores = {}
+    strategy.eval(benchmark.test_stream)
+    return [float(strategy.eval_scores[j]) for j in range(benchmark.num_experiences)]
+
+
+def run_stream(
+    strategy,
+    benchmark: LMBenchmark,
+    *,
+    root_dir: str | Path | None = None,
+    resume: bool = False,
+    keep_checkpoints: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> MethodResult:
+    """Train and evaluate ``strategy`` on the whole stream, checkpointing after every experience.
+
+    Args:
+        strategy: a :class:`~metakv_cl.strategies.base.LightningCLStrategy`.
+        benchmark: the :class:`~metakv_cl.data.stream.LMBenchmark`.
+        root_dir: the method's run folder (default: ``strategy.root_dir``).
+        resume: continue from ``<root_dir>/stream_state`` and the interrupted experience's
+            ``last.ckpt`` files (starts from scratch when there is no state yet).
+        keep_checkpoints: keep each finished experience's per-epoch checkpoints (by default
+            they are deleted once the stream state covers the experience).
+        echo: called with one progress line per experience (rank 0 only); default: logging.
+
+    Returns:
+        The :class:`~metakv_cl.report.MethodResult` (matrix R with T + 1 rows).
+    """
+    echo = echo or log.info
+    root = Path(root_dir) if root_dir is not None else strategy.root_dir
+    strategy.root_dir = root
+    strategy.experience_names = benchmark.experience_names
+    store = StreamState(root)
+    started = time.perf_counter()
+    extra: dict[str, Any] = {"seed": strategy.seed, "strategy": type(strategy).__name__}
+    resumed_at: int | None = None
+    if resume and store.exists():
+        state = store.load(strategy, benchmark)
+        rows, next_experience = [list(row) for row in state["rows"]], int(state["next_experience"])
+        elapsed_before = float(state["wall_time_s"])
+        extra.update(state["extra"])
+        resumed_at = next_experience
+        if is_global_zero():
+            echo(f"[{strategy.method_name}] resumed at experience {next_experience} from {store.path}")
+    else:
+        if resume and is_global_zero():
+            echo(f"[{strategy.method_name}] no stream state under {root}; starting from the beginning")
+        seed_all(derived_seed(strategy.seed, "stream"))
+        rows, next_experience, elapsed_before = [_evaluate_row(strategy, benchmark)], 0, 0.0
+        store.save(strategy, benchmark, rows, 0, elapsed_before, extra)
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - started
+
+    total = benchmark.num_experiences
+    schedule = (
+        [list(range(total))] if getattr(strategy, "trains_jointly", False) else [[k] for k in range(total)]
+    )
+    for experiences in schedule:
+        if experiences[-1] < next_experience:
+            continue
+        strategy.resume_phases = resumed_at is not None and experiences[-1] >= resumed_at
+        step_started = time.perf_counter()
+        if len(experiences) == 1:
+            strategy.train(benchmark.train_stream[experiences[0]], eval_streams=[])
+        else:
+            strategy.train_jointly([benchmark.train_stream[k] for k in experiences])
+        row = _evaluate_row(strategy, benchmark)
+        rows.extend([row] * len(experiences))  # joint training: one model stands for every row
+        next_experience = experiences[-1] + 1
+        extra.update(strategy.report_extra())
+        extra["wall_time_s"] = elapsed()
+        extra["peak_memory_bytes"] = _peak_memory_bytes()
+        store.save(strategy, benchmark, rows, next_experience, elapsed(), extra)
+        if is_global_zero():
+            names = ", ".join(benchmark.experience_names[k] for k in experiences)
+            scores = " ".join(f"{value:.3f}" for value in row)
+            echo(
+                f"[{strategy.method_name}] trained {names} ({next_experience}/{total}) in "
+                f"{time.perf_counter() - step_started:.1f}s; {benchmark.score_name} per experience: {scores}"
+            )
+            if not keep_checkpoints:
+                shutil.rmtree(strategy.stage_dir(), ignore_errors=True)
+        strategy.resume_phases = False
+    extra["wall_time_s"] = elapsed()
+    extra.setdefault("peak_memory_bytes", _peak_memory_bytes())
+    if is_global_zero() and not keep_checkpoints:
+        _remove_if_empty(root / "experiences")
+    return MethodResult(strategy.method_name, benchmark.experience_names, benchmark.score_name, rows, extra)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def warm_up(
+    module,
+    benchmark: LMBenchmark,
+    *,
+    root_dir: str | Path,
+    epochs: int,
+    trainer_kwargs: dict[str, Any] | None = None,
+    train_mb_size: int = 8,
+    seed: int = 0,
+    resume: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> bool:
+    """Pre-train ``module`` on the benchmark's warm-up stream (all parameters, plain LM loss).
+
+    The weights are cached in ``<root_dir>/warmup/weights.pt``: a later call (another
+    strategy of a comparison, or a resumed run) loads them instead of training again.
+
+    Args:
+        module: the :class:`~metakv_cl.training.module.ContinualLMModule`.
+        benchmark: a benchmark with a ``warmup_stream``.
+        root_dir: run folder.
+        epochs: warm-up epochs (0: nothing to do).
+        trainer_kwargs: Trainer arguments (``max_epochs`` is replaced by ``epochs``).
+        train_mb_size: mini-batch size.
+        seed: seed.
+        resume: continue an interrupted warm-up from its ``last.ckpt``.
+        echo: progress line sink.
+
+    Returns:
+        True if warm-up weights are in place (trained or loaded), False if there is no warm-up.
+    """
+    from metakv_cl.strategies.naive import Naive
+
+    echo = echo or log.info
+    if epochs <= 0 or "warmup" not in benchmark.streams:
+        return False
+    folder = Path(root_dir) / "warmup"
+    weights = folder / "weights.pt"
+    if weights.is_file():
+        module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return True
+    kwargs = {**(trainer_kwargs or {}), "default_root_dir": str(folder)}
+    trainer = Naive(
+        module=module, trainer_kwargs=kwargs, train_mb_size=train_mb_size, seed=seed, name="warmup", root_dir=folder
+    )
+    trainer.stage = "warmup"
+    trainer.resume_phases = resume
+    started = time.perf_counter()
+    dataset = concat_experience_datasets(experience.dataset for experience in benchmark.warmup_stream)
+    trainer.module.experience_label = "the warm-up stream"
+    trainer.fit_phase("train", dataset, max_epochs=epochs)
+    if is_global_zero():
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save(module.state_dict(), weights)
+        shutil.rmtree(folder / "experiences", ignore_errors=True)
+        echo(f"[warm-up] {len(dataset)} items x {epochs} epochs in {time.perf_counter() - started:.1f}s")
+    return True
+
+
+def compare(
+    strategy_factories: Sequence[Callable[[Any], Any]],
+    module,
+    benchmark: LMBenchmark,
+    *,
+    root_dir: str | Path,
+    resume: bool = False,
+    keep_checkpoints: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> list[MethodResult]:
+    """Run several strategies on the same stream from the same initial weights.
+
+    Each factory receives a fresh deep copy of ``module`` and returns a strategy; its run
+    goes to ``<root_dir>/<method name>/``. The side-by-side report is written to ``root_dir``.
+
+    Args:
+        strategy_factories: callables ``module -> strategy``.
+        module: the initial model (after any warm-up); it is copied, never trained.
+        benchmark: the stream.
+        root_dir: the comparison folder.
+        resume: resume every method from its stream state (finished methods are not rerun).
+        keep_checkpoints: see :func:`run_stream`.
+        echo: progress line sink.
+
+    Returns:
+        One :class:`~metakv_cl.report.MethodResult` per strategy.
+
+    Raises:
+        ValueError: two strategies share a method name (checked before anything trains).
+    """
+    root = Path(root_dir)
+    # names first (strategy constructors leave the model alone), so a clash fails before any training
+    names = [factory(module).method_name for factory in strategy_factories]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise ValueError(f"several strategies are named {clashes}; give them distinct init_args.name values")
+    results = []
+    initial_state = copy.deepcopy(module.state_dict())
+    for factory in strategy_factories:
+        candidate = copy.deepcopy(module)
+        candidate.load_state_dict(initial_state)
+        strategy = factory(candidate)
+        results.append(
+            run_stream(
+                strategy,
+                benchmark,
+                root_dir=root / strategy.method_name,
+                resume=resume,
+                keep_checkpoints=keep_checkpoints,
+                echo=echo,
+            )
+        )
+    return results
+
+
+def finish_report(results: list[MethodResult], root_dir: str | Path, echo: Callable[[str], None] = print) -> str:
+    """Write the report files (rank 0) and return the printed table.
+
+    Args:
+        results: the methods' results.
+        root_dir: where ``report.json``, ``report.md`` and the plots go.
+        echo: where the table is printed.
+
+    Returns:
+        The Markdown table.
+    """
+    table = format_table(results)
+    if is_global_zero():
+        paths = write_report(results, root_dir)
+        echo(table)
+        echo(f"report: {paths['markdown']}")
+    return table

@@ -1,0 +1,416 @@
+"""The Avalanche template whose training runs on Lightning: the base of every strategy.
+
+Users drive it the Avalanche way::
+
+    strategy = Naive(module=ContinualLMModule("gpt2", from_scratch=True, ...),
+                     trainer_kwargs=dict(max_epochs=2, accelerator="cpu"))
+    for experience in benchmark.train_stream:
+        strategy.train(experience)
+        strategy.eval(benchmark.test_stream)   # fills strategy.eval_scores
+
+and every ``strategy.train(experience)`` is a Lightning ``Trainer.fit`` (one per *phase*: most
+strategies have one phase, ``"train"``; Meta-KV consolidation has ``"fast"`` and
+``"consolidate"``), so DDP, precision, gradient accumulation, loggers and progress bars come
+from the ``trainer_kwargs``; each phase checkpoints ``last.ckpt`` at every epoch end under
+``<root_dir>/experiences/<stage>/<phase>/``. Avalanche plugins keep working: the template fires
+``before/after_training_exp`` and ``before/after_eval_exp`` itself and
+:class:`~metakv_cl.training.callbacks.AvalancheBridge` fires the epoch and iteration events
+from inside Lightning.
+
+Subclasses customise three hooks: :meth:`before_experience` (model adaptation, e.g. adding a
+LoRA adapter), :meth:`train_experience` (the fits of the experience) and
+:meth:`after_experience` (e.g. computing a Fisher matrix), plus :meth:`train_dataset_adaptation`
+(replay) and :meth:`state_dict` / :meth:`load_state_dict` for what must survive a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+import metakv_cl  # noqa: F401  (torchvision import fix before avalanche loads)
+import pytorch_lightning as pl
+from avalanche.core import BasePlugin, BaseSGDPlugin
+from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.plugins.clock import Clock
+from avalanche.training.templates.base import BaseTemplate
+from avalanche.training.utils import trigger_plugins
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from metakv_cl.metrics import ContinualMatrixPluginMetric
+from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, derived_seed, seed_all
+from metakv_cl.training.datamodule import EvaluationDataModule, TrainingDataModule
+from metakv_cl.training.module import ContinualLMModule
+
+# Lightning's informational messages (device summary, "fit stopped", tips) go through this
+# logger; a stream builds one Trainer per phase, so they are silenced unless verbose.
+_LIGHTNING_INFO_LOGGER = "pytorch_lightning.utilities.rank_zero"
+
+
+@contextlib.contextmanager
+def quiet_lightning(enabled: bool = True):
+    """Hide Lightning's INFO messages inside the block (warnings still show)."""
+    logger = logging.getLogger(_LIGHTNING_INFO_LOGGER)
+    previous = logger.level
+    if enabled:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+# Trainer arguments the strategy sets itself for every fit.
+_MANAGED_TRAINER_KEYS = ("default_root_dir", "callbacks", "logger", "enable_checkpointing")
+
+
+class LightningCLStrategy(BaseTemplate):
+    """Base continual-learning strategy: Avalanche's template, Lightning's loops.
+
+    Args:
+        module: the :class:`ContinualLMModule` to train (also ``strategy.model``).
+        train_mb_size: training mini-batch size per process.
+        eval_mb_size: evaluation mini-batch size per process.
+        trainer_kwargs: ``pytorch_lightning.Trainer`` arguments used for every fit
+            (``max_epochs`` = epochs per experience, default 1). ``default_root_dir`` is the
+            run folder; ``callbacks`` and ``logger`` are shared by all fits;
+            ``enable_checkpointing=False`` turns the per-epoch ``last.ckpt`` off.
+        plugins: Avalanche plugins.
+        evaluator: an Avalanche ``EvaluationPlugin``; default: one with
+            :class:`~metakv_cl.metrics.ContinualMatrixPluginMetric` and no loggers.
+        seed: seed of shuffling and of every batch's random numbers.
+        num_workers: DataLoader workers.
+        name: method name in reports (default: the strategy's own, e.g. ``"ewc-online"``).
+        root_dir: run folder (overrides ``trainer_kwargs["default_root_dir"]``).
+        verbose: show Lightning's informational messages for every fit (off: one Trainer per
+            phase would repeat them).
+    """
+
+    PLUGIN_CLASS = BaseSGDPlugin
+    #: registry / report name of the strategy (subclasses refine :attr:`method_name`).
+    strategy_name = "base"
+
+    def __init__(
+        self,
+        *,
+        module: ContinualLMModule,
+        train_mb_size: int = 8,
+        eval_mb_size: int = 16,
+        trainer_kwargs: dict[str, Any] | None = None,
+        plugins: Sequence[BasePlugin] | None = None,
+        evaluator: EvaluationPlugin | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        name: str | None = None,
+        root_dir: str | Path | None = None,
+        verbose: bool = False,
+    ):
+        if not isinstance(module, ContinualLMModule):
+            raise TypeError(f"module must be a ContinualLMModule, got {type(module).__name__}")
+        super().__init__(model=module, device="cpu", plugins=plugins)
+        kwargs = dict(trainer_kwargs or {})
+        self.root_dir = Path(root_dir or kwargs.get("default_root_dir") or "metakv_runs")
+        callbacks = kwargs.get("callbacks") or []
+        self.user_callbacks: list[pl.Callback] = list(callbacks) if isinstance(callbacks, Iterable) else [callbacks]
+        self._user_logger = kwargs.get("logger", True)
+        self.checkpointing = kwargs.get("enable_checkpointing", True) is not False
+        self.trainer_kwargs = {k: v for k, v in kwargs.items() if k not in _MANAGED_TRAINER_KEYS}
+        if self.trainer_kwargs.get("max_epochs") is None and self.trainer_kwargs.get("max_steps", -1) in (-1, None):
+            self.trainer_kwargs["max_epochs"] = 1  # Lightning's own default would be 1000 per experience
+        self.train_mb_size, self.eval_mb_size = train_mb_size, eval_mb_size
+        self.seed, self.num_workers = seed, num_workers
+        self._name = name
+        self.verbose = verbose
+
+        if evaluator is None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="No loggers specified")
+                self.matrix_metric: ContinualMatrixPluginMetric | None = ContinualMatrixPluginMetric(
+                    higher_is_better=False
+                )
+                evaluator = EvaluationPlugin(self.matrix_metric, loggers=[])
+        else:
+            self.matrix_metric = None
+        self.evaluator = evaluator
+        self.plugins.append(evaluator)
+        self.clock = Clock()
+        self.plugins.append(self.clock)  # last, as Avalanche's templates do
+
+        # training / evaluation state read by plugins and by the metric contract
+        self.eval_scores: dict[int, float] = {}
+        self.eval_results: dict[int, dict[str, float]] = {}
+        self.trained_experiences = 0
+        self.experience_names: list[str] | None = None
+        self.adapted_dataset = None
+        self.dataloader: Any = []
+        self.mbatch: Any = None
+        self.mb_output: Any = None
+        self.loss: torch.Tensor | None = None
+        self.stage = "unstarted"
+        self.experience_index: int | None = None
+        self.resume_phases = False
+        self._stop_training = False
+        self._logger: Any = None
+        self._eval_trainer: pl.Trainer | None = None
+        self._eval_data: EvaluationDataModule | None = None
+        self.trainable_counts: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ names and helpers
+
+    @property
+    def module(self) -> ContinualLMModule:
+        return self.model
+
+    @property
+    def method_name(self) -> str:
+        """The name of this method in reports."""
+        return self._name or self.default_method_name()
+
+    def default_method_name(self) -> str:
+        return self.strategy_name
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_training
+
+    def stop_training(self) -> None:
+        """Ask the running fit to stop after the current batch (what Avalanche plugins call)."""
+        self._stop_training = True
+
+    def trigger(self, event: str, **kwargs: Any) -> None:
+        """Call ``event`` on every plugin."""
+        trigger_plugins(self, event, **kwargs)
+
+    def experience_label(self, index: int | None = None) -> str:
+        index = self.experience_index if index is None else index
+        if index is None:
+            return self.stage
+        if self.experience_names and 0 <= index < len(self.experience_names):
+            return f"experience {index} ({self.experience_names[index]!r})"
+        return f"experience {index}"
+
+    def stage_for(self, index: int) -> str:
+        """Name of the stage that trains experience ``index`` (its checkpoint folder)."""
+        return f"exp_{index:03d}"
+
+    def stage_dir(self) -> Path:
+        """Folder of the current stage's per-phase checkpoints."""
+        return self.root_dir / "experiences" / self.stage
+
+    def logger(self):
+        """The logger shared by all fits (a CSVLogger under the run folder unless configured)."""
+        if self._logger is None:
+            if self._user_logger is True or self._user_logger is None:
+                self._logger = CSVLogger(str(self.root_dir), name="logs", version=self.method_name)
+            else:
+                self._logger = self._user_logger
+        return self._logger
+
+    # ------------------------------------------------------------------ training
+
+    def _before_training_exp(self, **kwargs: Any) -> None:
+        experience = self.experience
+        self.experience_index = int(experience.current_experience)
+        self.stage = self.stage_for(self.experience_index)
+        self.module.experience_label = self.experience_label()
+        self._stop_training = False
+        seed_all(derived_seed(self.seed, self.stage, "before"))
+        self.trigger("before_train_dataset_adaptation", **kwargs)
+        self.train_dataset_adaptation()
+        self.trigger("after_train_dataset_adaptation", **kwargs)
+        if self.adapted_dataset is None or len(self.adapted_dataset) == 0:
+            raise ValueError(f"{self.experience_label()}: the training dataset is empty (an experience needs data)")
+        self.before_experience()
+        super()._before_training_exp(**kwargs)
+
+    def train_dataset_adaptation(self) -> None:
+        """Set :attr:`adapted_dataset` (default: the experience's data; replay adds its buffer)."""
+        self.adapted_dataset = self.experience.dataset
+
+    def _train_exp(self, experience, eval_streams=None, **kwargs: Any) -> None:
+        self.train_experience()
+
+    def _after_training_exp(self, **kwargs: Any) -> None:
+        # random draws after the fits (buffer sampling, ...) must not depend on whether the
+        # fits ran here or were restored from checkpoints
+        seed_all(derived_seed(self.seed, self.stage, "after"))
+        self.after_experience()
+        self.trained_experiences += 1
+        super()._after_training_exp(**kwargs)
+
+    def _train_cleanup(self) -> None:
+        super()._train_cleanup()
+        # keep the strategy light to pickle and free the data references
+        self.adapted_dataset, self.mbatch, self.mb_output, self.loss = None, None, None, None
+
+    def _eval_cleanup(self) -> None:
+        super()._eval_cleanup()
+        self.mbatch, self._eval_data, self.dataloader = None, None, []
+
+    def before_experience(self) -> None:
+        """Adapt the model before the experience's first fit (default: nothing)."""
+
+    def train_experience(self) -> None:
+        """The fits of one experience (default: one phase on :attr:`adapted_dataset`)."""
+        self.fit_phase("train", self.adapted_dataset)
+
+    def after_experience(self) -> None:
+        """Work after the experience's fits, before the plugins' ``after_training_exp``."""
+
+    def fit_phase(
+        self,
+        phase: str,
+        dataset,
+        *,
+        max_epochs: int | None = None,
+        callbacks: Sequence[pl.Callback] = (),
+        batch_size: int | None = None,
+    ) -> pl.Trainer:
+        """Run one ``Trainer.fit`` of the current stage.
+
+        On a resumed stage the fit restarts from the phase's ``last.ckpt`` (a finished phase
+        then only reloads its final weights).
+
+        Args:
+            phase: phase name (its checkpoint folder).
+            dataset: items to train on.
+            max_epochs: epochs of this phase (default: ``trainer_kwargs["max_epochs"]``).
+            callbacks: extra callbacks for this fit.
+            batch_size: mini-batch size (default :attr:`train_mb_size`).
+
+        Returns:
+            The finished Trainer.
+        """
+        if dataset is None or len(dataset) == 0:
+            raise ValueError(f"{self.experience_label()}: nothing to train on in phase {phase!r} (empty dataset)")
+        phase_dir = self.stage_dir() / phase
+        all_callbacks = [
+            *self.user_callbacks,
+            AvalancheBridge(self),
+            BatchSeeding(self.seed, (self.stage, phase)),
+            *callbacks,
+        ]
+        if self.checkpointing:
+            all_callbacks.append(
+                # one file, "last.ckpt", rewritten at the end of every epoch
+                ModelCheckpoint(
+                    dirpath=phase_dir,
+                    filename="last",
+                    save_top_k=1,
+                    every_n_epochs=1,
+                    save_on_train_epoch_end=True,
+                    enable_version_counter=False,
+                )
+            )
+        kwargs = dict(self.trainer_kwargs)
+        if max_epochs is not None:
+            kwargs["max_epochs"] = max_epochs
+        self.trainable_counts[phase] = trainable_parameter_count(self.module)
+        with quiet_lightning(not self.verbose):
+            trainer = pl.Trainer(
+                **kwargs,
+                default_root_dir=str(phase_dir),
+                callbacks=all_callbacks,
+                logger=self.logger(),
+                enable_checkpointing=self.checkpointing,
+            )
+        datamodule = TrainingDataModule(
+            dataset,
+            batch_size=batch_size or self.train_mb_size,
+            seed=derived_seed(self.seed, self.stage, phase),
+            num_workers=self.num_workers,
+        )
+        last = phase_dir / "last.ckpt"
+        ckpt_path = str(last) if self.resume_phases and last.is_file() else None
+        self.module.train()  # Lightning keeps the mode it finds; models load in eval mode
+        with quiet_lightning(not self.verbose), warnings.catch_warnings():
+            # training-only fits: the module's validation_step serves strategy.eval
+            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+            # the phase folder holds this phase's own last.ckpt when resuming
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            trainer.fit(self.module, datamodule=datamodule, ckpt_path=ckpt_path)
+        return trainer
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _before_eval(self, **kwargs: Any) -> None:
+        experiences = list(self.current_eval_stream)
+        if self.matrix_metric is not None and experiences:
+            # the metric's orientation follows the stream: accuracy up, loss down
+            first = experiences[0].dataset[0]
+            self.matrix_metric.higher_is_better = "choice_input_ids" in first
+        super()._before_eval(**kwargs)
+
+    def _before_eval_exp(self, **kwargs: Any) -> None:
+        self.trigger("before_eval_dataset_adaptation", **kwargs)
+        dataset = self.experience.dataset
+        self.trigger("after_eval_dataset_adaptation", **kwargs)
+        if len(dataset) == 0:
+            raise ValueError(f"{self.experience_label(self.experience.current_experience)}: the test set is empty")
+        self._eval_data = EvaluationDataModule(dataset, batch_size=self.eval_mb_size, num_workers=self.num_workers)
+        self.dataloader = self._eval_data.val_dataloader()  # what Avalanche loggers size their bars by
+        super()._before_eval_exp(**kwargs)
+
+    def _eval_exp(self, **kwargs: Any) -> None:
+        datamodule = self._eval_data
+        with quiet_lightning(not self.verbose):
+            self.evaluation_trainer().validate(self.module, datamodule=datamodule, verbose=False)
+        result = dict(self.module.eval_result)
+        index = int(self.experience.current_experience)
+        self.eval_results[index] = result
+        self.eval_scores[index] = result["accuracy"] if "accuracy" in result else result["loss"]
+
+    def evaluation_trainer(self) -> pl.Trainer:
+        """The Trainer used for every ``validate`` (built once)."""
+        if self._eval_trainer is None:
+            kwargs = dict(self.trainer_kwargs)
+            kwargs.setdefault("enable_model_summary", False)
+            with quiet_lightning(not self.verbose):
+                self._eval_trainer = pl.Trainer(
+                    **kwargs,
+                    default_root_dir=str(self.root_dir),
+                    callbacks=[AvalancheBridge(self)],
+                    logger=False,
+                    enable_checkpointing=False,
+                )
+        return self._eval_trainer
+
+    def report_extra(self) -> dict[str, Any]:
+        """Facts about the run for the report's ``extra`` (updated after every experience)."""
+        return {
+            "trainable_params": max(self.trainable_counts.values(), default=0),
+            "trainable_params_by_phase": dict(self.trainable_counts),
+        }
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this strategy must keep across a restart (model weights are saved separately).
+
+        Returns:
+            A picklable dict; subclasses add their own entries.
+        """
+        return {
+            "trained_experiences": self.trained_experiences,
+            "clock": copy.deepcopy(vars(self.clock)),
+            "matrix_metric": copy.deepcopy(vars(self.matrix_metric)) if self.matrix_metric is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; rebuilds model structure before weights load."""
+        self.trained_experiences = int(state["trained_experiences"])
+        vars(self.clock).update(state["clock"])
+        if self.matrix_metric is not None and state.get("matrix_metric") is not None:
+            vars(self.matrix_metric).update(state["matrix_metric"])
+
+
+def trainable_parameter_count(module: torch.nn.Module) -> int:
+    """Number of parameters with ``requires_grad``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,59 @@
+"""Learning without Forgetting on language-model outputs (Li & Hoiem 2017).
+
+While learning experience k, the model is also pulled towards the next-token distributions of
+the model as it was after experience k-1, on the new experience's label tokens:
+``loss = LM loss + alpha * T^2 KL(p_old^T || p_new^T)``. The old model is a parameter
+snapshot evaluated through the same network (no second model object).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from metakv_cl.strategies.base import LightningCLStrategy
+from metakv_cl.training.distillation import ParameterSnapshot, prediction_mask, token_kl
+
+
+class LwF(LightningCLStrategy):
+    """LwF with KL distillation of the previous model's next-token distributions.
+
+    Args:
+        alpha: weight of the distillation term.
+        temperature: softening temperature T.
+        **kwargs: arguments of :class:`~metakv_cl.strategies.base.LightningCLStrategy`.
+    """
+
+    strategy_name = "lwf"
+
+    def __init__(self, *, alpha: float = 1.0, temperature: float = 2.0, **kwargs: Any):
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        super().__init__(**kwargs)
+        self.alpha, self.temperature = alpha, temperature
+        self.teacher: ParameterSnapshot | None = None
+
+    def before_experience(self) -> None:
+        if self.teacher is not None:
+            self.module.penalties["distillation"] = self.penalty
+
+    def penalty(self, module, batch: dict, outputs: Any) -> torch.Tensor:
+        teacher = self.teacher.forward(module.model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        kl_sum, count = token_kl(outputs.logits, teacher.logits, prediction_mask(batch["labels"]), self.temperature)
+        return self.alpha * module.token_mean(kl_sum, count)
+
+    def after_experience(self) -> None:
+        self.teacher = ParameterSnapshot(self.module.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["teacher"] = self.teacher.state_dict() if self.teacher is not None else None
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        teacher = state.get("teacher")
+        self.teacher = ParameterSnapshot.from_state_dict(teacher) if teacher is not None else None

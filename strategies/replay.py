@@ -1,0 +1,101 @@
+"""Experience replay with Avalanche storage policies.
+
+The replay budget means the same thing for every replaying method of this package (this
+strategy and Meta-KV consolidation): ``buffer_size`` is the total number of *training items*
+kept from earlier experiences; after each experience the storage policy is updated with that
+experience's own items (never with replayed ones). Policies:
+
+* ``"experience_balanced"``: Avalanche's ``ExperienceBalancedBuffer`` (the budget split equally
+  over the experiences seen so far, reservoir sampling inside each share);
+* ``"reservoir"``: Avalanche's ``ReservoirSamplingBuffer`` (a uniform sample of everything seen).
+
+While learning an experience, the replayed items are concatenated to its training data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import metakv_cl  # noqa: F401  (torchvision import fix before avalanche loads)
+from avalanche.training.storage_policy import ExemplarsBuffer, ExperienceBalancedBuffer, ReservoirSamplingBuffer
+
+from metakv_cl.data.stream import concat_experience_datasets
+from metakv_cl.strategies.base import LightningCLStrategy
+
+STORAGE_POLICIES = ("experience_balanced", "reservoir")
+
+
+class ReplayMemory:
+    """A replay buffer of training items managed by an Avalanche storage policy.
+
+    Args:
+        buffer_size: total number of items kept (0 disables replay).
+        storage_policy: ``"experience_balanced"`` or ``"reservoir"``.
+    """
+
+    def __init__(self, buffer_size: int, storage_policy: str = "experience_balanced"):
+        if buffer_size < 0:
+            raise ValueError(f"buffer_size must be >= 0, got {buffer_size}")
+        if storage_policy not in STORAGE_POLICIES:
+            raise ValueError(f"unknown storage_policy {storage_policy!r}; choose one of {', '.join(STORAGE_POLICIES)}")
+        self.buffer_size, self.storage_policy = buffer_size, storage_policy
+        self.policy: ExemplarsBuffer = (
+            ExperienceBalancedBuffer(max_size=buffer_size, adaptive_size=True)
+            if storage_policy == "experience_balanced"
+            else ReservoirSamplingBuffer(max_size=buffer_size)
+        )
+
+    def __len__(self) -> int:
+        return len(self.policy.buffer) if self.buffer_size > 0 else 0
+
+    @property
+    def dataset(self):
+        """The stored items (an ``AvalancheDataset``)."""
+        return self.policy.buffer
+
+    def update(self, strategy, experience) -> None:
+        """Add ``experience``'s own items to the buffer (the policy decides what stays)."""
+        if self.buffer_size > 0:
+            self.policy.post_adapt(strategy, experience)
+
+    def with_replay(self, dataset):
+        """``dataset`` followed by the stored items (``dataset`` itself while the buffer is empty)."""
+        return concat_experience_datasets([dataset, self.dataset]) if len(self) else dataset
+
+
+class Replay(LightningCLStrategy):
+    """Experience replay: train on the new experience plus a buffer of earlier items.
+
+    Args:
+        buffer_size: replay budget in training items.
+        storage_policy: ``"experience_balanced"`` or ``"reservoir"``.
+        **kwargs: arguments of :class:`~metakv_cl.strategies.base.LightningCLStrategy`.
+    """
+
+    strategy_name = "replay"
+
+    def __init__(
+        self,
+        *,
+        buffer_size: int = 64,
+        storage_policy: Literal["experience_balanced", "reservoir"] = "experience_balanced",
+        **kwargs: Any,
+    ):
+        memory = ReplayMemory(buffer_size, storage_policy)
+        super().__init__(**kwargs)
+        self.memory = memory
+
+    def train_dataset_adaptation(self) -> None:
+        self.adapted_dataset = self.memory.with_replay(self.experience.dataset)
+
+    def after_experience(self) -> None:
+        self.memory.update(self, self.experience)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["memory"] = self.memory
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.memory = state["memory"]

@@ -1,0 +1,174 @@
+"""The metakv-cl command line: fit / validate / compare / dispatch, overrides and config errors."""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metakv_cl.cli import main
+from metakv_cl.training.testing import single_torch_thread, toy_config
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    with single_torch_thread():
+        yield
+
+
+def write(tmp_path, config, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_fit_runs_the_stream_prints_the_table_and_writes_the_report(tmp_path, capsys):
+    root = tmp_path / "run"
+    path = write(tmp_path, toy_config(root))
+    main(["fit", "--config", path, "--trainer.max_epochs", "2"])
+    out = capsys.readouterr().out
+    assert "| method | score | average | forgetting | BWT | FWT |" in out and "| naive | loss |" in out
+    report = json.loads((root / "report.json").read_text())
+    method = report["methods"][0]
+    assert method["method"] == "naive" and len(method["matrix"]) == 3
+    assert {"average", "forgetting", "bwt", "fwt"} <= set(method["summary"])
+    for name in ("report.md", "heatmap_naive.png", "curves_naive.png", "forgetting.png", "stream_state/state.pt"):
+        assert (root / name).is_file(), name
+    saved = yaml.safe_load((root / "config.yaml").read_text())
+    assert saved["trainer"]["max_epochs"] == 2  # the override reached the run
+
+    # validate with the finished run's model reproduces its last row
+    main(["validate", "--config", path, "--ckpt_path", "last"])
+    out = capsys.readouterr().out
+    for j, score in enumerate(method["matrix"][-1]):
+        assert f"| {score:.4f} |" in out.splitlines()[2 + j]
+
+    # resuming a finished run trains nothing and reports the same figures
+    main(["fit", "--config", path, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    out = capsys.readouterr().out
+    assert "trained" not in out.replace("(2/2 trained)", "")
+    assert json.loads((root / "report.json").read_text())["methods"][0]["matrix"] == method["matrix"]
+
+
+def test_print_config_shows_strategy_and_stream(tmp_path, capsys):
+    path = write(tmp_path, toy_config(tmp_path / "run"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", path, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["strategy"]["class_path"] == "metakv_cl.strategies.Naive"
+    assert printed["data"]["class_path"] == "metakv_cl.data.TaskStream"
+    assert "vocab_size" not in printed["model"]["init_args"]  # linked from the stream
+
+
+def test_a_config_key_that_does_not_exist_is_named(tmp_path, capsys):
+    config = toy_config(tmp_path / "run")
+    config["trainer"]["max_epoch"] = config["trainer"].pop("max_epochs")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", write(tmp_path, config)])
+    assert exit_info.value.code != 0
+    assert "max_epoch" in capsys.readouterr().err
+
+
+def test_an_unknown_strategy_is_named(tmp_path, capsys):
+    config = toy_config(tmp_path / "run", strategy={"class_path": "metakv_cl.strategies.SGD"})
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", write(tmp_path, config)])
+    assert "metakv_cl.strategies.SGD" in capsys.readouterr().err
+
+
+def test_a_strategy_argument_it_does_not_take_is_named(tmp_path, capsys):
+    path = write(tmp_path, toy_config(tmp_path / "run"))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", path, "--strategy.init_args.ewc_lambda", "3"])
+    assert "ewc_lambda" in capsys.readouterr().err
+
+
+def test_fit_ckpt_path_must_be_last(tmp_path):
+    path = write(tmp_path, toy_config(tmp_path / "run"))
+    with pytest.raises(ValueError, match="use --ckpt_path last"):
+        main(["fit", "--config", path, "--ckpt_path", "model.ckpt"])
+
+
+def compare_config(root, strategies):
+    config = toy_config(root)
+    del config["strategy"]
+    config["strategies"] = strategies
+    config["strategy_defaults"] = {"train_mb_size": 8, "eval_mb_size": 16}
+    return config
+
+
+def test_compare_runs_every_strategy_into_one_report(tmp_path, capsys):
+    root = tmp_path / "compare"
+    config = compare_config(root, [
+        {"class_path": "metakv_cl.strategies.Naive"},
+        {"class_path": "metakv_cl.strategies.LoRA", "init_args": {"mode": "per_experience"}},
+    ])
+    main(["compare", "--config", write(tmp_path, config)])
+    out = capsys.readouterr().out
+    assert "| naive | loss |" in out and "| lora-per-experience | loss |" in out
+    methods = json.loads((root / "report.json").read_text())["methods"]
+    assert [m["method"] for m in methods] == ["naive", "lora-per-experience"]
+    assert methods[0]["matrix"][0] == methods[1]["matrix"][0]  # same initial weights
+    assert (root / "naive" / "stream_state" / "state.pt").is_file()
+
+
+def test_compare_names_the_bad_entry_before_training(tmp_path):
+    config = compare_config(tmp_path / "compare", [
+        {"class_path": "metakv_cl.strategies.Naive"},
+        {"class_path": "metakv_cl.strategies.LoRA", "init_args": {"rnak": 4}},
+    ])
+    with pytest.raises(ValueError, match=r"(?s)strategies\[1\] \(LoRA\).*rnak"):
+        main(["compare", "--config", write(tmp_path, config)])
+    assert not (tmp_path / "compare" / "naive").exists()
+    config["strategies"][1] = {"class_path": "metakv_cl.strategies.Adam"}
+    with pytest.raises(ValueError, match=r"strategies\[1\]: unknown strategy 'metakv_cl.strategies.Adam'; known"):
+        main(["compare", "--config", write(tmp_path, config)])
+
+
+@pytest.mark.parametrize("command, function", [("kv-eval", "main"), ("niah", "niah_main")])
+def test_kv_commands_dispatch_to_the_kv_evaluator(command, function, monkeypatch):
+    calls = []
+    fake = types.ModuleType("metakv_cl.kv.evaluate")
+    fake.main = lambda argv: calls.append(("main", argv)) or 0
+    fake.niah_main = lambda argv: calls.append(("niah_main", argv)) or 3
+    monkeypatch.setitem(sys.modules, "metakv_cl.kv.evaluate", fake)
+    import metakv_cl.kv
+
+    monkeypatch.setattr(metakv_cl.kv, "evaluate", fake, raising=False)
+    status = main([command, "--model", "tiny"])
+    assert calls == [(function, ["--model", "tiny"])]
+    assert status == (0 if function == "main" else 3)
+
+
+def test_unknown_command_and_help(capsys):
+    main([])
+    assert "compare" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == 2
+    assert "unknown command 'train'" in capsys.readouterr().err
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_parse(path, capsys):
+    command = "compare" if "strategies:" in path.read_text() else "fit"
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--config", str(path), "--print_config"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["class_path"] == "metakv_cl.data.TaskStream"
+
+
+def test_compare_refuses_two_strategies_with_one_name_before_training(tmp_path):
+    config = compare_config(tmp_path / "compare", [
+        {"class_path": "metakv_cl.strategies.Naive"}, {"class_path": "metakv_cl.strategies.Naive"},
+    ])
+    with pytest.raises(ValueError, match=r"several strategies are named \['naive'\]"):
+        main(["compare", "--config", write(tmp_path, config)])
+    assert not (tmp_path / "compare" / "naive").exists()

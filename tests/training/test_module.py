@@ -1,0 +1,107 @@
+"""The LightningModule: loss, penalties, non-finite loss errors, evaluation scores."""
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from metakv_cl.data.stream import make_benchmark, word_level_tokenizer
+from metakv_cl.data.tasks import ClassificationTask
+from metakv_cl.strategies import Naive
+from metakv_cl.testing import tiny_gpt2
+from metakv_cl.training.module import ContinualLMModule, NonFiniteLossError
+from metakv_cl.training.testing import toy_setup, toy_trainer_kwargs
+
+
+def validate(module, dataset, batch_size=5):
+    from metakv_cl.training.datamodule import EvaluationDataModule
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=EvaluationDataModule(dataset, batch_size=batch_size), verbose=False)
+    return module.eval_result
+
+
+def test_language_modelling_score_is_the_token_weighted_mean_loss():
+    torch.manual_seed(0)
+    benchmark, module = toy_setup(1)
+    dataset = benchmark.test_stream[0].dataset
+    result = validate(module, dataset, batch_size=5)  # batches of unequal token counts
+    total, tokens = 0.0, 0
+    module.eval()
+    with torch.no_grad():
+        for item in dataset:
+            ids = item["input_ids"][None]
+            logits = module.model(input_ids=ids).logits[0, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            tokens += ids.shape[1] - 1
+    assert result["loss"] == pytest.approx(total / tokens, rel=1e-5)
+    assert result["tokens"] == tokens and result["examples"] == len(dataset)
+    assert "accuracy" not in result
+
+
+def test_classification_accuracy_ranks_label_strings_by_likelihood():
+    task = ClassificationTask(
+        "sentiment",
+        train=[("good film", "positive"), ("bad film", "negative")],
+        test=[("good plot", "positive"), ("bad acting", "negative"), ("fine music", "very positive")],
+        labels=["positive", "negative", "very positive"],
+    )
+    tokenizer = word_level_tokenizer(["good bad fine film plot acting music Answer : positive negative very"])
+    benchmark = make_benchmark([task], tokenizer, max_length=32)
+    torch.manual_seed(0)
+    module = ContinualLMModule(tiny_gpt2(vocab_size=len(tokenizer)))
+    result = validate(module, benchmark.test_stream[0].dataset, batch_size=2)
+    # brute force: score each label string on its own
+    module.eval()
+    correct = 0
+    with torch.no_grad():
+        for text, label in task.test:
+            scores = []
+            for candidate in task.labels:
+                prompt = tokenizer(task.prompt(text), add_special_tokens=False)["input_ids"]
+                answer = tokenizer(" " + candidate, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                ids = torch.tensor([prompt + answer])
+                log_probs = module.model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+                positions = range(len(prompt) - 1, len(prompt) + len(answer) - 1)
+                scores.append(sum(float(log_probs[p, ids[0, p + 1]]) for p in positions))
+            correct += task.labels[max(range(len(scores)), key=scores.__getitem__)] == label
+    assert result["accuracy"] == pytest.approx(correct / len(task.test))
+    assert math.isfinite(result["loss"])
+
+
+def test_nan_loss_stops_with_the_experience_and_step_named(tmp_path):
+    torch.manual_seed(0)
+    benchmark, module = toy_setup(1)
+    strategy = Naive(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path, max_epochs=2), train_mb_size=8)
+    strategy.experience_names = benchmark.experience_names
+    calls = []
+
+    def explode_at_step_three(module, batch, outputs):
+        calls.append(1)
+        return torch.tensor(float("nan") if len(calls) == 4 else 0.0)
+
+    module.penalties["explode"] = explode_at_step_three
+    with pytest.raises(NonFiniteLossError, match=r"experience 0 \('people'\) at global step 3 .*explode=nan"):
+        strategy.train(benchmark.train_stream[0], eval_streams=[])
+
+
+def test_penalties_add_to_the_loss_and_phase_restores_the_objective():
+    torch.manual_seed(0)
+    benchmark, module = toy_setup(1)
+    batch = benchmark.train_stream[0].dataset.collate_fn([benchmark.train_stream[0].dataset[i] for i in range(4)])
+    module.penalties["constant"] = lambda m, b, o: torch.tensor(2.5)
+    with module.phase(lr=0.5, lm_loss_weight=0.0, penalties={"extra": lambda m, b, o: torch.tensor(1.0)}):
+        assert module.lr == 0.5 and set(module.penalties) == {"constant", "extra"}
+        assert float(module.training_step(batch, 0)) == pytest.approx(3.5)
+    assert module.lr == 3e-3 and module.lm_loss_weight == 1.0 and set(module.penalties) == {"constant"}
+
+
+def test_vocab_size_needs_a_from_scratch_model():
+    with pytest.raises(ValueError, match="vocab_size=100 needs from_scratch=True"):
+        ContinualLMModule("gpt2", vocab_size=100)
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
+        ContinualLMModule(tiny_gpt2(), lr_schedule="step")

@@ -1,0 +1,116 @@
+"""A run killed inside an experience resumes from its checkpoints and ends with the same report."""
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from metakv_cl.modeling import MetaKVConfig
+from metakv_cl.strategies import MetaKVConsolidation, Replay
+from metakv_cl.training.runner import StreamState, run_stream, warm_up
+from metakv_cl.training.testing import toy_setup, toy_trainer_kwargs
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAt(pl.Callback):
+    """Raise at a given batch of a given epoch of one phase (a crash in the middle of a fit)."""
+
+    def __init__(self, stage: str, phase: str, epoch: int, batch: int):
+        self.where, self.epoch, self.batch = f"{stage}/{phase}", epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.default_root_dir.endswith(self.where) and (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            raise Killed(f"killed in {self.where} at epoch {self.epoch}, batch {self.batch}")
+
+
+class CountBatches(pl.Callback):
+    def __init__(self):
+        self.batches = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        where = "/".join(trainer.default_root_dir.split("/")[-2:])
+        self.batches[where] = self.batches.get(where, 0) + 1
+
+
+CASES = {
+    # Meta-KV (distill): killed during the consolidation of the second experience (fast phase finished)
+    "metakv": (MetaKVConsolidation, {"mode": "distill", "buffer_size": 8}, KillAt("exp_001", "consolidate", epoch=1, batch=2)),
+    # replay: killed in the second epoch of the first experience
+    "replay": (Replay, {"buffer_size": 8}, KillAt("exp_000", "train", epoch=1, batch=1)),
+}
+
+
+def start(strategy_cls, root, callbacks, **kwargs):
+    torch.manual_seed(0)
+    meta_kv = MetaKVConfig(rank=4, state_dim=16) if strategy_cls is MetaKVConsolidation else None
+    benchmark, module = toy_setup(2, meta_kv=meta_kv, warmup_experiences=1)
+    trainer_kwargs = toy_trainer_kwargs(root, max_epochs=2, callbacks=callbacks)
+    warm_up(module, benchmark, root_dir=root, epochs=1, trainer_kwargs=toy_trainer_kwargs(root), train_mb_size=8)
+    strategy = strategy_cls(module=module, trainer_kwargs=trainer_kwargs, train_mb_size=8, **kwargs)
+    return strategy, benchmark
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_resume_after_kill_gives_the_same_report(case, tmp_path):
+    strategy_cls, kwargs, kill = CASES[case]
+    strategy, benchmark = start(strategy_cls, tmp_path / "uninterrupted", [], **kwargs)
+    expected = run_stream(strategy, benchmark)
+
+    root = tmp_path / "killed"
+    strategy, benchmark = start(strategy_cls, root, [kill], **kwargs)
+    with pytest.raises(Killed):
+        run_stream(strategy, benchmark)
+    progress = json.loads((root / "stream_state" / "progress.json").read_text())
+    killed_stage = int(kill.where.split("/")[0].split("_")[1])
+    assert progress["next_experience"] == killed_stage
+    assert (root / "experiences" / kill.where / "last.ckpt").is_file()
+
+    counter = CountBatches()
+    strategy, benchmark = start(strategy_cls, root, [counter], **kwargs)
+    resumed = run_stream(strategy, benchmark, resume=True)
+
+    flat = lambda matrix: [value for row in matrix for value in row]  # noqa: E731
+    assert len(resumed.matrix) == len(expected.matrix)
+    assert flat(resumed.matrix) == pytest.approx(flat(expected.matrix), abs=1e-6)
+    for figure in ("average", "forgetting", "bwt", "fwt"):
+        assert resumed.summary[figure] == pytest.approx(expected.summary[figure], abs=1e-6)
+    # finished experiences were not trained again; the killed phase redid only its last epoch
+    trained_stages = {where.split("/")[0] for where, count in counter.batches.items() if count}
+    assert all(int(stage.split("_")[1]) >= killed_stage for stage in trained_stages)
+    batches_per_epoch = -(-len(benchmark.train_stream[killed_stage].dataset) // 8)
+    assert 0 < counter.batches[kill.where] <= batches_per_epoch + 1
+    assert StreamState(root).exists()
+
+
+def test_resume_refuses_a_different_stream(tmp_path):
+    strategy, benchmark = start(Replay, tmp_path, [], buffer_size=8)
+    run_stream(strategy, benchmark)
+    torch.manual_seed(0)
+    other, module = toy_setup(3)
+    with pytest.raises(ValueError, match="different stream"):
+        run_stream(Replay(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path)), other, resume=True)
+
+
+@pytest.mark.parametrize("name", ["ewc", "lora", "lwf", "metakv", "joint"])
+def test_a_finished_run_restores_weights_and_strategy_state(name, tmp_path):
+    from metakv_cl.strategies import STRATEGIES
+
+    cls = STRATEGIES[name]
+    kwargs = {"lora": {"mode": "per_experience"}, "metakv": {"buffer_size": 8}}.get(name, {})
+    strategy, benchmark = start(cls, tmp_path, [], **kwargs)
+    finished = run_stream(strategy, benchmark)
+    strategy, benchmark = start(cls, tmp_path, [], **kwargs)
+    restored = run_stream(strategy, benchmark, resume=True)  # nothing left to train
+    assert restored.matrix == finished.matrix
+    strategy.eval(benchmark.test_stream)  # the restored model scores what the finished one did
+    assert [strategy.eval_scores[j] for j in range(2)] == pytest.approx(finished.matrix[-1], abs=1e-6)
+    if name == "lora":
+        assert strategy.adapters == ["exp_0", "exp_1"]
+    if name == "ewc":
+        assert len(strategy.importances) == 2
+    if name == "metakv":
+        assert len(strategy.memory_history) == 2 and len(strategy.memory) == 8
