@@ -149,7 +149,7 @@ def _gloo_worker(rank: int, port: int, results) -> None:
 def test_two_gloo_processes_agree_on_the_synced_matrix():
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(_gloo_worker, args=(_free_port(), results), nprocs=2, start_method="fork")
+        mp.start_processes(_gloo_worker, args=(_free_port(), results), nprocs=2, start_method="spawn")  # fork after torch threads start can deadlock gloo
         per_rank = [torch.tensor(results[0]), torch.tensor(results[1])]
     assert torch.allclose(per_rank[0], per_rank[1], equal_nan=True)
     matrix = per_rank[0]
