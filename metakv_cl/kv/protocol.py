@@ -21,14 +21,16 @@ Conventions:
 
 * ``budget`` is the fraction, in (0, 1], of the input's full-precision size to keep. Token
   methods keep ``floor(budget * tokens)`` entries (at least one); quantization methods keep
-  ``budget`` of the bytes. At ``budget == 1`` every method returns its inputs unchanged.
+  ``budget`` of the bytes. ``max_entries`` optionally caps the number of entries too (a model
+  with learned positions cannot attend to more entries than its position table). At
+  ``budget == 1`` with no cap exceeded every method returns its inputs unchanged.
 * ``queries`` are reference queries [batch, kv_heads, n, head_dim], already multiplied by the
   attention's softmax scale (so scores are ``queries @ keys^T + bias``); query heads that share a
   KV head (grouped-query attention) are stacked along n.
 * ``bias`` on input is the bias the entries already carry (from an earlier compaction, or
   :data:`MASKED_BIAS` for padding); methods must account for it.
 * ``importance`` is the per-entry attention statistic the cache tracks for methods that set
-  ``tracks_attention`` (see :meth:`CompactionMethod.update_importance`).
+  ``tracks_attention`` (see :meth:`KVCompressor.update_importance`).
 * Entries stay in chronological order (merged entries take the place of their block), except
   where a method documents otherwise.
 """
@@ -38,7 +40,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Protocol, Union, runtime_checkable
+from typing import ClassVar, Iterator, Union
 
 import torch
 
@@ -86,30 +88,6 @@ class AttentionReceived:
     peak: torch.Tensor
 
 
-@runtime_checkable
-class KVCompressor(Protocol):
-    """What a cache needs from a compaction method."""
-
-    tracks_attention: ClassVar[bool]
-    needs_queries: ClassVar[bool]
-    unbounded: ClassVar[bool]
-
-    def compact(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        queries: torch.Tensor | None,
-        budget: float,
-        *,
-        bias: torch.Tensor | None = None,
-        importance: torch.Tensor | None = None,
-    ) -> CompactedKV: ...
-
-    def update_importance(self, importance: torch.Tensor, received: AttentionReceived) -> torch.Tensor: ...
-
-    def initial_importance(self, like: torch.Tensor) -> torch.Tensor: ...
-
-
 def validate_budget(budget: float) -> float:
     """Return ``budget`` as a float, or raise ValueError if it is not in (0, 1]."""
     try:
@@ -148,9 +126,12 @@ def validate_inputs(
             raise ValueError(f"{name} must be [batch, kv_heads, tokens] = {tuple(keys.shape[:3])}, got {tuple(tensor.shape)}")
 
 
-def entries_for_budget(tokens: int, budget: float) -> int:
-    """Entries a token method keeps: ``floor(budget * tokens)``, at least 1, at most ``tokens``."""
-    return max(1, min(tokens, int(math.floor(budget * tokens + 1e-9))))
+def entries_for_budget(tokens: int, budget: float, max_entries: int | None = None) -> int:
+    """Entries a token method keeps: ``floor(budget * tokens)`` capped by ``max_entries``, at least 1."""
+    count = min(tokens, int(math.floor(budget * tokens + 1e-9)))
+    if max_entries is not None:
+        count = min(count, max_entries)
+    return max(1, count)
 
 
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -201,8 +182,10 @@ def merge_entries(
     return merged_keys, merged_values, slot_weights
 
 
-class CompactionMethod(ABC):
-    """Base class of the methods: input checks and the ``budget == 1`` identity, then :meth:`_compact`.
+class KVCompressor(ABC):
+    """The compaction protocol (see the module docstring), with its input checks and ``budget == 1`` identity.
+
+    A method subclasses it and implements :meth:`_compact`; callers use :meth:`compact`.
 
     Class attributes:
         tracks_attention: the cache records the attention each entry receives and keeps it in
@@ -225,6 +208,7 @@ class CompactionMethod(ABC):
         *,
         bias: torch.Tensor | None = None,
         importance: torch.Tensor | None = None,
+        max_entries: int | None = None,
     ) -> CompactedKV:
         """Compact one layer's cache to ``budget`` of its full-precision size.
 
@@ -235,33 +219,28 @@ class CompactionMethod(ABC):
             budget: fraction in (0, 1] of the input's full-precision size to keep.
             bias: the entries' current additive attention bias [batch, kv_heads, tokens].
             importance: the cache's per-entry attention statistic [batch, kv_heads, tokens].
+            max_entries: a cap on the number of entries, beside the byte budget (models with
+                learned positions cannot hold more entries than their position table).
 
         Returns:
             :class:`CompactedKV` (unpacks as ``keys, values, bias``).
 
         Raises:
-            ValueError: a budget outside (0, 1] or inconsistent shapes.
+            ValueError: a budget outside (0, 1], a cap below 1 or inconsistent shapes.
         """
         budget = validate_budget(budget)
         validate_inputs(keys, values, queries, bias, importance)
+        if max_entries is not None and max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         tokens = keys.shape[-2]
-        if budget >= 1.0:
+        if budget >= 1.0 and (max_entries is None or tokens <= max_entries):
             kept = torch.arange(tokens, device=keys.device).expand(*keys.shape[:2], tokens)
             return CompactedKV(keys, values, bias, kept)
-        return self._compact(keys, values, queries, budget, bias=bias, importance=importance)
+        return self._compact(keys, values, queries, budget, bias=bias, importance=importance, max_entries=max_entries)
 
     @abstractmethod
-    def _compact(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        queries: torch.Tensor | None,
-        budget: float,
-        *,
-        bias: torch.Tensor | None,
-        importance: torch.Tensor | None,
-    ) -> CompactedKV:
-        """Compact validated inputs with ``budget < 1``."""
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
+        """Compact validated inputs (``budget < 1``, or more entries than ``max_entries``); arguments as :meth:`compact`."""
 
     def initial_importance(self, like: torch.Tensor) -> torch.Tensor:
         """Importance of entries that just entered the cache ([b, h, s] zeros by default)."""
@@ -272,11 +251,11 @@ class CompactionMethod(ABC):
         return importance + received.total
 
 
-class TokenSelector(CompactionMethod):
+class TokenSelector(KVCompressor):
     """Score-and-keep methods: choose ``count`` input tokens per (batch, head); the rest are dropped."""
 
-    def _compact(self, keys, values, queries, budget, *, bias, importance) -> CompactedKV:
-        count = entries_for_budget(keys.shape[-2], budget)
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
+        count = entries_for_budget(keys.shape[-2], budget, max_entries)
         kept = self.select(keys, values, queries, count, bias=bias, importance=importance)
         kept, _ = kept.sort(dim=-1)  # chronological order
         return CompactedKV(
@@ -287,17 +266,8 @@ class TokenSelector(CompactionMethod):
         )
 
     @abstractmethod
-    def select(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        queries: torch.Tensor | None,
-        count: int,
-        *,
-        bias: torch.Tensor | None,
-        importance: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Indices [batch, kv_heads, count] of the tokens to keep (any order)."""
+    def select(self, keys, values, queries, count: int, *, bias, importance) -> torch.Tensor:
+        """Indices [batch, kv_heads, count] of the tokens to keep (any order); other arguments as :meth:`compact`."""
 
 
 def recent_indices(tokens: int, count: int, like: torch.Tensor) -> torch.Tensor:

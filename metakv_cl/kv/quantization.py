@@ -163,11 +163,13 @@ def quantize(x: torch.Tensor, bits: int, *, axis: QuantAxis = "token", group_siz
 Segment = Union[torch.Tensor, QuantizedTensor]
 
 
-def segment_nbytes(segment: Segment) -> int:
-    return segment.nbytes
+def owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself if it owns its whole storage, else a compact copy (a slice keeps its base alive)."""
+    return tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
 
 
 def segment_to_float(segment: Segment) -> torch.Tensor:
+    """A segment as a float tensor (dequantized if it is quantized)."""
     return segment.dequantize() if isinstance(segment, QuantizedTensor) else segment
 
 
@@ -180,7 +182,10 @@ class KVStorage:
     """
 
     def __init__(self, segments: list[Segment] | None = None):
-        self.segments: list[Segment] = [s for s in (segments or []) if s.shape[-2] > 0]
+        # Float slices are copied out of their base tensors, so that the bytes held are the bytes counted.
+        self.segments: list[Segment] = [
+            owned(s) if isinstance(s, torch.Tensor) else s for s in (segments or []) if s.shape[-2] > 0
+        ]
 
     @classmethod
     def wrap(cls, stored: Segment | KVStorage) -> KVStorage:
@@ -195,19 +200,21 @@ class KVStorage:
 
     @property
     def nbytes(self) -> int:
-        return sum(segment_nbytes(segment) for segment in self.segments)
+        return sum(segment.nbytes for segment in self.segments)
 
     @property
     def is_quantized(self) -> bool:
         return any(isinstance(segment, QuantizedTensor) for segment in self.segments)
 
     def append(self, x: torch.Tensor) -> None:
+        """Append float tokens [batch, heads, new, dim] (merged into a trailing float segment)."""
         if self.segments and isinstance(self.segments[-1], torch.Tensor):
             self.segments[-1] = torch.cat([self.segments[-1], x], dim=-2)
         else:
-            self.segments.append(x)
+            self.segments.append(owned(x))  # new states are often views of a larger projection output
 
     def to_float(self) -> torch.Tensor:
+        """The whole [batch, heads, tokens, dim] tensor in float (the stored tensor itself when all-float)."""
         parts = [segment_to_float(segment) for segment in self.segments]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
@@ -218,7 +225,7 @@ class KVStorage:
         last = self.segments[-1] if self.segments else None
         if not isinstance(last, torch.Tensor) or last.shape[-2] < count:
             raise ValueError(f"cannot drop the last {count} tokens: they are not all in the float tail of the storage")
-        self.segments[-1] = last[..., : last.shape[-2] - count, :]
+        self.segments[-1] = owned(last[..., : last.shape[-2] - count, :])
         self.segments = [s for s in self.segments if s.shape[-2] > 0]
 
     def map_batch(self, fn) -> None:

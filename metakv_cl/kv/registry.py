@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from metakv_cl.kv.protocol import CompactionMethod
+from metakv_cl.kv.protocol import KVCompressor
 
-_FACTORIES: dict[str, tuple[Callable[..., CompactionMethod], dict[str, Any]]] = {}
+_FACTORIES: dict[str, tuple[Callable[..., KVCompressor], dict[str, Any]]] = {}
 
 
 def register_method(name: str, **defaults: Any) -> Callable[[type], type]:
@@ -36,7 +36,7 @@ def available_methods() -> tuple[str, ...]:
     return tuple(sorted(_FACTORIES))
 
 
-def get_method(name: str, **kwargs: Any) -> CompactionMethod:
+def get_method(name: str, **kwargs: Any) -> KVCompressor:
     """Build the method registered as ``name``.
 
     Args:

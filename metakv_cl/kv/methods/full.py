@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from metakv_cl.kv.protocol import CompactedKV, CompactionMethod
+from metakv_cl.kv.protocol import CompactedKV, KVCompressor
 from metakv_cl.kv.registry import register_method
 
 
 @register_method("full")
 @dataclass
-class FullCache(CompactionMethod):
+class FullCache(KVCompressor):
     """Keep every token at full precision, whatever the budget (the cache ignores its capacity).
 
     The reference point of all KV-compression papers, e.g. Xiao et al., "Efficient Streaming
@@ -21,5 +21,5 @@ class FullCache(CompactionMethod):
 
     unbounded: ClassVar[bool] = True
 
-    def _compact(self, keys, values, queries, budget, *, bias, importance) -> CompactedKV:
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
         return CompactedKV(keys, values, bias)

@@ -6,25 +6,25 @@ from dataclasses import dataclass
 
 import torch
 
-from metakv_cl.kv.protocol import CompactedKV, CompactionMethod, entries_for_budget, merge_entries, token_weights, weights_to_bias
+from metakv_cl.kv.protocol import CompactedKV, KVCompressor, entries_for_budget, merge_entries, token_weights, weights_to_bias
 from metakv_cl.kv.registry import register_method
 
 
 @register_method("moving_average")
 @dataclass
-class MovingAverageSummary(CompactionMethod):
+class MovingAverageSummary(KVCompressor):
     """Summarize evicted tokens into one slot, an exponential moving average of their keys and values.
 
-    The fixed-size summary memory of Munkhdalai, Faruqui, Gopal, "Leave No Context Behind:
-    Efficient Infinite Context Transformers with Infini-attention" (2024) and of the averaged
-    memory tokens of Rae et al., "Compressive Transformers for Long-Range Sequence Modelling"
-    (ICLR 2020), reduced to its simplest form: the cache is [summary, recent window]. Each
-    evicted token enters the average with weight 1 and every later evicted token multiplies
-    the older weights by ``decay``. The slot's bias is ``log`` of its total weight, so it draws
-    the attention mass of that many tokens (proportional attention, as in Bolya et al., "Token
-    Merging: Your ViT But Faster", ICLR 2023). The weight lives in the bias, so successive
-    compactions continue the same average without any extra state: the first entry is the
-    previous summary (or, at the first compaction, simply the oldest token, weight 1).
+    The fixed-size summary-memory baseline: the cache is [summary, recent window], where the
+    summary is the pooled memory of Rae, Potapenko, Jayakumar, Lillicrap, "Compressive
+    Transformers for Long-Range Sequence Modelling" (ICLR 2020) taken to a single slot, and
+    weighted towards recently evicted tokens. Each evicted token enters the average with weight
+    1 and every later evicted token multiplies the older weights by ``decay``. The slot's bias is
+    ``log`` of its total weight, so it draws the attention mass of that many tokens
+    (proportional attention, Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023).
+    The weight lives in the bias, so successive compactions continue the same average without
+    any extra state: the first entry is the previous summary (or, at the first compaction,
+    simply the oldest token, weight 1).
 
     Args:
         decay: per-token decay of older evicted tokens, in (0, 1]; 1 is a cumulative average.
@@ -36,9 +36,9 @@ class MovingAverageSummary(CompactionMethod):
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
 
-    def _compact(self, keys, values, queries, budget, *, bias, importance) -> CompactedKV:
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
         tokens = keys.shape[-2]
-        window = entries_for_budget(tokens, budget) - 1
+        window = entries_for_budget(tokens, budget, max_entries) - 1
         evicted = tokens - window
         weights = token_weights(bias, keys)
         # Age of each evicted entry = evicted entries after it; older ones decay more.

@@ -15,10 +15,8 @@ from metakv_cl.kv.registry import register_method
 class RandomEviction(TokenSelector):
     """Keep a uniformly random subset of the entries, drawn independently per (batch, KV head).
 
-    The control baseline of Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative
-    Inference of Large Language Models" (NeurIPS 2023) and of Zweiger et al., "Fast KV
-    Compaction via Attention Matching" (2026): any method that does not beat it is not using
-    its scores.
+    The random-subset control of Zweiger, Fu, Guo, Kim, "Fast KV Compaction via Attention
+    Matching" (2026): a method that does not beat it is not using its scores.
 
     Args:
         seed: seed of the method's own generator (successive compactions continue its stream).

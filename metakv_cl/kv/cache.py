@@ -1,0 +1,485 @@
+"""A transformers ``Cache`` that compacts itself with any registered method when it outgrows its budget.
+
+``CompactedCache(method, max_tokens, config=model.config)`` is a drop-in ``past_key_values``:
+``model(...)``, :func:`~metakv_cl.kv.streaming.chunked_prefill` and ``model.generate()`` work
+with it, for GPT-2 and the Llama family, at any batch size, with or without Meta-KV (whose
+hooks modulate K and V before they reach the cache, so the cache stores and compacts the
+modulated states).
+
+Budget. The capacity is ``max_tokens`` full-precision tokens, measured in bytes: a layer's
+held bytes (keys, values, quantization scales, per-entry bias) may not exceed
+``max_tokens`` times the bytes of one full-precision token. When an update would exceed it,
+the layer compacts what it holds, before appending the new tokens, down to
+``capacity - max(new tokens, headroom * capacity)``; the compaction method receives that as a
+fraction of the held tokens' full-precision size. The headroom batches compactions (one every
+``headroom * max_tokens`` decoded tokens instead of one per token). A forward call with more new
+tokens than the capacity leaves room for (a prompt longer than the cache) exceeds it while
+that call runs.
+
+Positions (``position_policy``):
+
+* ``"kept"`` (default for learned absolute positions, GPT-2): a new token's position is the
+  number of entries held when it arrives, so positions stay below ``max_tokens + chunk`` and
+  a model with ``n_positions`` learned positions reads inputs of any length. This is also what
+  GPT-2 and Llama compute by themselves when no ``position_ids`` are given.
+* ``"seen"`` (default for RoPE models, the Llama family): a new token's position is the number
+  of tokens read so far, as without compaction. Cached RoPE keys keep the rotation of their
+  original position, so query-key distances stay true; positions grow past the cache size
+  (RoPE has no table to overflow, but quality beyond the trained context is the model's).
+
+Use :meth:`CompactedCache.position_ids` (what the helpers in :mod:`metakv_cl.kv.streaming` do)
+to get positions that follow the policy.
+
+Attention. The model must run :func:`~metakv_cl.kv.attention.enable_compacted_attention`
+(the helpers do it): the per-entry bias, the capture of reference queries and the attention
+statistics happen in that attention function. A layer raises if its keys were not consumed
+by it, so a bias can never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from metakv_cl.kv.attention import bind_keys
+from metakv_cl.kv.protocol import MASKED_BIAS, AttentionReceived, KVCompressor, gather_tokens, validate_budget
+from metakv_cl.kv.quantization import KVStorage, owned
+from metakv_cl.kv.registry import get_method
+from transformers.cache_utils import Cache, DynamicLayer
+
+POSITION_POLICIES = ("auto", "kept", "seen")
+
+
+def uses_rope(config: Any) -> bool:
+    """Whether a model config describes rotary position embeddings."""
+    return getattr(config, "rope_parameters", None) is not None or getattr(config, "rope_theta", None) is not None
+
+
+class CompactedLayer(DynamicLayer):
+    """One layer of a :class:`CompactedCache`: keys and values as (possibly quantized) storage, plus a bias.
+
+    Attributes:
+        key_storage, value_storage: :class:`~metakv_cl.kv.quantization.KVStorage`.
+        bias: per-entry additive attention bias [batch, kv_heads, entries] (float32), or None.
+        importance: the method's per-entry attention statistic, when it tracks attention.
+        reference_queries: the latest queries (pre-scaled, grouped per KV head), when the
+            method needs them [batch, kv_heads, n, head_dim].
+        compactions, compaction_seconds, peak_bytes: statistics.
+    """
+
+    is_croppable = False
+
+    def __init__(self, cache: CompactedCache, layer_idx: int):
+        # The parent's keys/values attributes are replaced by views of the storage.
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self._clear()
+
+    def _clear(self) -> None:
+        self.is_initialized = False
+        self.key_storage = KVStorage()
+        self.value_storage = KVStorage()
+        self.bias: torch.Tensor | None = None
+        self.importance: torch.Tensor | None = None
+        self.reference_queries: torch.Tensor | None = None
+        self.compactions = 0
+        self.compaction_seconds = 0.0
+        self.peak_bytes = 0
+        self.mask_is_stale = False
+        self._awaiting_attention = False
+
+    def __repr__(self) -> str:
+        return f"CompactedLayer(entries={self.get_seq_length()}, bytes={self.nbytes})"
+
+    # --- the transformers layer interface -------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self.key_storage.to_float() if self.key_storage.segments else None
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self.value_storage.to_float() if self.value_storage.segments else None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compact if the new tokens would overflow the budget, append them, return all keys and values."""
+        if self._awaiting_attention:
+            raise RuntimeError(
+                "the keys this CompactedCache layer returned last time never reached its attention function: "
+                "call metakv_cl.kv.enable_compacted_attention(model) before running the model with a CompactedCache"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._maybe_compact(key_states.shape[-2])
+        self.key_storage.append(key_states)
+        self.value_storage.append(value_states)
+        if self.bias is not None:
+            self.bias = torch.cat([self.bias, self.bias.new_zeros(key_states.shape[:3])], dim=-1)
+        if self.cache.method.tracks_attention:
+            fresh = self.cache.method.initial_importance(key_states)
+            self.importance = fresh if self.importance is None else torch.cat([self.importance, fresh], dim=-1)
+        keys, values = self.key_storage.to_float(), self.value_storage.to_float()
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        self._awaiting_attention = True
+        bind_keys(keys, self)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.key_storage.seq_len
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` entries (only from the not-yet-compacted tail)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        self.truncate(-tokens_to_remove)
+
+    def _map_batch(self, fn) -> None:
+        self.key_storage.map_batch(fn)
+        self.value_storage.map_batch(fn)
+        self.bias, self.importance, self.reference_queries = (
+            None if t is None else fn(t) for t in (self.bias, self.importance, self.reference_queries)
+        )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    # --- compaction ------------------------------------------------------------------------
+    @property
+    def full_token_bytes(self) -> int:
+        """Bytes of one full-precision token of this layer (all batch rows and KV heads, K and V)."""
+        reference = self.key_storage.segments[0] if self.key_storage.segments else None
+        if reference is None:
+            return 0
+        batch, heads = reference.shape[0], reference.shape[1]
+        value_dim = self.value_storage.segments[0].shape[-1]
+        return batch * heads * (reference.shape[-1] + value_dim) * (torch.finfo(self.dtype).bits // 8)
+
+    def _maybe_compact(self, incoming: int) -> None:
+        cache = self.cache
+        held = self.get_seq_length()
+        if cache.method.unbounded or cache.is_probing or held == 0:
+            return
+        token_bytes = self.full_token_bytes
+        capacity = cache.max_tokens * token_bytes
+        incoming_bytes = incoming * token_bytes
+        fraction = 1.0
+        if self.nbytes + incoming_bytes > capacity:
+            target = capacity - max(incoming_bytes, cache.headroom * capacity)
+            fraction = min(1.0, max(target / (held * token_bytes), 1.0 / (2 * held)))
+        max_entries = None
+        if cache.entry_limit is not None and held + incoming > cache.entry_limit:
+            max_entries = max(1, cache.entry_limit - max(incoming, math.ceil(cache.headroom * cache.entry_limit)))
+        if fraction < 1.0 or max_entries is not None:
+            self.compact(fraction, max_entries)
+
+    def compact(self, budget: float, max_entries: int | None = None) -> None:
+        """Compact this layer to ``budget`` of its held tokens' full-precision size (and at most ``max_entries`` entries).
+
+        Raises:
+            ValueError: budget outside (0, 1], or a method result of the wrong shape.
+        """
+        budget = validate_budget(budget)
+        if self.get_seq_length() == 0:
+            return
+        method = self.cache.method
+        keys, values = self.key_storage.to_float(), self.value_storage.to_float()
+        started = time.perf_counter()
+        result = method.compact(
+            keys, values, self.reference_queries, budget, bias=self.bias, importance=self.importance, max_entries=max_entries
+        )
+        self.compaction_seconds += time.perf_counter() - started
+        if result.keys is keys and result.values is values:
+            return  # nothing changed
+        key_storage, value_storage = KVStorage.wrap(result.keys), KVStorage.wrap(result.values)
+        entries = key_storage.seq_len
+        if value_storage.seq_len != entries or (result.bias is not None and result.bias.shape[-1] != entries):
+            raise ValueError(f"{type(method).__name__} returned keys, values and bias of different lengths")
+        self.key_storage, self.value_storage = key_storage, value_storage
+        bias = None if result.bias is None else owned(result.bias.float())
+        self.bias = None if bias is None or not bool(bias.any()) else bias
+        if method.tracks_attention:
+            if result.kept is not None and self.importance is not None:
+                self.importance = gather_tokens(self.importance, result.kept)
+            else:
+                self.importance = method.initial_importance(key_storage.to_float())
+        self.compactions += 1
+        self.mask_is_stale = True
+
+    def set_entries(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Replace what the layer holds (for example with a compaction computed offline).
+
+        Args:
+            keys, values: [batch, kv_heads, entries, head_dim] float tensors.
+            bias: [batch, kv_heads, entries] additive attention bias, or None (an all-zero
+                bias is dropped: attention is then exactly the stock one).
+
+        Raises:
+            ValueError: inconsistent shapes.
+        """
+        if keys.dim() != 4 or keys.shape[:3] != values.shape[:3] or (bias is not None and bias.shape != keys.shape[:3]):
+            raise ValueError(f"set_entries needs keys/values [b, h, s, d] and bias [b, h, s]; got {tuple(keys.shape)}, "
+                             f"{tuple(values.shape)}, {None if bias is None else tuple(bias.shape)}")
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        self.key_storage, self.value_storage = KVStorage([keys]), KVStorage([values])
+        self.bias = None if bias is None or not bool(bias.any()) else bias.float()
+        if self.cache.method.tracks_attention:
+            self.importance = self.cache.method.initial_importance(keys)
+        self.mask_is_stale = True
+
+    def truncate(self, count: int) -> None:
+        """Drop the last ``count`` entries (which must not have been compacted yet)."""
+        if count <= 0:
+            return
+        self.key_storage.truncate(count)
+        self.value_storage.truncate(count)
+        remaining = self.get_seq_length()
+        if self.bias is not None:
+            self.bias = owned(self.bias[..., :remaining])
+        if self.importance is not None:
+            self.importance = owned(self.importance[..., :remaining])
+
+    # --- called by the attention function --------------------------------------------------
+    @property
+    def wants_queries(self) -> bool:
+        return self.cache.method.needs_queries
+
+    @property
+    def tracks_attention(self) -> bool:
+        return self.cache.method.tracks_attention
+
+    def consumed(self) -> None:
+        self._awaiting_attention = False
+
+    def attention_bias(self, cached: int) -> torch.Tensor | None:
+        """Bias of the entries held before this call's tokens [batch, kv_heads, cached], or None."""
+        return None if self.bias is None else self.bias[..., :cached]
+
+    def mask_new_tokens(self, valid: torch.Tensor) -> None:
+        """Mask padding among the tokens just appended (``valid`` [batch, new tokens]) for later calls."""
+        if self.bias is None:
+            self.bias = torch.zeros(
+                self.key_storage.segments[0].shape[0], self.key_storage.segments[0].shape[1], self.get_seq_length(),
+                device=valid.device,
+            )
+        new = valid.shape[-1]
+        self.bias[..., -new:] = torch.where(valid, 0.0, MASKED_BIAS).unsqueeze(1).to(self.bias.dtype)
+
+    def add_reference_queries(self, queries: torch.Tensor, groups: int) -> None:
+        """Keep the latest ``cache.reference_queries`` query vectors per KV head (queries [b, heads, q, d], scaled)."""
+        batch, heads, count, dim = queries.shape
+        # Token-major order, so that dropping the oldest rows drops the oldest tokens.
+        grouped = queries.reshape(batch, heads // groups, groups, count, dim).transpose(2, 3).reshape(batch, heads // groups, -1, dim)
+        grouped = grouped.detach().float()
+        stacked = grouped if self.reference_queries is None else torch.cat([self.reference_queries, grouped], dim=2)
+        self.reference_queries = stacked[:, :, -self.cache.reference_queries :]
+
+    def receive_attention(self, received: AttentionReceived) -> None:
+        self.importance = self.cache.method.update_importance(self.importance, received)
+
+    # --- accounting ------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cache proper: keys, values (codes, scales, zero points) and bias."""
+        return self.key_storage.nbytes + self.value_storage.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Bytes of the bookkeeping beside the cache: attention statistics and reference queries."""
+        return sum(t.nbytes for t in (self.importance, self.reference_queries) if t is not None)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor counted by :attr:`nbytes`."""
+        return self.key_storage.tensors() + self.value_storage.tensors() + ([] if self.bias is None else [self.bias])
+
+
+class CompactedCache(Cache):
+    """A ``Cache`` whose layers compact themselves with a compaction method (see the module docstring).
+
+    Args:
+        method: a registered method name (see :func:`~metakv_cl.kv.registry.available_methods`)
+            or a method instance.
+        max_tokens: capacity in full-precision tokens (required unless the method is ``full``).
+        config: the model config (picks the position policy and the position limit).
+        headroom: share of the capacity freed by each compaction beyond the incoming tokens,
+            in [0, 1).
+        reference_queries: query vectors kept per KV head for methods that need them.
+        position_policy: ``"auto"``, ``"kept"`` or ``"seen"`` (see the module docstring).
+        **method_kwargs: constructor arguments when ``method`` is a name.
+
+    Raises:
+        ValueError: unknown method, bad capacity, headroom or policy.
+    """
+
+    def __init__(
+        self,
+        method: str | KVCompressor,
+        max_tokens: int | None = None,
+        *,
+        config: Any = None,
+        headroom: float = 0.1,
+        reference_queries: int = 1024,
+        position_policy: str = "auto",
+        **method_kwargs: Any,
+    ):
+        if isinstance(method, str):
+            method = get_method(method, **method_kwargs)
+        elif method_kwargs:
+            raise ValueError("method keyword arguments are only accepted with a method name")
+        if not isinstance(method, KVCompressor):
+            raise ValueError(f"{type(method).__name__} is not a KVCompressor (the compaction protocol of metakv_cl.kv)")
+        if max_tokens is None and not method.unbounded:
+            raise ValueError(f"max_tokens is required for {type(method).__name__} (only the full cache is unbounded)")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not 0.0 <= headroom < 1.0:
+            raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+        if reference_queries < 1:
+            raise ValueError(f"reference_queries must be >= 1, got {reference_queries}")
+        if position_policy not in POSITION_POLICIES:
+            raise ValueError(f"unknown position_policy {position_policy!r}; choose one of {', '.join(POSITION_POLICIES)}")
+        super().__init__(layers=[])
+        self.method = method
+        self.max_tokens = max_tokens
+        self.headroom = headroom
+        self.reference_queries = reference_queries
+        rope = config is not None and uses_rope(config)
+        self.position_policy = ("seen" if rope else "kept") if position_policy == "auto" else position_policy
+        # Learned absolute positions have a table size; RoPE positions do not.
+        self.position_limit = None if rope or config is None else getattr(config, "max_position_embeddings", None)
+        # Under the "kept" policy positions count entries, so entries are capped as well as bytes
+        # (a quantized cache would otherwise hold more entries than the position table).
+        self.entry_limit = max_tokens if self.position_policy == "kept" and self.position_limit is not None else None
+        self.seen_tokens = 0
+        self._probing = False
+
+    def __repr__(self) -> str:
+        return f"CompactedCache({type(self.method).__name__}, max_tokens={self.max_tokens}, layers={len(self.layers)})"
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(CompactedLayer(self, len(self.layers)))
+        if layer_idx == 0 and not self._probing:
+            self.seen_tokens += key_states.shape[-2]
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+    # --- positions -------------------------------------------------------------------------
+    def next_position(self) -> int:
+        """Position of the next token under the cache's position policy."""
+        return self.seen_tokens if self.position_policy == "seen" else self.get_seq_length()
+
+    def position_ids(self, length: int, batch_size: int = 1, attention_mask: torch.Tensor | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+        """Positions [batch, length] of the next ``length`` tokens.
+
+        Args:
+            length: number of new tokens.
+            batch_size: rows (ignored when ``attention_mask`` is given).
+            attention_mask: [batch, length] mask of the new tokens (left padding gets position
+                0 offsets, like transformers' own position ids).
+            device: device of the result.
+        """
+        start = self.next_position()
+        if attention_mask is not None:
+            steps = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            return steps + start
+        return (torch.arange(length, device=device) + start).unsqueeze(0).expand(batch_size, length)
+
+    def check_position_room(self, chunk: int, total: int | None = None) -> None:
+        """Raise ValueError if reading more tokens could run past a learned position table.
+
+        Args:
+            chunk: the most tokens one forward call will add.
+            total: the tokens that will be added in all (checked for an unbounded cache, which
+                never frees positions).
+        """
+        if self.position_policy != "kept" or self.position_limit is None:
+            return
+        # Positions count held entries: never more than all tokens, nor the capacity plus one chunk.
+        bound = math.inf if total is None else self.get_seq_length() + total
+        if self.max_tokens is not None:
+            bound = min(bound, self.max_tokens + chunk)
+        if bound > self.position_limit:
+            raise ValueError(
+                f"reading this input could reach position {bound - 1 if bound < math.inf else 'unbounded'}, past the "
+                f"model's {self.position_limit} learned positions: lower max_tokens ({self.max_tokens}) or the chunk "
+                f"size ({chunk}), or use a compacting method"
+            )
+
+    # --- probing and compaction ------------------------------------------------------------
+    @property
+    def is_probing(self) -> bool:
+        return self._probing
+
+    @contextmanager
+    def probing(self) -> Iterator[None]:
+        """Forward calls inside are probes: no compaction, and their tokens are removed afterwards.
+
+        Used to capture extra reference queries (the repeat-the-context pass of Attention
+        Matching) without changing what the cache holds.
+        """
+        if self._probing:
+            raise RuntimeError("already probing")
+        lengths = [layer.get_seq_length() for layer in self.layers]
+        self._probing = True
+        try:
+            yield
+        finally:
+            self._probing = False
+            for layer, length in zip(self.layers, lengths):
+                layer.truncate(layer.get_seq_length() - length)
+
+    def compact(self, budget: float) -> None:
+        """Compact every layer now, to ``budget`` (in (0, 1]) of its held full-precision size."""
+        budget = validate_budget(budget)
+        for layer in self.layers:
+            layer.compact(budget)
+
+    # --- accounting ------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all layers' keys, values, scales and biases."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(layer.peak_bytes for layer in self.layers)
+
+    @property
+    def overhead_bytes(self) -> int:
+        return sum(layer.overhead_bytes for layer in self.layers)
+
+    def stats(self) -> dict[str, float]:
+        """Cache statistics: entries, bytes (current, peak, bookkeeping), compactions and their time."""
+        return {
+            "entries": self.get_seq_length(),
+            "seen_tokens": self.seen_tokens,
+            "bytes": self.nbytes,
+            "peak_bytes": self.peak_bytes,
+            "overhead_bytes": self.overhead_bytes,
+            "compactions": max((layer.compactions for layer in self.layers), default=0),
+            "compaction_seconds": sum(layer.compaction_seconds for layer in self.layers),
+        }

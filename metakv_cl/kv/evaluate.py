@@ -1,0 +1,495 @@
+"""Evaluation of compacted KV caches: ``metakv-cl kv-eval`` and ``metakv-cl niah``.
+
+``kv-eval``: perplexity of the continuation of long WikiText-2 articles, read through a cache
+compacted to a budget (a fraction of the context), for every method and budget, with the
+cache's peak bytes, compaction time and throughput, to ``kv_eval.json`` and a plot of
+perplexity against cache size, ``kv_eval.png``::
+
+    metakv-cl kv-eval --model smollm2 --articles 2 --context 2048 --continuation 256 \\
+        --budgets 0.5,0.2,0.1,0.05,0.02 --out-dir results/kv
+
+``niah``: needle in a haystack. A passcode sentence is placed at chosen depths of WikiText
+haystacks of chosen lengths; the model reads the haystack through the compacted cache and
+must generate the passcode after a question. Accuracy per method, budget, length and depth
+to ``niah.json`` and a heatmap per method and budget, ``niah.png``::
+
+    metakv-cl niah --model smollm2 --lengths 1024,2048 --depths 0,0.5,1 --budgets 0.2,0.05
+
+Models: ``gpt2-tiny-random`` (a 2-layer random GPT-2 with the real tokenizer, for smoke
+runs), ``smollm2`` (SmolLM2-135M from the offline GGUF), or any transformers name or path.
+``--meta-kv SOURCE`` adds Meta-KV attention (``--meta-kv-weights DIR`` loads trained weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from metakv_cl.kv.cache import CompactedCache
+from metakv_cl.kv.registry import available_methods, get_method
+from metakv_cl.kv.streaming import chunked_prefill, default_chunk_size, generate, stream_log_likelihood
+
+TINY_RANDOM_GPT2 = "gpt2-tiny-random"
+SMOLLM2 = "smollm2"
+DEFAULT_BUDGETS = (0.5, 0.2, 0.1, 0.05, 0.02)
+ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+# --- models and data -----------------------------------------------------------------------
+def load_model(name: str, *, meta_kv: str | None = None, meta_kv_weights: str | None = None, seed: int = 0,
+               device: str = "cpu"):
+    """Load a causal LM and its tokenizer for evaluation.
+
+    Args:
+        name: ``gpt2-tiny-random``, ``smollm2`` or a transformers name/path.
+        meta_kv: a Meta-KV source (``mean``, ``consolidated``, ...) to add, or None.
+        meta_kv_weights: directory of saved Meta-KV weights to load (needs ``meta_kv``).
+        seed: seed of random initialisation.
+        device: torch device.
+
+    Returns:
+        (model in eval mode, tokenizer with a pad token).
+
+    Raises:
+        FileNotFoundError: an offline source is missing. ValueError: weights without a source.
+    """
+    from metakv_cl import hub
+
+    torch.manual_seed(seed)
+    if name == TINY_RANDOM_GPT2:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        tokenizer = hub.offline_gpt2_tokenizer()
+        config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tokenizer))
+        model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+    elif name == SMOLLM2:
+        from transformers import AutoTokenizer
+
+        folder, gguf_file = hub.smollm2_gguf_path()
+        model = hub.load_causal_lm(folder, gguf_file=gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    else:
+        model, tokenizer = hub.load_causal_lm(name), hub.load_tokenizer(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if meta_kv_weights is not None and meta_kv is None:
+        raise ValueError("--meta-kv-weights needs --meta-kv SOURCE (the configuration the weights were trained with)")
+    if meta_kv is not None:
+        from metakv_cl.modeling import MetaKVConfig, add_meta_kv, load_meta_kv
+
+        add_meta_kv(model, MetaKVConfig(source=meta_kv))
+        if meta_kv_weights is not None:
+            load_meta_kv(model, meta_kv_weights)
+    return model.to(device).eval(), tokenizer
+
+
+def default_data_root() -> Path:
+    from metakv_cl.data.dbpedia import default_data_root as shared_root
+
+    return shared_root()
+
+
+def wikitext_articles(path: str | Path) -> list[str]:
+    """The articles of a WikiText file (each starts at a `` = Title = `` line).
+
+    Raises:
+        FileNotFoundError: if the file is missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"WikiText file not found: {path} (see ../shared/data/README.md, or pass --data-root)")
+    articles: list[list[str]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if ARTICLE_HEADING.match(line):
+            articles.append([])
+        if articles:
+            articles[-1].append(line)
+    return ["\n".join(lines) for lines in articles]
+
+
+def article_windows(tokenizer, articles: Sequence[str], length: int, count: int) -> torch.Tensor:
+    """The first ``length`` tokens of the first ``count`` articles that are long enough, [count, length].
+
+    Raises:
+        ValueError: if fewer than ``count`` articles have ``length`` tokens.
+    """
+    windows = []
+    for article in articles:
+        ids = tokenizer(article, add_special_tokens=False)["input_ids"]
+        if len(ids) >= length:
+            windows.append(ids[:length])
+            if len(windows) == count:
+                return torch.tensor(windows)
+    raise ValueError(f"only {len(windows)} articles have {length} tokens; lower --context/--continuation or --articles")
+
+
+def parse_method_options(options: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["attention_matching.selection=omp"]`` -> ``{"attention_matching": {"selection": "omp"}}``.
+
+    Raises:
+        ValueError: an option not of the form ``method.key=value``.
+    """
+    parsed: dict[str, dict[str, Any]] = {}
+    for option in options:
+        match = re.fullmatch(r"([\w-]+)\.(\w+)=(.*)", option)
+        if match is None:
+            raise ValueError(f"method option {option!r} must look like METHOD.KEY=VALUE")
+        method, key, raw = match.groups()
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        parsed.setdefault(method, {})[key] = value
+    return parsed
+
+
+def _methods(spec: str) -> list[str]:
+    names = list(available_methods()) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    for name in names:
+        get_method(name)  # unknown names fail here, listing the known ones
+    return names
+
+
+def _budgets(spec: str) -> list[float]:
+    try:
+        budgets = [float(b) for b in spec.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--budgets must be comma-separated fractions, got {spec!r}") from None
+    for budget in budgets:
+        if not 0 < budget <= 1:
+            raise ValueError(f"budgets must be in (0, 1], got {budget}")
+    return budgets
+
+
+@dataclass
+class RunSettings:
+    """What every compacted-cache run of a sweep shares."""
+
+    chunk_size: int | None
+    headroom: float
+    reference_queries: int
+    repeat_queries: bool
+    method_options: dict[str, dict[str, Any]]
+
+    def cache(self, model, method: str, budget: float, context: int) -> CompactedCache:
+        """An empty cache of ``method`` holding ``budget`` of ``context`` tokens."""
+        compressor = get_method(method, **self.method_options.get(method, {}))
+        return CompactedCache(
+            compressor,
+            None if compressor.unbounded else max(1, round(budget * context)),
+            config=model.config,
+            headroom=self.headroom,
+            reference_queries=self.reference_queries,
+        )
+
+
+def _skip_reason(cache: CompactedCache, chunk: int, total: int) -> str | None:
+    """Why a run cannot happen (a model with learned positions too short for it), or None."""
+    try:
+        cache.check_position_room(chunk, total=total)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+# --- perplexity ----------------------------------------------------------------------------
+def perplexity_sweep(model, token_windows: torch.Tensor, context: int, methods: Sequence[str], budgets: Sequence[float],
+                     settings: RunSettings, log=None, on_row=None) -> list[dict[str, Any]]:
+    """Continuation perplexity for every method and budget.
+
+    Args:
+        model: the causal LM.
+        token_windows: [articles, context + continuation] token ids (read as one batch).
+        context: tokens of context; the rest is the scored continuation.
+        methods, budgets: the sweep (the full cache runs once, whatever the budgets).
+        settings: shared run settings.
+        log: progress printer (default: tqdm.write).
+        on_row: called with the rows so far after each run (to save partial results).
+
+    Returns:
+        One dict per run (see the module docstring); skipped runs carry ``skipped``.
+    """
+    from tqdm.auto import tqdm
+
+    log = log or tqdm.write
+    rows = []
+    device = next(model.parameters()).device
+    ids = token_windows.to(device)
+    total = ids.shape[1]
+    runs = [(m, b) for m in methods for b in ([1.0] if get_method(m).unbounded else budgets)]
+    for method, budget in tqdm(runs, desc="kv-eval", unit="run"):
+        cache = settings.cache(model, method, budget, context)
+        chunk = default_chunk_size(cache, settings.chunk_size)
+        row: dict[str, Any] = {"method": method, "budget": budget, "max_tokens": cache.max_tokens, "chunk_size": chunk}
+        reason = _skip_reason(cache, 2 * chunk if settings.repeat_queries else chunk, total)
+        if reason is not None:
+            rows.append({**row, "skipped": reason})
+            log(f"skip {method} @ {budget:g}: {reason}")
+            if on_row is not None:
+                on_row(rows)
+            continue
+        started = time.perf_counter()
+        nll, scored, _ = stream_log_likelihood(
+            model, cache, ids, score_from=context, chunk_size=chunk, repeat_queries=settings.repeat_queries
+        )
+        seconds = time.perf_counter() - started
+        stats = cache.stats()
+        full_bytes = sum(layer.full_token_bytes for layer in cache.layers) * total
+        row.update(
+            perplexity=math.exp(nll / scored),
+            nll_per_token=nll / scored,
+            scored_tokens=scored,
+            peak_bytes=stats["peak_bytes"],
+            final_bytes=stats["bytes"],
+            full_cache_bytes=full_bytes,
+            peak_fraction_of_full=stats["peak_bytes"] / full_bytes,
+            overhead_bytes=stats["overhead_bytes"],
+            compactions=stats["compactions"],
+            compaction_seconds=stats["compaction_seconds"],
+            wall_seconds=seconds,
+            tokens_per_second=ids.numel() / seconds,
+        )
+        rows.append(row)
+        log(f"{method:>20} @ {budget:<5g} ppl {row['perplexity']:9.3f}  peak {stats['peak_bytes'] / 2**20:8.2f} MiB  "
+            f"compaction {stats['compaction_seconds']:7.2f} s  {row['tokens_per_second']:8.1f} tok/s")
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
+def plot_perplexity(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Perplexity against peak cache size (MiB, log scale), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5.5))
+    done = [r for r in rows if "skipped" not in r]
+    for method in sorted({r["method"] for r in done}):
+        points = sorted((r["peak_bytes"] / 2**20, r["perplexity"]) for r in done if r["method"] == method)
+        xs, ys = zip(*points)
+        if len(points) == 1:
+            axis.scatter(xs, ys, marker="*", s=160, label=method, zorder=3)
+        else:
+            axis.plot(xs, ys, marker="o", label=method)
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("peak KV cache size (MiB, all layers)")
+    axis.set_ylabel("continuation perplexity")
+    axis.set_title(title)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# --- needle in a haystack ------------------------------------------------------------------
+NEEDLE = " The secret passcode is {code}."
+QUESTION = "\nQuestion: What is the secret passcode?\nAnswer: The secret passcode is"
+
+
+def needle_samples(tokenizer, haystack_ids: Sequence[int], length: int, depth: float, samples: int,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Haystacks with a passcode at ``depth``: (contexts [samples, n], question ids [samples, q], codes).
+
+    The context plus the question is ``length`` tokens. Each sample takes its haystack from a
+    different offset of ``haystack_ids`` and has its own five-digit code.
+
+    Raises:
+        ValueError: if the haystack text is too short or the length too small.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    contexts, codes = [], []
+    for _ in range(samples):
+        code = str(int(torch.randint(10000, 100000, (1,), generator=generator)))
+        needle = tokenizer(NEEDLE.format(code=code), add_special_tokens=False)["input_ids"]
+        filler = length - len(question) - len(needle)
+        if filler < 1:
+            raise ValueError(f"length {length} is too short for the needle and the question")
+        if len(haystack_ids) < filler:
+            raise ValueError(f"the haystack text has {len(haystack_ids)} tokens, {filler} are needed")
+        start = int(torch.randint(0, len(haystack_ids) - filler + 1, (1,), generator=generator))
+        hay = list(haystack_ids[start : start + filler])
+        at = round(depth * filler)
+        contexts.append(hay[:at] + needle + hay[at:])
+        codes.append(code)
+    return torch.tensor(contexts), torch.tensor([question] * samples), codes
+
+
+def needle_sweep(model, tokenizer, haystack_ids: Sequence[int], methods: Sequence[str], budgets: Sequence[float],
+                 lengths: Sequence[int], depths: Sequence[float], samples: int, settings: RunSettings, seed: int,
+                 log=None) -> list[dict[str, Any]]:
+    """Needle retrieval accuracy for every method, budget, haystack length and depth."""
+    from tqdm.auto import tqdm
+
+    log = log or tqdm.write
+    device = next(model.parameters()).device
+    rows = []
+    runs = [(m, b, n, d) for m in methods for b in ([1.0] if get_method(m).unbounded else budgets)
+            for n in lengths for d in depths]
+    for method, budget, length, depth in tqdm(runs, desc="niah", unit="run"):
+        contexts, questions, codes = needle_samples(tokenizer, haystack_ids, length, depth, samples, seed)
+        cache = settings.cache(model, method, budget, contexts.shape[1])
+        chunk = default_chunk_size(cache, settings.chunk_size)
+        row: dict[str, Any] = {"method": method, "budget": budget, "length": length, "depth": depth, "samples": samples}
+        answer_tokens = max(len(tokenizer(f" {c}.", add_special_tokens=False)["input_ids"]) for c in codes)
+        reason = _skip_reason(cache, max(chunk, questions.shape[1] + answer_tokens), length + answer_tokens)
+        if reason is not None:
+            rows.append({**row, "skipped": reason})
+            continue
+        chunked_prefill(model, cache, contexts.to(device), chunk_size=chunk, repeat_queries=settings.repeat_queries)
+        output = generate(model, cache, questions.to(device), max_new_tokens=answer_tokens, do_sample=False,
+                          pad_token_id=tokenizer.pad_token_id)
+        answers = tokenizer.batch_decode(output[:, questions.shape[1]:], skip_special_tokens=True)
+        hits = [code in answer for code, answer in zip(codes, answers)]
+        row.update(accuracy=sum(hits) / len(hits), peak_bytes=cache.peak_bytes, answers=answers)
+        rows.append(row)
+        log(f"{method:>20} @ {budget:<5g} length {length:>6} depth {depth:<4g} accuracy {row['accuracy']:.2f}")
+    return rows
+
+
+def plot_needle(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """A lengths x depths accuracy heatmap per (method, budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "skipped" not in r]
+    panels = sorted({(r["method"], r["budget"]) for r in done})
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    columns = min(4, max(1, len(panels)))
+    lines = max(1, math.ceil(len(panels) / columns))
+    figure, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 3.0 * lines + 0.6), squeeze=False,
+                                constrained_layout=True)
+    image = None
+    for axis in axes.flat[len(panels):]:
+        axis.axis("off")
+    for axis, (method, budget) in zip(axes.flat, panels):
+        grid = torch.full((len(lengths), len(depths)), float("nan"))
+        for r in done:
+            if (r["method"], r["budget"]) == (method, budget):
+                grid[lengths.index(r["length"]), depths.index(r["depth"])] = r["accuracy"]
+        image = axis.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for (row, column), value in zip(torch.cartesian_prod(torch.arange(len(lengths)), torch.arange(len(depths))).tolist(),
+                                        grid.flatten().tolist()):
+            if not math.isnan(value):
+                axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        axis.set_title(f"{method} @ {budget:g}", fontsize=9)
+        axis.set_xticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+        axis.set_yticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        axis.set_xlabel("needle depth", fontsize=8)
+        axis.set_ylabel("haystack tokens", fontsize=8)
+    if image is not None:
+        figure.colorbar(image, ax=axes, shrink=0.8, label="retrieval accuracy")
+    figure.suptitle(title, fontsize=10)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# --- command lines ---------------------------------------------------------------------------
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=SMOLLM2, help=f"{TINY_RANDOM_GPT2}, {SMOLLM2}, or a transformers name/path")
+    parser.add_argument("--meta-kv", default=None, metavar="SOURCE", help="add Meta-KV attention with this meta-state source")
+    parser.add_argument("--meta-kv-weights", default=None, metavar="DIR", help="load trained Meta-KV weights from DIR")
+    parser.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
+    parser.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="a constructor argument of a method (repeatable), e.g. attention_matching.selection=omp")
+    parser.add_argument("--budgets", default=",".join(str(b) for b in DEFAULT_BUDGETS), help="cache sizes as fractions of the context")
+    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per forward call (default: an eighth of the cache)")
+    parser.add_argument("--headroom", type=float, default=0.1, help="share of the cache freed by each compaction")
+    parser.add_argument("--reference-queries", type=int, default=1024, help="reference queries kept per KV head")
+    parser.add_argument("--repeat-queries", action="store_true", help="re-read each chunk to capture extra reference queries")
+    parser.add_argument("--data-root", type=Path, default=None, help="folder holding wikitext2/valid.txt")
+    parser.add_argument("--out-dir", type=Path, required=True, help="where the JSON and PNG files go")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _settings(args: argparse.Namespace) -> RunSettings:
+    return RunSettings(args.chunk_size, args.headroom, args.reference_queries, args.repeat_queries,
+                       parse_method_options(args.method_option))
+
+
+def _write(out_dir: Path, name: str, config: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({"config": config, "results": rows}, indent=2, default=str))
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``metakv-cl kv-eval``: perplexity of long-text continuations against cache size.
+
+    Returns:
+        The exit status (0 on success).
+    """
+    parser = argparse.ArgumentParser(prog="metakv-cl kv-eval", description=main.__doc__.splitlines()[0])
+    _common_arguments(parser)
+    parser.add_argument("--articles", type=int, default=2, help="WikiText-2 articles (read as one batch)")
+    parser.add_argument("--context", type=int, default=2048, help="context tokens read through the cache")
+    parser.add_argument("--continuation", type=int, default=256, help="continuation tokens scored")
+    args = parser.parse_args(argv)
+    try:
+        methods, budgets = _methods(args.methods), _budgets(args.budgets)
+        if args.articles < 1 or args.context < 1 or args.continuation < 1:
+            raise ValueError("--articles, --context and --continuation must be >= 1")
+        model, tokenizer = load_model(args.model, meta_kv=args.meta_kv, meta_kv_weights=args.meta_kv_weights,
+                                      seed=args.seed, device=args.device)
+        articles = wikitext_articles((args.data_root or default_data_root()) / "wikitext2" / "valid.txt")
+        windows = article_windows(tokenizer, articles, args.context + args.continuation, args.articles)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    config = {**vars(args), "methods": methods, "budgets": budgets, "model_class": type(model).__name__}
+    rows = perplexity_sweep(model, windows, args.context, methods, budgets, _settings(args),
+                            on_row=lambda partial: _write(args.out_dir, "kv_eval", config, partial))
+    path = _write(args.out_dir, "kv_eval", config, rows)
+    title = f"{args.model}: {args.articles} WikiText-2 articles, {args.context}-token context"
+    plot_perplexity(rows, args.out_dir / "kv_eval.png", title)
+    print(f"wrote {path} and {args.out_dir / 'kv_eval.png'}")
+    return 0
+
+
+def niah_main(argv: Sequence[str] | None = None) -> int:
+    """``metakv-cl niah``: needle-in-a-haystack retrieval through compacted caches.
+
+    Returns:
+        The exit status (0 on success).
+    """
+    parser = argparse.ArgumentParser(prog="metakv-cl niah", description=niah_main.__doc__.splitlines()[0])
+    _common_arguments(parser)
+    parser.add_argument("--lengths", default="1024,2048", help="haystack lengths in tokens (question included)")
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    parser.add_argument("--samples", type=int, default=4, help="haystacks per length and depth (one batch)")
+    args = parser.parse_args(argv)
+    try:
+        methods, budgets = _methods(args.methods), _budgets(args.budgets)
+        lengths = [int(n) for n in args.lengths.split(",")]
+        depths = [float(d) for d in args.depths.split(",")]
+        if any(not 0 <= d <= 1 for d in depths) or any(n < 8 for n in lengths) or args.samples < 1:
+            raise ValueError("depths must be in [0, 1], lengths >= 8 and samples >= 1")
+        model, tokenizer = load_model(args.model, meta_kv=args.meta_kv, meta_kv_weights=args.meta_kv_weights,
+                                      seed=args.seed, device=args.device)
+        articles = wikitext_articles((args.data_root or default_data_root()) / "wikitext2" / "valid.txt")
+        haystack = tokenizer("\n".join(articles), add_special_tokens=False)["input_ids"]
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    rows = needle_sweep(model, tokenizer, haystack, methods, budgets, lengths, depths, args.samples, _settings(args), args.seed)
+    config = {**vars(args), "methods": methods, "budgets": budgets, "lengths": lengths, "depths": depths}
+    path = _write(args.out_dir, "niah", config, rows)
+    plot_needle(rows, args.out_dir / "niah.png", f"{args.model}: needle retrieval by haystack length and depth")
+    print(f"wrote {path} and {args.out_dir / 'niah.png'}")
+    return 0

@@ -1,0 +1,245 @@
+"""Attention Matching: compact keys, a per-key bias and fitted values that reproduce attention."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from metakv_cl.kv.protocol import MASKED_BIAS, CompactedKV, KVCompressor, entries_for_budget
+from metakv_cl.kv.registry import register_method
+
+SELECTIONS = ("highest_attention", "omp")
+SCORES = ("max", "mean", "rms")
+HEAD_BUDGETS = ("uniform", "adaptive")
+
+
+def attention_outputs(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log attention mass and attention output of pre-scaled queries over a block of keys.
+
+    Args:
+        queries: [..., n, d] (already multiplied by the softmax scale).
+        keys: [..., s, d]; values: [..., s, dv]; bias: [..., s] or None.
+
+    Returns:
+        (log_mass [..., n], output [..., n, dv]): ``logsumexp_j(q.k_j + bias_j)`` and
+        ``softmax(q.K^T + bias) V``, in float32.
+    """
+    scores = queries.float() @ keys.float().transpose(-1, -2)
+    if bias is not None:
+        scores = scores + bias.float().unsqueeze(-2)
+    return torch.logsumexp(scores, dim=-1), torch.softmax(scores, dim=-1) @ values.float()
+
+
+def _largest_eigenvalue(gram: torch.Tensor, steps: int = 16) -> torch.Tensor:
+    """Power-iteration estimate of the largest eigenvalue of symmetric PSD matrices [batch, t, t], padded by 10%."""
+    vector = torch.ones(gram.shape[:-1], device=gram.device, dtype=gram.dtype)
+    for _ in range(steps):
+        vector = (gram @ vector.unsqueeze(-1)).squeeze(-1)
+        vector = vector / vector.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    rayleigh = (vector * (gram @ vector.unsqueeze(-1)).squeeze(-1)).sum(dim=-1)
+    return 1.1 * rayleigh.clamp_min(1e-30)
+
+
+def nonnegative_least_squares(design: torch.Tensor, target: torch.Tensor, iterations: int, floor: float = 1e-12) -> torch.Tensor:
+    """Batched ``argmin_{w >= floor} ||design @ w - target||``.
+
+    Starts from the best (per batch row) of three feasible points: all ones (the keys as they
+    are), the best uniform rescaling ``c * 1``, and the clamped least-squares solution
+    regularised towards ``c * 1`` (stable when the design is ill-conditioned, as exp-scores of
+    near-uniform attention are); then runs projected gradient descent with step ``1 / L``, which
+    never increases the objective. So the result fits at least as well as keeping the keys
+    without bias.
+
+    Args:
+        design: [batch, n, t]; target: [batch, n]; iterations: projected-gradient steps.
+
+    Returns:
+        w [batch, t].
+    """
+    gram = design.transpose(-1, -2) @ design
+    moment = (design.transpose(-1, -2) @ target.unsqueeze(-1)).squeeze(-1)
+
+    def objective(weights: torch.Tensor) -> torch.Tensor:  # ||design w - target||^2 - ||target||^2
+        return (weights * ((gram @ weights.unsqueeze(-1)).squeeze(-1) - 2 * moment)).sum(dim=-1)
+
+    ones = torch.ones_like(moment)
+    scale = (moment.sum(dim=-1) / gram.sum(dim=(-1, -2)).clamp_min(1e-30)).clamp_min(floor)
+    uniform = scale.unsqueeze(-1) * ones
+    strength = 1e-4 * gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-30)
+    regularised = gram + strength[:, None, None] * torch.eye(gram.shape[-1], device=gram.device)
+    solved = torch.linalg.solve(regularised, moment + strength.unsqueeze(-1) * uniform).clamp_min(floor)
+    candidates = torch.stack([ones, uniform, solved])  # [3, batch, t]
+    best = torch.stack([objective(c) for c in candidates]).argmin(dim=0)
+    weights = candidates[best, torch.arange(best.shape[0])]
+    if iterations > 0:
+        start = weights
+        lipschitz = _largest_eigenvalue(gram).unsqueeze(-1)
+        for _ in range(iterations):
+            gradient = (gram @ weights.unsqueeze(-1)).squeeze(-1) - moment
+            weights = (weights - gradient / lipschitz).clamp_min(floor)
+        # The step uses an estimate of L; keep the start wherever it was better after all.
+        weights = torch.where((objective(weights) <= objective(start)).unsqueeze(-1), weights, start)
+    return weights
+
+
+@register_method("attention_matching")
+@dataclass
+class AttentionMatching(KVCompressor):
+    """Attention Matching (AM): per layer and KV head, a smaller block that attends like the original.
+
+    Zweiger, Fu, Guo, Kim, "Fast KV Compaction via Attention Matching" (2026). For reference
+    queries q (the context's own queries, captured by the cache), with scores
+    ``s_j = q.k_j + b_j`` over the original block:
+
+    1. compact keys are a subset of the original keys, chosen by highest attention (the max,
+       mean or RMS over queries of each key's attention weight) or by orthogonal matching
+       pursuit on the attention-mass targets ``Z(q) = sum_j exp(s_j)``;
+    2. a per-key bias ``beta = log w`` makes the compact block carry the original mass:
+       ``w = argmin_{w >= 0} sum_q (sum_i w_i exp(s_i) - Z(q))^2`` (non-negative least squares);
+    3. compact values solve ``min_C ||softmax(q.K_c^T + beta) C - softmax(s) V||^2`` (least
+       squares over the queries, ridge-regularised towards the selected original values).
+
+    With the bias the block keeps its share of attention when new tokens arrive after it, and
+    successive compactions account for biases fitted earlier.
+
+    Args:
+        selection: ``"highest_attention"`` or ``"omp"``.
+        score: aggregate of attention over queries for highest-attention selection.
+        head_budgets: ``"uniform"`` (the same number of keys per head) or ``"adaptive"``: heads
+            get keys in proportion to how many keys cover ``coverage`` of their mean
+            attention, with the layer total unchanged. Heads with fewer keys are padded with
+            masked entries (bias ``MASKED_BIAS``), which the reported bytes include.
+        coverage: attention coverage defining a head's need, for adaptive budgets.
+        nnls_iterations: projected-gradient steps of the NNLS fit (0: clamped least squares).
+        ridge: ridge strength of the value fit, relative to the mean diagonal of the Gram matrix.
+        omp_keys_per_step: keys added per OMP step (default: about 32 steps in total).
+        fit_bias: fit beta (else 0); fit_values: fit the values (else keep the originals). Both
+            on is the method; the switches give its ablations.
+    """
+
+    selection: str = "highest_attention"
+    score: str = "max"
+    head_budgets: str = "uniform"
+    coverage: float = 0.95
+    nnls_iterations: int = 10
+    ridge: float = 1e-3
+    omp_keys_per_step: int | None = None
+    fit_bias: bool = True
+    fit_values: bool = True
+    needs_queries: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("selection", self.selection, SELECTIONS), ("score", self.score, SCORES),
+                                     ("head_budgets", self.head_budgets, HEAD_BUDGETS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if not 0.0 < self.coverage <= 1.0:
+            raise ValueError(f"coverage must be in (0, 1], got {self.coverage}")
+        if self.nnls_iterations < 0 or self.ridge < 0:
+            raise ValueError("nnls_iterations and ridge must be >= 0")
+        if self.omp_keys_per_step is not None and self.omp_keys_per_step < 1:
+            raise ValueError(f"omp_keys_per_step must be >= 1, got {self.omp_keys_per_step}")
+
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
+        if queries is None or queries.shape[-2] == 0:
+            raise ValueError(
+                "Attention Matching needs reference queries: run the model with a CompactedCache after "
+                "enable_compacted_attention(model), or pass queries [batch, kv_heads, n, head_dim]"
+            )
+        batch, heads, tokens, _ = keys.shape
+        flat = batch * heads
+        key_block = keys.reshape(flat, tokens, -1).float()
+        value_block = values.reshape(flat, tokens, -1).float()
+        prior = torch.zeros(flat, tokens, device=keys.device) if bias is None else bias.reshape(flat, tokens).float()
+        valid = prior > MASKED_BIAS / 2
+        scores = queries.reshape(flat, -1, keys.shape[-1]).float() @ key_block.transpose(1, 2) + prior.unsqueeze(1)
+        exp_scores = torch.exp(scores - scores.amax(dim=-1, keepdim=True))  # [flat, n, tokens]
+        mass = exp_scores.sum(dim=-1)
+        attention = exp_scores / mass.unsqueeze(-1)
+
+        counts = self._head_counts(attention, valid, entries_for_budget(tokens, budget, max_entries), batch, max_entries or tokens)
+        slots = int(counts.max())
+        if self.selection == "omp":
+            chosen = self._omp(exp_scores, mass, valid, slots)
+        else:
+            chosen = self._highest_attention(attention, valid, slots)
+        in_budget = torch.arange(slots, device=keys.device) < counts.unsqueeze(-1)  # by selection rank
+        kept, order = chosen.sort(dim=-1)
+        in_budget = torch.gather(in_budget, 1, order)
+
+        design = torch.gather(exp_scores, 2, kept.unsqueeze(1).expand(-1, exp_scores.shape[1], -1)) * in_budget.unsqueeze(1)
+        if self.fit_bias:
+            weights = nonnegative_least_squares(design, mass, self.nnls_iterations)
+        else:
+            weights = torch.ones_like(kept, dtype=torch.float32)
+        new_bias = torch.log(weights) + torch.gather(prior, 1, kept)
+        selected_values = torch.gather(value_block, 1, kept.unsqueeze(-1).expand(-1, -1, value_block.shape[-1]))
+        if self.fit_values:
+            selected_values = self._fit_values(design * weights.unsqueeze(1), attention @ value_block, selected_values)
+        selected_keys = torch.gather(key_block, 1, kept.unsqueeze(-1).expand(-1, -1, key_block.shape[-1]))
+        mask = in_budget.unsqueeze(-1)
+        return CompactedKV(
+            (selected_keys * mask).to(keys.dtype).reshape(batch, heads, slots, -1),
+            (selected_values * mask).to(values.dtype).reshape(batch, heads, slots, -1),
+            new_bias.masked_fill(~in_budget, MASKED_BIAS).reshape(batch, heads, slots),
+            kept.reshape(batch, heads, slots),
+        )
+
+    def _head_counts(self, attention: torch.Tensor, valid: torch.Tensor, count: int, batch: int,
+                     max_count: int) -> torch.Tensor:
+        """Keys per (batch, head) [flat]: ``count`` each, or the adaptive split of the layer's total (at most ``max_count``)."""
+        flat = attention.shape[0]
+        uniform = torch.full((flat,), count, dtype=torch.long, device=attention.device)
+        if self.head_budgets == "uniform":
+            return uniform
+        share = attention.mean(dim=1).masked_fill(~valid, 0.0)
+        ranked = share.sort(dim=-1, descending=True).values.cumsum(dim=-1)
+        need = ((ranked < self.coverage * ranked[:, -1:]).sum(dim=-1) + 1).float().reshape(batch, -1)
+        total = count * need.shape[1]
+        counts = torch.floor(need / need.sum(dim=1, keepdim=True) * total).long()
+        return counts.clamp_(1, max_count).reshape(flat)
+
+    def _highest_attention(self, attention: torch.Tensor, valid: torch.Tensor, slots: int) -> torch.Tensor:
+        """Indices [flat, slots] of the most attended keys, best first."""
+        if self.score == "max":
+            key_scores = attention.amax(dim=1)
+        elif self.score == "mean":
+            key_scores = attention.mean(dim=1)
+        else:
+            key_scores = attention.square().mean(dim=1).sqrt()
+        return key_scores.masked_fill(~valid, -1.0).topk(slots, dim=-1).indices
+
+    def _omp(self, exp_scores: torch.Tensor, mass: torch.Tensor, valid: torch.Tensor, slots: int) -> torch.Tensor:
+        """Greedy orthogonal matching pursuit on the mass targets; indices [flat, slots] in selection order."""
+        step = self.omp_keys_per_step or max(1, math.ceil(slots / 32))
+        available = valid.clone()
+        chosen = torch.empty(exp_scores.shape[0], 0, dtype=torch.long, device=exp_scores.device)
+        residual = mass
+        while chosen.shape[1] < slots:
+            take = min(step, slots - chosen.shape[1])
+            correlation = torch.einsum("fnt,fn->ft", exp_scores, residual)
+            # Chosen and masked entries are excluded (masked ones are taken only if nothing else is left).
+            correlation = correlation.masked_fill(~available, float("-inf"))
+            fresh = correlation.topk(take, dim=-1).indices
+            available.scatter_(1, fresh, False)
+            chosen = torch.cat([chosen, fresh], dim=1)
+            design = torch.gather(exp_scores, 2, chosen.unsqueeze(1).expand(-1, exp_scores.shape[1], -1))
+            weights = nonnegative_least_squares(design, mass, 0)
+            residual = mass - (design @ weights.unsqueeze(-1)).squeeze(-1)
+        return chosen
+
+    def _fit_values(self, weighted: torch.Tensor, targets: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """Least-squares values [flat, t, dv] for softmax rows ``weighted`` (unnormalised) and targets [flat, n, dv]."""
+        rows = weighted / weighted.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        gram = rows.transpose(1, 2) @ rows
+        # A floor keeps the system solvable when there are fewer queries than keys.
+        strength = (self.ridge * gram.diagonal(dim1=1, dim2=2).mean(dim=-1)).clamp_min(1e-10)
+        identity = torch.eye(gram.shape[-1], device=gram.device).unsqueeze(0)
+        system = gram + strength.view(-1, 1, 1) * identity
+        right = rows.transpose(1, 2) @ targets + strength.view(-1, 1, 1) * anchor
+        return torch.linalg.solve(system, right)

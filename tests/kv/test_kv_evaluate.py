@@ -1,0 +1,93 @@
+"""The kv-eval and niah commands on a tiny random GPT-2 and real WikiText (skipped when the data is absent)."""
+
+import json
+
+import pytest
+import torch
+
+from kv_helpers import DATA_ROOT, WIKITEXT
+from metakv_cl.kv.evaluate import main, needle_samples, niah_main, parse_method_options, wikitext_articles
+
+needs_wikitext = pytest.mark.skipif(not WIKITEXT.is_file(), reason="../shared/data/wikitext2/valid.txt is absent")
+
+
+@needs_wikitext
+def test_wikitext_articles_split_at_titles():
+    articles = wikitext_articles(WIKITEXT)
+    assert len(articles) > 50
+    assert all(article.startswith(" = ") and not article.startswith(" = = ") for article in articles)
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="WikiText file not found"):
+        wikitext_articles(tmp_path / "valid.txt")
+    with pytest.raises(SystemExit):
+        main(["--model", "gpt2-tiny-random", "--data-root", str(tmp_path), "--out-dir", str(tmp_path)])
+
+
+def test_bad_options_are_command_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--methods", "nope", "--out-dir", str(tmp_path)])
+    assert "unknown KV compaction method 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--budgets", "0.5,2", "--out-dir", str(tmp_path)])
+    assert parse_method_options(["attention_matching.selection=omp", "h2o.recent_fraction=0.25"]) == {
+        "attention_matching": {"selection": "omp"}, "h2o": {"recent_fraction": 0.25}}
+    with pytest.raises(ValueError, match="METHOD.KEY=VALUE"):
+        parse_method_options(["selection=omp"])
+
+
+@needs_wikitext
+def test_kv_eval_writes_results_and_a_plot(tmp_path):
+    status = main([
+        "--model", "gpt2-tiny-random", "--data-root", str(DATA_ROOT), "--out-dir", str(tmp_path),
+        "--articles", "2", "--context", "96", "--continuation", "24", "--budgets", "0.5,0.25",
+        "--methods", "full,attention_matching,int8", "--chunk-size", "8",
+        "--method-option", "attention_matching.selection=omp", "--device", "cpu",
+    ])
+    assert status == 0
+    report = json.loads((tmp_path / "kv_eval.json").read_text())
+    rows = {(r["method"], r["budget"]): r for r in report["results"]}
+    assert set(rows) == {("full", 1.0), ("attention_matching", 0.5), ("attention_matching", 0.25), ("int8", 0.5),
+                         ("int8", 0.25)}
+    assert rows[("full", 1.0)]["peak_fraction_of_full"] == 1.0
+    for (method, budget), row in rows.items():
+        assert row["scored_tokens"] == 2 * 24 and row["perplexity"] > 1
+        if method != "full":
+            assert row["max_tokens"] == round(budget * 96) and row["peak_fraction_of_full"] < 0.75
+            assert row["compactions"] > 0 and row["tokens_per_second"] > 0
+    assert (tmp_path / "kv_eval.png").stat().st_size > 10_000
+
+
+@needs_wikitext
+def test_needles_sit_at_their_depth():
+    from metakv_cl import hub
+
+    tokenizer = hub.offline_gpt2_tokenizer()
+    haystack = tokenizer(wikitext_articles(WIKITEXT)[1], add_special_tokens=False)["input_ids"]
+    for depth in (0.0, 0.5, 1.0):
+        contexts, questions, codes = needle_samples(tokenizer, haystack, 128, depth, samples=3, seed=0)
+        assert contexts.shape[1] + questions.shape[1] == 128 and len(set(codes)) == 3
+        for context, code in zip(contexts, codes):
+            text = tokenizer.decode(context)
+            position = text.index(f"passcode is {code}.") / len(text)
+            assert abs(position - depth) < 0.15
+    with pytest.raises(ValueError, match="too short"):
+        needle_samples(tokenizer, haystack, 10, 0.5, samples=1, seed=0)
+
+
+@needs_wikitext
+def test_niah_writes_accuracy_and_a_heatmap(tmp_path):
+    status = niah_main([
+        "--model", "gpt2-tiny-random", "--data-root", str(DATA_ROOT), "--out-dir", str(tmp_path),
+        "--methods", "full,h2o", "--budgets", "0.25", "--lengths", "64,96", "--depths", "0,1",
+        "--samples", "2", "--chunk-size", "16", "--device", "cpu", "--meta-kv", "mean",
+    ])
+    assert status == 0
+    report = json.loads((tmp_path / "niah.json").read_text())
+    assert report["config"]["meta_kv"] == "mean"
+    assert len(report["results"]) == 2 * 2 * 2  # (full, h2o) x lengths x depths
+    assert all(0.0 <= r["accuracy"] <= 1.0 and len(r["answers"]) == 2 for r in report["results"])
+    assert (tmp_path / "niah.png").stat().st_size > 10_000
+    assert torch.tensor([r["peak_bytes"] for r in report["results"] if r["method"] == "h2o"]).max() < min(
+        r["peak_bytes"] for r in report["results"] if r["method"] == "full")
