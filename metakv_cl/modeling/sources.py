@@ -61,13 +61,17 @@ def causal_weighted_mean(values: torch.Tensor, weights: torch.Tensor, state: Sta
     return c, (numerator[:, -1], denominator[:, -1])
 
 
-class MeanSource(nn.Module):
-    """Running mean of a projection of the layer input."""
+class _ProjectedSource(nn.Module):
+    """A source that summarises a linear projection of the layer input to ``state_dim``."""
 
     def __init__(self, hidden_size: int, state_dim: int):
         super().__init__()
         self.proj = nn.Linear(hidden_size, state_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(hidden_size))
+
+
+class MeanSource(_ProjectedSource):
+    """Running mean of a projection of the layer input."""
 
     @_float32
     def forward(self, x, real, state):
@@ -102,13 +106,8 @@ class AttentivePoolingSource(nn.Module):
         return causal_weighted_mean(F.linear(x, self.value.weight.float()), weights.unsqueeze(-1), state)
 
 
-class MaxSource(nn.Module):
+class MaxSource(_ProjectedSource):
     """Running element-wise max of a projection of the layer input."""
-
-    def __init__(self, hidden_size: int, state_dim: int):
-        super().__init__()
-        self.proj = nn.Linear(hidden_size, state_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(hidden_size))
 
     @_float32
     def forward(self, x, real, state):
