@@ -275,13 +275,15 @@ def plot_perplexity(rows: Sequence[dict[str, Any]], path: Path, title: str) -> N
 
     figure, axis = plt.subplots(figsize=(8, 5.5))
     done = [r for r in rows if "skipped" not in r]
-    for method in sorted({r["method"] for r in done}):
+    colors, markers = plt.get_cmap("tab20").colors, "os^vD<>ph*Xd"
+    for index, method in enumerate(sorted({r["method"] for r in done})):
         points = sorted((r["peak_bytes"] / 2**20, r["perplexity"]) for r in done if r["method"] == method)
         xs, ys = zip(*points)
+        style = {"color": colors[2 * index % 20 + index // 10], "label": method}
         if len(points) == 1:
-            axis.scatter(xs, ys, marker="*", s=160, label=method, zorder=3)
+            axis.scatter(xs, ys, marker="*", s=160, zorder=3, **style)
         else:
-            axis.plot(xs, ys, marker="o", label=method)
+            axis.plot(xs, ys, marker=markers[index % len(markers)], **style)
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("peak KV cache size (MiB, all layers)")
