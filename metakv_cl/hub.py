@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import metakv_cl  # noqa: F401  (applies the torchvision import fix before transformers' models load)
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2TokenizerFast, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -157,17 +157,18 @@ def load_causal_lm(
             setattr(config, key, value)
         config._attn_implementation = attn_implementation
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        if dtype is not None:
+            model = model.to(_as_dtype(dtype))
+    elif name_or_path in SMOLLM2_NAMES and gguf_file is None and not Path(name_or_path).is_dir():
+        try:
+            model = _from_pretrained(name_or_path, None, overrides, dtype, attn_implementation)
+        except OSError:
+            folder, gguf_file = smollm2_gguf_path()
+            model = _from_pretrained(folder, gguf_file, overrides, dtype, attn_implementation)
     else:
-        if name_or_path in SMOLLM2_NAMES and gguf_file is None and not Path(name_or_path).is_dir():
-            try:
-                return _from_pretrained(name_or_path, None, overrides, dtype, attn_implementation)
-            except OSError:
-                name_or_path, gguf_file = smollm2_gguf_path()
         if gguf_file is not None and not (Path(name_or_path) / gguf_file).is_file():
             raise FileNotFoundError(f"GGUF file not found: {Path(name_or_path) / gguf_file}")
         model = _from_pretrained(name_or_path, gguf_file, overrides, dtype, attn_implementation)
-    if dtype is not None:
-        model = model.to(_as_dtype(dtype))
     return model.eval()
 
 
@@ -181,9 +182,7 @@ def _from_pretrained(name_or_path, gguf_file, overrides, dtype, attn_implementat
 
 
 def _config_for(name: str):
-    if name in GPT2_TOKENIZER_NAMES or name == "gpt2":
-        from transformers import GPT2Config
-
+    if name in GPT2_TOKENIZER_NAMES:
         try:
             return AutoConfig.from_pretrained(name, **_hub_kwargs(name))
         except OSError:

@@ -153,7 +153,13 @@ class MetaKV(nn.Module):
 
 
 def _argument(signature: inspect.Signature, args, kwargs, name: str):
-    """The value of argument ``name`` in a call (None if not passed); the slow general path."""
+    """The value of argument ``name`` in a call (None if not passed).
+
+    Keyword arguments are read directly; binding the signature (slow on this hot path) is
+    only needed when the argument came positionally.
+    """
+    if name in kwargs:
+        return kwargs[name]
     return signature.bind_partial(*args, **kwargs).arguments.get(name)
 
 
@@ -164,7 +170,7 @@ class _PaddingHook:
         self.meta_kv, self.signature = meta_kv, inspect.signature(decoder.forward)
 
     def __call__(self, module, args, kwargs):
-        mask = kwargs["attention_mask"] if "attention_mask" in kwargs else _argument(self.signature, args, kwargs, "attention_mask")
+        mask = _argument(self.signature, args, kwargs, "attention_mask")
         self.meta_kv._padding_mask = mask.bool() if mask is not None and mask.dim() == 2 else None
 
 
@@ -177,7 +183,7 @@ class _AttentionHook:
 
     def __call__(self, module, args, kwargs):
         hidden_states = args[0] if args else _argument(self.signature, args, kwargs, "hidden_states")
-        cache = kwargs["past_key_values"] if "past_key_values" in kwargs else _argument(self.signature, args, kwargs, "past_key_values")
+        cache = _argument(self.signature, args, kwargs, "past_key_values")
         self.meta_kv.layer_forward(self.index, hidden_states, cache)
 
 
