@@ -27,7 +27,15 @@ from pathlib import Path
 import torch
 
 from metakv_cl.hub import load_causal_lm
-from metakv_cl.modeling import FORMS, SOURCES, MetaKVConfig, add_meta_kv, merge_meta_kv, meta_kv_parameters
+from metakv_cl.modeling import (
+    FORMS,
+    SOURCES,
+    MetaKVConfig,
+    add_meta_kv,
+    compile_meta_kv,
+    merge_meta_kv,
+    meta_kv_parameters,
+)
 
 # name -> (architecture, config overrides); every shape is built from its config, randomly initialised.
 SHAPES = {
@@ -75,12 +83,28 @@ def matmul_tflops(device: str, dtype: torch.dtype, size: int = 8192, rounds: int
 
 
 def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """6 N (weights, forward + backward) + 6 L T d (attention scores and values), the PaLM count."""
+    """6 N (weights, forward + backward) + 6 L T d (attention scores and values), the PaLM count.
+
+    N counts every weight that multiplies activations: the output head included (tied to the
+    input embedding or not), the input embedding and learned position tables excluded (lookups).
+    """
     config = model.config
-    n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    lookups = [model.get_input_embeddings().weight]
+    positions = getattr(model.base_model, "wpe", None)
+    if positions is not None:
+        lookups.append(positions.weight)
+    n_params = sum(p.numel() for p in model.parameters()) - sum(w.numel() for w in lookups)
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        n_params += model.get_output_embeddings().weight.numel()
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     return 6 * n_params + 6 * layers * seq_len * hidden
+
+
+def language_model_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, computed outside the model so that torch.compile sees one graph."""
+    logits = model(ids, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
 def meta_kv_variants(base, sources, forms, rank: int) -> dict[str, torch.nn.Module]:
@@ -97,25 +121,29 @@ def run_forward_or_train(args, base, train: bool) -> list[dict]:
     variants = meta_kv_variants(base, args.sources, args.forms, args.rank)
 
     def step_for(name, model):
+        loss_of = torch.compile(language_model_loss) if args.compile else language_model_loss
         if not train:
             model.eval()
 
             def forward():
                 with torch.no_grad(), autocast:
-                    model(ids)
+                    model(ids, use_cache=False)
 
-            return forward
+            return torch.compile(forward) if args.compile else forward
         model.train()  # every parameter trains in every variant, so the ratio is Meta-KV's own cost
 
         def train_step():
             with autocast:
-                loss = model(ids, labels=ids).loss
+                loss = loss_of(model, ids)
             loss.backward()
             model.zero_grad(set_to_none=True)
 
         return train_step
 
-    medians = interleaved_medians({name: step_for(name, model) for name, model in variants.items()}, args.rounds, args.device)
+    steps = {name: step_for(name, model) for name, model in variants.items()}
+    if args.profile_dir is not None:
+        profile_steps(steps, args.profile_dir, "train" if train else "forward", args.device)
+    medians = interleaved_medians(steps, args.rounds, args.device)
     plain_params = sum(p.numel() for p in base.parameters())
     tokens = args.batch * args.seq_len
     rows = []
@@ -147,6 +175,8 @@ def run_decode(args, base) -> list[dict]:
     dynamic = add_meta_kv(copy.deepcopy(base), MetaKVConfig(source="mean", rank=args.rank)).eval()
     merged = merge_meta_kv(add_meta_kv(copy.deepcopy(base), MetaKVConfig(source="consolidated", rank=args.rank)).eval())
     variants = {"plain": base.eval(), "mean/factorized": dynamic, "consolidated merged": merged}
+    if args.compile:  # compiling the whole model recompiles as the cache grows; compile Meta-KV's own work
+        variants["mean/factorized compiled"] = compile_meta_kv(copy.deepcopy(dynamic))
     max_positions = getattr(base.config, "n_positions", None) or base.config.max_position_embeddings
     for batch in args.decode_batches:
         for context in args.decode_contexts:
@@ -159,7 +189,10 @@ def run_decode(args, base) -> list[dict]:
                                               do_sample=False, pad_token_id=0)
 
             with torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-                medians = interleaved_medians({name: generate(model) for name, model in variants.items()}, args.rounds, args.device)
+                steps = {name: generate(model) for name, model in variants.items()}
+                if args.profile_dir is not None and batch == args.decode_batches[0] and context == args.decode_contexts[0]:
+                    profile_steps(steps, args.profile_dir, "decode", args.device, variants=("plain", "mean/factorized"))
+                medians = interleaved_medians(steps, args.rounds, args.device)
             for name, seconds in medians.items():
                 rows.append(
                     {
@@ -173,6 +206,27 @@ def run_decode(args, base) -> list[dict]:
                     }
                 )
     return rows
+
+
+def profile_steps(steps: dict, folder: Path, section: str, device: str, variants=("plain", "consolidated/factorized", "mean/factorized")) -> None:
+    """Write torch.profiler tables (top ops by device and by host time) of one step per variant."""
+    from torch.profiler import ProfilerActivity, profile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    for name in variants:
+        if name not in steps:
+            continue
+        steps[name]()  # warm-up (and compilation) outside the profile
+        synchronize(device)
+        with profile(activities=activities) as profiler:
+            steps[name]()
+            synchronize(device)
+        averages = profiler.key_averages()
+        sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+        report = (f"# {section} {name}\n\n## by device time\n{averages.table(sort_by=sort, row_limit=40)}\n\n"
+                  f"## by host self time\n{averages.table(sort_by='self_cpu_time_total', row_limit=25)}\n")
+        (folder / f"profile_{section}_{name.replace('/', '_')}.txt").write_text(report)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -203,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant's step (plain included)")
+    parser.add_argument("--profile-dir", type=Path, default=None, help="write torch.profiler tables of one step here")
     parser.add_argument("--out", type=Path, default=None, help="write all rows as JSON here")
     args = parser.parse_args(argv)
 

@@ -5,6 +5,7 @@ from metakv_cl.modeling.io import from_pretrained, load_meta_kv, save_meta_kv, s
 from metakv_cl.modeling.meta_kv import (
     MetaKV,
     add_meta_kv,
+    compile_meta_kv,
     freeze_base,
     get_meta_kv,
     has_meta_kv,
@@ -21,6 +22,7 @@ __all__ = [
     "MetaKV",
     "MetaKVConfig",
     "add_meta_kv",
+    "compile_meta_kv",
     "freeze_base",
     "from_pretrained",
     "get_meta_kv",

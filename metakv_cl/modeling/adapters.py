@@ -53,7 +53,7 @@ class GPT2Adapter:
         size = output.shape[-1] // 3  # [Q | K | V]
         # In place: c_attn's matmul does not keep its output for backward, and a copy of the
         # whole [Q | K | V] tensor would cost more than the modulation itself.
-        output[..., size:] += delta.flatten(-2).to(output.dtype)
+        output[..., size:] += delta.to(output.dtype)
         return output
 
     @staticmethod
@@ -85,7 +85,8 @@ class LlamaAdapter:
 
     @staticmethod
     def add_delta(output: torch.Tensor, delta: torch.Tensor, target: int | None) -> torch.Tensor:
-        return output + delta[..., target, :].to(output.dtype)
+        size = delta.shape[-1] // 2  # [K | V]
+        return output + delta[..., target * size : (target + 1) * size].to(output.dtype)
 
     @staticmethod
     @torch.no_grad()

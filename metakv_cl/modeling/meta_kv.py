@@ -43,16 +43,30 @@ class MetaKVLayer(nn.Module):
         )
         self.modulation = build_modulation(config, hidden_size, kv_size)
 
-    def meta_state(self, x: torch.Tensor, real: torch.Tensor | None, state, memory: ConsolidatedMemory | None):
-        """C for the chunk x ([batch, time, state_dim], or [1, 1, state_dim] when only M feeds it)
-        and the new running state (or None)."""
+    def forward(self, x: torch.Tensor, real: torch.Tensor | None, state, memory_state: torch.Tensor | None):
+        """The K/V modulation of the chunk x and the new running state.
+
+        A function of tensors only (no cache or hook bookkeeping), so that it can be compiled.
+
+        Args:
+            x: attention input [batch, time, hidden].
+            real: [batch, time] bool, False on padding, or None.
+            state: the dynamic source's running state from earlier chunks, or None.
+            memory_state: the consolidated C [state_dim], or None.
+
+        Returns:
+            delta [batch, time, 2 * kv_size] (zero on padding) and the new state (or None).
+        """
         c, new_state = None, None
         if self.source is not None:
             c, new_state = self.source(x, real, state)
-        if memory is not None:
-            m = memory.state().to(x.dtype).view(1, 1, -1)  # broadcast: one state for every token
+        if memory_state is not None:
+            m = memory_state.to(x.dtype).view(1, 1, -1)  # broadcast: one state for every token
             c = m if c is None else c + m
-        return c, new_state
+        delta = self.modulation(x, c)
+        if real is not None:
+            delta = delta * real.unsqueeze(-1).to(delta.dtype)  # padding keeps its base K/V
+        return delta, new_state
 
 
 class MetaKV(nn.Module):
@@ -109,13 +123,10 @@ class MetaKV(nn.Module):
                 "the batch changed between cached decoding steps (beam search or cache reordering); "
                 "the dynamic meta-state cannot follow that: use greedy or sampling decoding"
             )
-        meta_layer = self.layers[layer]
-        c, new_state = meta_layer.meta_state(x, real, state, self.memory_for(layer))
+        memory = self.memory_for(layer)
+        delta, new_state = self.layers[layer](x, real, state, None if memory is None else memory.state())
         if cache is not None and new_state is not None:
             self._states.setdefault(cache, {})[layer] = new_state
-        delta = meta_layer.modulation(x, c)
-        if real is not None:
-            delta = delta * real[:, :, None, None].to(delta.dtype)  # padding keeps its base K/V
         self._pending[layer] = delta
 
     def hook(self, model: nn.Module) -> None:
@@ -276,6 +287,25 @@ def merge_meta_kv(model: nn.Module) -> nn.Module:
 def unmerge_meta_kv(model: nn.Module) -> nn.Module:
     """Undo :func:`merge_meta_kv`."""
     get_meta_kv(model).set_merged(False)
+    return model
+
+
+def compile_meta_kv(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Compile each layer's Meta-KV computation (source, modulation, padding) with ``torch.compile``.
+
+    For cached decoding, where the model runs one token at a time and every small operation costs
+    a kernel launch: each layer's Meta-KV work becomes a few fused kernels. For training, compile
+    the whole model instead (``torch.compile(model)`` traces through the hooks). Parameters and
+    state-dict keys are unchanged.
+
+    Args:
+        compile_kwargs: passed to ``torch.compile`` (for example ``mode`` or ``dynamic``).
+
+    Returns:
+        The same model.
+    """
+    for layer in get_meta_kv(model).layers:
+        layer.compile(**compile_kwargs)
     return model
 
 

@@ -1,7 +1,10 @@
 """The two forms of the low-rank, state-generated K/V modulation.
 
 Both compute, for the K and V targets at once (index n), ``delta_n = alpha * (X A_n(C)) B_n(C)``
-with x [batch, time, d_in] and C [batch, time, state_dim], returning [batch, time, 2, d_out].
+with x [batch, time, d_in] and C [batch, time, state_dim], returning [batch, time, 2 * d_out]
+(the K increment, then the V increment). The K and V factors sit side by side, so each step is
+one matmul over both targets: ``u = X [A_k | A_v]`` and ``delta = u blockdiag(B_k, B_v)``, whose
+output is already contiguous (no per-target permutes or copies).
 A C of shape [1, 1, state_dim] means one state for every token (the consolidated M): the
 C-dependent factors are then built once per call instead of per token.
 B starts at zero, so a freshly added modulation changes nothing; A and the generators start
@@ -38,19 +41,22 @@ class FactorizedModulation(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         batch, time, _ = x.shape
-        u = (x @ self.A).view(batch, time, TARGETS, self.rank)  # [b, t, 2, r]
+        u = x @ self.A  # [b, t, 2 r]: the K and V factors side by side
         if c.shape[:2] == (1, 1):  # one state for every token: fold the core into B once
-            eye = torch.eye(self.rank, dtype=u.dtype, device=u.device)
             generated = self.core_generator(c[0, 0]).view(TARGETS, self.rank, -1)
-            core = eye + generated if self.core == "matrix" else torch.diag_embed(1 + generated[..., 0])
-            return self.alpha * torch.einsum("btnr,nrd->btnd", u, core @ self.B)
-        generated = self.core_generator(c)
+            if self.core == "matrix":
+                core = torch.eye(self.rank, dtype=generated.dtype, device=generated.device) + generated
+            else:
+                core = torch.diag_embed(1 + generated[..., 0])
+            return u @ block_output(core @ self.B, self.alpha)
+        generated = self.core_generator(c)  # [b, t, 2 * core_size]
         if self.core == "matrix":
-            core = generated.view(batch, time, TARGETS, self.rank, self.rank)
-            u = u + torch.einsum("btnr,btnrq->btnq", u, core)  # u (I + core)
+            rows = u.reshape(batch * time * TARGETS, 1, self.rank)
+            cores = generated.reshape(batch * time * TARGETS, self.rank, self.rank)
+            u = torch.baddbmm(rows, rows, cores).view(batch, time, -1)  # u (I + core)
         else:
-            u = u * (1 + generated.view(batch, time, TARGETS, self.rank))
-        return self.alpha * torch.einsum("btnr,nrd->btnd", u, self.B)
+            u = u * (1 + generated)
+        return u @ block_output(self.B, self.alpha)
 
 
 class HypernetworkModulation(nn.Module):
@@ -76,13 +82,25 @@ class HypernetworkModulation(nn.Module):
             coefficients = torch.cat([c.new_ones(1), self.compress(c[0, 0])])  # [m+1]
             a = torch.einsum("dnjr,j->dnr", self.A.view(-1, TARGETS, self.terms, self.rank), coefficients)
             b = torch.einsum("njrd,j->nrd", self.B.view(TARGETS, self.terms, self.rank, -1), coefficients)
-            u = (x @ a.flatten(1)).view(batch, time, TARGETS, self.rank)
-            return self.alpha * torch.einsum("btnr,nrd->btnd", u, b)
+            return (x @ a.flatten(1)) @ block_output(b, self.alpha)
         coefficients = torch.cat([c.new_ones(batch, time, 1), self.compress(c)], dim=-1)  # [b, t, m+1]
         xa = (x @ self.A).view(batch, time, TARGETS, self.terms, self.rank)
         u = torch.einsum("btnjr,btj->btnr", xa, coefficients)  # X A(C)
-        ub = torch.einsum("btnr,btj->btnjr", u, coefficients).reshape(batch, time, TARGETS, self.terms * self.rank)
-        return self.alpha * torch.einsum("btnk,nkd->btnd", ub, self.B)  # (X A(C)) B(C)
+        ub = torch.einsum("btnr,btj->btnjr", u, coefficients).reshape(batch, time, -1)
+        return ub @ block_output(self.B, self.alpha)  # (X A(C)) B(C)
+
+
+def block_output(b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * blockdiag(b[0], b[1])``: maps the side-by-side K and V factors to [K | V] increments.
+
+    Args:
+        b: [2, k, d_out] output factors of the two targets.
+
+    Returns:
+        [2 k, 2 d_out].
+    """
+    scaled = alpha * b
+    return torch.block_diag(scaled[0], scaled[1])
 
 
 def build_modulation(config, d_in: int, d_out: int) -> nn.Module:
@@ -100,5 +118,5 @@ def delta_weights(modulation: nn.Module, d_in: int, c: torch.Tensor) -> torch.Te
     per input feature) reads out its matrix; one code path serves both forms.
     """
     eye = torch.eye(d_in, dtype=c.dtype, device=c.device).unsqueeze(0)
-    delta = modulation(eye, c.expand(1, d_in, -1))  # [1, d_in, 2, d_out]
-    return delta[0].transpose(0, 1)
+    delta = modulation(eye, c.expand(1, d_in, -1))  # [1, d_in, 2 d_out]
+    return delta[0].view(d_in, TARGETS, -1).transpose(0, 1)

@@ -56,8 +56,9 @@ def causal_weighted_mean(values: torch.Tensor, weights: torch.Tensor, state: Sta
     if state is not None:
         numerator = numerator + state[0].unsqueeze(1)
         denominator = denominator + state[1].unsqueeze(1)
-    seen = denominator > 0
-    c = torch.where(seen, numerator / torch.where(seen, denominator, torch.ones_like(denominator)), 0.0)
+    # Before the first real token both sums are 0; the floor makes C = 0 there (and only there:
+    # a real token's weight is far above it).
+    c = numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
     return c, (numerator[:, -1], denominator[:, -1])
 
 

@@ -12,6 +12,7 @@ from metakv_cl.modeling import (
     SOURCES,
     MetaKVConfig,
     add_meta_kv,
+    compile_meta_kv,
     freeze_base,
     get_meta_kv,
     merge_meta_kv,
@@ -108,6 +109,16 @@ def test_generate_equals_full_forward(tiny_model_factory, source):
     generated = torch.stack(out.logits, dim=1)  # logits that produced each new token
     reference = full[:, ids.shape[1] - 1 : -1]
     assert (generated - reference).abs().max().item() <= 1e-4
+
+
+def test_compiled_meta_kv_layers_equal_eager_in_cached_decoding():
+    model = tiny_gpt2()
+    add_meta_kv(model, MetaKVConfig(source="mean", rank=4, state_dim=16))
+    randomize_meta_kv(model)
+    ids, mask, positions = left_padded_batch()
+    eager = stepwise_logits(model, ids, mask, positions, prefill=5)
+    compiled = stepwise_logits(compile_meta_kv(copy.deepcopy(model)), ids, mask, positions, prefill=5)
+    assert ((eager - compiled).abs() * mask[..., None]).max().item() <= 1e-5
 
 
 def test_dynamic_state_ignores_padding():
