@@ -136,9 +136,15 @@ class RecurrentSource(nn.Module):
             if state is not None
             else x.new_zeros(1, batch, self.gru.hidden_size)
         )
-        gru = self.gru.float()
+        # Run the GRU on float32 copies of its weights (the same tensors when they already are
+        # float32) without changing the module's own dtype.
+        weights = {name: parameter.float() for name, parameter in self.gru.named_parameters()}
+
+        def gru(inputs):
+            return torch.func.functional_call(self.gru, weights, (inputs, h0))
+
         if real is None or bool(real.all()):
-            c, h_n = gru(x, h0)
+            c, h_n = gru(x)
             return c, (h_n[0],)
         # Move each row's real tokens to the front (keeping their order), run them packed, and
         # scatter the outputs back: padding never touches the recurrent state.
@@ -146,7 +152,7 @@ class RecurrentSource(nn.Module):
         lengths = real.sum(dim=1)
         front = torch.gather(x, 1, order.unsqueeze(-1).expand_as(x))
         packed = pack_padded_sequence(front, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
-        out, h_n = gru(packed, h0)
+        out, h_n = gru(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=time)
         c = torch.zeros_like(out).scatter(1, order.unsqueeze(-1).expand_as(out), out)
         c = c * real.unsqueeze(-1)

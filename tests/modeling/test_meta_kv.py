@@ -257,3 +257,13 @@ def test_other_llama_family_architectures(architecture):
     full = model(ids, attention_mask=mask, position_ids=positions).logits
     step = stepwise_logits(model, ids, mask, positions, prefill=3)
     assert ((full - step).abs() * mask[..., None]).max().item() <= 1e-4
+
+
+def test_recurrent_source_runs_in_float32_without_changing_its_weights():
+    from metakv_cl.modeling.sources import RecurrentSource
+
+    source = RecurrentSource(16, 8).to(torch.bfloat16)
+    c, _ = source(torch.randn(2, 5, 16, dtype=torch.bfloat16), None, None)
+    c.float().sum().backward()
+    assert c.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 and p.grad is not None for p in source.gru.parameters())
