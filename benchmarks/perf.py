@@ -5,7 +5,7 @@ Sections (pick with --sections):
 * ``forward``: forward-pass time and extra parameters of every meta-state source x form.
 * ``train``: training-step throughput (forward + backward, bf16 autocast on GPU; every
   parameter trainable in every variant, so the ratio is Meta-KV's own cost) of the same variants, and the model FLOPs utilisation of the plain path against the measured matmul rate.
-* ``decode``: cached greedy decoding tokens/s, plain vs Meta-KV dynamic (mean) vs consolidated
+* ``decode``: cached greedy decoding tokens/s (weights in --dtype, no autocast), plain vs Meta-KV dynamic (mean) vs consolidated
   merged, at several batch sizes and context lengths.
 
 Variants are interleaved over rounds, so drift in the machine's speed hits all of them alike;
@@ -49,9 +49,17 @@ SHAPES = {
 }
 
 
-def build_base(shape: str, device: str) -> torch.nn.Module:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_base(shape: str, device: str, pad_vocab: int = 1) -> torch.nn.Module:
+    """A randomly initialised model of ``shape``; ``pad_vocab`` > 1 rounds the vocabulary up to a
+    multiple of it (nanoGPT's 50257 -> 50304), so the output head's matmul tiles evenly."""
     architecture, overrides = SHAPES[shape]
-    return load_causal_lm(architecture, from_scratch=True, config_overrides=overrides).to(device)
+    model = load_causal_lm(architecture, from_scratch=True, config_overrides=overrides)
+    if pad_vocab > 1:
+        model.resize_token_embeddings(model.config.vocab_size, pad_to_multiple_of=pad_vocab, mean_resizing=False)
+    return model.to(device)
 
 
 def synchronize(device: str) -> None:
@@ -121,7 +129,7 @@ def run_forward_or_train(args, base, train: bool) -> list[dict]:
     variants = meta_kv_variants(base, args.sources, args.forms, args.rank)
 
     def step_for(name, model):
-        loss_of = torch.compile(language_model_loss) if args.compile else language_model_loss
+        loss_of = torch.compile(language_model_loss, mode=args.compile_mode) if args.compile else language_model_loss
         if not train:
             model.eval()
 
@@ -129,7 +137,7 @@ def run_forward_or_train(args, base, train: bool) -> list[dict]:
                 with torch.no_grad(), autocast:
                     model(ids, use_cache=False)
 
-            return torch.compile(forward) if args.compile else forward
+            return torch.compile(forward, mode=args.compile_mode) if args.compile else forward
         model.train()  # every parameter trains in every variant, so the ratio is Meta-KV's own cost
 
         def train_step():
@@ -172,6 +180,7 @@ def run_forward_or_train(args, base, train: bool) -> list[dict]:
 @torch.no_grad()
 def run_decode(args, base) -> list[dict]:
     rows = []
+    base = copy.deepcopy(base).to(DTYPES[args.dtype])  # inference runs in the weights' own dtype, no autocast
     dynamic = add_meta_kv(copy.deepcopy(base), MetaKVConfig(source="mean", rank=args.rank)).eval()
     merged = merge_meta_kv(add_meta_kv(copy.deepcopy(base), MetaKVConfig(source="consolidated", rank=args.rank)).eval())
     variants = {"plain": base.eval(), "mean/factorized": dynamic, "consolidated merged": merged}
@@ -188,11 +197,10 @@ def run_decode(args, base) -> list[dict]:
                 return lambda: model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                               do_sample=False, pad_token_id=0)
 
-            with torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-                steps = {name: generate(model) for name, model in variants.items()}
-                if args.profile_dir is not None and batch == args.decode_batches[0] and context == args.decode_contexts[0]:
-                    profile_steps(steps, args.profile_dir, "decode", args.device, variants=("plain", "mean/factorized"))
-                medians = interleaved_medians(steps, args.rounds, args.device)
+            steps = {name: generate(model) for name, model in variants.items()}
+            if args.profile_dir is not None and batch == args.decode_batches[0] and context == args.decode_contexts[0]:
+                profile_steps(steps, args.profile_dir, "decode", args.device, variants=("plain", "mean/factorized"))
+            medians = interleaved_medians(steps, args.rounds, args.device)
             for name, seconds in medians.items():
                 rows.append(
                     {
@@ -258,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant's step (plain included)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
+    parser.add_argument("--pad-vocab", type=int, default=1, help="round the vocabulary up to a multiple of this")
     parser.add_argument("--profile-dir", type=Path, default=None, help="write torch.profiler tables of one step here")
     parser.add_argument("--out", type=Path, default=None, help="write all rows as JSON here")
     args = parser.parse_args(argv)
@@ -265,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
-    base = build_base(args.shape, args.device)
+    base = build_base(args.shape, args.device, args.pad_vocab)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"{args.shape}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters on {device_name}, {args.dtype}, "
           f"batch {args.batch} x {args.seq_len} tokens, rank {args.rank}, median of {args.rounds} interleaved rounds")
