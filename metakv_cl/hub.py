@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 GPT2_TOKENIZER_NAMES = {"gpt2", "openai-community/gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
 SMOLLM2_NAMES = {"smollm2-135m", "HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct"}
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M"  # what the short alias "smollm2-135m" means on the hub
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,17 +94,18 @@ def load_tokenizer(name_or_path: str = "gpt2", **kwargs: Any):
     Returns:
         A tokenizer with a pad token (the EOS token when the tokenizer has none).
     """
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **{**_hub_kwargs(name_or_path), **kwargs})
-    except (OSError, ValueError) as error:
-        if name_or_path in GPT2_TOKENIZER_NAMES:
+    if name_or_path in SMOLLM2_NAMES and not hub_reachable():
+        folder, gguf_file = smollm2_gguf_path()  # straight to the offline copy: no hub retries
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    else:
+        hub_name = SMOLLM2_HUB_NAME if name_or_path == "smollm2-135m" else name_or_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(hub_name, **{**_hub_kwargs(hub_name), **kwargs})
+        except (OSError, ValueError) as error:
+            if name_or_path not in GPT2_TOKENIZER_NAMES:
+                raise
             log.info("GPT-2 tokenizer not reachable (%s); using the offline copy", error.__class__.__name__)
             tokenizer = offline_gpt2_tokenizer()
-        elif name_or_path in SMOLLM2_NAMES:
-            folder, gguf_file = smollm2_gguf_path()
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-        else:
-            raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -160,9 +162,10 @@ def load_causal_lm(
         if dtype is not None:
             model = model.to(_as_dtype(dtype))
     elif name_or_path in SMOLLM2_NAMES and gguf_file is None and not Path(name_or_path).is_dir():
-        try:
-            model = _from_pretrained(name_or_path, None, overrides, dtype, attn_implementation)
-        except OSError:
+        if hub_reachable():
+            hub_name = SMOLLM2_HUB_NAME if name_or_path == "smollm2-135m" else name_or_path
+            model = _from_pretrained(hub_name, None, overrides, dtype, attn_implementation)
+        else:  # straight to the offline GGUF: no hub retries
             folder, gguf_file = smollm2_gguf_path()
             model = _from_pretrained(folder, gguf_file, overrides, dtype, attn_implementation)
     else:
