@@ -11,7 +11,9 @@ writes, into one folder:
 - ``curves_<method>.png``: each experience's score across the stream;
 - ``forgetting.png``: forgetting per experience and on average, one bar per method.
 
-:func:`aggregate_seeds` turns several seeds' results into a mean +- std table. Plots use
+:func:`aggregate_seeds` turns several seeds' results into a mean +- std table, and
+:func:`write_seed_report` writes a stream's multi-seed report (table, JSON, mean-R heatmaps,
+forgetting plot, and where the methods under test do not beat a baseline). Plots use
 matplotlib's object-oriented API on the Agg canvas, so no display and no global pyplot
 state are involved.
 """
@@ -43,6 +45,9 @@ __all__ = [
     "plot_forgetting",
     "seed_statistics",
     "aggregate_seeds",
+    "mean_result",
+    "comparison_notes",
+    "write_seed_report",
 ]
 
 # score name -> higher is better
@@ -223,6 +228,18 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "method"
 
 
+def _method_slugs(results: Sequence[MethodResult]) -> list[str]:
+    """File-name slugs of the methods, made unique ("LoRA (shared)" and "lora shared" must not
+    overwrite each other's plots)."""
+    slugs: list[str] = []
+    for result in results:
+        slug = _slug(result.method)
+        while slug in slugs:
+            slug += "_"
+        slugs.append(slug)
+    return slugs
+
+
 def _wrap(label: str, width: int = 18) -> str:
     return "\n".join(textwrap.wrap(label, width)) or label
 
@@ -357,12 +374,7 @@ def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    slugs: dict[str, str] = {}
-    for result in results:
-        slug = _slug(result.method)
-        while slug in slugs.values():  # "LoRA (shared)" and "lora shared" must not overwrite each other
-            slug += "_"
-        slugs[result.method] = slug
+    for result, slug in zip(results, _method_slugs(results)):
         paths[f"heatmap:{result.method}"] = plot_heatmap(result, out / f"heatmap_{slug}.png")
         paths[f"curves:{result.method}"] = plot_curves(result, out / f"curves_{slug}.png")
     paths["forgetting_plot"] = plot_forgetting(results, out / "forgetting.png")
@@ -385,6 +397,10 @@ def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[s
     return paths
 
 
+# Facts of a run's ``extra`` that the seed aggregation averages besides the figures.
+RUN_FACTS = ("wall_time_s", "peak_memory_bytes", "trainable_params")
+
+
 def seed_statistics(results_by_seed: Sequence[Sequence[MethodResult]]) -> dict[str, dict[str, Any]]:
     """Mean and standard deviation over seeds of every figure, per method.
 
@@ -392,32 +408,24 @@ def seed_statistics(results_by_seed: Sequence[Sequence[MethodResult]]) -> dict[s
         results_by_seed: one list of results per seed; methods are matched by name.
 
     Returns:
-        method -> ``{"score_name", "seeds", <figure>: {"mean", "std", "n"}}`` for the figures
-        (average, forgetting, bwt, fwt, perplexity for losses) and ``wall_time_s``.
-        ``std`` is the sample standard deviation (0 with one seed); undefined values of a
-        seed are left out and ``n`` counts the rest.
+        method -> ``{"score_name", "seeds", <key>: {"mean", "std", "n"}}`` for the figures
+        (average, forgetting, bwt, fwt, perplexity for losses) and the run facts
+        ``wall_time_s``, ``peak_memory_bytes`` and ``trainable_params``. ``std`` is the sample
+        standard deviation (0 with one seed); undefined values of a seed are left out and ``n``
+        counts the rest.
 
     Raises:
         ValueError: if there are no results, or one method has different score names.
     """
-    by_method: dict[str, list[MethodResult]] = {}
-    for seed_results in results_by_seed:
-        _check_results(seed_results)
-        for result in seed_results:
-            by_method.setdefault(result.method, []).append(result)
-    if not by_method:
-        raise ValueError("no results to aggregate")
+    by_method = _runs_by_method(results_by_seed)
     statistics_by_method = {}
     for method, runs in by_method.items():
-        score_names = {run.score_name for run in runs}
-        if len(score_names) > 1:
-            raise ValueError(f"method {method!r} mixes score names across seeds: {sorted(score_names)}")
         summaries = [run.summary for run in runs]
         entry: dict[str, Any] = {"score_name": runs[0].score_name, "seeds": len(runs)}
         values_by_key = {figure: [summary.get(figure) for summary in summaries] for figure in _figure_keys(runs)}
-        values_by_key["wall_time_s"] = [run.extra.get("wall_time_s") for run in runs]
+        values_by_key.update({fact: [run.extra.get(fact) for run in runs] for fact in RUN_FACTS})
         for key, values in values_by_key.items():
-            present = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+            present = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(float(v))]
             entry[key] = {
                 "mean": statistics.fmean(present) if present else None,
                 "std": statistics.stdev(present) if len(present) > 1 else (0.0 if present else None),
@@ -425,6 +433,27 @@ def seed_statistics(results_by_seed: Sequence[Sequence[MethodResult]]) -> dict[s
             }
         statistics_by_method[method] = entry
     return statistics_by_method
+
+
+def _runs_by_method(results_by_seed: Sequence[Sequence[MethodResult]]) -> dict[str, list[MethodResult]]:
+    by_method: dict[str, list[MethodResult]] = {}
+    for seed_results in results_by_seed:
+        _check_results(seed_results)
+        for result in seed_results:
+            by_method.setdefault(result.method, []).append(result)
+    if not by_method:
+        raise ValueError("no results to aggregate")
+    for method, runs in by_method.items():
+        score_names = {run.score_name for run in runs}
+        if len(score_names) > 1:
+            raise ValueError(f"method {method!r} mixes score names across seeds: {sorted(score_names)}")
+    return by_method
+
+
+def _mean_std_cell(entry: dict[str, Any] | None, digits: int = 3, scale: float = 1.0) -> str:
+    if entry is None or entry["mean"] is None:
+        return "–"
+    return f"{entry['mean'] / scale:.{digits}f} ± {entry['std'] / scale:.{digits}f}"
 
 
 def aggregate_seeds(results_by_seed: Sequence[Sequence[MethodResult]]) -> str:
@@ -436,7 +465,8 @@ def aggregate_seeds(results_by_seed: Sequence[Sequence[MethodResult]]) -> str:
 
     Returns:
         The table: method, score, seeds, average, forgetting, BWT, FWT, perplexity (when any
-        method is scored by loss) and wall time, each as ``mean ± std``.
+        method is scored by loss), wall time and peak memory, each as ``mean ± std``, and the
+        trainable parameters.
 
     Raises:
         ValueError: see :func:`seed_statistics`.
@@ -444,13 +474,148 @@ def aggregate_seeds(results_by_seed: Sequence[Sequence[MethodResult]]) -> str:
     stats = seed_statistics(results_by_seed)
     has_loss = any(entry["score_name"] == "loss" for entry in stats.values())
     figures = [*SUMMARY_FIGURES, *(("perplexity",) if has_loss else ())]
-    header = ["method", "score", "seeds", *(_FIGURE_HEADERS[f] for f in figures), "wall time (s)"]
-
-    def cell(entry: dict[str, Any] | None, digits: int = 3) -> str:
-        if entry is None or entry["mean"] is None:
-            return "–"
-        return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
-
-    rows = [[method, entry["score_name"], str(entry["seeds"]), *(cell(entry.get(f)) for f in figures),
-             cell(entry["wall_time_s"], digits=1)] for method, entry in stats.items()]
+    header = ["method", "score", "seeds", *(_FIGURE_HEADERS[f] for f in figures), "wall time (s)",
+              "peak memory (GiB)", "trainable params"]
+    rows = [[method, entry["score_name"], str(entry["seeds"]), *(_mean_std_cell(entry.get(f)) for f in figures),
+             _mean_std_cell(entry["wall_time_s"], digits=1),
+             _mean_std_cell(entry["peak_memory_bytes"], digits=2, scale=2**30),
+             _format_params(entry["trainable_params"]["mean"])] for method, entry in stats.items()]
     return _markdown_table(header, rows)
+
+
+def mean_result(runs: Sequence[MethodResult]) -> MethodResult:
+    """One method's R averaged cell by cell over seeds (cells missing in a seed are left out).
+
+    Args:
+        runs: the method's results, one per seed (same method, experiences and score).
+
+    Returns:
+        A :class:`MethodResult` with the mean matrix (as many rows as the longest run) and
+        ``extra = {"seeds": len(runs)}``.
+
+    Raises:
+        ValueError: no runs, or runs of different methods, experiences or scores.
+    """
+    if not runs:
+        raise ValueError("mean_result needs at least one run")
+    first = runs[0]
+    for run in runs[1:]:
+        if (run.method, run.experience_names, run.score_name) != (first.method, first.experience_names, first.score_name):
+            raise ValueError(f"cannot average runs of different methods or streams: {first.method!r} vs {run.method!r}")
+    num_rows = max(len(run.matrix) for run in runs)
+    matrix = []
+    for i in range(num_rows):
+        row = []
+        for j in range(len(first.experience_names)):
+            cells = [run.matrix[i][j] for run in runs if i < len(run.matrix) and not math.isnan(run.matrix[i][j])]
+            row.append(statistics.fmean(cells) if cells else math.nan)
+        matrix.append(row)
+    return MethodResult(first.method, first.experience_names, first.score_name, matrix, {"seeds": len(runs)})
+
+
+def comparison_notes(stats: dict[str, dict[str, Any]], candidates: Sequence[str]) -> list[str]:
+    """Where each candidate method does *not* beat another method, in words.
+
+    A candidate beats a method on a figure when its mean over seeds is better: a higher final
+    average for accuracies, a lower one for losses, and a lower forgetting in both cases.
+
+    Args:
+        stats: :func:`seed_statistics` output.
+        candidates: the methods under test (e.g. the Meta-KV variants); the others are the
+            baselines they are compared with.
+
+    Returns:
+        One Markdown bullet per candidate and figure it fails to win, naming the baselines with
+        their ``mean ± std``; a bullet saying it beats every baseline otherwise.
+    """
+    baselines = [method for method in stats if method not in candidates]
+    notes = []
+    for candidate in candidates:
+        entry = stats.get(candidate)
+        if entry is None:
+            continue
+        higher_is_better = SCORE_NAMES[entry["score_name"]]
+        lost = False
+        for figure, better_is_higher in (("average", higher_is_better), ("forgetting", False)):
+            mine = entry[figure]["mean"]
+            if mine is None:
+                continue
+            winners = []
+            for baseline in baselines:
+                theirs = stats[baseline][figure]["mean"]
+                if theirs is not None and (theirs >= mine if better_is_higher else theirs <= mine):
+                    winners.append(f"{baseline} ({_mean_std_cell(stats[baseline][figure])})")
+            if winners:
+                lost = True
+                notes.append(f"- **{candidate} does not beat** {', '.join(winners)} on {figure} "
+                             f"({entry['score_name'] if figure == 'average' else 'forgetting'}: "
+                             f"{candidate} {_mean_std_cell(entry[figure])}).")
+        if not lost and baselines:
+            notes.append(f"- {candidate} beats every baseline on final average and forgetting.")
+    return notes
+
+
+def write_seed_report(
+    results_by_seed: Sequence[Sequence[MethodResult]],
+    out_dir: str | Path,
+    *,
+    title: str,
+    header: dict[str, Any] | None = None,
+    candidates: Sequence[str] = (),
+) -> dict[str, Path]:
+    """Write the report of one stream over several seeds: table, JSON and plots.
+
+    Files: ``README.md`` (title, the header facts, the mean ± std table, where each candidate
+    does not beat a baseline, the sign conventions, each method's mean R), ``results.json``
+    (header, statistics and every seed's results), ``heatmap_<method>.png`` (mean R) and
+    ``forgetting.png`` (forgetting per experience of the mean R, one bar per method).
+
+    Args:
+        results_by_seed: one list of results per seed.
+        out_dir: output folder (created; its report files are overwritten).
+        title: the report's title (say which model and stream).
+        header: facts printed under the title and stored in the JSON (command, commit, GPU,
+            date, notes on the model or data substitutions, ...).
+        candidates: the methods under test, compared with the others by
+            :func:`comparison_notes`.
+
+    Returns:
+        Paths by key: ``"markdown"``, ``"json"``, ``"forgetting_plot"``, ``"heatmap:<method>"``.
+
+    Raises:
+        ValueError: see :func:`seed_statistics`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header = dict(header or {})
+    stats = seed_statistics(results_by_seed)
+    means = [mean_result(runs) for runs in _runs_by_method(results_by_seed).values()]
+    paths: dict[str, Path] = {}
+    for result, slug in zip(means, _method_slugs(means)):
+        paths[f"heatmap:{result.method}"] = plot_heatmap(result, out / f"heatmap_{slug}.png")
+    paths["forgetting_plot"] = plot_forgetting(means, out / "forgetting.png")
+
+    paths["json"] = out / "results.json"
+    paths["json"].write_text(json.dumps(_json_safe({
+        "title": title,
+        "header": header,
+        "sign_conventions": SIGN_CONVENTIONS,
+        "statistics": stats,
+        "mean_matrices": {result.method: result.matrix for result in means},
+        "runs": [[result.to_json() for result in seed_results] for seed_results in results_by_seed],
+        "plots": {key: path.name for key, path in paths.items() if key != "json"},
+    }), indent=2))
+
+    sections = [f"# {title}", ""]
+    sections += [f"- **{key}**: {value}" for key, value in header.items()]
+    sections += ["", "Mean ± sample standard deviation over seeds.", "", aggregate_seeds(results_by_seed), ""]
+    notes = comparison_notes(stats, [c for c in candidates if c in stats])
+    if notes:
+        sections += ["## Meta-KV consolidation against the baselines", "", *notes, ""]
+    sections += [SIGN_CONVENTIONS, "", f"![forgetting per method]({paths['forgetting_plot'].name})", ""]
+    for result in means:
+        sections += [f"## {result.method}: R averaged over {result.extra['seeds']} seed(s)", "",
+                     _matrix_markdown(result), "", f"![R heatmap]({paths[f'heatmap:{result.method}'].name})", ""]
+    paths["markdown"] = out / "README.md"
+    paths["markdown"].write_text("\n".join(sections))
+    return paths

@@ -5,7 +5,16 @@ import math
 
 import pytest
 
-from metakv_cl.report import MethodResult, aggregate_seeds, format_table, seed_statistics, write_report
+from metakv_cl.report import (
+    MethodResult,
+    aggregate_seeds,
+    comparison_notes,
+    format_table,
+    mean_result,
+    seed_statistics,
+    write_report,
+    write_seed_report,
+)
 
 NAMES = ["people", "cities", "companies"]
 ACCURACY = [[0.1, 0.2, 0.3], [0.9, 0.3, 0.2], [0.6, 0.8, 0.4], [0.5, 0.7, 0.9]]
@@ -112,3 +121,53 @@ def test_write_report_mixed_scores_and_clashing_slugs(tmp_path):
     paths = write_report(results, tmp_path)
     assert paths["heatmap:LoRA shared"] != paths["heatmap:lora-shared"]
     assert paths["forgetting_plot"].read_bytes().startswith(PNG_SIGNATURE)
+
+
+def _seeded(method, shift, extra=None):
+    return MethodResult(method, NAMES, "loss", [[c + shift for c in row] for row in LOSS], extra or {})
+
+
+def test_aggregate_seeds_reports_memory_and_parameters():
+    facts = {"wall_time_s": 10.0, "peak_memory_bytes": 2 * 2**30, "trainable_params": 5000}
+    table = aggregate_seeds([[_seeded("naive", 0.0, facts)], [_seeded("naive", 0.2, {**facts, "peak_memory_bytes": 2**30})]])
+    assert table.splitlines()[0].endswith("| wall time (s) | peak memory (GiB) | trainable params |")
+    assert table.splitlines()[2].endswith("| 10.0 ± 0.0 | 1.50 ± 0.71 | 5,000 |")
+
+
+def test_mean_result_averages_cells_and_skips_missing_ones():
+    partial = MethodResult("naive", NAMES, "loss", LOSS[:2] + [[None, 1.0, None]])
+    mean = mean_result([_seeded("naive", 0.0), _seeded("naive", 1.0), partial])
+    assert mean.matrix[0] == pytest.approx([c + 1 / 3 for c in LOSS[0]])
+    assert mean.matrix[2] == pytest.approx([LOSS[2][0] + 0.5, (LOSS[2][1] * 2 + 1 + 1.0) / 3, LOSS[2][2] + 0.5])
+    assert mean.matrix[3] == pytest.approx([c + 0.5 for c in LOSS[3]]) and mean.extra == {"seeds": 3}
+    with pytest.raises(ValueError, match="different methods"):
+        mean_result([_seeded("naive", 0.0), _seeded("replay", 0.0)])
+
+
+def test_comparison_notes_name_the_baselines_a_candidate_does_not_beat():
+    stats = seed_statistics([[_seeded("metakv", 0.0), _seeded("replay", -0.1), _seeded("naive", 0.3)]])
+    notes = comparison_notes(stats, ["metakv"])
+    # losses: replay's lower average beats metakv; forgetting is a shift-invariant tie, so both baselines match it
+    assert notes[0].startswith("- **metakv does not beat** replay (1.900 ± 0.000) on average")
+    assert "naive" not in notes[0]
+    assert "on forgetting" in notes[1] and "replay" in notes[1] and "naive" in notes[1]
+    forgetful = [[4.0, 4.0, 4.0], [1.0, 4.0, 4.0], [4.0, 1.0, 4.0], [5.0, 5.0, 1.0]]
+    better = seed_statistics([[_seeded("metakv", -1.0), MethodResult("naive", NAMES, "loss", forgetful)]])
+    assert comparison_notes(better, ["metakv"]) == ["- metakv beats every baseline on final average and forgetting."]
+
+
+def test_write_seed_report_files(tmp_path):
+    seeds = [[_seeded("naive", shift), _seeded("metakv-replay", shift - 0.2)] for shift in (0.0, 0.1, 0.2)]
+    header = {"command": "python benchmarks/cl_suite.py run", "model": "GPT-2 small shape, trained from scratch"}
+    paths = write_seed_report(seeds, tmp_path / "stream", title="GPT-2: topics", header=header,
+                              candidates=["metakv-replay"])
+    markdown = paths["markdown"].read_text()
+    assert markdown.startswith("# GPT-2: topics") and "- **model**: GPT-2 small shape, trained from scratch" in markdown
+    assert "| naive | loss | 3 |" in markdown and "## metakv-replay: R averaged over 3 seed(s)" in markdown
+    assert "Meta-KV consolidation against the baselines" in markdown
+    report = json.loads(paths["json"].read_text())
+    assert report["header"] == header and len(report["runs"]) == 3
+    assert report["statistics"]["naive"]["average"]["mean"] == pytest.approx(2.1)
+    assert report["mean_matrices"]["naive"][1] == pytest.approx([c + 0.1 for c in LOSS[1]])
+    for key in ("forgetting_plot", "heatmap:naive", "heatmap:metakv-replay"):
+        assert paths[key].read_bytes().startswith(PNG_SIGNATURE)

@@ -8,7 +8,7 @@ benchmark of tokenised experiences.
 from metakv_cl.data.collate import IGNORE_INDEX, PadCollator
 from metakv_cl.data.dbpedia import dbpedia_topic_tasks
 from metakv_cl.data.downstream import downstream_tasks
-from metakv_cl.data.scoring import rank_choices, sequence_nll
+from metakv_cl.data.scoring import rank_choices, rank_choices_with_shared_prompt, sequence_nll
 from metakv_cl.data.stream import (
     OVERFLOW_POLICIES,
     CompactVocabulary,
@@ -25,6 +25,7 @@ from metakv_cl.data.stream import (
 from metakv_cl.data.synthetic import synthetic_topic_tasks
 from metakv_cl.data.tasks import ClassificationTask, Task, TextTask
 from metakv_cl.data.wikipedia_dump import tasks_from_wikipedia_dump
+from metakv_cl.data.wikitext import wikitext_tasks
 
 __all__ = [
     "IGNORE_INDEX",
@@ -43,10 +44,12 @@ __all__ = [
     "downstream_tasks",
     "make_benchmark",
     "rank_choices",
+    "rank_choices_with_shared_prompt",
     "sequence_nll",
     "synthetic_topic_tasks",
     "tasks_from_wikipedia_dump",
     "text_task_from_files",
     "text_task_from_hf_dataset",
+    "wikitext_tasks",
     "word_level_tokenizer",
 ]

@@ -173,6 +173,7 @@ def dbpedia_topic_tasks(
     topics_per_experience: int = 2,
     order: str = "fixed",
     seed: int = 0,
+    order_seed: int | None = None,
     max_train_per_topic: int | None = None,
     test_fraction: float = 0.2,
     max_test_per_topic: int | None = None,
@@ -187,8 +188,12 @@ def dbpedia_topic_tasks(
         order: ``"fixed"``: the dataset's label order (Company, Educational Institution,
             Artist, Athlete, Office Holder, Mean of Transportation, Building, Natural Place,
             Village, Animal, Plant, Album, Film, Written Work); ``"shuffled"``: that list
-            shuffled with ``seed``.
-        seed: seeds the topic shuffle and each topic's train/test split.
+            shuffled with ``order_seed``. With ``order_seed=0`` the 7 experiences are
+            Educational Institution + Plant, Animal + Mean of Transportation, Album + Artist,
+            Athlete + Natural Place, Village + Office Holder, Company + Film, Building + Written Work.
+        seed: seeds each topic's train/test split (and the topic shuffle when ``order_seed`` is None).
+        order_seed: seeds the topic shuffle alone, so one shuffled order can be kept while
+            ``seed`` varies (default: ``seed``).
         max_train_per_topic: cap on training abstracts per topic (default: all).
         test_fraction: share of each topic's abstracts held out for evaluation.
         max_test_per_topic: cap on held-out abstracts per topic (default: all).
@@ -209,7 +214,7 @@ def dbpedia_topic_tasks(
     texts_by_topic: dict[str, list[str]] = {}
     for text, topic in load_dbpedia_records(root):
         texts_by_topic.setdefault(topic, []).append(text)
-    topics = _ordered_topics(set(texts_by_topic), order, seed)
+    topics = _ordered_topics(set(texts_by_topic), order, seed if order_seed is None else order_seed)
 
     tasks = []
     for start in range(0, len(topics), topics_per_experience):

@@ -36,6 +36,7 @@ The module also reads task lists from text files and Hugging Face datasets
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -631,6 +632,33 @@ def _resolve_callable(path: str):
     return getattr(module, attribute)
 
 
+@functools.lru_cache(maxsize=8)
+def named_tokenizer(name: str):
+    """:func:`metakv_cl.hub.load_tokenizer`, loaded once per process and name.
+
+    Streams that share a tokenizer share the object (loading SmolLM2's from its GGUF takes
+    seconds); :class:`CompactVocabulary` wraps it without changing it.
+    """
+    from metakv_cl.hub import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def _call_loader(path: str, arguments: Mapping[str, Any]) -> list[Task]:
+    """Call the loader at dotted ``path`` with ``arguments`` (checked against its signature first)."""
+    import inspect
+
+    function = _resolve_callable(path)
+    signature = inspect.signature(function)
+    try:
+        signature.bind(**arguments)
+    except TypeError as error:
+        raise ValueError(
+            f"loader_args do not fit {path}: {error}; accepted arguments: {list(signature.parameters)}"
+        ) from None
+    return function(**arguments)
+
+
 class TaskStream(pl.LightningDataModule):
     """The configurable description of a stream: where its tasks come from and how they are tokenised.
 
@@ -656,6 +684,10 @@ class TaskStream(pl.LightningDataModule):
         overflow: ``"chunk"``, ``"truncate"`` or ``"error"`` for over-long texts.
         warmup_experiences: how many leading tasks form the warm-up stream (pre-training of a
             from-scratch model before the continual stream; not evaluated).
+        warmup_loader: dotted path of a loader whose tasks form the warm-up stream instead
+            (e.g. ``metakv_cl.data.wikitext.wikitext_tasks``: general text before a topic
+            stream); once loaded, ``warmup_experiences`` is the number of tasks it returned.
+        warmup_loader_args: keyword arguments of ``warmup_loader``.
         warmup_epochs: epochs of warm-up training (all parameters, LM loss).
         append_eos: end every text with the EOS token.
     """
@@ -671,6 +703,8 @@ class TaskStream(pl.LightningDataModule):
         max_length: int | None = None,
         overflow: Literal["chunk", "truncate", "error"] = "chunk",
         warmup_experiences: int = 0,
+        warmup_loader: str | None = None,
+        warmup_loader_args: dict[str, Any] | None = None,
         warmup_epochs: int = 1,
         append_eos: bool = True,
     ):
@@ -679,6 +713,11 @@ class TaskStream(pl.LightningDataModule):
             raise ValueError(f"unknown overflow policy {overflow!r}; choose one of {', '.join(OVERFLOW_POLICIES)}")
         if warmup_experiences < 0:
             raise ValueError(f"warmup_experiences must be >= 0, got {warmup_experiences}")
+        if warmup_loader is not None and warmup_experiences:
+            raise ValueError(
+                "give either warmup_experiences (leading tasks of the stream) or warmup_loader (tasks of "
+                f"another loader) for the warm-up, not both (got {warmup_experiences} and {warmup_loader!r})"
+            )
         self.loader = loader
         self.loader_args = dict(loader_args or {})
         self.inline_tasks = tasks
@@ -688,6 +727,8 @@ class TaskStream(pl.LightningDataModule):
         self.max_length = max_length
         self.overflow = overflow
         self.warmup_experiences = warmup_experiences
+        self.warmup_loader = warmup_loader
+        self.warmup_loader_args = dict(warmup_loader_args or {})
         self.warmup_epochs = warmup_epochs
         self.append_eos = append_eos
         self._tasks: list[Task] | None = None
@@ -697,28 +738,22 @@ class TaskStream(pl.LightningDataModule):
         """Load (once) and return every task, warm-up tasks first."""
         if self._tasks is None:
             if self.inline_tasks is not None:
-                self._tasks = [_task_from_dict(spec) for spec in self.inline_tasks]
+                tasks = [_task_from_dict(spec) for spec in self.inline_tasks]
             else:
-                self._tasks = list(self._call_loader())
+                tasks = list(_call_loader(self.loader, self.loader_args))
+            if self.warmup_loader is not None:
+                warmup = list(_call_loader(self.warmup_loader, self.warmup_loader_args))
+                if not warmup:
+                    raise ValueError(f"the warm-up loader {self.warmup_loader} returned no task")
+                self.warmup_experiences = len(warmup)
+                tasks = warmup + tasks
+            self._tasks = tasks
             if len(self._tasks) <= self.warmup_experiences:
                 raise ValueError(
                     f"the stream has {len(self._tasks)} task(s) but warmup_experiences={self.warmup_experiences}: "
                     "no experience is left for the continual stream"
                 )
         return self._tasks
-
-    def _call_loader(self) -> list[Task]:
-        import inspect
-
-        function = _resolve_callable(self.loader)
-        signature = inspect.signature(function)
-        try:
-            signature.bind(**self.loader_args)
-        except TypeError as error:
-            raise ValueError(
-                f"loader_args do not fit {self.loader}: {error}; accepted arguments: {list(signature.parameters)}"
-            ) from None
-        return function(**self.loader_args)
 
     def tokenizer(self):
         """The tokenizer (loaded or fitted once)."""
@@ -727,9 +762,7 @@ class TaskStream(pl.LightningDataModule):
             if self.tokenizer_name == "word-level":
                 self._tokenizer = word_level_tokenizer(texts, self.word_level_vocab_size)
             else:
-                from metakv_cl.hub import load_tokenizer
-
-                self._tokenizer = load_tokenizer(self.tokenizer_name)
+                self._tokenizer = named_tokenizer(self.tokenizer_name)
                 if self.compact_vocabulary:
                     self._tokenizer = CompactVocabulary(self._tokenizer, texts)
         return self._tokenizer

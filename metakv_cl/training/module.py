@@ -9,8 +9,10 @@
 * a non-finite loss stops training with :class:`NonFiniteLossError` naming the experience, the
   step and every loss component;
 * validation = the score of one experience: token-weighted mean loss for language modelling,
-  label-likelihood accuracy for classification, accumulated in torchmetrics ``SumMetric`` states
-  so that DDP ranks (each seeing a shard) agree on the result (:attr:`eval_result`).
+  label-likelihood accuracy for classification (each prompt run once and its KV cache continued
+  with every candidate, unless the model keeps a dynamic Meta-KV state), accumulated in
+  torchmetrics ``SumMetric`` states so that DDP ranks (each seeing a shard) agree on the result
+  (:attr:`eval_result`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import metakv_cl  # noqa: F401  (torchvision import fix before transformers' mod
 import pytorch_lightning as pl
 from torchmetrics.aggregation import SumMetric
 
-from metakv_cl.data.scoring import rank_choices, sequence_nll
+from metakv_cl.data.scoring import rank_choices, rank_choices_with_shared_prompt, sequence_nll
 from metakv_cl.modeling.config import MetaKVConfig
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -59,6 +61,9 @@ class ContinualLMModule(pl.LightningModule):
             over the steps of one ``Trainer.fit`` (one experience or one phase).
         warmup_steps: linear warm-up steps of each fit.
         attn_implementation: ``"sdpa"`` or ``"eager"``.
+        shared_prompt_scoring: score classification candidates on one shared prompt run
+            (:func:`~metakv_cl.data.scoring.rank_choices_with_shared_prompt`) when the model
+            allows it; False always scores full rows.
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class ContinualLMModule(pl.LightningModule):
         lr_schedule: Literal["constant", "linear", "cosine"] = "constant",
         warmup_steps: int = 0,
         attn_implementation: str = "sdpa",
+        shared_prompt_scoring: bool = True,
     ):
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -125,7 +131,9 @@ class ContinualLMModule(pl.LightningModule):
         self.eval_correct = SumMetric()
         self.eval_examples = SumMetric()
         self.eval_result: dict[str, float] = {}
+        self.shared_prompt_scoring = shared_prompt_scoring
         self._evaluating_classification = False
+        self._rank_choices = rank_choices
 
     # ------------------------------------------------------------------ model access
 
@@ -244,11 +252,24 @@ class ContinualLMModule(pl.LightningModule):
         for metric in (self.eval_nll, self.eval_tokens, self.eval_correct, self.eval_examples):
             metric.reset()
         self._evaluating_classification = False
+        self._rank_choices = rank_choices_with_shared_prompt if self.scores_on_shared_prompt() else rank_choices
+
+    def scores_on_shared_prompt(self) -> bool:
+        """Whether classification candidates are scored on one shared prompt run.
+
+        Not with a dynamic Meta-KV meta-state: its running state would also read the padding
+        between a short prompt and its candidates.
+        """
+        from metakv_cl.modeling import get_meta_kv, has_meta_kv
+
+        if not self.shared_prompt_scoring:
+            return False
+        return not has_meta_kv(self.model) or get_meta_kv(self.model).config.dynamic_source is None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if "choice_input_ids" in batch:
             self._evaluating_classification = True
-            log_likelihoods, predictions = rank_choices(
+            log_likelihoods, predictions = self._rank_choices(
                 self.model, batch["choice_input_ids"], batch["choice_labels"], batch["choice_attention_mask"]
             )
             gold = batch["target"]

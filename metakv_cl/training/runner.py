@@ -15,6 +15,12 @@ rows of R, RNG states, the index of the next experience), ``result.json`` (the r
 an experience every fit writes ``last.ckpt`` at each epoch end. ``run_stream(...,
 resume=True)`` (the CLI's ``--ckpt_path last``) restores the stream state, continues the
 interrupted experience from its ``last.ckpt`` files and never redoes finished experiences.
+Benchmark sweeps that rerun an interrupted run from its start pass ``save_weights=False``: only
+``result.json`` and ``progress.json`` are written (no half-gigabyte ``state.pt`` per experience).
+
+Every result's ``extra`` holds ``wall_time_s``, ``peak_memory_bytes`` (peak CUDA memory of this
+run when it ran on a GPU, else the process's peak resident memory), ``device`` and the
+strategy's ``trainable_params``.
 """
 
 from __future__ import annotations
@@ -54,11 +60,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def _peak_memory_bytes() -> int:
     """Peak accelerator memory if CUDA is in use, otherwise the process's peak resident memory."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _cuda_in_use():
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if _cuda_in_use() else "cpu"
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -80,19 +94,35 @@ class StreamState:
         root_dir: the method's run folder.
     """
 
-    def __init__(self, root_dir: str | Path):
+    def __init__(self, root_dir: str | Path, save_weights: bool = True):
         self.folder = Path(root_dir) / STATE_DIR
         self.path = self.folder / "state.pt"
+        self.save_weights = save_weights
 
     def exists(self) -> bool:
         return self.path.is_file()
 
     def save(self, strategy, benchmark: LMBenchmark, rows: list[list[float]], next_experience: int, wall_time_s: float,
              extra: dict[str, Any]) -> None:
-        """Write the state (rank 0 only; other ranks return at once)."""
+        """Write the state (rank 0 only; other ranks return at once); without ``save_weights``
+        only the result and the progress files."""
         if not is_global_zero():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.save_weights:
+            self._save_weights(strategy, benchmark, rows, next_experience, wall_time_s, extra)
+        partial = MethodResult(strategy.method_name, benchmark.experience_names, benchmark.score_name, rows, extra)
+        _atomic_write_text(json.dumps(partial.to_json(), indent=2) + "\n", self.folder / "result.json")
+        progress = {
+            "method": strategy.method_name,
+            "next_experience": next_experience,
+            "num_experiences": benchmark.num_experiences,
+            "fingerprint": benchmark.fingerprint(),
+        }
+        _atomic_write_text(json.dumps(progress, indent=2) + "\n", self.folder / "progress.json")
+
+    def _save_weights(self, strategy, benchmark: LMBenchmark, rows: list[list[float]], next_experience: int,
+                      wall_time_s: float, extra: dict[str, Any]) -> None:
         state = {
             "format": STATE_FORMAT,
             "method": strategy.method_name,
@@ -107,15 +137,6 @@ class StreamState:
             "extra": extra,
         }
         _atomic_save(state, self.path)
-        partial = MethodResult(strategy.method_name, benchmark.experience_names, benchmark.score_name, rows, extra)
-        _atomic_write_text(json.dumps(partial.to_json(), indent=2) + "\n", self.folder / "result.json")
-        progress = {
-            "method": strategy.method_name,
-            "next_experience": next_experience,
-            "num_experiences": benchmark.num_experiences,
-            "fingerprint": benchmark.fingerprint(),
-        }
-        _atomic_write_text(json.dumps(progress, indent=2) + "\n", self.folder / "progress.json")
 
     def load(self, strategy, benchmark: LMBenchmark) -> dict[str, Any]:
         """Restore strategy, weights and RNG from the state; returns the state dict.
@@ -158,6 +179,7 @@ def run_stream(
     root_dir: str | Path | None = None,
     resume: bool = False,
     keep_checkpoints: bool = False,
+    save_weights: bool = True,
     echo: Callable[[str], None] | None = None,
 ) -> MethodResult:
     """Train and evaluate ``strategy`` on the whole stream, checkpointing after every experience.
@@ -170,6 +192,8 @@ def run_stream(
             ``last.ckpt`` files (starts from scratch when there is no state yet).
         keep_checkpoints: keep each finished experience's per-epoch checkpoints (by default
             they are deleted once the stream state covers the experience).
+        save_weights: write ``state.pt`` (weights and strategy state) after every experience;
+            False keeps only the rows of R (a later ``resume`` then starts from the beginning).
         echo: called with one progress line per experience (rank 0 only); default: logging.
 
     Returns:
@@ -179,7 +203,9 @@ def run_stream(
     root = Path(root_dir) if root_dir is not None else strategy.root_dir
     strategy.root_dir = root
     strategy.experience_names = benchmark.experience_names
-    store = StreamState(root)
+    store = StreamState(root, save_weights=save_weights)
+    if _cuda_in_use():
+        torch.cuda.reset_peak_memory_stats()  # this run's peak, not an earlier run's in the same process
     started = time.perf_counter()
     extra: dict[str, Any] = {"seed": strategy.seed, "strategy": type(strategy).__name__}
     resumed_at: int | None = None
@@ -219,7 +245,8 @@ def run_stream(
         next_experience = experiences[-1] + 1
         extra.update(strategy.report_extra())
         extra["wall_time_s"] = elapsed()
-        extra["peak_memory_bytes"] = _peak_memory_bytes()
+        extra["peak_memory_bytes"] = max(_peak_memory_bytes(), int(extra.get("peak_memory_bytes", 0)))
+        extra["device"] = _device_name()
         store.save(strategy, benchmark, rows, next_experience, elapsed(), extra)
         if is_global_zero():
             names = ", ".join(benchmark.experience_names[k] for k in experiences)
@@ -233,6 +260,7 @@ def run_stream(
         strategy.resume_phases = False
     extra["wall_time_s"] = elapsed()
     extra.setdefault("peak_memory_bytes", _peak_memory_bytes())
+    extra.setdefault("device", _device_name())
     if is_global_zero() and not keep_checkpoints:
         _remove_if_empty(root / "experiences")
     return MethodResult(strategy.method_name, benchmark.experience_names, benchmark.score_name, rows, extra)

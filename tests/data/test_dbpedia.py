@@ -97,3 +97,19 @@ def test_split_holdout_sizes():
     assert [len(part) for part in split_holdout([1, 2], 0.9, seed=0, what="x")] == [1, 1]
     with pytest.raises(ValueError, match="test_fraction"):
         split_holdout([1, 2, 3], 1.0, seed=0, what="x")
+
+
+def test_order_seed_keeps_one_shuffled_order_across_seeds(shared_data):
+    def names(seed, order_seed):
+        tasks = dbpedia_topic_tasks(root=shared_data / "dbpedia14", order="shuffled", seed=seed, order_seed=order_seed,
+                                    max_train_per_topic=2, max_test_per_topic=1)
+        return [task.name for task in tasks], tasks
+
+    documented, first = names(seed=0, order_seed=0)
+    assert documented == [
+        "Educational Institution + Plant", "Animal + Mean of Transportation", "Album + Artist",
+        "Athlete + Natural Place", "Village + Office Holder", "Company + Film", "Building + Written Work",
+    ]
+    same_order, second = names(seed=5, order_seed=0)
+    assert same_order == documented
+    assert first[0].train != second[0].train  # seed still draws the split

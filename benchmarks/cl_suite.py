@@ -1,0 +1,851 @@
+"""The continual-learning benchmark suite: every strategy on every stream, several seeds, one GPU.
+
+A suite config (``configs/benchmarks/cl_suite.yaml``) names models, streams, methods and
+*plans* (which models x streams x methods to run, with a priority). Every (model, stream,
+method, seed) is one *cell*: one :func:`~metakv_cl.training.runner.run_stream` of one strategy.
+Commands::
+
+    python benchmarks/cl_suite.py plan   [--config C] [--plans P ...]      # cells and GPU-time estimate
+    python benchmarks/cl_suite.py run    [--config C] [--plans P ...] --workers 8 --time-budget 480 \\
+                                         [--pack OUT.tar.gz] [--commit SHA]
+    python benchmarks/cl_suite.py report [--config C] --runs-dir DIR [DIR ...] [--out benchmarks/results/cl_suite]
+
+``run`` starts ``--workers`` worker processes on the one GPU (a 135M model leaves most of an H100
+idle, so parallel runs are what fills it). Workers take cells from a shared, ordered list (plan
+priority, then seed, then the longest cell first) by creating a claim file, and write each
+finished cell's result as JSON at once (``<runs-dir>/results/<model>/<stream>/<method>/seed<k>.json``),
+so a call that is killed keeps every finished cell. Cells whose JSON exists are skipped: unpack
+an earlier call's pack into the runs dir and the next call continues where it stopped.
+Within ``--time-budget`` seconds a worker starts no cell that its (online-calibrated) estimate
+says cannot finish; at the budget the workers are stopped. ``--pack`` writes the runs dir's
+results, call records and logs (no weights) into one tar.gz.
+
+``report`` merges the results of any number of runs dirs (several calls) and writes one folder
+per (model, stream) under ``--out``: ``README.md`` (mean +- std over seeds of average,
+forgetting, BWT, FWT, perplexity, wall time, peak GPU memory, trainable parameters; where
+Meta-KV consolidation does not beat a baseline; every method's mean R), ``results.json`` and
+plots (mean-R heatmaps, forgetting per method); its header names the exact command, commit, GPU
+and date of the calls that produced the cells.
+
+Design choices, all in the config: the stream data (subsets, splits, the shuffled DBpedia order)
+are fixed across seeds and the seed varies initialisation of added parameters, data order and
+dropout; every method that replays gets the stream's one ``replay_buffer`` (``buffer_size``, in
+training items); baselines run on the plain model, Meta-KV methods on the same model with Meta-KV
+added (which computes exactly the plain model at initialisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import fcntl
+import gc
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "benchmarks" / "cl_suite.yaml"
+RESULTS_DIR = "results"
+CLAIMS_DIR = "claims"
+CALLS_DIR = "calls"
+LOGS_DIR = "logs"
+SCRATCH_DIR = "scratch"
+PLAN_FILE = "plan.json"
+log = logging.getLogger("cl_suite")
+
+
+def _map_source_checkout() -> None:
+    """Make ``metakv_cl.strategies`` / ``metakv_cl.benchmarks`` importable from a source checkout.
+
+    ``pip install`` maps the top-level ``strategies/`` and ``benchmarks/`` folders into the
+    ``metakv_cl`` package; with only the checkout on ``PYTHONPATH`` (the GPU machine) the
+    repository root is added to the package's search path, which maps them the same way.
+    """
+    import importlib.util
+
+    import metakv_cl
+
+    if importlib.util.find_spec("metakv_cl.strategies") is None:
+        metakv_cl.__path__.append(str(REPO_ROOT))
+
+
+_map_source_checkout()
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from metakv_cl.report import MethodResult, write_seed_report  # noqa: E402
+
+
+# --------------------------------------------------------------------------- the suite config
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: a method on a stream with a model and a seed."""
+
+    model: str
+    stream: str
+    method: str
+    seed: int
+    priority: int = 0
+    plan: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.stream}/{self.method}/seed{self.seed}"
+
+    def result_path(self, runs_dir: Path) -> Path:
+        return runs_dir / RESULTS_DIR / self.model / self.stream / self.method / f"seed{self.seed}.json"
+
+    def error_path(self, runs_dir: Path) -> Path:
+        return self.result_path(runs_dir).with_suffix(".error.txt")
+
+
+class Suite:
+    """A suite config: models, streams, methods, plans, seeds, Trainer settings, throughput.
+
+    Args:
+        config: the parsed YAML (see ``configs/benchmarks/cl_suite.yaml`` for every key).
+        source: where it came from (for error messages).
+
+    Raises:
+        ValueError: a missing section, or a plan naming an unknown model, stream or method.
+    """
+
+    SECTIONS = ("models", "streams", "methods", "plans", "seeds", "trainer")
+
+    def __init__(self, config: dict[str, Any], source: str = "suite config"):
+        missing = [key for key in self.SECTIONS if key not in config]
+        if missing:
+            raise ValueError(f"{source}: missing section(s) {missing}")
+        self.config = config
+        self.source = source
+        self.models: dict[str, dict] = config["models"]
+        self.streams: dict[str, dict] = config["streams"]
+        self.methods: dict[str, dict] = config["methods"]
+        self.plans: dict[str, dict] = config["plans"]
+        self.seeds: list[int] = [int(seed) for seed in config["seeds"]]
+        self.trainer: dict[str, Any] = dict(config["trainer"])
+        self.throughput: dict[str, Any] = dict(config.get("throughput", {}))
+        for name, plan in self.plans.items():
+            for section, known in (("models", self.models), ("streams", self.streams), ("methods", self.methods)):
+                unknown = [entry for entry in plan.get(section, []) if entry not in known]
+                if unknown or not plan.get(section):
+                    raise ValueError(f"{source}: plan {name!r} lists unknown or no {section}: {unknown or '[]'}; "
+                                     f"known: {sorted(known)}")
+        for name, method in self.methods.items():
+            if method.get("lr", "full") not in ("full", "adapter", "metakv"):
+                raise ValueError(f"{source}: method {name!r}: lr must be full, adapter or metakv, got {method['lr']!r}")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Suite":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"suite config not found: {path}")
+        return cls(yaml.safe_load(path.read_text()), str(path))
+
+    def cells(self, plans: Sequence[str] | None = None) -> list[Cell]:
+        """Every cell of the chosen plans (all by default), without duplicates, in plan order.
+
+        Raises:
+            ValueError: an unknown plan name.
+        """
+        names = list(plans) if plans else list(self.plans)
+        unknown = [name for name in names if name not in self.plans]
+        if unknown:
+            raise ValueError(f"unknown plan(s) {unknown}; known: {sorted(self.plans)}")
+        cells: dict[str, Cell] = {}
+        for name in names:
+            plan = self.plans[name]
+            for seed in plan.get("seeds", self.seeds):
+                for model in plan["models"]:
+                    for stream in plan["streams"]:
+                        for method in plan["methods"]:
+                            cell = Cell(model, stream, method, int(seed), int(plan.get("priority", 0)), name)
+                            cells.setdefault(cell.key, cell)
+        return list(cells.values())
+
+
+# --------------------------------------------------------------------------- building runs
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Workbench:
+    """Builds and runs cells in one process, caching streams and base models across cells.
+
+    Args:
+        suite: the suite.
+        runs_dir: the runs folder (results, scratch run folders, warm-up weights).
+        call_id: this call's id (stored in every result).
+        concurrency: how many cells run at once on the device (stored in every result).
+    """
+
+    def __init__(self, suite: Suite, runs_dir: Path, call_id: str = "local", concurrency: int = 1):
+        self.suite, self.runs_dir, self.call_id, self.concurrency = suite, runs_dir, call_id, concurrency
+        self._streams: dict[tuple[str, str], Any] = {}
+        self._benchmarks: dict[tuple[str, str], Any] = {}
+        self._base_models: dict[str, torch.nn.Module] = {}
+
+    # ------------------------------------------------------------------ data
+
+    def stream(self, model_name: str, stream_name: str):
+        """The :class:`~metakv_cl.data.TaskStream` of a stream for a model (its tokenizer, warm-up)."""
+        from metakv_cl.data import TaskStream
+
+        key = (model_name, stream_name)
+        if key not in self._streams:
+            model, spec = self.suite.models[model_name], self.suite.streams[stream_name]
+            warmup = model.get("warmup") or {}
+            self._streams[key] = TaskStream(
+                loader=spec["loader"],
+                loader_args=spec.get("loader_args", {}),
+                tokenizer=model["tokenizer"],
+                compact_vocabulary=bool(model.get("compact_vocabulary", False)),
+                max_length=int(spec["max_length"]),
+                overflow=spec.get("overflow", "chunk"),
+                warmup_loader=warmup.get("loader"),
+                warmup_loader_args=warmup.get("loader_args", {}),
+                warmup_epochs=int(warmup.get("epochs", 1)),
+            )
+        return self._streams[key]
+
+    def benchmark(self, model_name: str, stream_name: str):
+        """The tokenised :class:`~metakv_cl.data.LMBenchmark` (built once per process)."""
+        key = (model_name, stream_name)
+        if key not in self._benchmarks:
+            self._benchmarks[key] = self.stream(model_name, stream_name).build()
+        return self._benchmarks[key]
+
+    # ------------------------------------------------------------------ models
+
+    def trainer_kwargs(self, stream_name: str, root: Path) -> dict[str, Any]:
+        kwargs = {**self.suite.trainer, "max_epochs": int(self.suite.streams[stream_name].get("epochs", 1))}
+        kwargs["default_root_dir"] = str(root)
+        return kwargs
+
+    def base_model(self, cell: Cell) -> torch.nn.Module:
+        """The plain model a cell starts from: pretrained weights, or warmed-up from-scratch ones."""
+        from metakv_cl.hub import load_causal_lm
+        from metakv_cl.training.callbacks import derived_seed, seed_all
+
+        spec = self.suite.models[cell.model]
+        if not spec.get("from_scratch", False):
+            if cell.model not in self._base_models:
+                self._base_models[cell.model] = load_causal_lm(spec["model"], **spec.get("load_args", {}))
+            return copy.deepcopy(self._base_models[cell.model])
+        stream = self.stream(cell.model, cell.stream)
+        benchmark = self.benchmark(cell.model, cell.stream)
+        seed_all(derived_seed(cell.seed, "model-init"))
+        model = load_causal_lm(spec["model"], from_scratch=True, config_overrides={
+            **spec.get("config_overrides", {}), "vocab_size": stream.vocab_size or len(stream.tokenizer())})
+        if spec.get("warmup"):
+            self._warm_up(cell, model, stream, benchmark)
+        return model
+
+    def _warm_up(self, cell: Cell, model: torch.nn.Module, stream, benchmark) -> None:
+        """Warm the from-scratch model up (once per model, seed and vocabulary; cached on disk)."""
+        from metakv_cl.training import ContinualLMModule, warm_up
+
+        spec = self.suite.models[cell.model]
+        tokenizer = stream.tokenizer()
+        vocabulary = getattr(tokenizer, "to_original", None) or len(tokenizer)
+        key = _fingerprint(cell.model, spec, cell.seed, [i.name for i in benchmark.warmup_infos],
+                           [i.num_train_items for i in benchmark.warmup_infos], vocabulary)
+        folder = self.runs_dir / SCRATCH_DIR / "warmup" / f"{cell.model}-seed{cell.seed}-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        holder = ContinualLMModule(model, lr=float(spec["warmup"].get("lr", spec["learning_rates"]["full"])))
+        with open(folder / "lock", "w") as lock:  # one process trains it, the others wait and load it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            warm_up(holder, benchmark, root_dir=folder, epochs=stream.warmup_epochs,
+                    trainer_kwargs=self.trainer_kwargs(cell.stream, folder),
+                    train_mb_size=int(self.suite.streams[cell.stream].get("train_mb_size", 16)), seed=cell.seed,
+                    resume=False, echo=log.info)
+
+    def module(self, cell: Cell):
+        """The :class:`ContinualLMModule` of a cell (Meta-KV added for Meta-KV methods)."""
+        from metakv_cl.modeling import MetaKVConfig
+        from metakv_cl.training import ContinualLMModule
+        from metakv_cl.training.callbacks import derived_seed, seed_all
+
+        model_spec, method = self.suite.models[cell.model], self.suite.methods[cell.method]
+        base = self.base_model(cell)
+        meta_kv = None
+        if method.get("meta_kv"):
+            overrides = method["meta_kv"] if isinstance(method["meta_kv"], dict) else {}
+            meta_kv = MetaKVConfig.from_dict({**model_spec.get("meta_kv", {}), **overrides})
+        seed_all(derived_seed(cell.seed, "added-parameters"))  # Meta-KV, LoRA: same draw for every method
+        return ContinualLMModule(base, meta_kv=meta_kv, lr=self.learning_rate(cell, method.get("lr", "full")),
+                                 **model_spec.get("module_args", {}))
+
+    def learning_rate(self, cell: Cell, role: str) -> float:
+        return float(self.suite.models[cell.model]["learning_rates"][role])
+
+    def strategy(self, cell: Cell, module, root: Path):
+        """The cell's strategy, with the stream's replay budget for every method that replays.
+
+        The stream's ``train_mb_size``, ``eval_mb_size`` and ``replay_buffer`` (as ``buffer_size``)
+        go to every strategy that takes them; the method's ``init_args`` and ``lr_args`` come on top.
+        """
+        method, stream = self.suite.methods[cell.method], self.suite.streams[cell.stream]
+        cls = strategy_class(method["class_path"])
+        defaults = {
+            "train_mb_size": int(stream.get("train_mb_size", 16)),
+            "eval_mb_size": int(stream.get("eval_mb_size", 32)),
+            "buffer_size": int(stream["replay_buffer"]),
+            "name": cell.method,
+        }
+        accepted = init_parameters(cls)
+        arguments = {key: value for key, value in defaults.items() if key in accepted}
+        arguments.update(method.get("init_args", {}))
+        arguments.update({name: self.learning_rate(cell, role) for name, role in method.get("lr_args", {}).items()})
+        return cls(**arguments, module=module, trainer_kwargs=self.trainer_kwargs(cell.stream, root), seed=cell.seed,
+                   root_dir=root)
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, cell: Cell, estimated_s: float | None = None) -> MethodResult:
+        """Run one cell and write its result JSON (atomically) under the runs dir.
+
+        Args:
+            cell: the cell.
+            estimated_s: the scheduler's uncalibrated wall-time estimate (kept for calibration).
+
+        Returns:
+            The cell's :class:`MethodResult`; its ``extra`` also records the model, stream,
+            method settings, replay budget, learning rate, concurrency, call id and estimate.
+        """
+        from metakv_cl.training.runner import run_stream
+
+        root = self.runs_dir / SCRATCH_DIR / self.call_id / cell.key
+        benchmark = self.benchmark(cell.model, cell.stream)
+        started = time.perf_counter()
+        module = self.module(cell)
+        strategy = self.strategy(cell, module, root)
+        result = run_stream(strategy, benchmark, root_dir=root, save_weights=False, echo=log.info)
+        method = self.suite.methods[cell.method]
+        result.extra.update({
+            "cell": cell.key,
+            "plan": cell.plan,
+            "model": cell.model,
+            "stream": cell.stream,
+            "method_spec": method,
+            "buffer_size": getattr(getattr(strategy, "memory", None), "buffer_size", None),
+            "learning_rate": module.lr,
+            "concurrency": self.concurrency,
+            "call": self.call_id,
+            "estimated_s": estimated_s,
+            "cell_wall_time_s": time.perf_counter() - started,
+        })
+        path = cell.result_path(self.runs_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(result.to_json(), indent=1))
+        os.replace(temporary, path)
+        return result
+
+
+def release_memory() -> None:
+    """Free what the finished cell left (its module, optimiser, caches) before the next one."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- cost estimate
+
+
+def _training_tokens(dataset) -> int:
+    return sum(int(dataset[i]["input_ids"].numel()) for i in range(len(dataset)))
+
+
+def _evaluation_tokens(dataset) -> int:
+    """Tokens one evaluation of a test set runs: LM texts, or prompt once + every candidate."""
+    total = 0
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if "choice_input_ids" not in item:
+            total += int(item["input_ids"].numel())
+            continue
+        labels = item["choice_labels"] != -100
+        prompt = int(labels[0].float().argmax())
+        total += prompt + int(labels.sum())
+    return total
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a cell costs: device seconds (whole GPU, alone) and host seconds (Trainer overheads).
+
+    With ``workers`` cells sharing a saturated device, a cell's wall time is about
+    ``device_s * workers + host_s`` (:meth:`wall_s`), and a set of cells takes about
+    ``max(sum(device_s), sum(device_s + host_s) / workers)`` (:func:`total_seconds`).
+    """
+
+    device_s: float
+    host_s: float
+
+    def wall_s(self, workers: int) -> float:
+        return self.device_s * workers + self.host_s
+
+
+def total_seconds(estimates: Iterable[Estimate], workers: int) -> float:
+    """Wall seconds ``workers`` parallel workers need for these cells (the device or the hosts bound it)."""
+    estimates = list(estimates)
+    return max(sum(e.device_s for e in estimates), sum(e.device_s + e.host_s for e in estimates) / workers)
+
+
+def estimate_cell(suite: Suite, cell: Cell, benchmark) -> Estimate:
+    """The cost of a cell (before the scheduler's online calibration).
+
+    From the stream's token counts and the ``throughput`` section (the suite's, then the
+    model's): ``train_tokens_per_s`` (forward + backward) and ``eval_tokens_per_s`` (forward) of
+    the whole device, ``fit_overhead_s`` and ``eval_overhead_s`` of the host per Trainer call. A
+    method's ``train_cost`` multiplies its training compute (EWC's Fisher pass, LwF's teacher,
+    the fast phase of distillation), replayed items add to the training tokens, joint training
+    trains once and evaluates once, and ``fits_per_experience`` counts Trainer fits.
+    """
+    rates = {**suite.throughput, **suite.models[cell.model].get("throughput", {})}
+    method, stream = suite.methods[cell.method], suite.streams[cell.stream]
+    strategy = strategy_class(method["class_path"])
+    joint = bool(getattr(strategy, "trains_jointly", False))
+    experiences = benchmark.num_experiences
+    epochs = int(stream.get("epochs", 1))
+    train = [_training_tokens(e.dataset) for e in benchmark.train_stream]
+    evaluation = sum(_evaluation_tokens(e.dataset) for e in benchmark.test_stream)
+    per_item = sum(train) / max(sum(len(e.dataset) for e in benchmark.train_stream), 1)
+    replays = "buffer_size" in init_parameters(strategy)
+    replayed = int(stream["replay_buffer"]) * per_item * (experiences - 1) if replays else 0.0
+    train_tokens = (sum(train) + replayed) * epochs * float(method.get("train_cost", 1.0))
+    rows = 2 if joint else experiences + 1
+    fits = (1 if joint else experiences) * int(method.get("fits_per_experience", 1))
+    device_s = (train_tokens / float(rates.get("train_tokens_per_s", 6e4))
+                + rows * evaluation / float(rates.get("eval_tokens_per_s", 1.5e5)))
+    host_s = fits * float(rates.get("fit_overhead_s", 0.5)) + rows * experiences * float(rates.get("eval_overhead_s", 0.05))
+    return Estimate(device_s, host_s)
+
+
+def strategy_class(class_path: str) -> type:
+    """The strategy class at a dotted path (``metakv_cl.strategies.Replay``).
+
+    Raises:
+        ValueError: the path names no class.
+    """
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"unknown strategy class {class_path!r}") from None
+
+
+def init_parameters(cls: type) -> set[str]:
+    """Keyword arguments a strategy class accepts (its own and its base classes')."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and klass is not object:
+            names.update(inspect.signature(klass.__init__).parameters)
+    return names - {"self", "args", "kwargs"}
+
+
+def make_plan(suite: Suite, cells: Sequence[Cell], runs_dir: Path) -> list[dict[str, Any]]:
+    """The cells with their estimates, in the order workers take them.
+
+    Order: plan priority, then seed, then the longest cell first (so the short ones fill the
+    end of the budget). Cells already finished in ``runs_dir`` are marked ``done``.
+    """
+    bench = Workbench(suite, runs_dir)
+    entries = []
+    for cell in cells:
+        estimate = estimate_cell(suite, cell, bench.benchmark(cell.model, cell.stream))
+        entries.append({**cell.__dict__, "key": cell.key, "device_s": estimate.device_s, "host_s": estimate.host_s,
+                        "done": cell.result_path(runs_dir).is_file()})
+    entries.sort(key=lambda e: (e["priority"], e["seed"], -(e["device_s"] + e["host_s"])))
+    return entries
+
+
+def _estimate(entry: dict[str, Any]) -> Estimate:
+    return Estimate(entry["device_s"], entry["host_s"])
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _cell_from_entry(entry: dict[str, Any]) -> Cell:
+    return Cell(entry["model"], entry["stream"], entry["method"], int(entry["seed"]), int(entry["priority"]),
+                entry["plan"])
+
+
+def _claim(runs_dir: Path, call_id: str, cell: Cell) -> bool:
+    """Atomically claim a cell for this call (claims of earlier, killed calls do not count)."""
+    folder = runs_dir / CLAIMS_DIR / call_id
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(folder / cell.key.replace("/", "__"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def calibration(runs_dir: Path, call_id: str, minimum: int = 3) -> float:
+    """Measured / expected wall seconds over this call's finished cells (1 until ``minimum`` finished)."""
+    measured = estimated = 0.0
+    count = 0
+    for path in (runs_dir / RESULTS_DIR).rglob("seed*.json"):
+        extra = json.loads(path.read_text()).get("extra", {})
+        if extra.get("call") == call_id and extra.get("estimated_s"):
+            measured += float(extra["cell_wall_time_s"])
+            estimated += float(extra["estimated_s"])
+            count += 1
+    return measured / estimated if count >= minimum and estimated > 0 else 1.0
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """Take cells from the plan until none is left or the deadline is near; run each."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s w{args.worker_id} %(message)s", stream=sys.stdout)
+    _quiet_libraries()
+    torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("high")
+    suite = Suite.load(args.config)
+    runs_dir = Path(args.runs_dir)
+    bench = Workbench(suite, runs_dir, args.call_id, args.workers)
+    plan_path = runs_dir / CALLS_DIR / args.call_id / PLAN_FILE
+    scheduler = os.getppid()
+    while not plan_path.is_file():  # the scheduler writes it while the workers import and load
+        if os.getppid() != scheduler or time.time() > args.deadline:
+            return 1
+        time.sleep(0.5)
+    plan = json.loads(plan_path.read_text())
+    finished = 0
+    for entry in plan:
+        cell = _cell_from_entry(entry)
+        if os.getppid() != scheduler:
+            log.info("the scheduler is gone: stopping")
+            break
+        if cell.result_path(runs_dir).is_file():
+            continue
+        uncalibrated = _estimate(entry).wall_s(args.workers)
+        expected = uncalibrated * calibration(runs_dir, args.call_id)
+        if time.time() + expected > args.deadline:
+            log.info("skip %s: needs ~%.0fs, %.0fs left", cell.key, expected, args.deadline - time.time())
+            continue
+        if not _claim(runs_dir, args.call_id, cell):
+            continue
+        log.info("start %s (estimate %.0fs with %d workers)", cell.key, expected, args.workers)
+        try:
+            result = bench.run(cell, uncalibrated)
+            finished += 1
+            log.info("done %s in %.0fs: %s", cell.key, result.extra["cell_wall_time_s"], _summary_line(result))
+        except Exception:  # one failing cell must not stop the others; its traceback is kept
+            cell.error_path(runs_dir).parent.mkdir(parents=True, exist_ok=True)
+            cell.error_path(runs_dir).write_text(traceback.format_exc())
+            log.error("FAILED %s:\n%s", cell.key, traceback.format_exc())
+        release_memory()
+    log.info("worker finished: %d cell(s)", finished)
+    return 0
+
+
+def _summary_line(result: MethodResult) -> str:
+    summary = result.summary
+    return ", ".join(f"{key} {summary[key]:.3f}" for key in ("average", "forgetting", "bwt", "fwt")
+                     if summary.get(key) is not None)
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+
+# --------------------------------------------------------------------------- the scheduler
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git checkout; pass --commit)"
+
+
+def _device_description() -> str:
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        return f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB), {os.cpu_count()} CPU cores"
+    return f"CPU only ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def call_record(args: argparse.Namespace, argv: Sequence[str], call_id: str) -> dict[str, Any]:
+    """What the report header needs about a call: command, commit, device, date, versions."""
+    import transformers
+
+    return {
+        "call": call_id,
+        "command": "python benchmarks/cl_suite.py " + " ".join(argv),
+        "commit": args.commit or _git_commit(),
+        "device": _device_description(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
+        "workers": args.workers,
+        "time_budget_s": args.time_budget,
+    }
+
+
+class Terminated(Exception):
+    """The scheduler received SIGTERM (an outer ``timeout``): stop the workers and pack first."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def run_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Start the workers, write the plan, wait within the budget, stop the workers, pack."""
+    started = time.time()
+    deadline = started + args.time_budget
+    suite = Suite.load(args.config)
+    cells = suite.cells(args.plans)
+    runs_dir = Path(args.runs_dir)
+    call_id = args.call_id or time.strftime("%Y%m%d-%H%M%S")
+    call_dir = runs_dir / CALLS_DIR / call_id
+    call_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / LOGS_DIR / call_id).mkdir(parents=True, exist_ok=True)
+    environment = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
+                                                                          "expandable_segments:True")}
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    workers = []
+    try:
+        for worker_id in range(args.workers):  # they import and load while the plan is made
+            log_file = open(runs_dir / LOGS_DIR / call_id / f"worker{worker_id}.log", "w")
+            command = [sys.executable, str(Path(__file__).resolve()), "worker", "--config", str(args.config),
+                       "--runs-dir", str(runs_dir), "--call-id", call_id, "--worker-id", str(worker_id),
+                       "--workers", str(args.workers), "--threads", str(args.threads), "--deadline", str(deadline)]
+            workers.append((subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment,
+                                             start_new_session=True), log_file))
+        plan = make_plan(suite, cells, runs_dir)
+        record = call_record(args, argv, call_id)
+        record["cells_planned"] = len(plan)
+        record["cells_done_before"] = sum(entry["done"] for entry in plan)
+        (call_dir / "call.json").write_text(json.dumps(record, indent=2))
+        temporary = call_dir / (PLAN_FILE + ".tmp")
+        temporary.write_text(json.dumps(plan, indent=1))
+        os.replace(temporary, call_dir / PLAN_FILE)
+        rest = total_seconds((_estimate(e) for e in plan if not e["done"]), args.workers)
+        print(f"[cl_suite] call {call_id}: {len(plan)} cells ({record['cells_done_before']} done before), "
+              f"{args.workers} workers, budget {args.time_budget:.0f}s; estimate for the rest {rest:.0f}s", flush=True)
+        while any(process.poll() is None for process, _ in workers) and time.time() < deadline + args.grace:
+            time.sleep(2)
+    except Terminated as stop:
+        print(f"[cl_suite] {stop}: stopping the workers and packing what finished", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _stop(workers)
+        summary = _call_summary(cells, runs_dir, call_id, time.time() - started)
+        (call_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"[cl_suite] {summary['cells_done']}/{summary['cells_planned']} cells done "
+              f"({summary['cells_done_this_call']} in this call, {summary['cells_failed']} failed) "
+              f"in {summary['wall_time_s']:.0f}s", flush=True)
+        if args.pack:
+            pack(runs_dir, Path(args.pack))
+            print(f"[cl_suite] packed {args.pack}", flush=True)
+    return 0
+
+
+def _stop(workers: list) -> None:
+    for process, _ in workers:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+    for process, log_file in workers:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log_file.close()
+
+
+def _call_summary(cells: list[Cell], runs_dir: Path, call_id: str, wall_time_s: float) -> dict[str, Any]:
+    done = [cell for cell in cells if cell.result_path(runs_dir).is_file()]
+    this_call = [cell for cell in done if json.loads(cell.result_path(runs_dir).read_text())["extra"].get("call") == call_id]
+    failed = [cell.key for cell in cells if cell.error_path(runs_dir).is_file() and cell not in done]
+    return {"call": call_id, "cells_planned": len(cells), "cells_done": len(done), "cells_done_this_call": len(this_call),
+            "cells_failed": len(failed), "failed": failed, "missing": [c.key for c in cells if c not in done],
+            "wall_time_s": wall_time_s}
+
+
+def pack(runs_dir: Path, archive: Path) -> Path:
+    """Pack the runs dir's results, call records and logs (not the scratch run folders) into a tar.gz."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in (RESULTS_DIR, CALLS_DIR, LOGS_DIR):
+            if (runs_dir / name).exists():
+                tar.add(runs_dir / name, arcname=name)
+    return archive
+
+
+# --------------------------------------------------------------------------- report
+
+
+def collect_results(runs_dirs: Iterable[Path]) -> tuple[dict[tuple[str, str], dict[int, list[MethodResult]]], dict]:
+    """Every finished cell of the runs dirs, grouped by (model, stream) and seed; the call records.
+
+    A cell found in several runs dirs is taken from the first one that has it.
+    """
+    grouped: dict[tuple[str, str], dict[int, dict[str, MethodResult]]] = {}
+    calls: dict[str, dict] = {}
+    for runs_dir in runs_dirs:
+        for path in sorted((runs_dir / CALLS_DIR).glob("*/call.json")):
+            record = json.loads(path.read_text())
+            calls.setdefault(record["call"], record)
+        for path in sorted((runs_dir / RESULTS_DIR).rglob("seed*.json")):
+            result = MethodResult.from_json(json.loads(path.read_text()))
+            extra = result.extra
+            by_seed = grouped.setdefault((extra["model"], extra["stream"]), {})
+            by_seed.setdefault(int(extra["seed"]), {}).setdefault(result.method, result)
+    return ({key: {seed: list(methods.values()) for seed, methods in sorted(seeds.items())}
+             for key, seeds in grouped.items()}, calls)
+
+
+def stream_header(suite: Suite, model: str, stream: str, results: list[MethodResult], calls: dict) -> dict[str, Any]:
+    """The facts a stream's report starts with: model, stream, settings and the calls behind it."""
+    model_spec, stream_spec = suite.models[model], suite.streams[stream]
+    used_calls = sorted({result.extra.get("call") for result in results})
+    records = [calls.get(call, {"call": call}) for call in used_calls]
+    header = {
+        "model": model_spec["label"],
+        "stream": stream_spec["title"],
+        "data": stream_spec.get("notes", ""),
+        "loader": f"{stream_spec['loader']}({json.dumps(stream_spec.get('loader_args', {}), sort_keys=True)})",
+        "settings": (f"max_length {stream_spec['max_length']}, {stream_spec.get('epochs', 1)} epoch(s) per experience, "
+                     f"batch {stream_spec.get('train_mb_size', 16)}, replay budget {stream_spec['replay_buffer']} items "
+                     f"(every replaying method), learning rates {model_spec['learning_rates']}"),
+        "seeds": ", ".join(str(s) for s in sorted({int(r.extra["seed"]) for r in results})),
+    }
+    for field in ("command", "commit", "device", "date", "versions"):
+        header[field] = "; ".join(sorted({str(record.get(field, "unknown")) for record in records}))
+    header["runs sharing the device"] = ", ".join(sorted({str(r.extra.get("concurrency")) for r in results}))
+    header["wall time"] = "per run, measured while that many runs shared the device"
+    header["peak memory"] = ("per run: torch.cuda.max_memory_allocated on a GPU (the CUDA context not included), "
+                             "the process's peak resident memory on a CPU")
+    return header
+
+
+def report_main(args: argparse.Namespace) -> int:
+    """Write one report folder per (model, stream) from the merged runs dirs."""
+    suite = Suite.load(args.config)
+    grouped, calls = collect_results(Path(d) for d in args.runs_dir)
+    if not grouped:
+        raise SystemExit(f"no finished cells under {args.runs_dir}")
+    out = Path(args.out)
+    index = [f"# Continual-learning benchmark results ({suite.config.get('name', 'cl_suite')})", ""]
+    for (model, stream), by_seed in sorted(grouped.items()):
+        results_by_seed = list(by_seed.values())
+        flat = [result for results in results_by_seed for result in results]
+        candidates = sorted({r.method for r in flat if "MetaKVConsolidation" in r.extra.get("strategy", "")})
+        title = f"{suite.models[model]['title']}: {suite.streams[stream]['title']}"
+        paths = write_seed_report(results_by_seed, out / model / stream, title=title,
+                                  header=stream_header(suite, model, stream, flat, calls), candidates=candidates)
+        index.append(f"- [{title}]({paths['markdown'].relative_to(out)})")
+        print(f"[cl_suite] {paths['markdown']}")
+    (out / "README.md").write_text("\n".join(index) + "\n")
+    return 0
+
+
+def plan_main(args: argparse.Namespace) -> int:
+    """Print the cells, their estimates and the total device time."""
+    suite = Suite.load(args.config)
+    plan = make_plan(suite, suite.cells(args.plans), Path(args.runs_dir))
+    todo = [entry for entry in plan if not entry["done"]]
+    print(f"{'':4} {'priority':8} {'cell':66} {'device s':>9} {'host s':>7}")
+    for entry in plan:
+        print(f"{'done' if entry['done'] else '':4} {entry['priority']:<8} {entry['key']:66} "
+              f"{entry['device_s']:9.1f} {entry['host_s']:7.1f}")
+    by_plan: dict[str, list[Estimate]] = {}
+    for entry in todo:
+        by_plan.setdefault(entry["plan"], []).append(_estimate(entry))
+    for name, estimates in by_plan.items():
+        print(f"plan {name}: {len(estimates)} cells, {sum(e.device_s for e in estimates):.0f} device-s, "
+              f"~{total_seconds(estimates, args.workers):.0f}s wall with {args.workers} workers")
+    total = total_seconds((_estimate(e) for e in todo), args.workers)
+    print(f"{len(todo)} of {len(plan)} cells to run: about {total:.0f}s ({total / 60:.1f} min) of wall time with "
+          f"{args.workers} workers at the config's throughput")
+    return 0
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub, runs_dirs: bool = False):
+        sub.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="suite config (YAML)")
+        if runs_dirs:
+            sub.add_argument("--runs-dir", nargs="+", default=["runs/cl_suite"], help="runs folders to merge")
+        else:
+            sub.add_argument("--runs-dir", default="runs/cl_suite", help="where results, claims and logs go")
+        return sub
+
+    plan = common(commands.add_parser("plan", help="list the cells and the estimated device time"))
+    plan.add_argument("--plans", nargs="*", help="plans to include (default: all)")
+    plan.add_argument("--workers", type=int, default=8, help="parallel workers the estimate assumes")
+    run = common(commands.add_parser("run", help="run the cells with parallel workers"))
+    run.add_argument("--plans", nargs="*", help="plans to run (default: all)")
+    run.add_argument("--workers", type=int, default=8, help="parallel worker processes on the device")
+    run.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
+    run.add_argument("--time-budget", type=float, default=480.0, help="seconds until the workers are stopped")
+    run.add_argument("--grace", type=float, default=0.0, help="extra seconds a running cell may use past the budget")
+    run.add_argument("--pack", help="write results, call records and logs into this tar.gz at the end")
+    run.add_argument("--commit", help="the commit being run (default: git rev-parse HEAD)")
+    run.add_argument("--call-id", help="this call's id (default: the start time)")
+    report = common(commands.add_parser("report", help="write per-stream tables, JSON and plots"), runs_dirs=True)
+    report.add_argument("--out", default="benchmarks/results/cl_suite", help="results folder")
+    worker = common(commands.add_parser("worker", help=argparse.SUPPRESS))
+    worker.add_argument("--call-id", required=True)
+    worker.add_argument("--worker-id", type=int, required=True)
+    worker.add_argument("--workers", type=int, required=True)
+    worker.add_argument("--threads", type=int, default=1)
+    worker.add_argument("--deadline", type=float, required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "run" and args.workers < 1:
+        raise SystemExit("--workers must be at least 1")
+    if args.command == "worker":
+        return worker_main(args)
+    if args.command == "run":
+        return run_main(args, argv)
+    if args.command == "report":
+        return report_main(args)
+    return plan_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
