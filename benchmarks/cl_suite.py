@@ -589,9 +589,14 @@ def _git_commit() -> str:
 
 
 def _device_description() -> str:
-    if torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(0)
-        return f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB), {os.cpu_count()} CPU cores"
+    """The GPUs as nvidia-smi names them (the scheduler creates no CUDA context of its own), else the CPU."""
+    try:
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True, timeout=30).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        gpus = []
+    if gpus:
+        return f"{'; '.join(gpus)}, {os.cpu_count()} CPU cores"
     return f"CPU only ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
@@ -760,8 +765,9 @@ def report_main(args: argparse.Namespace) -> int:
         raise SystemExit(f"no finished cells under {args.runs_dir}")
     out = Path(args.out)
     index = [f"# Continual-learning benchmark results ({suite.config.get('name', 'cl_suite')})", ""]
+    order = {method: index for index, method in enumerate(suite.methods)}  # table rows in the config's order
     for (model, stream), by_seed in sorted(grouped.items()):
-        results_by_seed = list(by_seed.values())
+        results_by_seed = [sorted(results, key=lambda r: order.get(r.method, len(order))) for results in by_seed.values()]
         flat = [result for results in results_by_seed for result in results]
         candidates = sorted({r.method for r in flat if "MetaKVConsolidation" in r.extra.get("strategy", "")})
         title = f"{suite.models[model]['title']}: {suite.streams[stream]['title']}"
