@@ -215,7 +215,10 @@ class CompactedLayer(DynamicLayer):
             raise ValueError(f"{type(method).__name__} returned keys, values and bias of different lengths")
         self.key_storage, self.value_storage = key_storage, value_storage
         bias = None if result.bias is None else owned(result.bias.float())
-        self.bias = None if bias is None or not bool(bias.any()) else bias
+        # Entries that carried a bias in may carry an all-zero one out (padding dropped): drop it, so
+        # attention takes the stock path. A bias made from none is meant; not checking it saves a host sync.
+        carried_zeros = bias is not None and self.bias is not None and not bool(bias.any())
+        self.bias = None if carried_zeros else bias
         if method.tracks_attention:
             if result.kept is not None and self.importance is not None:
                 self.importance = gather_tokens(self.importance, result.kept)

@@ -45,15 +45,22 @@ def _largest_eigenvalue(gram: torch.Tensor, steps: int = 16) -> torch.Tensor:
     return 1.1 * rayleigh.clamp_min(1e-30)
 
 
-def nonnegative_least_squares(design: torch.Tensor, target: torch.Tensor, iterations: int, floor: float = 1e-12) -> torch.Tensor:
-    """Batched ``argmin_{w >= floor} ||design @ w - target||``.
+def solve_positive_definite(system: torch.Tensor, right: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """``system^-1 @ right`` for batched symmetric positive definite systems, by Cholesky, with no host sync.
 
-    Starts from the best (per batch row) of three feasible points: all ones (the keys as they
-    are), the best uniform rescaling ``c * 1``, and the clamped least-squares solution
-    regularised towards ``c * 1`` (stable when the design is ill-conditioned, as exp-scores of
-    near-uniform attention are); then runs projected gradient descent with step ``1 / L``, which
-    never increases the objective. So the result fits at least as well as keeping the keys
-    without bias.
+    Args:
+        system: [batch, t, t]; right: [batch, t, k]; fallback: [batch, t, k], the answer of rows
+            whose factorisation fails (not numerically positive definite).
+
+    Returns:
+        [batch, t, k].
+    """
+    factor, info = torch.linalg.cholesky_ex(system)  # unlike linalg.solve, no error check that waits for the device
+    return torch.where((info != 0).view(-1, 1, 1), fallback, torch.cholesky_solve(right, factor))
+
+
+def nonnegative_least_squares(design: torch.Tensor, target: torch.Tensor, iterations: int, floor: float = 1e-12) -> torch.Tensor:
+    """Batched ``argmin_{w >= floor} ||design @ w - target||`` (see :func:`nonnegative_least_squares_normal`).
 
     Args:
         design: [batch, n, t]; target: [batch, n]; iterations: projected-gradient steps.
@@ -63,8 +70,28 @@ def nonnegative_least_squares(design: torch.Tensor, target: torch.Tensor, iterat
     """
     gram = design.transpose(-1, -2) @ design
     moment = (design.transpose(-1, -2) @ target.unsqueeze(-1)).squeeze(-1)
+    return nonnegative_least_squares_normal(gram, moment, iterations, floor)
 
-    def objective(weights: torch.Tensor) -> torch.Tensor:  # ||design w - target||^2 - ||target||^2
+
+def nonnegative_least_squares_normal(gram: torch.Tensor, moment: torch.Tensor, iterations: int,
+                                     floor: float = 1e-12) -> torch.Tensor:
+    """Batched non-negative least squares from the normal equations ``gram = D^T D``, ``moment = D^T y``.
+
+    Starts from the best (per batch row) of three feasible points: all ones (the keys as they
+    are), the best uniform rescaling ``c * 1``, and the clamped least-squares solution
+    regularised towards ``c * 1`` (stable when the design is ill-conditioned, as exp-scores of
+    near-uniform attention are); then runs projected gradient descent with step ``1 / L``, which
+    never increases the objective. So the result fits at least as well as keeping the keys
+    without bias.
+
+    Args:
+        gram: [batch, t, t]; moment: [batch, t]; iterations: projected-gradient steps.
+
+    Returns:
+        w [batch, t].
+    """
+
+    def objective(weights: torch.Tensor) -> torch.Tensor:  # ||D w - y||^2 - ||y||^2
         return (weights * ((gram @ weights.unsqueeze(-1)).squeeze(-1) - 2 * moment)).sum(dim=-1)
 
     ones = torch.ones_like(moment)
@@ -72,10 +99,11 @@ def nonnegative_least_squares(design: torch.Tensor, target: torch.Tensor, iterat
     uniform = scale.unsqueeze(-1) * ones
     strength = 1e-4 * gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-30)
     regularised = gram + strength[:, None, None] * torch.eye(gram.shape[-1], device=gram.device)
-    solved = torch.linalg.solve(regularised, moment + strength.unsqueeze(-1) * uniform).clamp_min(floor)
+    right = (moment + strength.unsqueeze(-1) * uniform).unsqueeze(-1)
+    solved = solve_positive_definite(regularised, right, uniform.unsqueeze(-1)).squeeze(-1).clamp_min(floor)
     candidates = torch.stack([ones, uniform, solved])  # [3, batch, t]
     best = torch.stack([objective(c) for c in candidates]).argmin(dim=0)
-    weights = candidates[best, torch.arange(best.shape[0])]
+    weights = torch.gather(candidates, 0, best.view(1, -1, 1).expand(1, -1, candidates.shape[-1])).squeeze(0)
     if iterations > 0:
         start = weights
         lipschitz = _largest_eigenvalue(gram).unsqueeze(-1)
@@ -94,17 +122,26 @@ class AttentionMatching(KVCompressor):
 
     Zweiger, Fu, Guo, Kim, "Fast KV Compaction via Attention Matching" (2026). For reference
     queries q (the context's own queries, captured by the cache), with scores
-    ``s_j = q.k_j + b_j`` over the original block:
+    ``s_j = q.k_j + b_j`` over the block being compacted:
 
-    1. compact keys are a subset of the original keys, chosen by highest attention (the max,
+    1. compact keys are a subset of the block's keys, chosen by highest attention (the max,
        mean or RMS over queries of each key's attention weight) or by orthogonal matching
        pursuit on the attention-mass targets ``Z(q) = sum_j exp(s_j)``;
     2. a per-key bias ``beta = log w`` makes the compact block carry the original mass:
-       ``w = argmin_{w >= 0} sum_q (sum_i w_i exp(s_i) - Z(q))^2`` (non-negative least squares);
+       ``w = argmin_{w >= 0} sum_q (sum_i w_i exp(s_i) / Z(q) - 1)^2`` (non-negative least
+       squares on the relative error, so that every query counts alike, also those whose
+       attention mostly goes elsewhere);
     3. compact values solve ``min_C ||softmax(q.K_c^T + beta) C - softmax(s) V||^2`` (least
        squares over the queries, ridge-regularised towards the selected original values).
 
-    With the bias the block keeps its share of attention when new tokens arrive after it, and
+    A block that keeps its mass and its output keeps its share of any softmax it is part of,
+    so blocks can be compacted separately. The first ``sinks`` entries (attention sinks) and
+    the most recent ``recent_fraction`` of the kept entries stay exact, and only the block
+    between them is fitted. In a cache that compacts every few tokens, the tokens just read
+    then stay exact until they leave the recent window (the queries that will attend to them
+    most are still to come), and the sinks (StreamingLLM) survive every compaction; fitting
+    the whole cache instead lost to H2O at budgets <= 10 % of a long context. With the bias
+    the fitted block keeps its share of attention when new tokens arrive after it, and
     successive compactions account for biases fitted earlier.
 
     Args:
@@ -120,6 +157,10 @@ class AttentionMatching(KVCompressor):
         omp_keys_per_step: keys added per OMP step (default: about 32 steps in total).
         fit_bias: fit beta (else 0); fit_values: fit the values (else keep the originals). Both
             on is the method; the switches give its ablations.
+        sinks: first entries kept exact (at most half of the kept entries).
+        recent_fraction: share of the kept entries reserved for the most recent entries, kept
+            exact (at least one kept entry is always fitted). ``sinks=0, recent_fraction=0``
+            fits the whole cache.
     """
 
     selection: str = "highest_attention"
@@ -131,6 +172,8 @@ class AttentionMatching(KVCompressor):
     omp_keys_per_step: int | None = None
     fit_bias: bool = True
     fit_values: bool = True
+    sinks: int = 4
+    recent_fraction: float = 0.1
     needs_queries: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -144,6 +187,16 @@ class AttentionMatching(KVCompressor):
             raise ValueError("nnls_iterations and ridge must be >= 0")
         if self.omp_keys_per_step is not None and self.omp_keys_per_step < 1:
             raise ValueError(f"omp_keys_per_step must be >= 1, got {self.omp_keys_per_step}")
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+        if not 0.0 <= self.recent_fraction < 1.0:
+            raise ValueError(f"recent_fraction must be in [0, 1), got {self.recent_fraction}")
+
+    def exact_counts(self, count: int) -> tuple[int, int]:
+        """(sinks, recent): how many of ``count`` kept entries are the first and the last entries, unchanged."""
+        sinks = min(self.sinks, count // 2)
+        recent = min(round(self.recent_fraction * count), count - sinks - 1)
+        return sinks, recent
 
     def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
         if queries is None or queries.shape[-2] == 0:
@@ -153,42 +206,72 @@ class AttentionMatching(KVCompressor):
             )
         batch, heads, tokens, _ = keys.shape
         flat = batch * heads
+        count = entries_for_budget(tokens, budget, max_entries)
+        sinks, recent = self.exact_counts(count)
         key_block = keys.reshape(flat, tokens, -1).float()
         value_block = values.reshape(flat, tokens, -1).float()
         prior = torch.zeros(flat, tokens, device=keys.device) if bias is None else bias.reshape(flat, tokens).float()
-        valid = prior > MASKED_BIAS / 2
-        scores = queries.reshape(flat, -1, keys.shape[-1]).float() @ key_block.transpose(1, 2) + prior.unsqueeze(1)
-        exp_scores = torch.exp(scores - scores.amax(dim=-1, keepdim=True))  # [flat, n, tokens]
-        mass = exp_scores.sum(dim=-1)
-        attention = exp_scores / mass.unsqueeze(-1)
+        middle = slice(sinks, tokens - recent)
+        per_head_cap = min(tokens, max_entries or tokens) - sinks - recent
+        kept, fitted_keys, fitted_values, fitted_bias = self._fit_block(
+            key_block[:, middle], value_block[:, middle], prior[:, middle], queries.reshape(flat, -1, keys.shape[-1]).float(),
+            count - sinks - recent, batch, per_head_cap,
+        )
 
-        counts = self._head_counts(attention, valid, entries_for_budget(tokens, budget, max_entries), batch, max_entries or tokens)
-        slots = int(counts.max())
+        def around(first: torch.Tensor, fitted: torch.Tensor) -> torch.Tensor:
+            """The fitted block between the exact sinks and recent entries of ``first`` (token axis 1)."""
+            return torch.cat([first[:, :sinks], fitted, first[:, tokens - recent :]], dim=1)
+
+        positions = torch.arange(tokens, device=keys.device).expand(flat, tokens)
+        slots = sinks + kept.shape[1] + recent
+        return CompactedKV(
+            around(key_block, fitted_keys).to(keys.dtype).reshape(batch, heads, slots, -1),
+            around(value_block, fitted_values).to(values.dtype).reshape(batch, heads, slots, -1),
+            around(prior, fitted_bias).reshape(batch, heads, slots),
+            around(positions, kept + sinks).reshape(batch, heads, slots),
+        )
+
+    def _fit_block(self, key_block: torch.Tensor, value_block: torch.Tensor, prior: torch.Tensor, queries: torch.Tensor,
+                   count: int, batch: int, max_count: int) -> tuple[torch.Tensor, ...]:
+        """Attention Matching of one block per (batch, head) row: keys, bias and values for the queries.
+
+        Args:
+            key_block, value_block: [flat, tokens, d] float32; prior: the entries' bias [flat, tokens].
+            queries: pre-scaled reference queries [flat, n, d].
+            count: keys per row (the adaptive split keeps the layer total); batch: rows of heads.
+            max_count: the most keys one row may get.
+
+        Returns:
+            (kept indices into the block [flat, slots], keys [flat, slots, d], values [flat, slots, dv],
+            bias [flat, slots]); entries beyond a row's share are masked (bias ``MASKED_BIAS``, zeros).
+        """
+        valid = prior > MASKED_BIAS / 2
+        # exp(s_ij) / Z(q_i): the block's attention, and the design of the mass fit (target: all ones).
+        attention = torch.softmax(queries @ key_block.transpose(1, 2) + prior.unsqueeze(1), dim=-1)  # [flat, n, tokens]
+
+        counts = self._head_counts(attention, valid, count, batch, max_count)
+        # Uniform budgets need no look at the counts; the adaptive split's largest share must reach the host.
+        slots = count if self.head_budgets == "uniform" else int(counts.max())
         if self.selection == "omp":
-            chosen = self._omp(exp_scores, mass, valid, slots)
+            chosen = self._omp(attention, valid, slots)
         else:
             chosen = self._highest_attention(attention, valid, slots)
-        in_budget = torch.arange(slots, device=keys.device) < counts.unsqueeze(-1)  # by selection rank
+        in_budget = torch.arange(slots, device=key_block.device) < counts.unsqueeze(-1)  # by selection rank
         kept, order = chosen.sort(dim=-1)
         in_budget = torch.gather(in_budget, 1, order)
 
-        design = torch.gather(exp_scores, 2, kept.unsqueeze(1).expand(-1, exp_scores.shape[1], -1)) * in_budget.unsqueeze(1)
+        design = torch.gather(attention, 2, kept.unsqueeze(1).expand(-1, attention.shape[1], -1)) * in_budget.unsqueeze(1)
         if self.fit_bias:
-            weights = nonnegative_least_squares(design, mass, self.nnls_iterations)
+            weights = nonnegative_least_squares(design, design.new_ones(design.shape[:2]), self.nnls_iterations)
         else:
             weights = torch.ones_like(kept, dtype=torch.float32)
-        new_bias = torch.log(weights) + torch.gather(prior, 1, kept)
+        bias = torch.log(weights) + torch.gather(prior, 1, kept)
         selected_values = torch.gather(value_block, 1, kept.unsqueeze(-1).expand(-1, -1, value_block.shape[-1]))
         if self.fit_values:
             selected_values = self._fit_values(design * weights.unsqueeze(1), attention @ value_block, selected_values)
         selected_keys = torch.gather(key_block, 1, kept.unsqueeze(-1).expand(-1, -1, key_block.shape[-1]))
         mask = in_budget.unsqueeze(-1)
-        return CompactedKV(
-            (selected_keys * mask).to(keys.dtype).reshape(batch, heads, slots, -1),
-            (selected_values * mask).to(values.dtype).reshape(batch, heads, slots, -1),
-            new_bias.masked_fill(~in_budget, MASKED_BIAS).reshape(batch, heads, slots),
-            kept.reshape(batch, heads, slots),
-        )
+        return kept, selected_keys * mask, selected_values * mask, bias.masked_fill(~in_budget, MASKED_BIAS)
 
     def _head_counts(self, attention: torch.Tensor, valid: torch.Tensor, count: int, batch: int,
                      max_count: int) -> torch.Tensor:
@@ -214,23 +297,38 @@ class AttentionMatching(KVCompressor):
             key_scores = attention.square().mean(dim=1).sqrt()
         return key_scores.masked_fill(~valid, -1.0).topk(slots, dim=-1).indices
 
-    def _omp(self, exp_scores: torch.Tensor, mass: torch.Tensor, valid: torch.Tensor, slots: int) -> torch.Tensor:
-        """Greedy orthogonal matching pursuit on the mass targets; indices [flat, slots] in selection order."""
+    def _omp(self, attention: torch.Tensor, valid: torch.Tensor, slots: int) -> torch.Tensor:
+        """Greedy orthogonal matching pursuit on the mass targets; indices [flat, slots] in selection order.
+
+        Each step adds the keys most correlated with the residual of the mass fit (design
+        ``attention`` [flat, n, tokens], target all ones) and refits the weights of all keys
+        chosen so far; the normal equations grow by the new keys' rows only, instead of being
+        rebuilt from the whole design.
+        """
         step = self.omp_keys_per_step or max(1, math.ceil(slots / 32))
+        flat, queries, _ = attention.shape
+        target = attention.new_ones(flat, queries)
         available = valid.clone()
-        chosen = torch.empty(exp_scores.shape[0], 0, dtype=torch.long, device=exp_scores.device)
-        residual = mass
+        chosen = torch.empty(flat, 0, dtype=torch.long, device=attention.device)
+        design = attention.new_empty(flat, queries, 0)
+        gram = attention.new_empty(flat, 0, 0)
+        moment = attention.new_empty(flat, 0)
+        residual = target
         while chosen.shape[1] < slots:
             take = min(step, slots - chosen.shape[1])
-            correlation = torch.einsum("fnt,fn->ft", exp_scores, residual)
+            correlation = torch.einsum("fnt,fn->ft", attention, residual)
             # Chosen and masked entries are excluded (masked ones are taken only if nothing else is left).
             correlation = correlation.masked_fill(~available, float("-inf"))
             fresh = correlation.topk(take, dim=-1).indices
             available.scatter_(1, fresh, False)
             chosen = torch.cat([chosen, fresh], dim=1)
-            design = torch.gather(exp_scores, 2, chosen.unsqueeze(1).expand(-1, exp_scores.shape[1], -1))
-            weights = nonnegative_least_squares(design, mass, 0)
-            residual = mass - (design @ weights.unsqueeze(-1)).squeeze(-1)
+            columns = torch.gather(attention, 2, fresh.unsqueeze(1).expand(-1, queries, -1))  # [flat, n, take]
+            design = torch.cat([design, columns], dim=2)
+            cross = design.transpose(1, 2) @ columns  # the Gram matrix's new columns: [old; new] x new
+            gram = torch.cat([torch.cat([gram, cross[:, :-take].transpose(1, 2)], dim=1), cross], dim=2)
+            moment = torch.cat([moment, columns.sum(dim=1)], dim=1)  # design^T target, with target all ones
+            weights = nonnegative_least_squares_normal(gram, moment, 0)
+            residual = target - (design @ weights.unsqueeze(-1)).squeeze(-1)
         return chosen
 
     def _fit_values(self, weighted: torch.Tensor, targets: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -242,4 +340,4 @@ class AttentionMatching(KVCompressor):
         identity = torch.eye(gram.shape[-1], device=gram.device).unsqueeze(0)
         system = gram + strength.view(-1, 1, 1) * identity
         right = rows.transpose(1, 2) @ targets + strength.view(-1, 1, 1) * anchor
-        return torch.linalg.solve(system, right)
+        return solve_positive_definite(system, right, anchor)
