@@ -64,6 +64,10 @@ class ContinualLMModule(pl.LightningModule):
         shared_prompt_scoring: score classification candidates on one shared prompt run
             (:func:`~metakv_cl.data.scoring.rank_choices_with_shared_prompt`) when the model
             allows it; False always scores full rows.
+        compile: run the training forward through ``torch.compile`` (dynamic shapes; the Meta-KV
+            hooks are traced with the model). On a GPU this removes the host-side cost that
+            makes eager Meta-KV training 0.6-0.85 x plain (benchmarks/results/perf.md).
+            Evaluation stays eager. A model swapped in later (a peft wrapper) is recompiled.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class ContinualLMModule(pl.LightningModule):
         warmup_steps: int = 0,
         attn_implementation: str = "sdpa",
         shared_prompt_scoring: bool = True,
+        compile: bool = False,
     ):
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -134,6 +139,8 @@ class ContinualLMModule(pl.LightningModule):
         self.shared_prompt_scoring = shared_prompt_scoring
         self._evaluating_classification = False
         self._rank_choices = rank_choices
+        self.compile_training = compile
+        self._compiled: dict[str, tuple[nn.Module, Callable]] = {}  # a dict, so not a registered submodule
 
     # ------------------------------------------------------------------ model access
 
@@ -204,8 +211,17 @@ class ContinualLMModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
 
+    def training_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
+        """The model's training forward (no KV cache), compiled when ``compile`` was set."""
+        model = self.model
+        if self.compile_training:
+            if self._compiled.get("model", (None,))[0] is not model:
+                self._compiled["model"] = (model, torch.compile(model, dynamic=True))
+            model = self._compiled["model"][1]
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        outputs = self(batch["input_ids"], batch["attention_mask"])
+        outputs = self.training_forward(batch["input_ids"], batch["attention_mask"])
         lm_loss, nll_sum, tokens = self.lm_loss(batch, outputs)
         components = {"lm": lm_loss}
         loss = self.lm_loss_weight * lm_loss

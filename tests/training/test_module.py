@@ -105,3 +105,28 @@ def test_vocab_size_needs_a_from_scratch_model():
 def test_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
         ContinualLMModule(tiny_gpt2(), lr_schedule="step")
+
+
+def test_compiled_training_forward_matches_eager_with_meta_kv():
+    import copy
+
+    from metakv_cl.modeling import MetaKVConfig, add_meta_kv, meta_kv_parameters
+
+    torch.manual_seed(0)
+    model = add_meta_kv(tiny_gpt2(), MetaKVConfig(source="mean", rank=4, state_dim=16))
+    with torch.no_grad():
+        for parameter in meta_kv_parameters(model):
+            parameter.normal_(std=0.3)
+    eager = ContinualLMModule(model)
+    compiled = ContinualLMModule(copy.deepcopy(model), compile=True)
+    ids = torch.randint(1, 90, (3, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    losses = []
+    for module in (eager, compiled):
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    grads = [meta_kv_parameters(module.model)[-1].grad for module in (eager, compiled)]
+    assert grads[0] is not None and torch.allclose(grads[0], grads[1], atol=1e-5)
+    assert not any("_compiled" in name for name, _ in compiled.named_modules())
