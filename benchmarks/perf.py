@@ -129,7 +129,6 @@ def run_forward_or_train(args, base, train: bool) -> list[dict]:
     variants = meta_kv_variants(base, args.sources, args.forms, args.rank)
 
     def step_for(name, model):
-        loss_of = torch.compile(language_model_loss, mode=args.compile_mode) if args.compile else language_model_loss
         if not train:
             model.eval()
 
@@ -139,6 +138,7 @@ def run_forward_or_train(args, base, train: bool) -> list[dict]:
 
             return torch.compile(forward, mode=args.compile_mode) if args.compile else forward
         model.train()  # every parameter trains in every variant, so the ratio is Meta-KV's own cost
+        loss_of = torch.compile(language_model_loss, mode=args.compile_mode) if args.compile else language_model_loss
 
         def train_step():
             with autocast:

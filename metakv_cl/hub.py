@@ -34,6 +34,11 @@ SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M"  # what the short alias "smollm2-135m" means on the hub
 
 
+def _hub_name(name_or_path: str) -> str:
+    """The hub repository a name stands for (the short SmolLM2 alias is not one)."""
+    return SMOLLM2_HUB_NAME if name_or_path == "smollm2-135m" else name_or_path
+
+
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers (False at once under ``HF_HUB_OFFLINE=1``).
@@ -98,7 +103,7 @@ def load_tokenizer(name_or_path: str = "gpt2", **kwargs: Any):
         folder, gguf_file = smollm2_gguf_path()  # straight to the offline copy: no hub retries
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     else:
-        hub_name = SMOLLM2_HUB_NAME if name_or_path == "smollm2-135m" else name_or_path
+        hub_name = _hub_name(name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(hub_name, **{**_hub_kwargs(hub_name), **kwargs})
         except (OSError, ValueError) as error:
@@ -163,8 +168,7 @@ def load_causal_lm(
             model = model.to(_as_dtype(dtype))
     elif name_or_path in SMOLLM2_NAMES and gguf_file is None and not Path(name_or_path).is_dir():
         if hub_reachable():
-            hub_name = SMOLLM2_HUB_NAME if name_or_path == "smollm2-135m" else name_or_path
-            model = _from_pretrained(hub_name, None, overrides, dtype, attn_implementation)
+            model = _from_pretrained(_hub_name(name_or_path), None, overrides, dtype, attn_implementation)
         else:  # straight to the offline GGUF: no hub retries
             folder, gguf_file = smollm2_gguf_path()
             model = _from_pretrained(folder, gguf_file, overrides, dtype, attn_implementation)
