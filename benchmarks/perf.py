@@ -5,8 +5,9 @@ Sections (pick with --sections):
 * ``forward``: forward-pass time and extra parameters of every meta-state source x form.
 * ``train``: training-step throughput (forward + backward, bf16 autocast on GPU; every
   parameter trainable in every variant, so the ratio is Meta-KV's own cost) of the same variants, and the model FLOPs utilisation of the plain path against the measured matmul rate.
-* ``decode``: cached greedy decoding tokens/s (weights in --dtype, no autocast), plain vs Meta-KV dynamic (mean) vs consolidated
-  merged, at several batch sizes and context lengths.
+* ``decode``: cached greedy decoding tokens/s (weights in --dtype, no autocast), plain vs Meta-KV dynamic (mean; also
+  through its fused Triton kernel where available) vs consolidated merged, at several batch sizes and context lengths,
+  through transformers' ``generate`` and through :class:`GraphedDecoder` (one CUDA graph per token).
 
 Variants are interleaved over rounds, so drift in the machine's speed hits all of them alike;
 tables report medians and the ratio to plain.
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from metakv_cl.hub import load_causal_lm
+from metakv_cl.modeling.graphed_decoding import GraphedDecoder
 from metakv_cl.modeling import (
     FORMS,
     SOURCES,
@@ -177,8 +179,24 @@ def run_forward_or_train(args, base, train: bool) -> list[dict]:
     return rows
 
 
+def fused_decoding_available(device: str) -> bool:
+    """Whether Meta-KV's fused one-token kernel can run here (Triton on a CUDA device)."""
+    if not device.startswith("cuda"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @torch.no_grad()
 def run_decode(args, base) -> list[dict]:
+    """Decoding tokens/s of each variant, in each mode; ratios are to plain in the same mode.
+
+    Modes: ``generate`` (transformers' generate with its dynamic cache, one host-issued kernel at
+    a time) and ``graphed`` (:class:`GraphedDecoder`: a static cache and one CUDA graph per step).
+    """
     rows = []
     base = copy.deepcopy(base).to(DTYPES[args.dtype])  # inference runs in the weights' own dtype, no autocast
     dynamic = add_meta_kv(copy.deepcopy(base), MetaKVConfig(source="mean", rank=args.rank)).eval()
@@ -186,6 +204,9 @@ def run_decode(args, base) -> list[dict]:
     variants = {"plain": base.eval(), "mean/factorized": dynamic, "consolidated merged": merged}
     if args.compile:  # compiling the whole model recompiles as the cache grows; compile Meta-KV's own work
         variants["mean/factorized compiled"] = compile_meta_kv(copy.deepcopy(dynamic))
+    fused = "graphed" in args.decode_modes and fused_decoding_available(args.device)
+    if fused:
+        variants["mean/factorized fused"] = copy.deepcopy(dynamic)
     max_positions = getattr(base.config, "n_positions", None) or base.config.max_position_embeddings
     for batch in args.decode_batches:
         for context in args.decode_contexts:
@@ -197,22 +218,32 @@ def run_decode(args, base) -> list[dict]:
                 return lambda: model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                               do_sample=False, pad_token_id=0)
 
-            steps = {name: generate(model) for name, model in variants.items()}
-            if args.profile_dir is not None and batch == args.decode_batches[0] and context == args.decode_contexts[0]:
-                profile_steps(steps, args.profile_dir, "decode", args.device, variants=("plain", "mean/factorized"))
-            medians = interleaved_medians(steps, args.rounds, args.device)
-            for name, seconds in medians.items():
-                rows.append(
-                    {
-                        "section": "decode",
-                        "variant": name,
-                        "batch": batch,
-                        "context": context,
-                        "median_s": seconds,
-                        "tokens_per_s": batch * args.new_tokens / seconds,
-                        "ratio_to_plain": medians["plain"] / seconds,
-                    }
-                )
+            def graphed(name, model):
+                decoder = GraphedDecoder(model, batch, context + args.new_tokens, fused_meta_kv=name.endswith("fused"))
+                return lambda: decoder.generate(ids, max_new_tokens=args.new_tokens)
+
+            for mode in args.decode_modes:
+                if mode == "generate":
+                    steps = {name: generate(model) for name, model in variants.items() if not name.endswith("fused")}
+                else:
+                    steps = {name: graphed(name, model) for name, model in variants.items() if not name.endswith("compiled")}
+                if args.profile_dir is not None and batch == args.decode_batches[0] and context == args.decode_contexts[0]:
+                    profile_steps(steps, args.profile_dir, f"decode_{mode}", args.device, variants=("plain", "mean/factorized"))
+                medians = interleaved_medians(steps, args.rounds, args.device)
+                for name, seconds in medians.items():
+                    rows.append(
+                        {
+                            "section": "decode",
+                            "mode": mode,
+                            "variant": name,
+                            "batch": batch,
+                            "context": context,
+                            "median_s": seconds,
+                            "tokens_per_s": batch * args.new_tokens / seconds,
+                            "ratio_to_plain": medians["plain"] / seconds,
+                        }
+                    )
+                del steps  # free this setting's static caches before the next
     return rows
 
 
@@ -238,7 +269,7 @@ def profile_steps(steps: dict, folder: Path, section: str, device: str, variants
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = [c for c in ("section", "variant", "batch", "context", "extra_params", "median_s", "tokens_per_s",
+    columns = [c for c in ("section", "mode", "variant", "batch", "context", "extra_params", "median_s", "tokens_per_s",
                            "ratio_to_plain", "mfu") if any(c in row for row in rows)]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
@@ -265,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--decode-modes", nargs="+", choices=["generate", "graphed"], default=["generate", "graphed"],
+                        help="generate: transformers' generate; graphed: GraphedDecoder (CUDA graph per step on GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant's step (plain included)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
     parser.add_argument("--pad-vocab", type=int, default=1, help="round the vocabulary up to a multiple of this")

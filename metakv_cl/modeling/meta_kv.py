@@ -92,6 +92,9 @@ class MetaKV(nn.Module):
         self._pending: list[torch.Tensor | None] = [None] * len(sites)
         # Running dynamic states per cache object and layer, dropped with the cache.
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Caches whose states stay at fixed addresses (updated in place), for CUDA graphs.
+        self._pinned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._fused_steps: list | None = None
         self._hooks: list = []
 
     def memory_for(self, layer: int) -> ConsolidatedMemory | None:
@@ -104,6 +107,39 @@ class MetaKV(nn.Module):
         if cache is None:
             return None
         return self._states.get(cache, {}).get(layer)
+
+    def reset_running_state(self, cache) -> None:
+        """Start a new sequence on ``cache``: its next chunk sees no earlier state."""
+        self._states.pop(cache, None)
+
+    def pin_running_state(self, cache) -> None:
+        """Keep the running states of ``cache`` at fixed addresses from now on.
+
+        Later chunks on ``cache`` update the state tensors in place, so a CUDA graph that
+        recorded a decoding step keeps reading and writing the live state. Called after each
+        prefill: the first call pins the prefill's tensors, later calls copy a new prefill's
+        states into the pinned ones (the batch size must not change).
+        """
+        states = self._states.get(cache, {})
+        pinned = self._pinned.get(cache)
+        if pinned is None:
+            self._pinned[cache] = states
+            return
+        for layer, state in states.items():
+            for target, value in zip(pinned[layer], state):
+                if target.shape != value.shape:
+                    raise ValueError(f"the pinned state has shape {tuple(target.shape)}, the new prefill {tuple(value.shape)}")
+                target.copy_(value)
+        self._states[cache] = pinned
+
+    def enable_fused_decoding(self) -> None:
+        """Decode single tokens of pinned caches through the fused kernel where a layer supports it.
+
+        The kernel packs each layer's weights once, here: call again after the weights change.
+        """
+        from metakv_cl.modeling.fused_decode import FusedDecodeStep
+
+        self._fused_steps = [FusedDecodeStep(layer) if FusedDecodeStep.supports(layer) else None for layer in self.layers]
 
     def layer_forward(self, layer: int, x: torch.Tensor, cache) -> None:
         """Compute and stash the K/V modulation of ``layer`` for the chunk x."""
@@ -124,9 +160,19 @@ class MetaKV(nn.Module):
                 "the dynamic meta-state cannot follow that: use greedy or sampling decoding"
             )
         memory = self.memory_for(layer)
-        delta, new_state = self.layers[layer](x, real, state, None if memory is None else memory.state())
+        memory_state = None if memory is None else memory.state()
+        in_place = cache is not None and cache in self._pinned and (state is not None or self.layers[layer].source is None)
+        fused = self._fused_steps[layer] if self._fused_steps is not None else None
+        if in_place and fused is not None and real is None and x.shape[1] == 1:
+            self._pending[layer] = fused(x, state, memory_state)  # updates the state in place
+            return
+        delta, new_state = self.layers[layer](x, real, state, memory_state)
         if cache is not None and new_state is not None:
-            self._states.setdefault(cache, {})[layer] = new_state
+            if in_place:
+                for target, value in zip(state, new_state):
+                    target.copy_(value)
+            else:
+                self._states.setdefault(cache, {})[layer] = new_state
         self._pending[layer] = delta
 
     def hook(self, model: nn.Module) -> None:

@@ -20,26 +20,7 @@ from metakv_cl.modeling import (
     remove_meta_kv,
     unmerge_meta_kv,
 )
-from metakv_cl.testing import VOCAB, tiny_gpt2, tiny_llama
-
-
-def randomize_meta_kv(model, std: float = 0.3, seed: int = 1) -> None:
-    """Give every Meta-KV parameter a random value, so the modulation is far from zero."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in meta_kv_parameters(model):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-
-
-def left_padded_batch(batch: int = 3, length: int = 12, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, length), generator=generator)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    for row in range(1, batch):
-        mask[row, : 2 * row] = 0  # rows get 0, 2, 4, ... left pads
-    ids = ids.masked_fill(mask == 0, 0)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    return ids, mask, positions
+from metakv_cl.testing import VOCAB, left_padded_batch, randomize_meta_kv, tiny_gpt2, tiny_llama
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])

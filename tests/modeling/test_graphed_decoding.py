@@ -1,0 +1,109 @@
+"""GraphedDecoder: the static-buffer decoding step decodes exactly what model.generate decodes.
+
+On CPU the step runs eagerly (no CUDA graph), which checks everything the graph replays: the
+StaticCache, the pinned in-place Meta-KV state, the additive mask and the self-advancing buffers.
+"""
+
+import pytest
+import torch
+
+from metakv_cl.modeling import DYNAMIC_SOURCES, MetaKVConfig, add_meta_kv, get_meta_kv
+from metakv_cl.modeling.graphed_decoding import GraphedDecoder
+from metakv_cl.testing import left_padded_batch, randomize_meta_kv, tiny_gpt2
+
+NEW_TOKENS = 6
+
+
+def reference_tokens(model, ids, mask):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+def meta_kv_model(factory, source, form="factorized"):
+    model = factory()
+    add_meta_kv(model, MetaKVConfig(source=source, form=form, rank=4, state_dim=16))
+    randomize_meta_kv(model)
+    return model
+
+
+@pytest.mark.parametrize("source", [None, *DYNAMIC_SOURCES, "hybrid", "consolidated"])
+def test_graphed_decoder_equals_generate(tiny_model_factory, source):
+    model = tiny_model_factory() if source is None else meta_kv_model(tiny_model_factory, source)
+    ids, mask, _ = left_padded_batch(length=8)
+    decoder = GraphedDecoder(model, batch_size=3, max_cache_len=32)
+    assert torch.equal(decoder.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS), reference_tokens(model, ids, mask))
+
+
+def test_decoder_is_reusable_and_keeps_the_state_in_place(tiny_model_factory):
+    model = meta_kv_model(tiny_model_factory, "mean", form="hypernetwork")
+    decoder = GraphedDecoder(model, batch_size=3, max_cache_len=32)
+    first_ids, first_mask, _ = left_padded_batch(length=8, seed=1)
+    decoder.generate(first_ids, attention_mask=first_mask, max_new_tokens=NEW_TOKENS)
+    state = get_meta_kv(model)._states[decoder.cache]
+    addresses = {layer: [t.data_ptr() for t in tensors] for layer, tensors in state.items()}
+    ids, mask, _ = left_padded_batch(length=10, seed=2)  # a longer prompt on the same buffers
+    assert torch.equal(decoder.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS), reference_tokens(model, ids, mask))
+    state = get_meta_kv(model)._states[decoder.cache]
+    assert {layer: [t.data_ptr() for t in tensors] for layer, tensors in state.items()} == addresses
+
+
+def test_sampling_is_seeded_and_near_zero_temperature_is_greedy():
+    model = meta_kv_model(tiny_gpt2, "attentive")
+    ids, mask, _ = left_padded_batch(length=8)
+    greedy = GraphedDecoder(model, batch_size=3, max_cache_len=32).generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS)
+    decoder = GraphedDecoder(model, batch_size=3, max_cache_len=32)
+    assert torch.equal(decoder.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, temperature=1e-4), greedy)
+    samples = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        samples.append(decoder.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, temperature=5.0))
+    assert torch.equal(samples[0], samples[1])
+    assert not torch.equal(samples[0], greedy)  # at temperature 5 the tiny model's argmax rarely wins 18 times
+
+
+def test_tokens_after_eos_become_padding():
+    model = tiny_gpt2()
+    ids, mask, _ = left_padded_batch(length=8)
+    tokens = GraphedDecoder(model, batch_size=3, max_cache_len=32).generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS)
+    eos = int(tokens[0, 1])
+    trimmed = GraphedDecoder(model, batch_size=3, max_cache_len=32).generate(
+        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=-1
+    )
+    first_eos = (tokens == eos).long().argmax(dim=1)
+    for row in range(3):
+        hit = bool((tokens[row] == eos).any())
+        end = int(first_eos[row]) + 1 if hit else NEW_TOKENS
+        assert torch.equal(trimmed[row, :end], tokens[row, :end])
+        assert (trimmed[row, end:] == -1).all()
+
+
+def test_bad_arguments_are_named():
+    model = tiny_gpt2()
+    ids, mask, _ = left_padded_batch(length=8)
+    decoder = GraphedDecoder(model, batch_size=3, max_cache_len=16)
+    with pytest.raises(ValueError, match="batch 3"):
+        decoder.generate(ids[:2], max_new_tokens=2)
+    with pytest.raises(ValueError, match="exceed max_cache_len 16"):
+        decoder.generate(ids, attention_mask=mask, max_new_tokens=9)
+    with pytest.raises(ValueError, match="positions"):
+        GraphedDecoder(model, batch_size=1, max_cache_len=1000)
+    with pytest.raises(ValueError, match="eval mode"):
+        GraphedDecoder(tiny_gpt2().train(), batch_size=1, max_cache_len=16)
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedDecoder(model, batch_size=1, max_cache_len=16, cuda_graph=True)
+    with pytest.raises(ValueError, match="needs a model with Meta-KV"):
+        GraphedDecoder(model, batch_size=1, max_cache_len=16, fused_meta_kv=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
+@pytest.mark.parametrize("source", [None, "mean", "attentive", "max", "recurrent", "consolidated"])
+def test_cuda_graph_replays_the_eager_step(tiny_model_factory, source):
+    model = (tiny_model_factory() if source is None else meta_kv_model(tiny_model_factory, source)).cuda()
+    eager = GraphedDecoder(model, batch_size=3, max_cache_len=40, cuda_graph=False)
+    graphed = GraphedDecoder(model, batch_size=3, max_cache_len=40, cuda_graph=True)
+    for length in (8, 12):  # the second call replays the captured graph only
+        ids, mask, _ = left_padded_batch(length=length, seed=length)
+        ids, mask = ids.cuda(), mask.cuda()
+        expected = eager.generate(ids, attention_mask=mask, max_new_tokens=16)
+        assert torch.equal(graphed.generate(ids, attention_mask=mask, max_new_tokens=16), expected)
+    assert graphed.graph is not None
