@@ -1,0 +1,401 @@
+"""Meta-KV's work for one decoded token as one Triton kernel.
+
+Cached one-token decoding is launch-bound: per layer the torch path of :class:`MetaKVLayer`
+issues about fifteen tiny kernels (source projection, running-state update, ``x A``, core
+generator, core, ``@ B``, scale). :class:`FusedDecodeStep` does the same work in one launch:
+it reads x once, updates the dynamic source's running state in place (fixed addresses, so a
+CUDA graph can replay it) and writes ``delta = alpha * [u_K' B_K | u_V' B_V]``.
+
+Work split and the race. Most of the bytes are the projection weights ``[source | A]`` (d x
+(s + 2r)); the core generator and B are a few KB. So each batch row gets ``splits`` programs
+that each project a slice of the hidden dimension and store their partial sums to a scratch
+buffer. The program that arrives LAST at the row's counter (an acq_rel atomic, after a
+block barrier, so every partial store of the row is visible to it) sums the partials in a
+fixed order (deterministic), reads the old running state, writes the new one and the delta,
+and resets the counter to zero for the next launch. Only that one program touches the state
+or the delta, so no program can read a state that another already overwrote. The pattern
+(last-arriving block finishes) never waits on another program, so it cannot deadlock however
+the programs are scheduled. With ``splits == 1`` the atomic and the scratch are compiled out.
+
+Numerics follow the torch path: the source runs in float32 on exactly upcast weights, and the
+kernel rounds to the model dtype where the torch path does (C, C + M, ``x A``, the generated
+core, ``u'``, delta), so float32 agrees to float32 rounding and bfloat16 to about one ulp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from metakv_cl.modeling.modulation import TARGETS, FactorizedModulation
+from metakv_cl.modeling.sources import AttentivePoolingSource, MaxSource, MeanSource
+
+# The dynamic source, as the kernel's SOURCE constant (constexpr globals, so kernels can read them).
+NO_SOURCE, MEAN, ATTENTIVE, MAX = (tl.constexpr(kind) for kind in range(4))
+SOURCE_KINDS = {MeanSource: MEAN.value, AttentivePoolingSource: ATTENTIVE.value, MaxSource: MAX.value}
+STATE_TENSORS = {MeanSource: 2, AttentivePoolingSource: 2, MaxSource: 1}  # (sum, total) or (running max,)
+# Elements per register tile: 64 float32 values per thread with the kernel's 4 warps.
+TILE_ELEMENTS = 8192
+MAX_BLOCK_D = 64
+
+
+@triton.jit
+def _round(value, dtype):
+    """``value`` rounded to ``dtype`` and back to float32 (where the torch path stores in dtype)."""
+    return value.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _project(acc, x_chunk, offs_d, mask_d, projection_ptr, first_col, COLS: tl.constexpr,
+             PACKED_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """``acc + x_chunk @ projection[offs_d, first_col : first_col + COLS]`` in float32."""
+    offs_c = tl.arange(0, BLOCK_COLS)
+    mask = mask_d[:, None] & (offs_c < COLS)[None, :]
+    weight = tl.load(projection_ptr + offs_d[:, None] * PACKED_COLS + first_col + offs_c[None, :], mask=mask, other=0.0)
+    return acc + tl.sum(x_chunk[:, None] * weight.to(tl.float32), axis=0)
+
+
+@triton.jit
+def _store_partial(row_partials_ptr, split, acc, first_col, COLS: tl.constexpr, PACKED_COLS: tl.constexpr,
+                   BLOCK_COLS: tl.constexpr):
+    """Store one program's partial projection of columns ``first_col ..`` at its split's slot."""
+    offs_c = tl.arange(0, BLOCK_COLS)
+    tl.store(row_partials_ptr + split * PACKED_COLS + first_col + offs_c, acc, mask=offs_c < COLS)
+
+
+@triton.jit
+def _sum_partials(row_partials_ptr, first_col, COLS: tl.constexpr, PACKED_COLS: tl.constexpr,
+                  SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """The full projection of columns ``first_col ..``: every split's partial, summed in split order.
+
+    Loaded with ``.cg`` (from L2, past this SM's L1): other programs wrote them during this launch.
+    """
+    offs_split = tl.arange(0, BLOCK_SPLITS)
+    offs_c = tl.arange(0, BLOCK_COLS)
+    mask = (offs_split < SPLITS)[:, None] & (offs_c < COLS)[None, :]
+    partials = tl.load(row_partials_ptr + offs_split[:, None] * PACKED_COLS + first_col + offs_c[None, :],
+                       mask=mask, other=0.0, cache_modifier=".cg")
+    return tl.sum(partials, axis=0)
+
+
+@triton.jit
+def _pick(vector, offs, index):
+    """``vector[index]`` for a block of indices, from a register vector whose lane indices are ``offs``."""
+    return tl.sum(tl.where(offs[None, :] == index[:, None], vector[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _modulate(u, target, c, offs_s, core_weight_ptr, core_bias_ptr, dtype, MATRIX_CORE: tl.constexpr,
+              STATE_DIM: tl.constexpr, RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    """One target's ``u'``: ``u (I + G(C))`` (matrix core) or ``u * (1 + g(C))`` (gate core).
+
+    The core generator's rows are ``target * core_size + i * rank + j`` (matrix) or
+    ``target * rank + j`` (gate), as ``FactorizedModulation`` views its output.
+    """
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < RANK
+    mask_s = offs_s < STATE_DIM
+    if MATRIX_CORE:
+        core_rows = target * RANK * RANK
+        mixed = tl.zeros([BLOCK_R], tl.float32)  # u @ G, over blocks of G's rows i
+        for i0 in range(0, RANK, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            mask_i = offs_i < RANK
+            rows = core_rows + offs_i[:, None] * RANK + offs_r[None, :]  # [BLOCK_I, BLOCK_R]
+            mask_ij = mask_i[:, None] & mask_r[None, :]
+            weight = tl.load(core_weight_ptr + rows[:, :, None] * STATE_DIM + offs_s[None, None, :],
+                             mask=mask_ij[:, :, None] & mask_s[None, None, :], other=0.0).to(tl.float32)
+            bias = tl.load(core_bias_ptr + rows, mask=mask_ij, other=0.0).to(tl.float32)
+            core = _round(tl.sum(weight * c[None, None, :], axis=2) + bias, dtype)  # G[i, j] in dtype
+            mixed += tl.sum(_pick(u, offs_r, offs_i)[:, None] * core, axis=0)
+        return _round(u + mixed, dtype)
+    rows = target * RANK + offs_r
+    weight = tl.load(core_weight_ptr + rows[:, None] * STATE_DIM + offs_s[None, :],
+                     mask=mask_r[:, None] & mask_s[None, :], other=0.0).to(tl.float32)
+    bias = tl.load(core_bias_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
+    # g, then 1 + g, then u (1 + g), each in dtype as the torch path computes them.
+    gate = _round(1.0 + _round(tl.sum(weight * c[None, :], axis=1) + bias, dtype), dtype)
+    return _round(u * gate, dtype)
+
+
+@triton.jit
+def _store_delta(u, target, output_factor_ptr, row_delta_ptr, RANK: tl.constexpr, KV_SIZE: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr):
+    """``delta[target * kv_size + j] = sum_i u'[i] * (alpha B)[target, i, j]``, in tiles of j."""
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < RANK
+    for j0 in range(0, KV_SIZE, BLOCK_KV):
+        offs_j = j0 + tl.arange(0, BLOCK_KV)
+        mask_j = offs_j < KV_SIZE
+        factor = tl.load(output_factor_ptr + (target * RANK + offs_r[:, None]) * KV_SIZE + offs_j[None, :],
+                         mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
+        delta = tl.sum(u[:, None] * factor, axis=0)
+        tl.store(row_delta_ptr + target * KV_SIZE + offs_j, delta.to(row_delta_ptr.dtype.element_ty), mask=mask_j)
+
+
+@triton.jit
+def _finish_row(projected, values, u_k, u_v, row, dtype, query_ptr, core_weight_ptr, core_bias_ptr, output_factor_ptr,
+                state_ptr, state_row_stride, state_col_stride, total_ptr, total_row_stride, memory_ptr, delta_ptr,
+                score_bound, score_scale, SOURCE: tl.constexpr, HAS_MEMORY: tl.constexpr, MATRIX_CORE: tl.constexpr,
+                STATE_DIM: tl.constexpr, RANK: tl.constexpr, KV_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_KV: tl.constexpr):
+    """From one row's projections: the new running state (in place), C, u' and the delta.
+
+    ``projected`` is the source's projection of x (the keys for attentive pooling), ``values``
+    the attentive values; ``u_k`` and ``u_v`` are ``x A`` for K and V, rounded to the dtype.
+    """
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < STATE_DIM
+    state_ptrs = state_ptr + row * state_row_stride + offs_s * state_col_stride
+    if SOURCE == MEAN or SOURCE == ATTENTIVE:  # weighted running mean: state = (sum of w v, sum of w)
+        if SOURCE == MEAN:
+            weight = 1.0
+            values = projected
+        else:
+            score = tl.sum(projected * tl.load(query_ptr + offs_s, mask=mask_s, other=0.0).to(tl.float32), axis=0)
+            score = score / score_scale
+            # bound * tanh(score / bound), tanh from exp (the interpreter has no tanh).
+            decay = tl.exp(-2.0 * tl.abs(score / score_bound))
+            score = score_bound * tl.where(score < 0, -1.0, 1.0) * (1.0 - decay) / (1.0 + decay)
+            weight = tl.exp(score - score_bound)
+        numerator = weight * values + tl.load(state_ptrs, mask=mask_s, other=0.0)
+        total = weight + tl.load(total_ptr + row * total_row_stride)
+        c = numerator / tl.maximum(total, 1.1754943508222875e-38)  # float32 tiny: C = 0 before any token
+        tl.store(state_ptrs, numerator, mask=mask_s)
+        tl.store(total_ptr + row * total_row_stride, total)
+        c = _round(c, dtype)
+    elif SOURCE == MAX:  # running max; -inf until a token was seen, which C reads as 0
+        running = tl.maximum(projected, tl.load(state_ptrs, mask=mask_s, other=0.0))
+        tl.store(state_ptrs, running, mask=mask_s)
+        c = _round(tl.where(tl.abs(running) < float("inf"), running, 0.0), dtype)
+    else:
+        c = tl.zeros([BLOCK_S], tl.float32)
+    if HAS_MEMORY:
+        memory = _round(tl.load(memory_ptr + offs_s, mask=mask_s, other=0.0).to(tl.float32), dtype)
+        if SOURCE == NO_SOURCE:
+            c = memory
+        else:
+            c = _round(c + memory, dtype)
+    u_k = _modulate(u_k, 0, c, offs_s, core_weight_ptr, core_bias_ptr, dtype, MATRIX_CORE, STATE_DIM, RANK,
+                    BLOCK_R, BLOCK_I)
+    u_v = _modulate(u_v, 1, c, offs_s, core_weight_ptr, core_bias_ptr, dtype, MATRIX_CORE, STATE_DIM, RANK,
+                    BLOCK_R, BLOCK_I)
+    row_delta_ptr = delta_ptr + row * 2 * KV_SIZE
+    _store_delta(u_k, 0, output_factor_ptr, row_delta_ptr, RANK, KV_SIZE, BLOCK_R, BLOCK_KV)
+    _store_delta(u_v, 1, output_factor_ptr, row_delta_ptr, RANK, KV_SIZE, BLOCK_R, BLOCK_KV)
+
+
+@triton.jit
+def _decode_step_kernel(
+    x_ptr, x_row_stride, x_col_stride, projection_ptr, query_ptr, core_weight_ptr, core_bias_ptr, output_factor_ptr,
+    state_ptr, state_row_stride, state_col_stride, total_ptr, total_row_stride, memory_ptr,
+    partials_ptr, arrivals_ptr, delta_ptr, score_bound, score_scale,
+    SOURCE: tl.constexpr, SOURCE_COLS: tl.constexpr, HAS_MEMORY: tl.constexpr, MATRIX_CORE: tl.constexpr,
+    HIDDEN: tl.constexpr, STATE_DIM: tl.constexpr, RANK: tl.constexpr, KV_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_KV: tl.constexpr,
+):
+    """Grid (splits, batch): program (split, row) projects hidden chunks split, split + splits, ...
+
+    The packed projection's columns are [source (keys) | attentive values | A_K | A_V].
+    """
+    split = tl.program_id(0)
+    row = tl.program_id(1)
+    dtype = x_ptr.dtype.element_ty
+    PACKED_COLS: tl.constexpr = SOURCE_COLS + 2 * RANK
+    projected = tl.zeros([BLOCK_S], tl.float32)
+    values = tl.zeros([BLOCK_S], tl.float32)
+    u_k = tl.zeros([BLOCK_R], tl.float32)
+    u_v = tl.zeros([BLOCK_R], tl.float32)
+    for chunk in range(D_CHUNKS):
+        offs_d = (split + chunk * SPLITS) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HIDDEN
+        x_chunk = tl.load(x_ptr + row * x_row_stride + offs_d * x_col_stride, mask=mask_d, other=0.0).to(tl.float32)
+        if SOURCE != NO_SOURCE:
+            projected = _project(projected, x_chunk, offs_d, mask_d, projection_ptr, 0, STATE_DIM, PACKED_COLS, BLOCK_S)
+        if SOURCE == ATTENTIVE:
+            values = _project(values, x_chunk, offs_d, mask_d, projection_ptr, STATE_DIM, STATE_DIM, PACKED_COLS,
+                              BLOCK_S)
+        u_k = _project(u_k, x_chunk, offs_d, mask_d, projection_ptr, SOURCE_COLS, RANK, PACKED_COLS, BLOCK_R)
+        u_v = _project(u_v, x_chunk, offs_d, mask_d, projection_ptr, SOURCE_COLS + RANK, RANK, PACKED_COLS, BLOCK_R)
+    finishes_row = True
+    if SPLITS > 1:
+        row_partials_ptr = partials_ptr + row * SPLITS * PACKED_COLS
+        if SOURCE != NO_SOURCE:
+            _store_partial(row_partials_ptr, split, projected, 0, STATE_DIM, PACKED_COLS, BLOCK_S)
+        if SOURCE == ATTENTIVE:
+            _store_partial(row_partials_ptr, split, values, STATE_DIM, STATE_DIM, PACKED_COLS, BLOCK_S)
+        _store_partial(row_partials_ptr, split, u_k, SOURCE_COLS, RANK, PACKED_COLS, BLOCK_R)
+        _store_partial(row_partials_ptr, split, u_v, SOURCE_COLS + RANK, RANK, PACKED_COLS, BLOCK_R)
+        # Every thread's partial stores come before the (one-thread) release of the arrival, and
+        # the acquire before any thread's reads of the others' partials.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + row, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        finishes_row = arrived == SPLITS - 1  # the row's last program: every other partial is stored
+        if finishes_row:
+            tl.store(arrivals_ptr + row, 0)
+            if SOURCE != NO_SOURCE:
+                projected = _sum_partials(row_partials_ptr, 0, STATE_DIM, PACKED_COLS, SPLITS, BLOCK_SPLITS, BLOCK_S)
+            if SOURCE == ATTENTIVE:
+                values = _sum_partials(row_partials_ptr, STATE_DIM, STATE_DIM, PACKED_COLS, SPLITS, BLOCK_SPLITS,
+                                       BLOCK_S)
+            u_k = _sum_partials(row_partials_ptr, SOURCE_COLS, RANK, PACKED_COLS, SPLITS, BLOCK_SPLITS, BLOCK_R)
+            u_v = _sum_partials(row_partials_ptr, SOURCE_COLS + RANK, RANK, PACKED_COLS, SPLITS, BLOCK_SPLITS,
+                                BLOCK_R)
+    if finishes_row:
+        _finish_row(projected, values, _round(u_k, dtype), _round(u_v, dtype), row, dtype, query_ptr, core_weight_ptr,
+                    core_bias_ptr, output_factor_ptr, state_ptr, state_row_stride, state_col_stride, total_ptr,
+                    total_row_stride, memory_ptr, delta_ptr, score_bound, score_scale, SOURCE, HAS_MEMORY,
+                    MATRIX_CORE, STATE_DIM, RANK, KV_SIZE, BLOCK_S, BLOCK_R, BLOCK_I, BLOCK_KV)
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+class FusedDecodeStep:
+    """A :class:`MetaKVLayer`'s one-token cached decoding step as one Triton kernel launch.
+
+    The layer's weights are packed once, here (``[source | A]`` side by side, and ``alpha B``);
+    the step reads that snapshot, so build a new one after the parameters change. It is for
+    decoding only (no autograd). A call issues no host sync and branches on shapes only, so it
+    can be captured into a CUDA graph; the per-batch-size scratch buffers are allocated on the
+    first call with that batch size (one eager call before capturing also compiles the kernel)
+    and kept, so graphs captured for several batch sizes stay valid. A captured graph points at
+    this object's packed weights and buffers: keep the object alive as long as the graph.
+
+    On CPU tensors the kernel runs only in Triton's interpreter (``TRITON_INTERPRET=1`` set
+    before this module is imported).
+
+    Args:
+        layer: a layer that :meth:`supports` accepts.
+        max_splits: at most this many programs per batch row share the projection over the
+            hidden dimension (1: one program per row, no atomics).
+
+    Example:
+        >>> step = FusedDecodeStep(meta_kv.layers[0])
+        >>> delta = step(x, state, memory_state)  # state updated in place
+    """
+
+    def __init__(self, layer: nn.Module, max_splits: int = 32):
+        if not self.supports(layer):
+            raise ValueError(
+                "FusedDecodeStep needs the factorized modulation, a mean/attentive/max source or none, "
+                f"and one dtype for every parameter; got {type(layer.modulation).__name__} with "
+                f"{type(layer.source).__name__} and dtypes {sorted({str(p.dtype) for p in layer.parameters()})}"
+            )
+        if max_splits < 1:
+            raise ValueError(f"max_splits must be >= 1, got {max_splits}")
+        modulation, source = layer.modulation, layer.source
+        self.source_kind = NO_SOURCE.value if source is None else SOURCE_KINDS[type(source)]
+        self.state_tensors = 0 if source is None else STATE_TENSORS[type(source)]
+        self.matrix_core = modulation.core == "matrix"
+        self.hidden, self.rank = modulation.A.shape[0], modulation.rank
+        self.kv_size = modulation.B.shape[-1]
+        self.state_dim = modulation.core_generator.in_features
+        self.dtype = modulation.A.dtype
+        self.score_bound = float(getattr(source, "score_bound", 1.0))
+        with torch.no_grad():
+            if isinstance(source, AttentivePoolingSource):
+                source_weights = [source.key.weight.t(), source.value.weight.t()]
+            else:
+                source_weights = [] if source is None else [source.proj.weight.t()]
+            self.projection = torch.cat([*source_weights, modulation.A], dim=1).contiguous()  # [hidden, packed]
+            self.source_columns = self.projection.shape[1] - TARGETS * self.rank
+            self.query = source.query.detach().clone() if isinstance(source, AttentivePoolingSource) else None
+            self.core_weight = modulation.core_generator.weight.detach().contiguous().clone()
+            self.core_bias = modulation.core_generator.bias.detach().clone()
+            # Exactly the torch path's block_output(B, alpha) factors: alpha * B in the weights' dtype.
+            self.output_factor = (modulation.alpha * modulation.B).contiguous()
+        self._pick_blocks(max_splits)
+        self._scratch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def supports(layer: nn.Module) -> bool:
+        """Whether the fused kernel computes this layer: factorized modulation, a mean, attentive or
+        max source or none (the hypernetwork form and the recurrent source stay on the torch path),
+        and all parameters in one dtype."""
+        return (
+            isinstance(layer.modulation, FactorizedModulation)
+            and (layer.source is None or type(layer.source) in SOURCE_KINDS)
+            and len({parameter.dtype for parameter in layer.parameters()}) == 1
+        )
+
+    def _pick_blocks(self, max_splits: int) -> None:
+        """Power-of-two tiles that cover each small dimension and keep register tiles bounded."""
+        self.block_s = triton.next_power_of_2(self.state_dim)
+        self.block_r = triton.next_power_of_2(self.rank)
+        projection_columns = self.source_columns // self.state_dim * self.block_s + TARGETS * self.block_r
+        self.block_d = min(MAX_BLOCK_D, triton.next_power_of_2(self.hidden),
+                           max(16, _power_of_two_at_most(TILE_ELEMENTS // projection_columns)))
+        chunks = triton.cdiv(self.hidden, self.block_d)
+        self.splits = min(chunks, max_splits)
+        self.d_chunks = triton.cdiv(chunks, self.splits)
+        self.block_i = min(self.block_r, _power_of_two_at_most(TILE_ELEMENTS // (self.block_r * self.block_s)))
+        self.block_kv = min(triton.next_power_of_2(self.kv_size), _power_of_two_at_most(TILE_ELEMENTS // self.block_r))
+
+    def _scratch_for(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The partial-projection buffer and the zeroed arrival counters for this batch size."""
+        key = (batch, device)
+        if key not in self._scratch:
+            packed_columns = self.projection.shape[1]
+            partials = torch.empty(batch, self.splits, packed_columns, dtype=torch.float32, device=device)
+            arrivals = torch.zeros(batch, dtype=torch.int32, device=device)
+            self._scratch[key] = (partials, arrivals)
+        return self._scratch[key]
+
+    def __call__(self, x: torch.Tensor, state: tuple[torch.Tensor, ...] | None,
+                 memory_state: torch.Tensor | None) -> torch.Tensor:
+        """The K/V modulation of one decoded token; the running state is updated in place.
+
+        Args:
+            x: attention input [batch, 1, hidden] in the weights' dtype.
+            state: the source's float32 running state, as ``MetaKVLayer.forward`` returns it
+                ((sum [batch, state_dim], total [batch, 1]) for mean and attentive pooling,
+                (running max [batch, state_dim],) for max), or None without a source.
+            memory_state: the consolidated C [state_dim], or None.
+
+        Returns:
+            delta [batch, 1, 2 * kv_size] in x's dtype, as ``MetaKVLayer.forward(x, None, state, memory_state)``.
+        """
+        if x.dim() != 3 or x.shape[1] != 1 or x.shape[2] != self.hidden:
+            raise ValueError(f"x must be [batch, 1, {self.hidden}] (one decoded token), got {tuple(x.shape)}")
+        if x.dtype != self.dtype or x.device != self.projection.device:
+            raise ValueError(
+                f"x is {x.dtype} on {x.device} but the packed weights are {self.dtype} on {self.projection.device}"
+            )
+        batch = x.shape[0]
+        if (0 if state is None else len(state)) != self.state_tensors:
+            raise ValueError(f"this layer's source keeps {self.state_tensors} state tensors, got "
+                             f"{'None' if state is None else len(state)}")
+        if state is not None and any(t.dtype != torch.float32 or t.shape[0] != batch for t in state):
+            raise ValueError(f"the running state must be float32 with batch {batch}, got "
+                             f"{[(tuple(t.shape), t.dtype) for t in state]}")
+        if self.state_tensors == 0 and memory_state is None:
+            raise ValueError("a layer without a dynamic source needs memory_state (its C)")
+        if memory_state is not None and memory_state.shape != (self.state_dim,):
+            raise ValueError(f"memory_state must be [{self.state_dim}], got {tuple(memory_state.shape)}")
+        unused = self.projection  # stands in for the pointers that the kernel's constants switch off
+        running = state[0] if state is not None else unused
+        total = state[1] if self.state_tensors == 2 else unused
+        memory = memory_state.contiguous() if memory_state is not None else unused
+        query = self.query if self.query is not None else unused
+        partials, arrivals = self._scratch_for(batch, x.device)
+        delta = torch.empty(batch, 1, TARGETS * self.kv_size, dtype=x.dtype, device=x.device)
+        _decode_step_kernel[(self.splits, batch)](
+            x, x.stride(0), x.stride(2), self.projection, query, self.core_weight, self.core_bias,
+            self.output_factor, running, running.stride(0), running.stride(-1), total, total.stride(0), memory,
+            partials, arrivals, delta, self.score_bound, math.sqrt(self.state_dim),
+            SOURCE=self.source_kind, SOURCE_COLS=self.source_columns, HAS_MEMORY=memory_state is not None,
+            MATRIX_CORE=self.matrix_core,
+            HIDDEN=self.hidden, STATE_DIM=self.state_dim, RANK=self.rank, KV_SIZE=self.kv_size,
+            BLOCK_D=self.block_d, D_CHUNKS=self.d_chunks, SPLITS=self.splits,
+            BLOCK_SPLITS=triton.next_power_of_2(self.splits), BLOCK_S=self.block_s, BLOCK_R=self.block_r,
+            BLOCK_I=self.block_i, BLOCK_KV=self.block_kv, num_warps=4,
+        )
+        return delta
