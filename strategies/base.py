@@ -46,7 +46,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from metakv_cl.metrics import ContinualMatrixPluginMetric
 from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, derived_seed, seed_all
-from metakv_cl.training.datamodule import EvaluationDataModule, TrainingDataModule
+from metakv_cl.training.datamodule import EvaluationDataModule, TrainingDataModule, ValidatedTrainingDataModule
 from metakv_cl.training.module import ContinualLMModule
 
 # Lightning's informational messages (device summary, "fit stopped", tips) go through this
@@ -272,6 +272,7 @@ class LightningCLStrategy(BaseTemplate):
         max_epochs: int | None = None,
         callbacks: Sequence[pl.Callback] = (),
         batch_size: int | None = None,
+        validation=None,
     ) -> pl.Trainer:
         """Run one ``Trainer.fit`` of the current stage.
 
@@ -284,6 +285,8 @@ class LightningCLStrategy(BaseTemplate):
             max_epochs: epochs of this phase (default: ``trainer_kwargs["max_epochs"]``).
             callbacks: extra callbacks for this fit.
             batch_size: mini-batch size (default :attr:`train_mb_size`).
+            validation: held-out items validated after every epoch (model selection by
+                ``callbacks`` such as ``EarlyStopping``), or None for a training-only fit.
 
         Returns:
             The finished Trainer.
@@ -312,6 +315,8 @@ class LightningCLStrategy(BaseTemplate):
         kwargs = dict(self.trainer_kwargs)
         if max_epochs is not None:
             kwargs["max_epochs"] = max_epochs
+        if validation is not None:
+            kwargs.update(check_val_every_n_epoch=1, num_sanity_val_steps=0, limit_val_batches=1.0)
         self.trainable_counts[phase] = trainable_parameter_count(self.module)
         with quiet_lightning(not self.verbose):
             trainer = pl.Trainer(
@@ -321,12 +326,13 @@ class LightningCLStrategy(BaseTemplate):
                 logger=self.logger(),
                 enable_checkpointing=self.checkpointing,
             )
-        datamodule = TrainingDataModule(
-            dataset,
-            batch_size=batch_size or self.train_mb_size,
-            seed=derived_seed(self.seed, self.stage, phase),
-            num_workers=self.num_workers,
+        loading = dict(
+            batch_size=batch_size or self.train_mb_size, seed=derived_seed(self.seed, self.stage, phase), num_workers=self.num_workers
         )
+        if validation is None:
+            datamodule = TrainingDataModule(dataset, **loading)
+        else:
+            datamodule = ValidatedTrainingDataModule(dataset, validation, **loading)
         last = phase_dir / "last.ckpt"
         ckpt_path = str(last) if self.resume_phases and last.is_file() else None
         self.module.train()  # Lightning keeps the mode it finds; models load in eval mode

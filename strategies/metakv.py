@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+from pytorch_lightning.callbacks import EarlyStopping
 
 from metakv_cl.modeling import get_meta_kv, meta_kv_parameters
 from metakv_cl.strategies.base import LightningCLStrategy
 from metakv_cl.strategies.lora import add_lora_adapter, make_lora_config, remove_lora
 from metakv_cl.strategies.replay import ReplayMemory
+from metakv_cl.training.callbacks import BestWeights, derived_seed
 from metakv_cl.training.distillation import ParameterSnapshot, prediction_mask, token_kl
 from metakv_cl.training.passes import is_global_zero
 
@@ -46,6 +48,7 @@ CONSOLIDATION_MODES = ("distill", "replay")
 FAST_WEIGHTS = ("lora", "none")
 CONSOLIDATION_GROUPS = ("memory", "generator", "source")
 FAST_ADAPTER = "fast"
+VALIDATION_METRIC = "eval/loss"  # logged by ContinualLMModule's validation
 
 
 class MetaKVConsolidation(LightningCLStrategy):
@@ -65,6 +68,13 @@ class MetaKVConsolidation(LightningCLStrategy):
         fast_lr: learning rate of the fast phase (default: the module's).
         consolidation_epochs: epochs of the consolidation (default: ``max_epochs``).
         consolidation_lr: learning rate of the consolidation (default: the module's).
+        validation_fraction: if > 0, this share of the consolidation items (new and replayed) is
+            held out, the loss on it is validated after every consolidation epoch, the
+            consolidation stops once it has not improved for ``patience`` epochs
+            (``EarlyStopping``) and ends on its best epoch (:class:`BestWeights`). The number of
+            consolidation epochs (up to ``consolidation_epochs``) is then chosen per experience,
+            from training data only.
+        patience: epochs without improvement before the consolidation stops.
         temperature: distillation temperature.
         lm_loss_weight: weight of the LM loss during consolidation (default 1; the KL term
             of distill mode comes on top).
@@ -88,6 +98,8 @@ class MetaKVConsolidation(LightningCLStrategy):
         fast_lr: float | None = None,
         consolidation_epochs: int | None = None,
         consolidation_lr: float | None = None,
+        validation_fraction: float = 0.0,
+        patience: int = 1,
         temperature: float = 1.0,
         lm_loss_weight: float = 1.0,
         buffer_size: int = 64,
@@ -109,6 +121,10 @@ class MetaKVConsolidation(LightningCLStrategy):
             raise ValueError(f"consolidate_groups must be a non-empty subset of {CONSOLIDATION_GROUPS}, got {list(consolidate_groups)}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        if patience < 0:
+            raise ValueError(f"patience must be >= 0, got {patience}")
         memory = ReplayMemory(buffer_size, storage_policy)
         super().__init__(**kwargs)
         meta_kv = _meta_kv_or_error(self.module.model)
@@ -122,6 +138,8 @@ class MetaKVConsolidation(LightningCLStrategy):
         self.fast_rank, self.fast_alpha, self.fast_target_modules = fast_rank, fast_alpha, fast_target_modules
         self.fast_epochs, self.fast_lr = fast_epochs, fast_lr
         self.consolidation_epochs, self.consolidation_lr = consolidation_epochs, consolidation_lr
+        self.validation_fraction, self.patience = validation_fraction, patience
+        self.consolidation_epochs_used: list[int] = []
         self.temperature = temperature
         if lm_loss_weight < 0:
             raise ValueError(f"lm_loss_weight must be >= 0, got {lm_loss_weight}")
@@ -179,9 +197,15 @@ class MetaKVConsolidation(LightningCLStrategy):
             self._teacher = ParameterSnapshot(self.module.model, names)  # M (and generator) before consolidation
             self.module.model.disable_adapter_layers()  # the student has no fast weights
             penalties["consolidation"] = self.distillation_penalty
+        callbacks, held_out = [], None
+        if self.validation_fraction > 0:
+            dataset, held_out = held_out_split(dataset, self.validation_fraction, derived_seed(self.seed, self.stage, "held-out"))
+            best = BestWeights(VALIDATION_METRIC, names)
+            callbacks = [EarlyStopping(VALIDATION_METRIC, patience=self.patience, mode="min"), best]
         try:
             with self.module.phase(lr=self.consolidation_lr, lm_loss_weight=self.lm_loss_weight, penalties=penalties):
-                self.fit_phase("consolidate", dataset, max_epochs=self.consolidation_epochs)
+                trainer = self.fit_phase("consolidate", dataset, max_epochs=self.consolidation_epochs, callbacks=callbacks, validation=held_out)
+            self.consolidation_epochs_used.append(trainer.current_epoch if held_out is None else best.best_epoch + 1)
         finally:
             self._teacher = None
             self._train_only(())
@@ -223,13 +247,15 @@ class MetaKVConsolidation(LightningCLStrategy):
             drift.append(float(sum(((state[n] - previous[n]) ** 2).sum() for n in state) ** 0.5))
             previous = state
         extra["memory_drift_per_experience"] = drift
+        extra["consolidation_epochs_per_experience"] = list(self.consolidation_epochs_used)
         return extra
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(memory=self.memory, initial_memory=self.initial_memory, memory_history=self.memory_history)
+        state.update(memory=self.memory, initial_memory=self.initial_memory, memory_history=self.memory_history,
+                     consolidation_epochs_used=self.consolidation_epochs_used)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -237,6 +263,21 @@ class MetaKVConsolidation(LightningCLStrategy):
         self.memory = state["memory"]
         self.initial_memory = state["initial_memory"]
         self.memory_history = list(state["memory_history"])
+        self.consolidation_epochs_used = list(state.get("consolidation_epochs_used", []))
+
+
+def held_out_split(dataset, fraction: float, seed: int):
+    """Split an Avalanche dataset into (training items, held-out items), a seeded random share held out.
+
+    Raises:
+        ValueError: if either part would be empty.
+    """
+    size = len(dataset)
+    held = max(1, round(fraction * size))
+    if size - held < 1:
+        raise ValueError(f"cannot hold out {fraction:.0%} of {size} consolidation item(s) and still train on some")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return dataset.subset(sorted(order[held:])), dataset.subset(sorted(order[:held]))
 
 
 def _meta_kv_or_error(model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from typing import TYPE_CHECKING, Any
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import pytorch_lightning as pl
+from pytorch_lightning.trainer.states import TrainerFn
 
 if TYPE_CHECKING:
     from metakv_cl.strategies.base import LightningCLStrategy
@@ -84,18 +86,79 @@ class AvalancheBridge(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._fire("after_training_epoch")
 
+    # Validation inside a fit selects the model on held-out training items; only the strategy's
+    # own evaluation (Trainer.validate) is an Avalanche evaluation.
+
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            return
         loaders = trainer.val_dataloaders
         self.strategy.dataloader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
 
     def on_validation_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            return
         self.strategy.mbatch = batch
         self._fire("before_eval_iteration", "before_eval_forward")
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            return
         self._fire("after_eval_forward", "after_eval_iteration")
+
+
+class BestWeights(pl.Callback):
+    """Restore, at the end of a fit, the weights of the epoch with the best validation score.
+
+    Only the parameters named in ``names`` are kept (the ones the fit trains: a copy of them is
+    small), in memory and in the fit's checkpoints, so a resumed fit still ends on its best epoch.
+    Use with ``EarlyStopping`` on the same monitor: that decides when to stop, this what to keep.
+
+    Args:
+        monitor: the logged validation metric.
+        names: names of the trained parameters in ``pl_module.model``.
+        mode: ``"min"`` or ``"max"``.
+    """
+
+    def __init__(self, monitor: str, names: list[str], mode: str = "min"):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.monitor, self.names, self.mode = monitor, list(names), mode
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self.monitor not in trainer.callback_metrics:
+            raise KeyError(f"BestWeights monitors {self.monitor!r}, which the validation did not log")
+        score = float(trainer.callback_metrics[self.monitor])
+        if not math.isfinite(score):
+            raise FloatingPointError(f"validation {self.monitor} is {score} at epoch {trainer.current_epoch}")
+        better = self.best_score is None or (score < self.best_score if self.mode == "min" else score > self.best_score)
+        if better:
+            parameters = dict(pl_module.model.named_parameters())
+            self.best_score, self.best_epoch = score, trainer.current_epoch
+            self.best_weights = {name: parameters[name].detach().clone() for name in self.names}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.best_weights is None:
+            return
+        parameters = dict(pl_module.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.best_weights.items():
+                parameters[name].copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = None if self.best_weights is None else {n: w.cpu() for n, w in self.best_weights.items()}
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_weights": weights}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score, self.best_epoch = state_dict["best_score"], state_dict["best_epoch"]
+        self.best_weights = state_dict["best_weights"]
 
 
 def derived_seed(*parts: Any) -> int:

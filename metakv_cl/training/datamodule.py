@@ -55,6 +55,24 @@ class TrainingDataModule(_ExperienceLoaders):
         return self.loader(DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed))
 
 
+class ValidatedTrainingDataModule(TrainingDataModule):
+    """Training batches plus in-order validation batches of held-out items (model selection in a fit).
+
+    Args:
+        dataset: the training items.
+        validation: the held-out items.
+        batch_size, seed, num_workers: as :class:`TrainingDataModule`.
+    """
+
+    def __init__(self, dataset: Dataset, validation: Dataset, *, batch_size: int = 8, seed: int = 0, num_workers: int = 0):
+        super().__init__(dataset, batch_size=batch_size, seed=seed, num_workers=num_workers)
+        self.validation = EvaluationDataModule(validation, batch_size=batch_size, num_workers=num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        self.validation.trainer = self.trainer
+        return self.validation.val_dataloader()
+
+
 class EvaluationDataModule(_ExperienceLoaders):
     """In-order evaluation batches; under DDP each rank scores a disjoint share (no repeats),
     so the summed metrics of all ranks equal a single process's.

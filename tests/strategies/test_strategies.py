@@ -314,3 +314,75 @@ def test_classification_stream_is_scored_by_accuracy(tmp_path):
     # accuracies are oriented upward: forgetting = best earlier accuracy - final accuracy > 0
     assert result.summary["forgetting"] == pytest.approx(result.matrix[1][0] - result.matrix[2][0])
     assert set(strategy.eval_results[0]) >= {"accuracy", "loss"}
+
+
+class ValidationRecorder(pl.Callback):
+    """The in-fit validation losses of every fit."""
+
+    def __init__(self):
+        self.losses: list[list[float]] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        self.losses.append([])
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "fit":
+            self.losses[-1].append(float(trainer.callback_metrics["eval/loss"]))
+
+
+def test_validated_consolidation_stops_early_on_its_best_epoch(tmp_path):
+    recorder = ValidationRecorder()
+    strategy, benchmark = make(
+        MetaKVConsolidation, tmp_path, meta_kv=META_KV, warmup=1, callbacks=[recorder], buffer_size=8,
+        consolidation_lr=0.3, consolidation_epochs=8, validation_fraction=0.25, patience=1,  # lr 0.3 overfits fast
+    )
+    report = run_stream(strategy, benchmark)
+    validated = [losses for losses in recorder.losses if losses]
+    assert len(validated) == 2  # one consolidation per experience; the warm-up fit has no validation
+    epochs = strategy.consolidation_epochs_used
+    assert report.extra["consolidation_epochs_per_experience"] == epochs
+    for losses, used in zip(validated, epochs):
+        best = min(range(len(losses)), key=losses.__getitem__)
+        assert used == best + 1
+        assert len(losses) == 8 or len(losses) == best + 2  # stopped one epoch (patience 1) after the best
+    assert any(len(losses) < 8 for losses in validated), validated
+
+
+def test_best_weights_restores_the_best_epoch(tmp_path):
+    from metakv_cl.training.callbacks import BestWeights
+
+    class Climb(pl.LightningModule):
+        """w grows by 1 per epoch; the validation loss (w - 2)^2 is best after the second epoch."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.w = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            return -self.model.w
+
+        def validation_step(self, batch, batch_idx):
+            self.log("eval/loss", (self.model.w.detach() - 2) ** 2)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1.0)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader([0])
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader([0])
+
+    module, best = Climb(), BestWeights("eval/loss", ["w"])
+    trainer = pl.Trainer(max_epochs=5, callbacks=[best], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module)
+    assert best.best_epoch == 1 and module.model.w.item() == 2.0
+    with pytest.raises(ValueError, match="mode"):
+        BestWeights("eval/loss", ["w"], mode="lowest")
+
+
+def test_validation_fraction_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="validation_fraction"):
+        make(MetaKVConsolidation, tmp_path, meta_kv=META_KV, validation_fraction=1.0)
