@@ -73,6 +73,8 @@ class GraphedDecoder:
             if self.meta_kv is None:
                 raise ValueError("fused_meta_kv=True needs a model with Meta-KV")
             self.meta_kv.enable_fused_decoding()
+        # A captured graph reads the fused steps' packed weights and scratch: keep them alive with it.
+        self.fused_steps = self.meta_kv._fused_steps if fused_meta_kv else None
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         batch, device = batch_size, self.device
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
