@@ -21,7 +21,7 @@ says cannot finish; at the budget the workers are stopped. ``--pack`` writes the
 results, call records and logs (no weights) into one tar.gz.
 
 ``report`` merges the results of any number of runs dirs (several calls) and writes one folder
-per (model, stream) under ``--out``: ``README.md`` (mean +- std over seeds of average,
+per (model, stream) under ``--out``, listed in ``INDEX.md``: ``README.md`` (mean +- std over seeds of average,
 forgetting, BWT, FWT, perplexity, wall time, peak GPU memory, trainable parameters; where
 Meta-KV consolidation does not beat a baseline; every method's mean R), ``results.json`` and
 plots (mean-R heatmaps, forgetting per method); its header names the exact command, commit, GPU
@@ -775,7 +775,7 @@ def report_main(args: argparse.Namespace) -> int:
                                   header=stream_header(suite, model, stream, flat, calls), candidates=candidates)
         index.append(f"- [{title}]({paths['markdown'].relative_to(out)})")
         print(f"[cl_suite] {paths['markdown']}")
-    (out / "README.md").write_text("\n".join(index) + "\n")
+    (out / "INDEX.md").write_text("\n".join(index) + "\n")
     return 0
 
 

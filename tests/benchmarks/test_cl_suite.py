@@ -186,7 +186,7 @@ def test_report_merges_calls_into_per_stream_folders(finished_call, tmp_path):
     assert tasks["header"]["data"] == "QQP stands in for Yahoo"
     for name in ("forgetting.png", "heatmap_replay.png", "heatmap_metakv_replay.png"):
         assert (out / "tiny-scratch" / "topics" / name).is_file()
-    assert "tiny-pretrained/tasks/README.md" in (out / "README.md").read_text()
+    assert "tiny-pretrained/tasks/README.md" in (out / "INDEX.md").read_text()
 
 
 def test_suite_config_errors_name_the_problem(tmp_path):
