@@ -18,6 +18,8 @@ decodes exactly what ``model.generate`` decodes.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from transformers import StaticCache
@@ -72,6 +74,9 @@ class GraphedDecoder:
         if fused_meta_kv:
             if self.meta_kv is None:
                 raise ValueError("fused_meta_kv=True needs a model with Meta-KV")
+            if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(f"fused_meta_kv=True runs a Triton kernel, which needs the model on a CUDA device, not {self.device} "
+                                 "(or TRITON_INTERPRET=1, for tests)")
             self.meta_kv.enable_fused_decoding()
         # A captured graph reads the fused steps' packed weights and scratch: keep them alive with it.
         self.fused_steps = self.meta_kv._fused_steps if fused_meta_kv else None

@@ -4,6 +4,8 @@ On CPU the step runs eagerly (no CUDA graph), which checks everything the graph 
 StaticCache, the pinned in-place Meta-KV state, the additive mask and the self-advancing buffers.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -93,6 +95,9 @@ def test_bad_arguments_are_named():
         GraphedDecoder(model, batch_size=1, max_cache_len=16, cuda_graph=True)
     with pytest.raises(ValueError, match="needs a model with Meta-KV"):
         GraphedDecoder(model, batch_size=1, max_cache_len=16, fused_meta_kv=True)
+    if "TRITON_INTERPRET" not in os.environ:
+        with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+            GraphedDecoder(meta_kv_model(tiny_gpt2, "mean"), batch_size=1, max_cache_len=16, fused_meta_kv=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
