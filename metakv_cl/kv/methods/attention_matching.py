@@ -16,6 +16,21 @@ SCORES = ("max", "mean", "rms")
 HEAD_BUDGETS = ("uniform", "adaptive")
 
 
+def float32_math(device: torch.device) -> torch.autocast:
+    """A context in which float32 tensors are multiplied in float32, whatever autocast the caller runs under.
+
+    Compaction runs inside the model's forward call, so under ``torch.autocast(dtype=torch.bfloat16)``
+    every matrix product of the fit would otherwise be computed in bfloat16 (``.float()`` inputs
+    are cast back). Gram matrices and normal equations in bfloat16 are ill-conditioned: the fitted
+    values grow by orders of magnitude, each compaction fits the damage of the previous one, and
+    perplexity explodes over a long stream.
+
+    Args:
+        device: the device the computation runs on (autocast is switched off for its type).
+    """
+    return torch.autocast(device.type, enabled=False)
+
+
 def attention_outputs(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,10 +44,11 @@ def attention_outputs(
         (log_mass [..., n], output [..., n, dv]): ``logsumexp_j(q.k_j + bias_j)`` and
         ``softmax(q.K^T + bias) V``, in float32.
     """
-    scores = queries.float() @ keys.float().transpose(-1, -2)
-    if bias is not None:
-        scores = scores + bias.float().unsqueeze(-2)
-    return torch.logsumexp(scores, dim=-1), torch.softmax(scores, dim=-1) @ values.float()
+    with float32_math(queries.device):
+        scores = queries.float() @ keys.float().transpose(-1, -2)
+        if bias is not None:
+            scores = scores + bias.float().unsqueeze(-2)
+        return torch.logsumexp(scores, dim=-1), torch.softmax(scores, dim=-1) @ values.float()
 
 
 def _largest_eigenvalue(gram: torch.Tensor, steps: int = 16) -> torch.Tensor:
@@ -142,7 +158,9 @@ class AttentionMatching(KVCompressor):
     most are still to come), and the sinks (StreamingLLM) survive every compaction; fitting
     the whole cache instead lost to H2O at budgets <= 10 % of a long context. With the bias
     the fitted block keeps its share of attention when new tokens arrive after it, and
-    successive compactions account for biases fitted earlier.
+    successive compactions account for biases fitted earlier. The fit computes in float32 even
+    when the model runs under autocast (see :func:`float32_math`): in bfloat16 its errors
+    compound over repeated compactions.
 
     Args:
         selection: ``"highest_attention"`` or ``"omp"``.
@@ -213,10 +231,11 @@ class AttentionMatching(KVCompressor):
         prior = torch.zeros(flat, tokens, device=keys.device) if bias is None else bias.reshape(flat, tokens).float()
         middle = slice(sinks, tokens - recent)
         per_head_cap = min(tokens, max_entries or tokens) - sinks - recent
-        kept, fitted_keys, fitted_values, fitted_bias = self._fit_block(
-            key_block[:, middle], value_block[:, middle], prior[:, middle], queries.reshape(flat, -1, keys.shape[-1]).float(),
-            count - sinks - recent, batch, per_head_cap,
-        )
+        with float32_math(keys.device):
+            kept, fitted_keys, fitted_values, fitted_bias = self._fit_block(
+                key_block[:, middle], value_block[:, middle], prior[:, middle],
+                queries.reshape(flat, -1, keys.shape[-1]).float(), count - sinks - recent, batch, per_head_cap,
+            )
 
         def around(first: torch.Tensor, fitted: torch.Tensor) -> torch.Tensor:
             """The fitted block between the exact sinks and recent entries of ``first`` (token axis 1)."""
