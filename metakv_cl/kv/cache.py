@@ -106,6 +106,7 @@ class CompactedLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.value_dtype = value_states.dtype  # differs under autocast: RoPE keys come out float32
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +172,8 @@ class CompactedLayer(DynamicLayer):
             return 0
         batch, heads = reference.shape[0], reference.shape[1]
         value_dim = self.value_storage.segments[0].shape[-1]
-        return batch * heads * (reference.shape[-1] + value_dim) * (torch.finfo(self.dtype).bits // 8)
+        key_bytes, value_bytes = (torch.finfo(dtype).bits // 8 for dtype in (self.dtype, self.value_dtype))
+        return batch * heads * (reference.shape[-1] * key_bytes + value_dim * value_bytes)
 
     def _maybe_compact(self, incoming: int) -> None:
         cache = self.cache
@@ -203,9 +205,11 @@ class CompactedLayer(DynamicLayer):
         method = self.cache.method
         keys, values = self.key_storage.to_float(), self.value_storage.to_float()
         started = time.perf_counter()
-        result = method.compact(
-            keys, values, self.reference_queries, budget, bias=self.bias, importance=self.importance, max_entries=max_entries
-        )
+        # Compaction runs inside the model's forward: keep the caller's autocast out of its fits.
+        with torch.autocast(device_type=keys.device.type, enabled=False):
+            result = method.compact(
+                keys, values, self.reference_queries, budget, bias=self.bias, importance=self.importance, max_entries=max_entries
+            )
         self.compaction_seconds += time.perf_counter() - started
         if result.keys is keys and result.values is values:
             return  # nothing changed

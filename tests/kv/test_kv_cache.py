@@ -270,3 +270,15 @@ def test_relevance_keeps_being_updated_while_decoding():
     # Every old token's relevance moved by the EMA: half its old value plus half the attention it got now.
     assert torch.all((after[..., :40] - 0.5 * before).abs() <= 0.5 + 1e-6)
     assert not torch.allclose(after[..., :40], before)
+
+
+def test_a_token_is_priced_at_its_key_and_value_dtypes():
+    # Under autocast, RoPE keys come out float32 while values stay bfloat16: the budget must price each
+    # at its own width, or a "96-token" cache holds a third more entries than it says.
+    model = tiny_llama()
+    cache = CompactedCache("sliding_window", 96, config=model.config)
+    keys = torch.randn(2, 2, 10, 16, dtype=torch.float32)
+    values = torch.randn(2, 2, 10, 16, dtype=torch.bfloat16)
+    cache.update(keys, values, 0)
+    layer = cache.layers[0]
+    assert layer.nbytes == 10 * layer.full_token_bytes
