@@ -46,7 +46,7 @@ from typing import Any, Iterator
 import torch
 
 from metakv_cl.kv.attention import bind_keys
-from metakv_cl.kv.protocol import MASKED_BIAS, AttentionReceived, KVCompressor, gather_tokens, validate_budget
+from metakv_cl.kv.protocol import MASKED_BIAS, AttentionReceived, KVCompressor, float32_math, gather_tokens, validate_budget
 from metakv_cl.kv.quantization import KVStorage, owned
 from metakv_cl.kv.registry import get_method
 from transformers.cache_utils import Cache, DynamicLayer
@@ -205,8 +205,7 @@ class CompactedLayer(DynamicLayer):
         method = self.cache.method
         keys, values = self.key_storage.to_float(), self.value_storage.to_float()
         started = time.perf_counter()
-        # Compaction runs inside the model's forward: keep the caller's autocast out of its fits.
-        with torch.autocast(device_type=keys.device.type, enabled=False):
+        with float32_math(keys.device):  # compaction runs inside the model's forward, under its autocast
             result = method.compact(
                 keys, values, self.reference_queries, budget, bias=self.bias, importance=self.importance, max_entries=max_entries
             )

@@ -88,6 +88,21 @@ class AttentionReceived:
     peak: torch.Tensor
 
 
+def float32_math(device: torch.device) -> torch.autocast:
+    """A context in which float32 tensors are multiplied in float32, whatever autocast the caller runs under.
+
+    Compaction runs inside the model's forward call, so under ``torch.autocast(dtype=torch.bfloat16)``
+    every matrix product of a fit would otherwise be computed in bfloat16 (``.float()`` inputs
+    are cast back). Gram matrices and normal equations in bfloat16 are ill-conditioned: the fitted
+    values grow by orders of magnitude, each compaction fits the damage of the previous one, and
+    perplexity explodes over a long stream.
+
+    Args:
+        device: the device the computation runs on (autocast is switched off for its type).
+    """
+    return torch.autocast(device.type, enabled=False)
+
+
 def validate_budget(budget: float) -> float:
     """Return ``budget`` as a float, or raise ValueError if it is not in (0, 1]."""
     try:

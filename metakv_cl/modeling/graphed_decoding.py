@@ -77,9 +77,8 @@ class GraphedDecoder:
             if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError(f"fused_meta_kv=True runs a Triton kernel, which needs the model on a CUDA device, not {self.device} "
                                  "(or TRITON_INTERPRET=1, for tests)")
-            self.meta_kv.enable_fused_decoding()
         # A captured graph reads the fused steps' packed weights and scratch: keep them alive with it.
-        self.fused_steps = self.meta_kv._fused_steps if fused_meta_kv else None
+        self.fused_steps = self.meta_kv.enable_fused_decoding() if fused_meta_kv else None
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         batch, device = batch_size, self.device
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -145,8 +144,8 @@ class GraphedDecoder:
                 self._step()
         new_tokens = self.output[:, :max_new_tokens].clone()
         if eos_token_id is not None:
-            after_eos = (new_tokens == eos_token_id).long().cumsum(dim=1) - (new_tokens == eos_token_id).long() > 0
-            new_tokens[after_eos] = pad_token_id
+            is_eos = (new_tokens == eos_token_id).long()
+            new_tokens[is_eos.cumsum(dim=1) - is_eos > 0] = pad_token_id  # after a row's first EOS
         return new_tokens
 
     def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -132,14 +132,19 @@ class MetaKV(nn.Module):
                 target.copy_(value)
         self._states[cache] = pinned
 
-    def enable_fused_decoding(self) -> None:
+    def enable_fused_decoding(self) -> list:
         """Decode single tokens of pinned caches through the fused kernel where a layer supports it.
 
         The kernel packs each layer's weights once, here: call again after the weights change.
+
+        Returns:
+            The per-layer fused steps (None where a layer stays on the torch path). A CUDA graph
+            that recorded them reads their packed weights: keep the list alive with the graph.
         """
         from metakv_cl.modeling.fused_decode import FusedDecodeStep
 
         self._fused_steps = [FusedDecodeStep(layer) if FusedDecodeStep.supports(layer) else None for layer in self.layers]
+        return self._fused_steps
 
     def layer_forward(self, layer: int, x: torch.Tensor, cache) -> None:
         """Compute and stash the K/V modulation of ``layer`` for the chunk x."""

@@ -8,27 +8,12 @@ from typing import ClassVar
 
 import torch
 
-from metakv_cl.kv.protocol import MASKED_BIAS, CompactedKV, KVCompressor, entries_for_budget
+from metakv_cl.kv.protocol import MASKED_BIAS, CompactedKV, KVCompressor, entries_for_budget, float32_math
 from metakv_cl.kv.registry import register_method
 
 SELECTIONS = ("highest_attention", "omp")
 SCORES = ("max", "mean", "rms")
 HEAD_BUDGETS = ("uniform", "adaptive")
-
-
-def float32_math(device: torch.device) -> torch.autocast:
-    """A context in which float32 tensors are multiplied in float32, whatever autocast the caller runs under.
-
-    Compaction runs inside the model's forward call, so under ``torch.autocast(dtype=torch.bfloat16)``
-    every matrix product of the fit would otherwise be computed in bfloat16 (``.float()`` inputs
-    are cast back). Gram matrices and normal equations in bfloat16 are ill-conditioned: the fitted
-    values grow by orders of magnitude, each compaction fits the damage of the previous one, and
-    perplexity explodes over a long stream.
-
-    Args:
-        device: the device the computation runs on (autocast is switched off for its type).
-    """
-    return torch.autocast(device.type, enabled=False)
 
 
 def attention_outputs(
