@@ -88,7 +88,8 @@ class GraphedDecoder:
         # Additive mask over the cache slots: 0 where a token may attend, the dtype's minimum elsewhere.
         self.mask = torch.zeros(batch, 1, 1, max_cache_len, dtype=self.dtype, device=device)
         self.temperature = torch.zeros(1, dtype=torch.float32, device=device)
-        self.output: torch.Tensor | None = None
+        # Room for every token a call can produce, so one captured graph serves any max_new_tokens.
+        self.output = torch.zeros(batch, max_cache_len, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.sample = False
 
@@ -126,10 +127,6 @@ class GraphedDecoder:
         self.temperature.fill_(max(temperature, 1e-6))
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        if self.output is None or self.output.shape[1] < max_new_tokens:
-            if self.graph is not None:
-                raise ValueError(f"the captured graph decodes at most {self.output.shape[1]} tokens; use another GraphedDecoder")
-            self.output = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=self.device)
 
         first = self._prefill(input_ids, attention_mask)
         self.output[:, :1] = first
