@@ -57,6 +57,12 @@ class GPT2Adapter:
         return output
 
     @staticmethod
+    def output_targets(output: torch.Tensor, target: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (K, V) views of a projection output that the modulation is added into."""
+        size = output.shape[-1] // 3
+        return output[..., size : 2 * size], output[..., 2 * size :]
+
+    @staticmethod
     @torch.no_grad()
     def add_weights(site: AttentionSite, increments: torch.Tensor, sign: float) -> None:
         weight = site.attention.c_attn.weight  # Conv1D: [d_in, 3 d], y = x W + b
@@ -87,6 +93,11 @@ class LlamaAdapter:
     def add_delta(output: torch.Tensor, delta: torch.Tensor, target: int | None) -> torch.Tensor:
         size = delta.shape[-1] // 2  # [K | V]
         return output + delta[..., target * size : (target + 1) * size].to(output.dtype)
+
+    @staticmethod
+    def output_targets(output: torch.Tensor, target: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(K, V) outputs that the modulation is added into: this projection's target only."""
+        return (output, None) if target == 0 else (None, output)
 
     @staticmethod
     @torch.no_grad()

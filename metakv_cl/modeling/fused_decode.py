@@ -89,65 +89,157 @@ def _pick(vector, offs, index):
 
 
 @triton.jit
-def _modulate(u, target, c, offs_s, core_weight_ptr, core_bias_ptr, dtype, MATRIX_CORE: tl.constexpr,
-              STATE_DIM: tl.constexpr, RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    """One target's ``u'``: ``u (I + G(C))`` (matrix core) or ``u * (1 + g(C))`` (gate core).
+def _load_core_block(core_weight_ptr, core_bias_ptr, target, i0, MATRIX_CORE: tl.constexpr, STATE_DIM: tl.constexpr,
+                     RANK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Core-generator rows of one target, in the weights' dtype: (weight, bias).
 
-    The core generator's rows are ``target * core_size + i * rank + j`` (matrix) or
-    ``target * rank + j`` (gate), as ``FactorizedModulation`` views its output.
+    Matrix core: the rows of G's rows i0 .. i0 + BLOCK_I, weight [BLOCK_I, BLOCK_R, BLOCK_S] and bias
+    [BLOCK_I, BLOCK_R] (generator row ``target * rank^2 + i * rank + j``). Gate core: all of g,
+    weight [BLOCK_R, BLOCK_S] and bias [BLOCK_R] (row ``target * rank + j``).
     """
     offs_r = tl.arange(0, BLOCK_R)
+    offs_s = tl.arange(0, BLOCK_S)
     mask_r = offs_r < RANK
     mask_s = offs_s < STATE_DIM
     if MATRIX_CORE:
-        core_rows = target * RANK * RANK
-        mixed = tl.zeros([BLOCK_R], tl.float32)  # u @ G, over blocks of G's rows i
-        for i0 in range(0, RANK, BLOCK_I):
-            offs_i = i0 + tl.arange(0, BLOCK_I)
-            mask_i = offs_i < RANK
-            rows = core_rows + offs_i[:, None] * RANK + offs_r[None, :]  # [BLOCK_I, BLOCK_R]
-            mask_ij = mask_i[:, None] & mask_r[None, :]
-            weight = tl.load(core_weight_ptr + rows[:, :, None] * STATE_DIM + offs_s[None, None, :],
-                             mask=mask_ij[:, :, None] & mask_s[None, None, :], other=0.0).to(tl.float32)
-            bias = tl.load(core_bias_ptr + rows, mask=mask_ij, other=0.0).to(tl.float32)
-            core = _round(tl.sum(weight * c[None, None, :], axis=2) + bias, dtype)  # G[i, j] in dtype
-            mixed += tl.sum(_pick(u, offs_r, offs_i)[:, None] * core, axis=0)
-        return _round(u + mixed, dtype)
-    rows = target * RANK + offs_r
-    weight = tl.load(core_weight_ptr + rows[:, None] * STATE_DIM + offs_s[None, :],
-                     mask=mask_r[:, None] & mask_s[None, :], other=0.0).to(tl.float32)
-    bias = tl.load(core_bias_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
-    # g, then 1 + g, then u (1 + g), each in dtype as the torch path computes them.
-    gate = _round(1.0 + _round(tl.sum(weight * c[None, :], axis=1) + bias, dtype), dtype)
-    return _round(u * gate, dtype)
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        rows = target * RANK * RANK + offs_i[:, None] * RANK + offs_r[None, :]
+        mask = (offs_i < RANK)[:, None] & mask_r[None, :]
+        weight = tl.load(core_weight_ptr + rows[:, :, None] * STATE_DIM + offs_s[None, None, :],
+                         mask=mask[:, :, None] & mask_s[None, None, :], other=0.0)
+        bias = tl.load(core_bias_ptr + rows, mask=mask, other=0.0)
+    else:
+        rows = target * RANK + offs_r
+        weight = tl.load(core_weight_ptr + rows[:, None] * STATE_DIM + offs_s[None, :],
+                         mask=mask_r[:, None] & mask_s[None, :], other=0.0)
+        bias = tl.load(core_bias_ptr + rows, mask=mask_r, other=0.0)
+    return weight, bias
 
 
 @triton.jit
-def _store_delta(u, target, output_factor_ptr, row_delta_ptr, RANK: tl.constexpr, KV_SIZE: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr):
-    """``delta[target * kv_size + j] = sum_i u'[i] * (alpha B)[target, i, j]``, in tiles of j."""
+def _load_output_tile(output_factor_ptr, out_ptr, out_row_stride, row, target, j0, ACCUMULATE: tl.constexpr,
+                      RANK: tl.constexpr, KV_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr):
+    """Output columns j0 .. j0 + BLOCK_KV of one target: the rows of ``(alpha B)[target]``
+    [BLOCK_R, BLOCK_KV] and, when accumulating, the projection output the delta is added to."""
     offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < RANK
-    for j0 in range(0, KV_SIZE, BLOCK_KV):
-        offs_j = j0 + tl.arange(0, BLOCK_KV)
-        mask_j = offs_j < KV_SIZE
-        factor = tl.load(output_factor_ptr + (target * RANK + offs_r[:, None]) * KV_SIZE + offs_j[None, :],
-                         mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
-        delta = tl.sum(u[:, None] * factor, axis=0)
-        tl.store(row_delta_ptr + target * KV_SIZE + offs_j, delta.to(row_delta_ptr.dtype.element_ty), mask=mask_j)
+    offs_j = j0 + tl.arange(0, BLOCK_KV)
+    mask_j = offs_j < KV_SIZE
+    factor = tl.load(output_factor_ptr + (target * RANK + offs_r[:, None]) * KV_SIZE + offs_j[None, :],
+                     mask=(offs_r < RANK)[:, None] & mask_j[None, :], other=0.0)
+    if ACCUMULATE:
+        base = tl.load(out_ptr + row * out_row_stride + offs_j, mask=mask_j, other=0.0)
+    else:
+        base = tl.zeros([BLOCK_KV], out_ptr.dtype.element_ty)
+    return factor, base
 
 
 @triton.jit
-def _finish_row(projected, values, u_k, u_v, row, dtype, query_ptr, core_weight_ptr, core_bias_ptr, output_factor_ptr,
-                state_ptr, state_row_stride, state_col_stride, total_ptr, total_row_stride, memory_ptr, delta_ptr,
-                score_bound, score_scale, SOURCE: tl.constexpr, HAS_MEMORY: tl.constexpr, MATRIX_CORE: tl.constexpr,
+def _load_row_operands(row, query_ptr, core_weight_ptr, core_bias_ptr, output_factor_ptr, state_ptr, state_row_stride,
+                       state_col_stride, total_ptr, total_row_stride, memory_ptr, k_out_ptr, k_row_stride, v_out_ptr,
+                       v_row_stride, SOURCE: tl.constexpr, HAS_MEMORY: tl.constexpr, MATRIX_CORE: tl.constexpr,
+                       ACCUMULATE_K: tl.constexpr, ACCUMULATE_V: tl.constexpr, STATE_DIM: tl.constexpr,
+                       RANK: tl.constexpr, KV_SIZE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_I: tl.constexpr, BLOCK_KV: tl.constexpr):
+    """Every load of a row's finishing work that does not depend on the projection, issued together.
+
+    A load only stalls the program where its value is first used, so issuing them all here costs
+    one memory round trip instead of one per dependent step. Shapes too big for one register tile
+    bring their first block here and the rest as they go.
+    """
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < STATE_DIM
+    if SOURCE == NO_SOURCE:
+        running = tl.zeros([BLOCK_S], tl.float32)
+    else:
+        running = tl.load(state_ptr + row * state_row_stride + offs_s * state_col_stride, mask=mask_s, other=0.0)
+    if SOURCE == MEAN or SOURCE == ATTENTIVE:
+        total = tl.load(total_ptr + row * total_row_stride)
+    else:
+        total = 0.0
+    if HAS_MEMORY:
+        memory = tl.load(memory_ptr + offs_s, mask=mask_s, other=0.0).to(tl.float32)
+    else:
+        memory = tl.zeros([BLOCK_S], tl.float32)
+    if SOURCE == ATTENTIVE:
+        query = tl.load(query_ptr + offs_s, mask=mask_s, other=0.0).to(tl.float32)
+    else:
+        query = tl.zeros([BLOCK_S], tl.float32)
+    core_k = _load_core_block(core_weight_ptr, core_bias_ptr, 0, 0, MATRIX_CORE, STATE_DIM, RANK, BLOCK_S, BLOCK_R, BLOCK_I)
+    core_v = _load_core_block(core_weight_ptr, core_bias_ptr, 1, 0, MATRIX_CORE, STATE_DIM, RANK, BLOCK_S, BLOCK_R, BLOCK_I)
+    tile_k = _load_output_tile(output_factor_ptr, k_out_ptr, k_row_stride, row, 0, 0, ACCUMULATE_K, RANK, KV_SIZE,
+                               BLOCK_R, BLOCK_KV)
+    tile_v = _load_output_tile(output_factor_ptr, v_out_ptr, v_row_stride, row, 1, 0, ACCUMULATE_V, RANK, KV_SIZE,
+                               BLOCK_R, BLOCK_KV)
+    return running, total, memory, query, core_k, core_v, tile_k, tile_v
+
+
+@triton.jit
+def _mix_core_block(u, c, weight, bias, i0, dtype, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    """``sum_i u[i] G[i, :]`` over the block of G's rows i0 .. i0 + BLOCK_I (G in dtype, as the torch path)."""
+    core = _round(tl.sum(weight.to(tl.float32) * c[None, None, :], axis=2) + bias.to(tl.float32), dtype)
+    return tl.sum(_pick(u, tl.arange(0, BLOCK_R), i0 + tl.arange(0, BLOCK_I))[:, None] * core, axis=0)
+
+
+@triton.jit
+def _modulate(u, c, core, target, core_weight_ptr, core_bias_ptr, dtype, MATRIX_CORE: tl.constexpr,
+              STATE_DIM: tl.constexpr, RANK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_I: tl.constexpr):
+    """One target's ``u'``: ``u (I + G(C))`` (matrix core) or ``u * (1 + g(C))`` (gate core).
+
+    ``core`` is the target's first block of core-generator rows, already loaded.
+    """
+    weight, bias = core
+    if MATRIX_CORE:
+        mixed = _mix_core_block(u, c, weight, bias, 0, dtype, BLOCK_R, BLOCK_I)
+        for i0 in range(BLOCK_I, RANK, BLOCK_I):  # only when one register tile does not cover G
+            block_weight, block_bias = _load_core_block(core_weight_ptr, core_bias_ptr, target, i0, MATRIX_CORE,
+                                                        STATE_DIM, RANK, BLOCK_S, BLOCK_R, BLOCK_I)
+            mixed += _mix_core_block(u, c, block_weight, block_bias, i0, dtype, BLOCK_R, BLOCK_I)
+        modulated = _round(u + mixed, dtype)
+    else:  # g, then 1 + g, then u (1 + g), each in dtype as the torch path computes them
+        gate = _round(tl.sum(weight.to(tl.float32) * c[None, :], axis=1) + bias.to(tl.float32), dtype)
+        modulated = _round(u * _round(1.0 + gate, dtype), dtype)
+    return modulated
+
+
+@triton.jit
+def _write_output_tile(u, factor, base, out_ptr, out_row_stride, row, j0, dtype, ACCUMULATE: tl.constexpr,
+                       KV_SIZE: tl.constexpr, BLOCK_KV: tl.constexpr):
+    """``delta = u' @ (alpha B)[target]`` for the tile's columns, stored, or added to the projection
+    output in place (delta rounded to dtype first, as the torch path's ``output + delta``)."""
+    offs_j = j0 + tl.arange(0, BLOCK_KV)
+    delta = tl.sum(u[:, None] * factor.to(tl.float32), axis=0)
+    if ACCUMULATE:
+        delta = _round(delta, dtype) + base.to(tl.float32)
+    tl.store(out_ptr + row * out_row_stride + offs_j, delta.to(out_ptr.dtype.element_ty), mask=offs_j < KV_SIZE)
+
+
+@triton.jit
+def _write_target(u, tile, target, output_factor_ptr, out_ptr, out_row_stride, row, dtype, ACCUMULATE: tl.constexpr,
+                  RANK: tl.constexpr, KV_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KV: tl.constexpr):
+    """All of one target's output, from its first tile (already loaded) and any further tiles."""
+    factor, base = tile
+    _write_output_tile(u, factor, base, out_ptr, out_row_stride, row, 0, dtype, ACCUMULATE, KV_SIZE, BLOCK_KV)
+    for j0 in range(BLOCK_KV, KV_SIZE, BLOCK_KV):  # only when one register tile does not cover the row
+        tile_factor, tile_base = _load_output_tile(output_factor_ptr, out_ptr, out_row_stride, row, target, j0,
+                                                   ACCUMULATE, RANK, KV_SIZE, BLOCK_R, BLOCK_KV)
+        _write_output_tile(u, tile_factor, tile_base, out_ptr, out_row_stride, row, j0, dtype, ACCUMULATE, KV_SIZE,
+                           BLOCK_KV)
+
+
+@triton.jit
+def _finish_row(projected, values, u_k, u_v, operands, row, dtype, core_weight_ptr, core_bias_ptr, output_factor_ptr,
+                state_ptr, state_row_stride, state_col_stride, total_ptr, total_row_stride, k_out_ptr, k_row_stride,
+                v_out_ptr, v_row_stride, score_bound, score_scale, SOURCE: tl.constexpr, HAS_MEMORY: tl.constexpr,
+                MATRIX_CORE: tl.constexpr, ACCUMULATE_K: tl.constexpr, ACCUMULATE_V: tl.constexpr,
                 STATE_DIM: tl.constexpr, RANK: tl.constexpr, KV_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_KV: tl.constexpr):
-    """From one row's projections: the new running state (in place), C, u' and the delta.
+    """From one row's projections and operands: the new running state (in place), C, u' and the output.
 
     ``projected`` is the source's projection of x (the keys for attentive pooling), ``values``
     the attentive values; ``u_k`` and ``u_v`` are ``x A`` for K and V, rounded to the dtype.
     """
+    running, total, memory, query, core_k, core_v, tile_k, tile_v = operands
     offs_s = tl.arange(0, BLOCK_S)
     mask_s = offs_s < STATE_DIM
     state_ptrs = state_ptr + row * state_row_stride + offs_s * state_col_stride
@@ -156,56 +248,65 @@ def _finish_row(projected, values, u_k, u_v, row, dtype, query_ptr, core_weight_
             weight = 1.0
             values = projected
         else:
-            score = tl.sum(projected * tl.load(query_ptr + offs_s, mask=mask_s, other=0.0).to(tl.float32), axis=0)
-            score = score / score_scale
+            score = tl.sum(projected * query, axis=0) / score_scale
             # bound * tanh(score / bound), tanh from exp (the interpreter has no tanh).
             decay = tl.exp(-2.0 * tl.abs(score / score_bound))
             score = score_bound * tl.where(score < 0, -1.0, 1.0) * (1.0 - decay) / (1.0 + decay)
             weight = tl.exp(score - score_bound)
-        numerator = weight * values + tl.load(state_ptrs, mask=mask_s, other=0.0)
-        total = weight + tl.load(total_ptr + row * total_row_stride)
+        numerator = weight * values + running
+        total = weight + total
         c = numerator / tl.maximum(total, 1.1754943508222875e-38)  # float32 tiny: C = 0 before any token
         tl.store(state_ptrs, numerator, mask=mask_s)
         tl.store(total_ptr + row * total_row_stride, total)
         c = _round(c, dtype)
     elif SOURCE == MAX:  # running max; -inf until a token was seen, which C reads as 0
-        running = tl.maximum(projected, tl.load(state_ptrs, mask=mask_s, other=0.0))
+        running = tl.maximum(projected, running)
         tl.store(state_ptrs, running, mask=mask_s)
         c = _round(tl.where(tl.abs(running) < float("inf"), running, 0.0), dtype)
     else:
         c = tl.zeros([BLOCK_S], tl.float32)
     if HAS_MEMORY:
-        memory = _round(tl.load(memory_ptr + offs_s, mask=mask_s, other=0.0).to(tl.float32), dtype)
+        memory = _round(memory, dtype)
         if SOURCE == NO_SOURCE:
             c = memory
         else:
             c = _round(c + memory, dtype)
-    u_k = _modulate(u_k, 0, c, offs_s, core_weight_ptr, core_bias_ptr, dtype, MATRIX_CORE, STATE_DIM, RANK,
+    u_k = _modulate(u_k, c, core_k, 0, core_weight_ptr, core_bias_ptr, dtype, MATRIX_CORE, STATE_DIM, RANK, BLOCK_S,
                     BLOCK_R, BLOCK_I)
-    u_v = _modulate(u_v, 1, c, offs_s, core_weight_ptr, core_bias_ptr, dtype, MATRIX_CORE, STATE_DIM, RANK,
+    u_v = _modulate(u_v, c, core_v, 1, core_weight_ptr, core_bias_ptr, dtype, MATRIX_CORE, STATE_DIM, RANK, BLOCK_S,
                     BLOCK_R, BLOCK_I)
-    row_delta_ptr = delta_ptr + row * 2 * KV_SIZE
-    _store_delta(u_k, 0, output_factor_ptr, row_delta_ptr, RANK, KV_SIZE, BLOCK_R, BLOCK_KV)
-    _store_delta(u_v, 1, output_factor_ptr, row_delta_ptr, RANK, KV_SIZE, BLOCK_R, BLOCK_KV)
+    _write_target(u_k, tile_k, 0, output_factor_ptr, k_out_ptr, k_row_stride, row, dtype, ACCUMULATE_K, RANK, KV_SIZE,
+                  BLOCK_R, BLOCK_KV)
+    _write_target(u_v, tile_v, 1, output_factor_ptr, v_out_ptr, v_row_stride, row, dtype, ACCUMULATE_V, RANK, KV_SIZE,
+                  BLOCK_R, BLOCK_KV)
 
 
 @triton.jit
 def _decode_step_kernel(
     x_ptr, x_row_stride, x_col_stride, projection_ptr, query_ptr, core_weight_ptr, core_bias_ptr, output_factor_ptr,
     state_ptr, state_row_stride, state_col_stride, total_ptr, total_row_stride, memory_ptr,
-    partials_ptr, arrivals_ptr, delta_ptr, score_bound, score_scale,
+    partials_ptr, arrivals_ptr, k_out_ptr, k_row_stride, v_out_ptr, v_row_stride, score_bound, score_scale,
     SOURCE: tl.constexpr, SOURCE_COLS: tl.constexpr, HAS_MEMORY: tl.constexpr, MATRIX_CORE: tl.constexpr,
+    ACCUMULATE_K: tl.constexpr, ACCUMULATE_V: tl.constexpr, PRELOAD: tl.constexpr,
     HIDDEN: tl.constexpr, STATE_DIM: tl.constexpr, RANK: tl.constexpr, KV_SIZE: tl.constexpr,
     BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_KV: tl.constexpr,
 ):
     """Grid (splits, batch): program (split, row) projects hidden chunks split, split + splits, ...
 
-    The packed projection's columns are [source (keys) | attentive values | A_K | A_V].
+    The packed projection's columns are [source (keys) | attentive values | A_K | A_V]. With
+    PRELOAD every program loads the row's finishing operands before the arrival (so their latency
+    hides behind the projection's), at the cost of loads that all but the last program discard.
     """
     split = tl.program_id(0)
     row = tl.program_id(1)
     dtype = x_ptr.dtype.element_ty
+    if PRELOAD:
+        operands = _load_row_operands(
+            row, query_ptr, core_weight_ptr, core_bias_ptr, output_factor_ptr, state_ptr, state_row_stride,
+            state_col_stride, total_ptr, total_row_stride, memory_ptr, k_out_ptr, k_row_stride, v_out_ptr, v_row_stride,
+            SOURCE, HAS_MEMORY, MATRIX_CORE, ACCUMULATE_K, ACCUMULATE_V, STATE_DIM, RANK, KV_SIZE, BLOCK_S, BLOCK_R,
+            BLOCK_I, BLOCK_KV)
     PACKED_COLS: tl.constexpr = SOURCE_COLS + 2 * RANK
     projected = tl.zeros([BLOCK_S], tl.float32)
     values = tl.zeros([BLOCK_S], tl.float32)
@@ -237,7 +338,14 @@ def _decode_step_kernel(
         arrived = tl.atomic_add(arrivals_ptr + row, 1, sem="acq_rel", scope="gpu")
         tl.debug_barrier()
         finishes_row = arrived == SPLITS - 1  # the row's last program: every other partial is stored
-        if finishes_row:
+    if finishes_row:
+        if not PRELOAD:  # first thing, so these loads are in flight with the partials' below
+            operands = _load_row_operands(
+                row, query_ptr, core_weight_ptr, core_bias_ptr, output_factor_ptr, state_ptr, state_row_stride,
+                state_col_stride, total_ptr, total_row_stride, memory_ptr, k_out_ptr, k_row_stride, v_out_ptr,
+                v_row_stride, SOURCE, HAS_MEMORY, MATRIX_CORE, ACCUMULATE_K, ACCUMULATE_V, STATE_DIM, RANK, KV_SIZE,
+                BLOCK_S, BLOCK_R, BLOCK_I, BLOCK_KV)
+        if SPLITS > 1:
             tl.store(arrivals_ptr + row, 0)
             if SOURCE != NO_SOURCE:
                 projected = _sum_partials(row_partials_ptr, 0, STATE_DIM, PACKED_COLS, SPLITS, BLOCK_SPLITS, BLOCK_S)
@@ -247,11 +355,11 @@ def _decode_step_kernel(
             u_k = _sum_partials(row_partials_ptr, SOURCE_COLS, RANK, PACKED_COLS, SPLITS, BLOCK_SPLITS, BLOCK_R)
             u_v = _sum_partials(row_partials_ptr, SOURCE_COLS + RANK, RANK, PACKED_COLS, SPLITS, BLOCK_SPLITS,
                                 BLOCK_R)
-    if finishes_row:
-        _finish_row(projected, values, _round(u_k, dtype), _round(u_v, dtype), row, dtype, query_ptr, core_weight_ptr,
+        _finish_row(projected, values, _round(u_k, dtype), _round(u_v, dtype), operands, row, dtype, core_weight_ptr,
                     core_bias_ptr, output_factor_ptr, state_ptr, state_row_stride, state_col_stride, total_ptr,
-                    total_row_stride, memory_ptr, delta_ptr, score_bound, score_scale, SOURCE, HAS_MEMORY,
-                    MATRIX_CORE, STATE_DIM, RANK, KV_SIZE, BLOCK_S, BLOCK_R, BLOCK_I, BLOCK_KV)
+                    total_row_stride, k_out_ptr, k_row_stride, v_out_ptr, v_row_stride, score_bound, score_scale,
+                    SOURCE, HAS_MEMORY, MATRIX_CORE, ACCUMULATE_K, ACCUMULATE_V, STATE_DIM, RANK, KV_SIZE, BLOCK_S,
+                    BLOCK_R, BLOCK_I, BLOCK_KV)
 
 
 def _power_of_two_at_most(n: int) -> int:
@@ -269,27 +377,38 @@ class FusedDecodeStep:
     and kept, so graphs captured for several batch sizes stay valid. A captured graph points at
     this object's packed weights and buffers: keep the object alive as long as the graph.
 
+    The modulation can be added straight into the K/V projection outputs (``k_out``, ``v_out``),
+    which saves the separate add kernels of the torch path.
+
     On CPU tensors the kernel runs only in Triton's interpreter (``TRITON_INTERPRET=1`` set
     before this module is imported).
 
     Args:
         layer: a layer that :meth:`supports` accepts.
         max_splits: at most this many programs per batch row share the projection over the
-            hidden dimension (1: one program per row, no atomics).
+            hidden dimension (1: one program per row, no atomics). Default: enough to give a
+            launch about ``LAUNCH_PROGRAMS`` programs.
+        preload: every program loads the row's finishing operands before its arrival (hides
+            their latency; the other programs' loads are wasted). Default: when a launch has at
+            most ``PRELOAD_PROGRAMS`` programs.
+        num_warps: warps per program.
 
     Example:
         >>> step = FusedDecodeStep(meta_kv.layers[0])
         >>> delta = step(x, state, memory_state)  # state updated in place
     """
 
-    def __init__(self, layer: nn.Module, max_splits: int = 32):
+    LAUNCH_PROGRAMS = 96  # batch 1: every hidden chunk its own program; batch 32: 3 splits (measured best)
+    PRELOAD_PROGRAMS = 132  # one program per SM of an H100 at most
+
+    def __init__(self, layer: nn.Module, max_splits: int | None = None, preload: bool | None = None, num_warps: int = 4):
         if not self.supports(layer):
             raise ValueError(
                 "FusedDecodeStep needs the factorized modulation, a mean/attentive/max source or none, "
                 f"and one dtype for every parameter; got {type(layer.modulation).__name__} with "
                 f"{type(layer.source).__name__} and dtypes {sorted({str(p.dtype) for p in layer.parameters()})}"
             )
-        if max_splits < 1:
+        if max_splits is not None and max_splits < 1:
             raise ValueError(f"max_splits must be >= 1, got {max_splits}")
         modulation, source = layer.modulation, layer.source
         self.source_kind = NO_SOURCE.value if source is None else SOURCE_KINDS[type(source)]
@@ -300,6 +419,7 @@ class FusedDecodeStep:
         self.state_dim = modulation.core_generator.in_features
         self.dtype = modulation.A.dtype
         self.score_bound = float(getattr(source, "score_bound", 1.0))
+        self.max_splits, self.preload, self.num_warps = max_splits, preload, num_warps
         with torch.no_grad():
             if isinstance(source, AttentivePoolingSource):
                 source_weights = [source.key.weight.t(), source.value.weight.t()]
@@ -312,7 +432,7 @@ class FusedDecodeStep:
             self.core_bias = modulation.core_generator.bias.detach().clone()
             # Exactly the torch path's block_output(B, alpha) factors: alpha * B in the weights' dtype.
             self.output_factor = (modulation.alpha * modulation.B).contiguous()
-        self._pick_blocks(max_splits)
+        self._pick_blocks()
         self._scratch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
@@ -326,31 +446,44 @@ class FusedDecodeStep:
             and len({parameter.dtype for parameter in layer.parameters()}) == 1
         )
 
-    def _pick_blocks(self, max_splits: int) -> None:
+    def _pick_blocks(self) -> None:
         """Power-of-two tiles that cover each small dimension and keep register tiles bounded."""
         self.block_s = triton.next_power_of_2(self.state_dim)
         self.block_r = triton.next_power_of_2(self.rank)
         projection_columns = self.source_columns // self.state_dim * self.block_s + TARGETS * self.block_r
         self.block_d = min(MAX_BLOCK_D, triton.next_power_of_2(self.hidden),
                            max(16, _power_of_two_at_most(TILE_ELEMENTS // projection_columns)))
-        chunks = triton.cdiv(self.hidden, self.block_d)
-        self.splits = min(chunks, max_splits)
-        self.d_chunks = triton.cdiv(chunks, self.splits)
+        self.hidden_chunks = triton.cdiv(self.hidden, self.block_d)
         self.block_i = min(self.block_r, _power_of_two_at_most(TILE_ELEMENTS // (self.block_r * self.block_s)))
         self.block_kv = min(triton.next_power_of_2(self.kv_size), _power_of_two_at_most(TILE_ELEMENTS // self.block_r))
 
-    def _scratch_for(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def launch_shape(self, batch: int) -> tuple[int, int, bool]:
+        """(programs per row, hidden chunks per program, preload) for a batch of this size."""
+        max_splits = self.max_splits or max(1, self.LAUNCH_PROGRAMS // batch)
+        splits = min(self.hidden_chunks, max_splits)
+        preload = self.preload if self.preload is not None else splits * batch <= self.PRELOAD_PROGRAMS
+        return splits, triton.cdiv(self.hidden_chunks, splits), preload
+
+    def _scratch_for(self, batch: int, splits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The partial-projection buffer and the zeroed arrival counters for this batch size."""
         key = (batch, device)
         if key not in self._scratch:
-            packed_columns = self.projection.shape[1]
-            partials = torch.empty(batch, self.splits, packed_columns, dtype=torch.float32, device=device)
+            partials = torch.empty(batch, splits, self.projection.shape[1], dtype=torch.float32, device=device)
             arrivals = torch.zeros(batch, dtype=torch.int32, device=device)
             self._scratch[key] = (partials, arrivals)
         return self._scratch[key]
 
-    def __call__(self, x: torch.Tensor, state: tuple[torch.Tensor, ...] | None,
-                 memory_state: torch.Tensor | None) -> torch.Tensor:
+    def _check_output(self, name: str, out: torch.Tensor | None, batch: int) -> None:
+        if out is None:
+            return
+        if out.dim() != 3 or out.shape[0] != batch or out.shape[1] != 1 or out.shape[2] != self.kv_size or out.stride(-1) != 1:
+            raise ValueError(f"{name} must be a [{batch}, 1, {self.kv_size}] view with unit stride along its last "
+                             f"dimension, got shape {tuple(out.shape)} and strides {out.stride()}")
+        if out.dtype != self.dtype or out.device != self.projection.device:
+            raise ValueError(f"{name} is {out.dtype} on {out.device}; the layer is {self.dtype} on {self.projection.device}")
+
+    def __call__(self, x: torch.Tensor, state: tuple[torch.Tensor, ...] | None, memory_state: torch.Tensor | None,
+                 k_out: torch.Tensor | None = None, v_out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The K/V modulation of one decoded token; the running state is updated in place.
 
         Args:
@@ -359,9 +492,12 @@ class FusedDecodeStep:
                 ((sum [batch, state_dim], total [batch, 1]) for mean and attentive pooling,
                 (running max [batch, state_dim],) for max), or None without a source.
             memory_state: the consolidated C [state_dim], or None.
+            k_out, v_out: the K / V projection outputs [batch, 1, kv_size] (views, unit stride in
+                the last dimension) to add that target's modulation to, in place; None returns it.
 
         Returns:
-            delta [batch, 1, 2 * kv_size] in x's dtype, as ``MetaKVLayer.forward(x, None, state, memory_state)``.
+            delta [batch, 1, 2 * kv_size] in x's dtype, as ``MetaKVLayer.forward(x, None, state, memory_state)``
+            (the half of a target added into its output is left unwritten), or None when both were.
         """
         if x.dim() != 3 or x.shape[1] != 1 or x.shape[2] != self.hidden:
             raise ValueError(f"x must be [batch, 1, {self.hidden}] (one decoded token), got {tuple(x.shape)}")
@@ -380,22 +516,30 @@ class FusedDecodeStep:
             raise ValueError("a layer without a dynamic source needs memory_state (its C)")
         if memory_state is not None and memory_state.shape != (self.state_dim,):
             raise ValueError(f"memory_state must be [{self.state_dim}], got {tuple(memory_state.shape)}")
+        self._check_output("k_out", k_out, batch)
+        self._check_output("v_out", v_out, batch)
         unused = self.projection  # stands in for the pointers that the kernel's constants switch off
         running = state[0] if state is not None else unused
         total = state[1] if self.state_tensors == 2 else unused
         memory = memory_state.contiguous() if memory_state is not None else unused
         query = self.query if self.query is not None else unused
-        partials, arrivals = self._scratch_for(batch, x.device)
-        delta = torch.empty(batch, 1, TARGETS * self.kv_size, dtype=x.dtype, device=x.device)
-        _decode_step_kernel[(self.splits, batch)](
+        splits, d_chunks, preload = self.launch_shape(batch)
+        partials, arrivals = self._scratch_for(batch, splits, x.device)
+        delta = None
+        if k_out is None or v_out is None:
+            delta = torch.empty(batch, 1, TARGETS * self.kv_size, dtype=x.dtype, device=x.device)
+        k_target = k_out if k_out is not None else delta[..., : self.kv_size]
+        v_target = v_out if v_out is not None else delta[..., self.kv_size :]
+        _decode_step_kernel[(splits, batch)](
             x, x.stride(0), x.stride(2), self.projection, query, self.core_weight, self.core_bias,
             self.output_factor, running, running.stride(0), running.stride(-1), total, total.stride(0), memory,
-            partials, arrivals, delta, self.score_bound, math.sqrt(self.state_dim),
+            partials, arrivals, k_target, k_target.stride(0), v_target, v_target.stride(0),
+            self.score_bound, math.sqrt(self.state_dim),
             SOURCE=self.source_kind, SOURCE_COLS=self.source_columns, HAS_MEMORY=memory_state is not None,
-            MATRIX_CORE=self.matrix_core,
-            HIDDEN=self.hidden, STATE_DIM=self.state_dim, RANK=self.rank, KV_SIZE=self.kv_size,
-            BLOCK_D=self.block_d, D_CHUNKS=self.d_chunks, SPLITS=self.splits,
-            BLOCK_SPLITS=triton.next_power_of_2(self.splits), BLOCK_S=self.block_s, BLOCK_R=self.block_r,
-            BLOCK_I=self.block_i, BLOCK_KV=self.block_kv, num_warps=4,
+            MATRIX_CORE=self.matrix_core, ACCUMULATE_K=k_out is not None, ACCUMULATE_V=v_out is not None,
+            PRELOAD=preload, HIDDEN=self.hidden, STATE_DIM=self.state_dim, RANK=self.rank, KV_SIZE=self.kv_size,
+            BLOCK_D=self.block_d, D_CHUNKS=d_chunks, SPLITS=splits,
+            BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_S=self.block_s, BLOCK_R=self.block_r,
+            BLOCK_I=self.block_i, BLOCK_KV=self.block_kv, num_warps=self.num_warps,
         )
         return delta

@@ -168,8 +168,9 @@ class MetaKV(nn.Module):
         memory_state = None if memory is None else memory.state()
         in_place = cache is not None and cache in self._pinned and (state is not None or self.layers[layer].source is None)
         fused = self._fused_steps[layer] if self._fused_steps is not None else None
-        if in_place and fused is not None and real is None and x.shape[1] == 1:
-            self._pending[layer] = fused(x, state, memory_state)  # updates the state in place
+        if in_place and fused is not None and real is None and x.shape[1] == 1 and not torch.is_grad_enabled():
+            # Run by the first K/V projection's hook, adding straight into its output.
+            self._pending[layer] = _FusedModulation(fused, x, state, memory_state)
             return
         delta, new_state = self.layers[layer](x, real, state, memory_state)
         if cache is not None and new_state is not None:
@@ -266,6 +267,18 @@ class _ClearHook:
         self.meta_kv._pending[self.index] = None
 
 
+class _FusedModulation:
+    """A decoded token's fused Meta-KV step, waiting for the projection outputs it adds into."""
+
+    def __init__(self, step, x: torch.Tensor, state, memory_state: torch.Tensor | None):
+        self.step, self.x, self.state, self.memory_state = step, x, state, memory_state
+
+    def __call__(self, k_out: torch.Tensor | None, v_out: torch.Tensor | None) -> torch.Tensor | None:
+        """Add the modulation into the given outputs (updating the state in place); return the
+        [K | V] delta of a target whose projection has not run yet, else None."""
+        return self.step(self.x, self.state, self.memory_state, k_out=k_out, v_out=v_out)
+
+
 class _ProjectionHook:
     """K/V projection post-hook: add the stashed modulation to the projection's output."""
 
@@ -273,8 +286,12 @@ class _ProjectionHook:
         self.meta_kv, self.index, self.target = meta_kv, index, target
 
     def __call__(self, module, inputs, output):
-        delta = self.meta_kv._pending[self.index]
-        return output if delta is None else self.meta_kv.adapter.add_delta(output, delta, self.target)
+        pending = self.meta_kv._pending[self.index]
+        if isinstance(pending, _FusedModulation):
+            # The kernel adds this projection's targets in place; a later projection adds the rest.
+            self.meta_kv._pending[self.index] = pending(*self.meta_kv.adapter.output_targets(output, self.target))
+            return output
+        return output if pending is None else self.meta_kv.adapter.add_delta(output, pending, self.target)
 
 
 def get_meta_kv(model: nn.Module) -> MetaKV:

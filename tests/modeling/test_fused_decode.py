@@ -18,10 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from metakv_cl.modeling import add_meta_kv
 from metakv_cl.modeling.config import MetaKVConfig
 from metakv_cl.modeling.fused_decode import FusedDecodeStep
+from metakv_cl.modeling.graphed_decoding import GraphedDecoder
 from metakv_cl.modeling.meta_kv import MetaKVLayer
 from metakv_cl.modeling.sources import MaxSource
+from metakv_cl.testing import left_padded_batch, randomize_meta_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_RUNS_HERE = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -64,11 +67,12 @@ def starting_state(layer: MetaKVLayer, start: str, memory_state, dtype: torch.dt
         real[1, :2] = False
         real[2] = False
         return layer(x, real, None, memory_state)[1]
+    state_dim = layer.modulation.core_generator.in_features
     if isinstance(layer.source, MaxSource):
-        running = torch.randn(BATCH, STATE_DIM, generator=generator)
+        running = torch.randn(BATCH, state_dim, generator=generator)
         running[0, :3] = float("-inf")  # features no token has reached yet
         return (running.to(DEVICE),)
-    numerator = torch.randn(BATCH, STATE_DIM, generator=generator)
+    numerator = torch.randn(BATCH, state_dim, generator=generator)
     total = torch.rand(BATCH, 1, generator=generator) + 0.5
     return numerator.to(DEVICE), total.to(DEVICE)
 
@@ -79,8 +83,9 @@ CASES += [(source, core, "float32", "random") for source in SOURCES if source !=
 
 
 @needs_kernel
+@pytest.mark.parametrize("preload", [True, False])
 @pytest.mark.parametrize("source, core, dtype_name, start", CASES)
-def test_steps_match_the_torch_layer(source, core, dtype_name, start):
+def test_steps_match_the_torch_layer(source, core, dtype_name, start, preload):
     dtype = DTYPES[dtype_name]
     generator = torch.Generator().manual_seed(1)
     layer = random_layer(source, core, dtype)
@@ -88,8 +93,8 @@ def test_steps_match_the_torch_layer(source, core, dtype_name, start):
     expected_state = starting_state(layer, start, memory_state, dtype, generator)
     state = None if expected_state is None else tuple(t.clone() for t in expected_state)
     addresses = None if state is None else [t.data_ptr() for t in state]
-    step = FusedDecodeStep(layer)
-    assert step.splits == 2  # the hidden dimension is shared by two programs per row
+    step = FusedDecodeStep(layer, preload=preload)
+    assert step.launch_shape(BATCH) == (2, 1, preload)  # the hidden dimension is shared by two programs per row
     for _ in range(2):
         x = torch.randn(BATCH, 1, HIDDEN, generator=generator).to(DEVICE, dtype)
         expected, expected_state = layer(x, None, expected_state, memory_state)
@@ -110,12 +115,84 @@ def test_one_program_per_row_matches_too(source, core):
     expected_state = starting_state(layer, "random", None, torch.float32, generator)
     state = tuple(t.clone() for t in expected_state)
     step = FusedDecodeStep(layer, max_splits=1)
-    assert (step.splits, step.d_chunks) == (1, 2)  # one program loops over both hidden chunks
+    assert step.launch_shape(BATCH)[:2] == (1, 2)  # one program loops over both hidden chunks
     for _ in range(2):
         x = torch.randn(BATCH, 1, HIDDEN, generator=generator).to(DEVICE)
         expected, expected_state = layer(x, None, expected_state, None)
         torch.testing.assert_close(step(x, state, None), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("in_place", ["k", "v", "both"])
+def test_modulation_is_added_into_projection_outputs(in_place, dtype_name):
+    """K and V added in place into strided views of one [Q | K | V] output (GPT-2's c_attn), rounded as ``output + delta``."""
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator().manual_seed(3)
+    layer = random_layer("mean", "matrix", dtype)
+    expected_state = starting_state(layer, "random", None, dtype, generator)
+    state = tuple(t.clone() for t in expected_state)
+    step = FusedDecodeStep(layer)
+    for _ in range(2):
+        x = torch.randn(BATCH, 1, HIDDEN, generator=generator).to(DEVICE, dtype)
+        qkv = torch.randn(BATCH, 1, 3 * KV_SIZE, generator=generator).to(DEVICE, dtype)
+        expected_delta, expected_state = layer(x, None, expected_state, None)
+        expected = qkv.clone()
+        expected[..., KV_SIZE:] += expected_delta
+        k_out = qkv[..., KV_SIZE : 2 * KV_SIZE] if in_place in ("k", "both") else None
+        v_out = qkv[..., 2 * KV_SIZE :] if in_place in ("v", "both") else None
+        delta = step(x, state, None, k_out=k_out, v_out=v_out)
+        if in_place == "both":
+            assert delta is None
+        else:  # the other target comes back in its half of delta
+            half = slice(KV_SIZE, None) if in_place == "k" else slice(None, KV_SIZE)
+            qkv[..., KV_SIZE:][..., half] += delta[..., half]
+        tolerance = DELTA_TOLERANCE[dtype] * expected_delta.float().abs().max().item()
+        torch.testing.assert_close(qkv.float(), expected.float(), rtol=0, atol=tolerance)
+        assert torch.equal(qkv[..., :KV_SIZE], expected[..., :KV_SIZE])  # Q untouched
+        torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("core", ["matrix", "gate"])
+def test_layers_larger_than_one_register_tile_loop_over_blocks(core):
+    """Rank 32 and K/V 640: G's rows and the output columns come in several blocks after the first."""
+    generator = torch.Generator().manual_seed(4)
+    layer = MetaKVLayer(MetaKVConfig(source="attentive", core=core, rank=32, state_dim=64), HIDDEN, 640)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    layer = layer.to(DEVICE)
+    step = FusedDecodeStep(layer)
+    assert step.block_kv < 640 and (core == "gate" or step.block_i < 32)
+    expected_state = starting_state(layer, "random", None, torch.float32, generator)
+    state = tuple(t.clone() for t in expected_state)
+    for _ in range(2):
+        x = torch.randn(BATCH, 1, HIDDEN, generator=generator).to(DEVICE)
+        expected, expected_state = layer(x, None, expected_state, None)
+        torch.testing.assert_close(step(x, state, None), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("source", ["mean", "attentive", "max", "hybrid", "consolidated"])
+def test_fused_decoding_inside_the_model_equals_generate(tiny_model_factory, source, monkeypatch):
+    """The kernel runs from the projection hooks: GPT-2 gets K and V added into c_attn's output,
+    Llama K into k_proj's and V from the returned delta at v_proj."""
+    model = add_meta_kv(tiny_model_factory(), MetaKVConfig(source=source, rank=4, state_dim=16))
+    randomize_meta_kv(model)
+    model = model.to(DEVICE).eval()
+    ids, mask, _ = left_padded_batch(length=8)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, 8:]
+    calls = []
+    original_call = FusedDecodeStep.__call__
+    monkeypatch.setattr(FusedDecodeStep, "__call__", lambda step, *args, **kwargs: calls.append(kwargs) or original_call(step, *args, **kwargs))
+    decoder = GraphedDecoder(model, batch_size=3, max_cache_len=32, cuda_graph=False, fused_meta_kv=True)
+    assert torch.equal(decoder.generate(ids, attention_mask=mask, max_new_tokens=6), expected)
+    assert len(calls) == 5 * len(decoder.fused_steps)  # every layer of every one-token step
+    assert all(call["k_out"] is not None for call in calls)  # added in place, not through a separate add
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="concurrent programs need a GPU (the interpreter runs them in turn)")
@@ -126,8 +203,8 @@ def test_many_concurrent_programs_per_row_on_gpu():
         layer.modulation.B.normal_(std=0.1)
     expected_state = layer(torch.randn(64, 4, 2048, device=DEVICE), None, None, None)[1]
     state = tuple(t.clone() for t in expected_state)
-    step = FusedDecodeStep(layer)
-    assert step.splits == 32
+    step = FusedDecodeStep(layer, max_splits=32)
+    assert step.launch_shape(64) == (32, 1, False)
     for _ in range(20):
         x = torch.randn(64, 1, 2048, device=DEVICE)
         expected, expected_state = layer(x, None, expected_state, None)
@@ -157,5 +234,9 @@ def test_bad_inputs_are_named():
         mean_step(x, None, None)
     with pytest.raises(ValueError, match="batch 3"):
         mean_step(x, (state[0][:2], state[1][:2]), None)
+    with pytest.raises(ValueError, match="k_out must be a"):
+        mean_step(x, state, None, k_out=torch.zeros(BATCH, 1, KV_SIZE + 1, device=DEVICE))
+    with pytest.raises(ValueError, match="unit stride"):
+        mean_step(x, state, None, v_out=torch.zeros(BATCH, 1, 2 * KV_SIZE, device=DEVICE)[..., ::2])
     with pytest.raises(ValueError, match="needs memory_state"):
         FusedDecodeStep(random_layer("consolidated", "gate", torch.float32))(x, None, None)
