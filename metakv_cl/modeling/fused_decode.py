@@ -287,26 +287,18 @@ def _decode_step_kernel(
     state_ptr, state_row_stride, state_col_stride, total_ptr, total_row_stride, memory_ptr,
     partials_ptr, arrivals_ptr, k_out_ptr, k_row_stride, v_out_ptr, v_row_stride, score_bound, score_scale,
     SOURCE: tl.constexpr, SOURCE_COLS: tl.constexpr, HAS_MEMORY: tl.constexpr, MATRIX_CORE: tl.constexpr,
-    ACCUMULATE_K: tl.constexpr, ACCUMULATE_V: tl.constexpr, PRELOAD: tl.constexpr,
+    ACCUMULATE_K: tl.constexpr, ACCUMULATE_V: tl.constexpr,
     HIDDEN: tl.constexpr, STATE_DIM: tl.constexpr, RANK: tl.constexpr, KV_SIZE: tl.constexpr,
     BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_KV: tl.constexpr,
 ):
     """Grid (splits, batch): program (split, row) projects hidden chunks split, split + splits, ...
 
-    The packed projection's columns are [source (keys) | attentive values | A_K | A_V]. With
-    PRELOAD every program loads the row's finishing operands before the arrival (so their latency
-    hides behind the projection's), at the cost of loads that all but the last program discard.
+    The packed projection's columns are [source (keys) | attentive values | A_K | A_V].
     """
     split = tl.program_id(0)
     row = tl.program_id(1)
     dtype = x_ptr.dtype.element_ty
-    if PRELOAD:
-        operands = _load_row_operands(
-            row, query_ptr, core_weight_ptr, core_bias_ptr, output_factor_ptr, state_ptr, state_row_stride,
-            state_col_stride, total_ptr, total_row_stride, memory_ptr, k_out_ptr, k_row_stride, v_out_ptr, v_row_stride,
-            SOURCE, HAS_MEMORY, MATRIX_CORE, ACCUMULATE_K, ACCUMULATE_V, STATE_DIM, RANK, KV_SIZE, BLOCK_S, BLOCK_R,
-            BLOCK_I, BLOCK_KV)
     PACKED_COLS: tl.constexpr = SOURCE_COLS + 2 * RANK
     projected = tl.zeros([BLOCK_S], tl.float32)
     values = tl.zeros([BLOCK_S], tl.float32)
@@ -339,12 +331,12 @@ def _decode_step_kernel(
         tl.debug_barrier()
         finishes_row = arrived == SPLITS - 1  # the row's last program: every other partial is stored
     if finishes_row:
-        if not PRELOAD:  # first thing, so these loads are in flight with the partials' below
-            operands = _load_row_operands(
-                row, query_ptr, core_weight_ptr, core_bias_ptr, output_factor_ptr, state_ptr, state_row_stride,
-                state_col_stride, total_ptr, total_row_stride, memory_ptr, k_out_ptr, k_row_stride, v_out_ptr,
-                v_row_stride, SOURCE, HAS_MEMORY, MATRIX_CORE, ACCUMULATE_K, ACCUMULATE_V, STATE_DIM, RANK, KV_SIZE,
-                BLOCK_S, BLOCK_R, BLOCK_I, BLOCK_KV)
+        # First thing, so that all these loads are in flight with the partials' below.
+        operands = _load_row_operands(
+            row, query_ptr, core_weight_ptr, core_bias_ptr, output_factor_ptr, state_ptr, state_row_stride,
+            state_col_stride, total_ptr, total_row_stride, memory_ptr, k_out_ptr, k_row_stride, v_out_ptr,
+            v_row_stride, SOURCE, HAS_MEMORY, MATRIX_CORE, ACCUMULATE_K, ACCUMULATE_V, STATE_DIM, RANK, KV_SIZE,
+            BLOCK_S, BLOCK_R, BLOCK_I, BLOCK_KV)
         if SPLITS > 1:
             tl.store(arrivals_ptr + row, 0)
             if SOURCE != NO_SOURCE:
@@ -386,22 +378,20 @@ class FusedDecodeStep:
     Args:
         layer: a layer that :meth:`supports` accepts.
         max_splits: at most this many programs per batch row share the projection over the
-            hidden dimension (1: one program per row, no atomics). Default: enough to give a
-            launch about ``LAUNCH_PROGRAMS`` programs.
-        preload: every program loads the row's finishing operands before its arrival (hides
-            their latency; the other programs' loads are wasted). Default: when a launch has at
-            most ``PRELOAD_PROGRAMS`` programs.
-        num_warps: warps per program.
+            hidden dimension (1: one program per row, no atomics; default: one per hidden chunk).
+        num_warps: warps per program (default: the fewest that keep the finishing register
+            tiles at ``FINISH_ELEMENTS_PER_THREAD`` elements a thread, so no registers spill).
 
     Example:
         >>> step = FusedDecodeStep(meta_kv.layers[0])
         >>> delta = step(x, state, memory_state)  # state updated in place
     """
 
-    LAUNCH_PROGRAMS = 96  # batch 1: every hidden chunk its own program; batch 32: 3 splits (measured best)
-    PRELOAD_PROGRAMS = 132  # one program per SM of an H100 at most
+    # Fewer warps mean fewer block barriers in the finishing reductions, more warps fewer registers
+    # per thread. Measured on an H100 (perf.md, change 5): 2 warps at SmolLM2's shape, 4 at GPT-2's.
+    FINISH_ELEMENTS_PER_THREAD = 192
 
-    def __init__(self, layer: nn.Module, max_splits: int | None = None, preload: bool | None = None, num_warps: int = 4):
+    def __init__(self, layer: nn.Module, max_splits: int | None = None, num_warps: int | None = None):
         if not self.supports(layer):
             raise ValueError(
                 "FusedDecodeStep needs the factorized modulation, a mean/attentive/max source or none, "
@@ -419,7 +409,6 @@ class FusedDecodeStep:
         self.state_dim = modulation.core_generator.in_features
         self.dtype = modulation.A.dtype
         self.score_bound = float(getattr(source, "score_bound", 1.0))
-        self.max_splits, self.preload, self.num_warps = max_splits, preload, num_warps
         with torch.no_grad():
             if isinstance(source, AttentivePoolingSource):
                 source_weights = [source.key.weight.t(), source.value.weight.t()]
@@ -433,6 +422,9 @@ class FusedDecodeStep:
             # Exactly the torch path's block_output(B, alpha) factors: alpha * B in the weights' dtype.
             self.output_factor = (modulation.alpha * modulation.B).contiguous()
         self._pick_blocks()
+        self.splits = min(self.hidden_chunks, max_splits or self.hidden_chunks)
+        self.d_chunks = triton.cdiv(self.hidden_chunks, self.splits)
+        self.num_warps = num_warps or self._warps_for_finishing_tiles()
         self._scratch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
@@ -457,18 +449,19 @@ class FusedDecodeStep:
         self.block_i = min(self.block_r, _power_of_two_at_most(TILE_ELEMENTS // (self.block_r * self.block_s)))
         self.block_kv = min(triton.next_power_of_2(self.kv_size), _power_of_two_at_most(TILE_ELEMENTS // self.block_r))
 
-    def launch_shape(self, batch: int) -> tuple[int, int, bool]:
-        """(programs per row, hidden chunks per program, preload) for a batch of this size."""
-        max_splits = self.max_splits or max(1, self.LAUNCH_PROGRAMS // batch)
-        splits = min(self.hidden_chunks, max_splits)
-        preload = self.preload if self.preload is not None else splits * batch <= self.PRELOAD_PROGRAMS
-        return splits, triton.cdiv(self.hidden_chunks, splits), preload
+    def _warps_for_finishing_tiles(self) -> int:
+        """The fewest warps (2 to 8) that hold both targets' first core block and output tile in
+        ``FINISH_ELEMENTS_PER_THREAD`` elements a thread."""
+        core_block = self.block_i * self.block_r * self.block_s if self.matrix_core else self.block_r * self.block_s
+        elements = TARGETS * (core_block + self.block_r * self.block_kv)
+        threads = triton.cdiv(elements, self.FINISH_ELEMENTS_PER_THREAD)
+        return min(8, max(2, triton.next_power_of_2(triton.cdiv(threads, 32))))
 
-    def _scratch_for(self, batch: int, splits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scratch_for(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The partial-projection buffer and the zeroed arrival counters for this batch size."""
         key = (batch, device)
         if key not in self._scratch:
-            partials = torch.empty(batch, splits, self.projection.shape[1], dtype=torch.float32, device=device)
+            partials = torch.empty(batch, self.splits, self.projection.shape[1], dtype=torch.float32, device=device)
             arrivals = torch.zeros(batch, dtype=torch.int32, device=device)
             self._scratch[key] = (partials, arrivals)
         return self._scratch[key]
@@ -523,23 +516,22 @@ class FusedDecodeStep:
         total = state[1] if self.state_tensors == 2 else unused
         memory = memory_state.contiguous() if memory_state is not None else unused
         query = self.query if self.query is not None else unused
-        splits, d_chunks, preload = self.launch_shape(batch)
-        partials, arrivals = self._scratch_for(batch, splits, x.device)
+        partials, arrivals = self._scratch_for(batch, x.device)
         delta = None
         if k_out is None or v_out is None:
             delta = torch.empty(batch, 1, TARGETS * self.kv_size, dtype=x.dtype, device=x.device)
         k_target = k_out if k_out is not None else delta[..., : self.kv_size]
         v_target = v_out if v_out is not None else delta[..., self.kv_size :]
-        _decode_step_kernel[(splits, batch)](
+        _decode_step_kernel[(self.splits, batch)](
             x, x.stride(0), x.stride(2), self.projection, query, self.core_weight, self.core_bias,
             self.output_factor, running, running.stride(0), running.stride(-1), total, total.stride(0), memory,
             partials, arrivals, k_target, k_target.stride(0), v_target, v_target.stride(0),
             self.score_bound, math.sqrt(self.state_dim),
             SOURCE=self.source_kind, SOURCE_COLS=self.source_columns, HAS_MEMORY=memory_state is not None,
             MATRIX_CORE=self.matrix_core, ACCUMULATE_K=k_out is not None, ACCUMULATE_V=v_out is not None,
-            PRELOAD=preload, HIDDEN=self.hidden, STATE_DIM=self.state_dim, RANK=self.rank, KV_SIZE=self.kv_size,
-            BLOCK_D=self.block_d, D_CHUNKS=d_chunks, SPLITS=splits,
-            BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_S=self.block_s, BLOCK_R=self.block_r,
+            HIDDEN=self.hidden, STATE_DIM=self.state_dim, RANK=self.rank, KV_SIZE=self.kv_size,
+            BLOCK_D=self.block_d, D_CHUNKS=self.d_chunks, SPLITS=self.splits,
+            BLOCK_SPLITS=triton.next_power_of_2(self.splits), BLOCK_S=self.block_s, BLOCK_R=self.block_r,
             BLOCK_I=self.block_i, BLOCK_KV=self.block_kv, num_warps=self.num_warps,
         )
         return delta

@@ -83,9 +83,8 @@ CASES += [(source, core, "float32", "random") for source in SOURCES if source !=
 
 
 @needs_kernel
-@pytest.mark.parametrize("preload", [True, False])
 @pytest.mark.parametrize("source, core, dtype_name, start", CASES)
-def test_steps_match_the_torch_layer(source, core, dtype_name, start, preload):
+def test_steps_match_the_torch_layer(source, core, dtype_name, start):
     dtype = DTYPES[dtype_name]
     generator = torch.Generator().manual_seed(1)
     layer = random_layer(source, core, dtype)
@@ -93,8 +92,8 @@ def test_steps_match_the_torch_layer(source, core, dtype_name, start, preload):
     expected_state = starting_state(layer, start, memory_state, dtype, generator)
     state = None if expected_state is None else tuple(t.clone() for t in expected_state)
     addresses = None if state is None else [t.data_ptr() for t in state]
-    step = FusedDecodeStep(layer, preload=preload)
-    assert step.launch_shape(BATCH) == (2, 1, preload)  # the hidden dimension is shared by two programs per row
+    step = FusedDecodeStep(layer)
+    assert (step.splits, step.d_chunks) == (2, 1)  # the hidden dimension is shared by two programs per row
     for _ in range(2):
         x = torch.randn(BATCH, 1, HIDDEN, generator=generator).to(DEVICE, dtype)
         expected, expected_state = layer(x, None, expected_state, memory_state)
@@ -115,7 +114,7 @@ def test_one_program_per_row_matches_too(source, core):
     expected_state = starting_state(layer, "random", None, torch.float32, generator)
     state = tuple(t.clone() for t in expected_state)
     step = FusedDecodeStep(layer, max_splits=1)
-    assert step.launch_shape(BATCH)[:2] == (1, 2)  # one program loops over both hidden chunks
+    assert (step.splits, step.d_chunks) == (1, 2)  # one program loops over both hidden chunks
     for _ in range(2):
         x = torch.randn(BATCH, 1, HIDDEN, generator=generator).to(DEVICE)
         expected, expected_state = layer(x, None, expected_state, None)
@@ -204,7 +203,7 @@ def test_many_concurrent_programs_per_row_on_gpu():
     expected_state = layer(torch.randn(64, 4, 2048, device=DEVICE), None, None, None)[1]
     state = tuple(t.clone() for t in expected_state)
     step = FusedDecodeStep(layer, max_splits=32)
-    assert step.launch_shape(64) == (32, 1, False)
+    assert (step.splits, step.d_chunks) == (32, 2)
     for _ in range(20):
         x = torch.randn(64, 1, 2048, device=DEVICE)
         expected, expected_state = layer(x, None, expected_state, None)
