@@ -7,7 +7,8 @@ Sections (pick with --sections):
   parameter trainable in every variant, so the ratio is Meta-KV's own cost) of the same variants, and the model FLOPs utilisation of the plain path against the measured matmul rate.
 * ``decode``: cached greedy decoding tokens/s (weights in --dtype, no autocast), plain vs Meta-KV dynamic (mean; also
   through its fused Triton kernel where available) vs consolidated merged, at several batch sizes and context lengths,
-  through transformers' ``generate`` and through :class:`GraphedDecoder` (one CUDA graph per token).
+  through transformers' ``generate`` and through :class:`GraphedDecoder` (one CUDA graph per token). Graphed rows
+  also time the prefill alone, so their ``decode_*`` columns are the cached one-token steps without the prompt.
 
 Variants are interleaved over rounds, so drift in the machine's speed hits all of them alike;
 tables report medians and the ratio to plain.
@@ -52,6 +53,7 @@ SHAPES = {
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PREFILL = " (prefill)"  # suffix of the graphed steps that time the prefill and first token only
 
 
 def build_base(shape: str, device: str, pad_vocab: int = 1) -> torch.nn.Module:
@@ -218,31 +220,34 @@ def run_decode(args, base) -> list[dict]:
                 return lambda: model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                               do_sample=False, pad_token_id=0)
 
-            def graphed(name, model):
+            def graphed(name, model, steps):
                 decoder = GraphedDecoder(model, batch, context + args.new_tokens, fused_meta_kv=name.endswith("fused"))
-                return lambda: decoder.generate(ids, max_new_tokens=args.new_tokens)
+                steps[name] = lambda: decoder.generate(ids, max_new_tokens=args.new_tokens)
+                steps[name + PREFILL] = lambda: decoder.generate(ids, max_new_tokens=1)  # the prompt and the first token
 
             for mode in args.decode_modes:
-                if mode == "generate":
-                    steps = {name: generate(model) for name, model in variants.items() if not name.endswith("fused")}
-                else:
-                    steps = {name: graphed(name, model) for name, model in variants.items() if not name.endswith("compiled")}
+                steps = {}
+                for name, model in variants.items():
+                    if mode == "generate" and not name.endswith("fused"):
+                        steps[name] = generate(model)
+                    elif mode == "graphed" and not name.endswith("compiled"):
+                        graphed(name, model, steps)
                 if args.profile_dir is not None and batch == args.decode_batches[0] and context == args.decode_contexts[0]:
                     profile_steps(steps, args.profile_dir, f"decode_{mode}", args.device, variants=("plain", "mean/factorized"))
                 medians = interleaved_medians(steps, args.rounds, args.device)
                 for name, seconds in medians.items():
-                    rows.append(
-                        {
-                            "section": "decode",
-                            "mode": mode,
-                            "variant": name,
-                            "batch": batch,
-                            "context": context,
-                            "median_s": seconds,
-                            "tokens_per_s": batch * args.new_tokens / seconds,
-                            "ratio_to_plain": medians["plain"] / seconds,
-                        }
-                    )
+                    if name.endswith(PREFILL):
+                        continue
+                    row = {"section": "decode", "mode": mode, "variant": name, "batch": batch, "context": context,
+                           "median_s": seconds, "tokens_per_s": batch * args.new_tokens / seconds,
+                           "ratio_to_plain": medians["plain"] / seconds}
+                    if name + PREFILL in medians:  # graphed: the decoding steps alone, without the prefill
+                        decode_s = seconds - medians[name + PREFILL]
+                        plain_decode_s = medians["plain"] - medians["plain" + PREFILL]
+                        row.update(prefill_s=medians[name + PREFILL],
+                                   decode_tokens_per_s=batch * (args.new_tokens - 1) / decode_s,
+                                   decode_ratio_to_plain=plain_decode_s / decode_s)
+                    rows.append(row)
                 del steps  # free this setting's static caches before the next
     return rows
 
@@ -270,7 +275,8 @@ def profile_steps(steps: dict, folder: Path, section: str, device: str, variants
 
 def print_table(rows: list[dict]) -> None:
     columns = [c for c in ("section", "mode", "variant", "batch", "context", "extra_params", "median_s", "tokens_per_s",
-                           "ratio_to_plain", "mfu") if any(c in row for row in rows)]
+                           "ratio_to_plain", "prefill_s", "decode_tokens_per_s", "decode_ratio_to_plain", "mfu")
+               if any(c in row for row in rows)]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
