@@ -15,26 +15,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.perf import SHAPES, build_base
+from benchmarks.perf import SHAPES, build_base, replay_seconds
 from metakv_cl.modeling import MetaKVConfig, add_meta_kv
 from metakv_cl.modeling.graphed_decoding import GraphedDecoder
-
-
-def replay_seconds(decoder: GraphedDecoder, replays: int) -> float:
-    """Wall seconds per replay of the decoder's captured step (its buffers keep advancing)."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(replays):
-        decoder.graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / replays
 
 
 def kernel_times(decoder: GraphedDecoder, replays: int) -> tuple[Counter, Counter]:
@@ -57,7 +46,7 @@ def profile_variant(model, batch: int, context: int, fused: bool, replays: int) 
     decoder = GraphedDecoder(model, batch, context + 4 + 2 * replays, fused_meta_kv=fused)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
     decoder.generate(ids, max_new_tokens=4)  # prefill, warm-up and capture
-    seconds = replay_seconds(decoder, replays)
+    seconds = replay_seconds(decoder, replays)  # device time per token = wall time: the host only replays
     micros, counts = kernel_times(decoder, replays)
     if not micros:
         raise RuntimeError("the profiler recorded no kernels inside the CUDA graph (CUPTI graph tracing unavailable)")

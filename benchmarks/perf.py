@@ -8,7 +8,7 @@ Sections (pick with --sections):
 * ``decode``: cached greedy decoding tokens/s (weights in --dtype, no autocast), plain vs Meta-KV dynamic (mean; also
   through its fused Triton kernel where available) vs consolidated merged, at several batch sizes and context lengths,
   through transformers' ``generate`` and through :class:`GraphedDecoder` (one CUDA graph per token). Graphed rows
-  also time the prefill alone, so their ``decode_*`` columns are the cached one-token steps without the prompt.
+  also time the prefill alone and, on the GPU, the graph replays alone (``decode_*``: the cached one-token steps).
 
 Variants are interleaved over rounds, so drift in the machine's speed hits all of them alike;
 tables report medians and the ratio to plain.
@@ -53,8 +53,8 @@ SHAPES = {
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-PREFILL = " (prefill)"  # suffix of the graphed steps that time the prefill and first token only
-PREFILL_REPEATS = 5
+# Suffixes of the graphed steps that time the prefill and first token only, and the decoding steps only.
+PREFILL, STEPS = " (prefill)", " (steps)"
 
 
 def build_base(shape: str, device: str, pad_vocab: int = 1) -> torch.nn.Module:
@@ -73,7 +73,10 @@ def synchronize(device: str) -> None:
 
 
 def interleaved_medians(steps: dict, rounds: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each step, timing all steps round-robin after one warm-up each."""
+    """Median seconds per call of each step, timing all steps round-robin after one warm-up each.
+
+    A step that returns a float has timed itself (seconds): work with an untimed set-up.
+    """
     for step in steps.values():
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -81,10 +84,21 @@ def interleaved_medians(steps: dict, rounds: int, device: str) -> dict[str, floa
         for name, step in steps.items():
             synchronize(device)
             start = time.perf_counter()
-            step()
+            own_seconds = step()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(own_seconds if isinstance(own_seconds, float) else time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def replay_seconds(decoder: GraphedDecoder, replays: int) -> float:
+    """Device seconds of ``replays`` replays of the decoder's captured step (CUDA events, no host in between)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        decoder.graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def matmul_tflops(device: str, dtype: torch.dtype, size: int = 8192, rounds: int = 10) -> float:
@@ -224,8 +238,14 @@ def run_decode(args, base) -> list[dict]:
             def graphed(name, model, steps):
                 decoder = GraphedDecoder(model, batch, context + args.new_tokens, fused_meta_kv=name.endswith("fused"))
                 steps[name] = lambda: decoder.generate(ids, max_new_tokens=args.new_tokens)
-                # The prompt and the first token, repeated: the eager prefill's host time is noisy at batch 1.
-                steps[name + PREFILL] = lambda: [decoder.generate(ids, max_new_tokens=1) for _ in range(PREFILL_REPEATS)]
+                steps[name + PREFILL] = lambda: decoder.generate(ids, max_new_tokens=1)  # the prompt and the first token
+
+                def decoding_steps() -> float:
+                    decoder.generate(ids, max_new_tokens=1)  # untimed: a prefill resets the step buffers
+                    return replay_seconds(decoder, args.new_tokens - 1)
+
+                if decoder.cuda_graph:
+                    steps[name + STEPS] = decoding_steps
 
             for mode in args.decode_modes:
                 steps = {}
@@ -237,19 +257,17 @@ def run_decode(args, base) -> list[dict]:
                 if args.profile_dir is not None and batch == args.decode_batches[0] and context == args.decode_contexts[0]:
                     profile_steps(steps, args.profile_dir, f"decode_{mode}", args.device, variants=("plain", "mean/factorized"))
                 medians = interleaved_medians(steps, args.rounds, args.device)
-                medians.update({name: seconds / PREFILL_REPEATS for name, seconds in medians.items() if name.endswith(PREFILL)})
                 for name, seconds in medians.items():
-                    if name.endswith(PREFILL):
+                    if name.endswith((PREFILL, STEPS)):
                         continue
                     row = {"section": "decode", "mode": mode, "variant": name, "batch": batch, "context": context,
                            "median_s": seconds, "tokens_per_s": batch * args.new_tokens / seconds,
                            "ratio_to_plain": medians["plain"] / seconds}
-                    if name + PREFILL in medians:  # graphed: the decoding steps alone, without the prefill
-                        decode_s = seconds - medians[name + PREFILL]
-                        plain_decode_s = medians["plain"] - medians["plain" + PREFILL]
-                        row.update(prefill_s=medians[name + PREFILL],
-                                   decode_tokens_per_s=batch * (args.new_tokens - 1) / decode_s,
-                                   decode_ratio_to_plain=plain_decode_s / decode_s)
+                    if name + PREFILL in medians:
+                        row.update(prefill_s=medians[name + PREFILL])
+                    if name + STEPS in medians:  # the graphed decoding steps alone, timed on the device
+                        row.update(decode_tokens_per_s=batch * (args.new_tokens - 1) / medians[name + STEPS],
+                                   decode_ratio_to_plain=medians["plain" + STEPS] / medians[name + STEPS])
                     rows.append(row)
                 del steps  # free this setting's static caches before the next
     return rows
