@@ -77,6 +77,17 @@ def starting_state(layer: MetaKVLayer, start: str, memory_state, dtype: torch.dt
     return numerator.to(DEVICE), total.to(DEVICE)
 
 
+def assert_float32_steps_match(step: FusedDecodeStep, layer: MetaKVLayer, generator: torch.Generator, atol: float):
+    """Two fused steps from a random float32 running state give the torch layer's deltas and states."""
+    expected_state = starting_state(layer, "random", None, torch.float32, generator)
+    state = tuple(t.clone() for t in expected_state)
+    for _ in range(2):
+        x = torch.randn(BATCH, 1, HIDDEN, generator=generator).to(DEVICE)
+        expected, expected_state = layer(x, None, expected_state, None)
+        torch.testing.assert_close(step(x, state, None), expected, rtol=1e-5, atol=atol)
+        torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-5)
+
+
 CASES = [(source, core, dtype, "prefill") for source in SOURCES for core in ("matrix", "gate") for dtype in DTYPES
          if not (dtype == "float16" and core == "gate")]
 CASES += [(source, core, "float32", "random") for source in SOURCES if source != "consolidated" for core in ("matrix", "gate")]
@@ -111,15 +122,9 @@ def test_steps_match_the_torch_layer(source, core, dtype_name, start):
 def test_one_program_per_row_matches_too(source, core):
     generator = torch.Generator().manual_seed(2)
     layer = random_layer(source, core, torch.float32)
-    expected_state = starting_state(layer, "random", None, torch.float32, generator)
-    state = tuple(t.clone() for t in expected_state)
     step = FusedDecodeStep(layer, max_splits=1)
     assert (step.splits, step.d_chunks) == (1, 2)  # one program loops over both hidden chunks
-    for _ in range(2):
-        x = torch.randn(BATCH, 1, HIDDEN, generator=generator).to(DEVICE)
-        expected, expected_state = layer(x, None, expected_state, None)
-        torch.testing.assert_close(step(x, state, None), expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-5)
+    assert_float32_steps_match(step, layer, generator, atol=1e-6)
 
 
 @needs_kernel
@@ -165,13 +170,7 @@ def test_layers_larger_than_one_register_tile_loop_over_blocks(core):
     layer = layer.to(DEVICE)
     step = FusedDecodeStep(layer)
     assert step.block_kv < 640 and (core == "gate" or step.block_i < 32)
-    expected_state = starting_state(layer, "random", None, torch.float32, generator)
-    state = tuple(t.clone() for t in expected_state)
-    for _ in range(2):
-        x = torch.randn(BATCH, 1, HIDDEN, generator=generator).to(DEVICE)
-        expected, expected_state = layer(x, None, expected_state, None)
-        torch.testing.assert_close(step(x, state, None), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-5)
+    assert_float32_steps_match(step, layer, generator, atol=1e-5)
 
 
 @needs_kernel
