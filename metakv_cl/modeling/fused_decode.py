@@ -2,9 +2,10 @@
 
 Cached one-token decoding is launch-bound: per layer the torch path of :class:`MetaKVLayer`
 issues about fifteen tiny kernels (source projection, running-state update, ``x A``, core
-generator, core, ``@ B``, scale). :class:`FusedDecodeStep` does the same work in one launch:
-it reads x once, updates the dynamic source's running state in place (fixed addresses, so a
-CUDA graph can replay it) and writes ``delta = alpha * [u_K' B_K | u_V' B_V]``.
+generator, core, ``@ B``, scale, the add into K and V). :class:`FusedDecodeStep` does the same
+work in one launch: it reads x once, updates the dynamic source's running state in place (fixed
+addresses, so a CUDA graph can replay it) and adds ``delta = alpha * [u_K' B_K | u_V' B_V]`` into
+the K/V projection outputs (or writes it out).
 
 Work split and the race. Most of the bytes are the projection weights ``[source | A]`` (d x
 (s + 2r)); the core generator and B are a few KB. So each batch row gets ``splits`` programs
@@ -16,6 +17,11 @@ and resets the counter to zero for the next launch. Only that one program touche
 or the delta, so no program can read a state that another already overwrote. The pattern
 (last-arriving block finishes) never waits on another program, so it cannot deadlock however
 the programs are scheduled. With ``splits == 1`` the atomic and the scratch are compiled out.
+
+Latency. At batch 1 the kernel is a chain of memory round trips, not of bandwidth or FLOPs. So
+the finishing program issues every load it needs (state, core generator, B, the outputs it adds
+into) at once, before the partial sums, and waits on memory three times in all: projection,
+arrival, finishing loads (``benchmarks/results/perf.md``, change 5).
 
 Numerics follow the torch path: the source runs in float32 on exactly upcast weights, and the
 kernel rounds to the model dtype where the torch path does (C, C + M, ``x A``, the generated
