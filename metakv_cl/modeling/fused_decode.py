@@ -161,7 +161,7 @@ def _load_row_operands(row, query_ptr, core_weight_ptr, core_bias_ptr, output_fa
     if SOURCE == MEAN or SOURCE == ATTENTIVE:
         total = tl.load(total_ptr + row * total_row_stride)
     else:
-        total = 0.0
+        total = 0.0  # max pooling and no source keep no total
     if HAS_MEMORY:
         memory = tl.load(memory_ptr + offs_s, mask=mask_s, other=0.0).to(tl.float32)
     else:
