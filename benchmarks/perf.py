@@ -224,6 +224,8 @@ def run_decode(args, base) -> list[dict]:
     fused = "graphed" in args.decode_modes and fused_decoding_available(args.device)
     if fused:
         variants["mean/factorized fused"] = copy.deepcopy(dynamic)
+        if args.compile:  # the prompt through compiled Meta-KV layers (any length), the steps through the kernel
+            variants["mean/factorized fused, compiled prefill"] = compile_meta_kv(copy.deepcopy(dynamic), dynamic=True)
     max_positions = getattr(base.config, "n_positions", None) or base.config.max_position_embeddings
     for batch in args.decode_batches:
         for context in args.decode_contexts:
@@ -236,7 +238,7 @@ def run_decode(args, base) -> list[dict]:
                                               do_sample=False, pad_token_id=0)
 
             def graphed(name, model, steps):
-                decoder = GraphedDecoder(model, batch, context + args.new_tokens, fused_meta_kv=name.endswith("fused"))
+                decoder = GraphedDecoder(model, batch, context + args.new_tokens, fused_meta_kv="fused" in name)
                 steps[name] = lambda: decoder.generate(ids, max_new_tokens=args.new_tokens)
                 steps[name + PREFILL] = lambda: decoder.generate(ids, max_new_tokens=1)  # the prompt and the first token
 
@@ -250,7 +252,7 @@ def run_decode(args, base) -> list[dict]:
             for mode in args.decode_modes:
                 steps = {}
                 for name, model in variants.items():
-                    if mode == "generate" and not name.endswith("fused"):
+                    if mode == "generate" and "fused" not in name:
                         steps[name] = generate(model)
                     elif mode == "graphed" and not name.endswith("compiled"):
                         graphed(name, model, steps)
