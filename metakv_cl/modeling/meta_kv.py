@@ -117,13 +117,16 @@ class MetaKV(nn.Module):
 
         Later chunks on ``cache`` update the state tensors in place, so a CUDA graph that
         recorded a decoding step keeps reading and writing the live state. Called after each
-        prefill: the first call pins the prefill's tensors, later calls copy a new prefill's
-        states into the pinned ones (the batch size must not change).
+        prefill: the first call pins dense copies of the prefill's tensors (a compiled layer may
+        return broadcast views, which cannot be written in place), later calls copy a new
+        prefill's states into the pinned ones (the batch size must not change).
         """
         states = self._states.get(cache, {})
         pinned = self._pinned.get(cache)
         if pinned is None:
-            self._pinned[cache] = states
+            pinned = {layer: tuple(t.clone(memory_format=torch.contiguous_format) for t in state)
+                      for layer, state in states.items()}
+            self._pinned[cache] = self._states[cache] = pinned
             return
         for layer, state in states.items():
             for target, value in zip(pinned[layer], state):

@@ -11,6 +11,7 @@ import torch
 
 from metakv_cl.modeling import DYNAMIC_SOURCES, MetaKVConfig, add_meta_kv, get_meta_kv
 from metakv_cl.modeling.graphed_decoding import GraphedDecoder
+from metakv_cl.modeling.meta_kv import MetaKVLayer
 from metakv_cl.testing import left_padded_batch, randomize_meta_kv, tiny_gpt2
 
 NEW_TOKENS = 6
@@ -47,6 +48,23 @@ def test_decoder_is_reusable_and_keeps_the_state_in_place(tiny_model_factory):
     assert torch.equal(decoder.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS), reference_tokens(model, ids, mask))
     state = get_meta_kv(model)._states[decoder.cache]
     assert {layer: [t.data_ptr() for t in tensors] for layer, tensors in state.items()} == addresses
+
+
+def test_running_state_given_as_broadcast_views_is_pinned_as_dense_copies(tiny_model_factory, monkeypatch):
+    """A compiled layer may return its state as broadcast views of one row (identical rows here);
+    the pinned state must still take in-place updates, and a second prefill's copy."""
+    model = meta_kv_model(tiny_model_factory, "mean")
+    original_forward = MetaKVLayer.forward
+
+    def broadcast_state(layer, x, real, state, memory_state):
+        delta, new_state = original_forward(layer, x, real, state, memory_state)
+        return delta, tuple(t[:1].expand_as(t) for t in new_state)
+
+    monkeypatch.setattr(MetaKVLayer, "forward", broadcast_state)
+    ids = left_padded_batch(length=8)[0][:1].repeat(3, 1)  # one prompt three times, no padding
+    decoder = GraphedDecoder(model, batch_size=3, max_cache_len=32)
+    for _ in range(2):
+        assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS), reference_tokens(model, ids, torch.ones_like(ids)))
 
 
 def test_sampling_is_seeded_and_near_zero_temperature_is_greedy():
