@@ -1,7 +1,7 @@
 """Multi-GPU scaling and agreement of the continual-learning engine (issue 7).
 
 Each run of the config (a strategy with its model settings) goes through ``metakv-cl fit`` on 1
-GPU and on N GPUs (Lightning DDP; NCCL with NVLink multicast off), with the global mini-batch
+GPU and on N GPUs (Lightning DDP; NCCL, with NVLink multicast off), with the global mini-batch
 fixed, so every N takes the same optimizer steps. A second seed on 1 GPU measures the noise a
 seed change makes. The table reports, per run and N:
 
@@ -36,6 +36,8 @@ import yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "benchmarks" / "multigpu.yaml"
 NOISE_SEED = 1
+# NVLink multicast stays off (a program using it can take a shared host's GPUs out of service).
+NO_NVLINK_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def fit_config(config: dict[str, Any], run: str, devices: int, seed: int, accelerator: str | None, root: Path) -> dict[str, Any]:
@@ -63,7 +65,7 @@ def run_fit(fit: dict[str, Any], root: Path) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(fit))
-    environment = {**os.environ, "NCCL_NVLS_ENABLE": "0", "HF_HUB_OFFLINE": "1"}
+    environment = {**os.environ, **NO_NVLINK_MULTICAST, "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     completed = subprocess.run([sys.executable, "-m", "metakv_cl.cli", "fit", "--config", str(path)],
                                env=environment, capture_output=True, text=True)
