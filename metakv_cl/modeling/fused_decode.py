@@ -533,11 +533,23 @@ class FusedDecodeStep:
             self.output_factor, running, running.stride(0), running.stride(-1), total, total.stride(0), memory,
             partials, arrivals, k_target, k_target.stride(0), v_target, v_target.stride(0),
             self.score_bound, math.sqrt(self.state_dim),
-            SOURCE=self.source_kind, SOURCE_COLS=self.source_columns, HAS_MEMORY=memory_state is not None,
-            MATRIX_CORE=self.matrix_core, ACCUMULATE_K=k_out is not None, ACCUMULATE_V=v_out is not None,
+            **self.kernel_constants(memory_state is not None, k_out is not None, v_out is not None),
+            num_warps=self.num_warps,
+        )
+        return delta
+
+    def kernel_constants(self, has_memory: bool, accumulate_k: bool, accumulate_v: bool) -> dict[str, int | bool]:
+        """The kernel's compile-time constants for this layer (Triton compiles one variant per distinct set).
+
+        Args:
+            has_memory: a consolidated C is added to the dynamic one.
+            accumulate_k, accumulate_v: that target is added into its projection output in place.
+        """
+        return dict(
+            SOURCE=self.source_kind, SOURCE_COLS=self.source_columns, HAS_MEMORY=has_memory,
+            MATRIX_CORE=self.matrix_core, ACCUMULATE_K=accumulate_k, ACCUMULATE_V=accumulate_v,
             HIDDEN=self.hidden, STATE_DIM=self.state_dim, RANK=self.rank, KV_SIZE=self.kv_size,
             BLOCK_D=self.block_d, D_CHUNKS=self.d_chunks, SPLITS=self.splits,
             BLOCK_SPLITS=triton.next_power_of_2(self.splits), BLOCK_S=self.block_s, BLOCK_R=self.block_r,
-            BLOCK_I=self.block_i, BLOCK_KV=self.block_kv, num_warps=self.num_warps,
+            BLOCK_I=self.block_i, BLOCK_KV=self.block_kv,
         )
-        return delta
