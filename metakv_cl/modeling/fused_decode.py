@@ -406,6 +406,8 @@ class FusedDecodeStep:
             )
         if max_splits is not None and max_splits < 1:
             raise ValueError(f"max_splits must be >= 1, got {max_splits}")
+        if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be a power of two from 1 to 16, got {num_warps}")
         modulation, source = layer.modulation, layer.source
         self.source_kind = NO_SOURCE.value if source is None else SOURCE_KINDS[type(source)]
         self.state_tensors = 0 if source is None else STATE_TENSORS[type(source)]

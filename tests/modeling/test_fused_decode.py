@@ -210,6 +210,14 @@ def test_many_concurrent_programs_per_row_on_gpu():
         torch.testing.assert_close(state, expected_state, rtol=1e-4, atol=1e-5)
 
 
+def test_bad_launch_settings_are_named():
+    layer = random_layer("mean", "gate", torch.float32)
+    with pytest.raises(ValueError, match="max_splits must be >= 1"):
+        FusedDecodeStep(layer, max_splits=0)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        FusedDecodeStep(layer, num_warps=3)
+
+
 def test_unsupported_layers_are_refused():
     assert not FusedDecodeStep.supports(random_layer("mean", "matrix", torch.float32, form="hypernetwork"))
     assert not FusedDecodeStep.supports(random_layer("recurrent", "matrix", torch.float32))
