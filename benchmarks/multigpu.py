@@ -88,12 +88,13 @@ def measure(config: dict[str, Any], runs: list[str], devices: list[int], acceler
     if devices[0] != 1:
         raise ValueError(f"--devices must start with 1 (the reference), got {devices}")
     rows = []
+    seed = config["base"].get("seed_everything", 0)
     for run in runs:
         results = {}
         for count in devices:
             root = out_dir / "runs" / run / f"devices{count}"
             print(f"[multigpu] {run} on {count} device(s)", flush=True)
-            results[count] = run_fit(fit_config(config, run, count, config["base"]["seed_everything"], accelerator, root), root)
+            results[count] = run_fit(fit_config(config, run, count, seed, accelerator, root), root)
         noise_root = out_dir / "runs" / run / f"devices1_seed{NOISE_SEED}"
         print(f"[multigpu] {run} on 1 device, seed {NOISE_SEED}", flush=True)
         noise = run_fit(fit_config(config, run, 1, NOISE_SEED, accelerator, noise_root), noise_root)

@@ -44,7 +44,7 @@ from metakv_cl.modeling.sources import AttentivePoolingSource, MaxSource, MeanSo
 NO_SOURCE, MEAN, ATTENTIVE, MAX = (tl.constexpr(kind) for kind in range(4))
 SOURCE_KINDS = {MeanSource: MEAN.value, AttentivePoolingSource: ATTENTIVE.value, MaxSource: MAX.value}
 STATE_TENSORS = {MeanSource: 2, AttentivePoolingSource: 2, MaxSource: 1}  # (sum, total) or (running max,)
-# Elements per register tile: 64 float32 values per thread with the kernel's 4 warps.
+# Elements per register tile: 64 float32 values a thread at 4 warps (the finishing tiles also set the warps).
 TILE_ELEMENTS = 8192
 MAX_BLOCK_D = 64
 
