@@ -1,15 +1,18 @@
 """Multi-GPU scaling and agreement of the continual-learning engine (issue 7).
 
 Each run of the config (a strategy with its model settings) goes through ``metakv-cl fit`` on 1
-GPU and on N GPUs (Lightning DDP; NCCL, with NVLink multicast off), with the global mini-batch
-fixed, so every N takes the same optimizer steps. A second seed on 1 GPU measures the noise a
-seed change makes. The table reports, per run and N:
+GPU and on N GPUs (Lightning DDP; NCCL, with NVLink multicast off), in two parts:
 
-* scaling efficiency: the stream's time on 1 GPU / (N x its time on N GPUs), which is tokens/s on
-  N GPUs over N x tokens/s on 1 GPU (the same tokens at every N; targets >= 0.9 at N = 2, >= 0.85
-  at 4). The stream's time is the runner's ``wall_time_s`` (training, consolidation, evaluation),
-  without the process start and model loading, which the table lists apart;
-* agreement: the largest |R_N - R_1| over the R matrix, against the largest |R_1(seed 1) - R_1|.
+* agreement: the stream of the config's ``base``, with the global mini-batch fixed
+  (``global_train_mb_size``), so every N takes the same optimizer steps. A second seed on 1 GPU
+  measures the noise a seed change makes; the table compares the largest |R_N - R_1| over the R
+  matrix with the largest |R_1(seed 1) - R_1|.
+* scaling: training throughput with the mini-batch of each device fixed (the ``scaling`` section:
+  ``per_device_train_mb_size`` and overrides of ``base``, usually a larger stream). Tokens/s is
+  the run's ``train_tokens_per_s``: every rank's training tokens over the training batches'
+  time (evaluation, consolidation bookkeeping, process start and model loading left out). Scaling
+  efficiency is tokens/s on N GPUs over N x tokens/s on 1 GPU (targets >= 0.9 at N = 2, >= 0.85
+  at N = 4).
 
 ::
 
@@ -36,23 +39,55 @@ import yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "benchmarks" / "multigpu.yaml"
 NOISE_SEED = 1
+PARTS = ("agreement", "scaling")
+CONFIG_KEYS = {"global_train_mb_size", "scaling", "base", "runs"}
+SCALING_KEYS = {"per_device_train_mb_size", "overrides"}
 # NVLink multicast stays off (a program using it can take a shared host's GPUs out of service).
 NO_NVLINK_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def fit_config(config: dict[str, Any], run: str, devices: int, seed: int, accelerator: str | None, root: Path) -> dict[str, Any]:
-    """The ``metakv-cl fit`` config of one run on ``devices`` devices."""
+def check_config(config: dict[str, Any], source: str) -> None:
+    """Raise ValueError naming the first missing or unknown key of a multigpu config."""
+    if not isinstance(config, dict) or set(config) != CONFIG_KEYS:
+        found = sorted(config) if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{source}: expected the keys {sorted(CONFIG_KEYS)}, found {found}")
+    scaling = config["scaling"]
+    if not isinstance(scaling, dict) or "per_device_train_mb_size" not in scaling or set(scaling) - SCALING_KEYS:
+        raise ValueError(f"{source}: scaling needs per_device_train_mb_size and may have overrides, "
+                         f"found {sorted(scaling) if isinstance(scaling, dict) else scaling!r}")
+
+
+def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in, dictionaries key by key (neither is changed)."""
+    result = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def fit_config(config: dict[str, Any], run: str, devices: int, seed: int, accelerator: str | None, root: Path,
+               part: str = "agreement") -> dict[str, Any]:
+    """The ``metakv-cl fit`` config of one run of ``part`` on ``devices`` devices."""
     if run not in config["runs"]:
         raise ValueError(f"unknown run {run!r}; the config has {', '.join(config['runs'])}")
-    global_batch = config["global_train_mb_size"]
-    if global_batch % devices:
-        raise ValueError(f"global_train_mb_size {global_batch} does not split over {devices} devices")
-    fit = copy.deepcopy(config["base"])
+    if part == "agreement":
+        global_batch = config["global_train_mb_size"]
+        if global_batch % devices:
+            raise ValueError(f"global_train_mb_size {global_batch} does not split over {devices} devices")
+        fit, batch = copy.deepcopy(config["base"]), global_batch // devices
+    elif part == "scaling":
+        scaling = config["scaling"]
+        fit, batch = merged(config["base"], scaling.get("overrides", {})), scaling["per_device_train_mb_size"]
+    else:
+        raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
     spec = config["runs"][run]
     fit["seed_everything"] = seed
     fit["model"]["init_args"].update(spec.get("model", {}))
     fit["strategy"] = copy.deepcopy(spec["strategy"])
-    fit["strategy"].setdefault("init_args", {})["train_mb_size"] = global_batch // devices
+    fit["strategy"].setdefault("init_args", {})["train_mb_size"] = batch
     trainer = fit["trainer"]
     trainer.update(devices=devices, strategy="ddp" if devices > 1 else "auto", default_root_dir=str(root))
     if accelerator is not None:
@@ -61,7 +96,7 @@ def fit_config(config: dict[str, Any], run: str, devices: int, seed: int, accele
 
 
 def run_fit(fit: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Run ``metakv-cl fit`` on ``fit`` in a fresh process: its R matrix, the stream's seconds and the process's."""
+    """Run ``metakv-cl fit`` on ``fit`` in a fresh process: its R matrix, its timings and throughput."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(fit))
@@ -74,8 +109,10 @@ def run_fit(fit: dict[str, Any], root: Path) -> dict[str, Any]:
     if completed.returncode != 0:
         raise RuntimeError(f"metakv-cl fit failed in {root} (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
     method = json.loads((root / "report.json").read_text())["methods"][0]
-    return {"matrix": method["matrix"], "stream_s": method["extra"]["wall_time_s"], "process_s": seconds,
-            "score_name": method["score_name"]}
+    extra = method["extra"]
+    return {"matrix": method["matrix"], "score_name": method["score_name"], "stream_s": extra["wall_time_s"],
+            "process_s": seconds, "train_tokens": extra["train_tokens"], "train_seconds": extra["train_seconds"],
+            "train_tokens_per_s": extra["train_tokens_per_s"], "device": extra.get("device")}
 
 
 def largest_difference(a: list[list[float | None]], b: list[list[float | None]]) -> float:
@@ -83,60 +120,96 @@ def largest_difference(a: list[list[float | None]], b: list[list[float | None]])
     return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b) if x is not None and y is not None)
 
 
-def measure(config: dict[str, Any], runs: list[str], devices: list[int], accelerator: str | None, out_dir: Path) -> list[dict]:
-    """Every run at every device count, plus the noise seed on one device; one row per (run, N)."""
-    if devices[0] != 1:
-        raise ValueError(f"--devices must start with 1 (the reference), got {devices}")
-    rows = []
+def fit_each(config: dict[str, Any], run: str, part: str, devices: list[int], seed: int, accelerator: str | None,
+             out_dir: Path) -> dict[int, dict[str, Any]]:
+    """``run`` of ``part`` on every device count: device count -> :func:`run_fit`'s result."""
+    results = {}
+    for count in devices:
+        root = out_dir / "runs" / part / run / f"devices{count}"
+        print(f"[multigpu] {part}: {run} on {count} device(s)", flush=True)
+        results[count] = run_fit(fit_config(config, run, count, seed, accelerator, root, part), root)
+    return results
+
+
+def measure_agreement(config, run, devices, accelerator, out_dir) -> list[dict[str, Any]]:
+    """R on every device count against R on one, and a seed change on one as the noise."""
     seed = config["base"].get("seed_everything", 0)
-    for run in runs:
-        results = {}
-        for count in devices:
-            root = out_dir / "runs" / run / f"devices{count}"
-            print(f"[multigpu] {run} on {count} device(s)", flush=True)
-            results[count] = run_fit(fit_config(config, run, count, seed, accelerator, root), root)
-        noise_root = out_dir / "runs" / run / f"devices1_seed{NOISE_SEED}"
-        print(f"[multigpu] {run} on 1 device, seed {NOISE_SEED}", flush=True)
-        noise = run_fit(fit_config(config, run, 1, NOISE_SEED, accelerator, noise_root), noise_root)
-        seed_noise = largest_difference(noise["matrix"], results[1]["matrix"])
-        for count, result in results.items():
-            difference = largest_difference(result["matrix"], results[1]["matrix"])
-            rows.append({"run": run, "devices": count, "stream_s": result["stream_s"], "process_s": result["process_s"],
-                         "scaling_efficiency": results[1]["stream_s"] / (count * result["stream_s"]),
-                         "max_abs_r_difference": difference, "seed_noise": seed_noise,
-                         "agrees": difference <= seed_noise, "score_name": result["score_name"],
-                         "matrix": result["matrix"]})
+    results = fit_each(config, run, "agreement", devices, seed, accelerator, out_dir)
+    noise_root = out_dir / "runs" / "agreement" / run / f"devices1_seed{NOISE_SEED}"
+    print(f"[multigpu] agreement: {run} on 1 device, seed {NOISE_SEED}", flush=True)
+    noise = run_fit(fit_config(config, run, 1, NOISE_SEED, accelerator, noise_root), noise_root)
+    seed_noise = largest_difference(noise["matrix"], results[1]["matrix"])
+    rows = []
+    for count, result in results.items():
+        difference = largest_difference(result["matrix"], results[1]["matrix"])
+        rows.append({"run": run, "devices": count, **result, "max_abs_r_difference": difference,
+                     "seed_noise": seed_noise, "agrees": difference <= seed_noise})
     return rows
 
 
-def write_report(rows: list[dict], out_dir: Path, command: str) -> None:
-    lines = ["# Multi-GPU scaling and agreement (issue 7)", "", f"Command: `{command}`", "",
-             "| run | devices | stream s | process s | scaling efficiency | max abs R difference to 1 device | seed-change noise | within noise |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for row in rows:
-        lines.append(f"| {row['run']} | {row['devices']} | {row['stream_s']:.1f} | {row['process_s']:.1f} | {row['scaling_efficiency']:.3f} | "
-                     f"{row['max_abs_r_difference']:.4f} | {row['seed_noise']:.4f} | {'yes' if row['agrees'] else 'no'} |")
+def measure_scaling(config, run, devices, accelerator, out_dir) -> list[dict[str, Any]]:
+    """Training tokens/s on every device count, the mini-batch of each device fixed."""
+    seed = config["base"].get("seed_everything", 0)
+    results = fit_each(config, run, "scaling", devices, seed, accelerator, out_dir)
+    reference = results[1]["train_tokens_per_s"]
+    return [{"run": run, "devices": count, "per_device_train_mb_size": config["scaling"]["per_device_train_mb_size"],
+             **{key: value for key, value in result.items() if key != "matrix"},
+             "scaling_efficiency": result["train_tokens_per_s"] / (count * reference)}
+            for count, result in results.items()]
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    lines = ["# Multi-GPU scaling and agreement (issue 7)", "", f"Command: `{report['command']}`", ""]
+    if report["scaling"]:
+        lines += ["## Scaling (the mini-batch of each device fixed)", "",
+                  "| run | devices | mini-batch per device | train tokens | train s | train tokens/s | scaling efficiency | stream s | process s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['run']} | {r['devices']} | {r['per_device_train_mb_size']} | {r['train_tokens']:,} | "
+                  f"{r['train_seconds']:.1f} | {r['train_tokens_per_s']:,.0f} | {r['scaling_efficiency']:.3f} | "
+                  f"{r['stream_s']:.1f} | {r['process_s']:.1f} |" for r in report["scaling"]]
+        lines.append("")
+    if report["agreement"]:
+        lines += ["## Agreement (the global mini-batch fixed)", "",
+                  "| run | devices | max abs R difference to 1 device | seed-change noise | within noise | train tokens/s | stream s | process s |",
+                  "|---|---:|---:|---:|---|---:|---:|---:|"]
+        lines += [f"| {r['run']} | {r['devices']} | {r['max_abs_r_difference']:.4f} | {r['seed_noise']:.4f} | "
+                  f"{'yes' if r['agrees'] else 'no'} | {r['train_tokens_per_s']:,.0f} | {r['stream_s']:.1f} | {r['process_s']:.1f} |"
+                  for r in report["agreement"]]
     (out_dir / "multigpu.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "multigpu.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    (out_dir / "multigpu.json").write_text(json.dumps(report, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--runs", nargs="+", default=None, help="runs of the config (default: all)")
-    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2], help="device counts; the first must be 1")
     parser.add_argument("--accelerator", default=None, help="override the config's accelerator (cpu: gloo DDP)")
     parser.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     if not args.config.is_file():
         parser.error(f"config {args.config} does not exist")
+    if args.devices[0] != 1 or any(count < 1 for count in args.devices):
+        parser.error(f"--devices must start with 1 (the reference) and be positive, got {args.devices}")
     config = yaml.safe_load(args.config.read_text())
-    unknown = set(config) - {"global_train_mb_size", "base", "runs"}
+    try:
+        check_config(config, str(args.config))
+    except ValueError as error:
+        parser.error(str(error))
+    runs = args.runs or list(config["runs"])
+    unknown = [run for run in runs if run not in config["runs"]]
     if unknown:
-        parser.error(f"{args.config}: unknown keys {sorted(unknown)} (expected global_train_mb_size, base, runs)")
+        parser.error(f"unknown runs {unknown}; the config has {', '.join(config['runs'])}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    rows = measure(config, args.runs or list(config["runs"]), args.devices, args.accelerator, args.out_dir)
-    write_report(rows, args.out_dir, " ".join(["python", "benchmarks/multigpu.py", *(argv if argv is not None else sys.argv[1:])]))
+    command = " ".join(["python", "benchmarks/multigpu.py", *(argv if argv is not None else sys.argv[1:])])
+    report: dict[str, Any] = {"command": command, "scaling": [], "agreement": []}
+    for run in runs:
+        if "scaling" in args.parts:
+            report["scaling"] += measure_scaling(config, run, args.devices, args.accelerator, args.out_dir)
+        if "agreement" in args.parts:
+            report["agreement"] += measure_agreement(config, run, args.devices, args.accelerator, args.out_dir)
+        write_report(report, args.out_dir)  # what has finished survives a later run's failure
     print((args.out_dir / "multigpu.md").read_text())
     return 0
 

@@ -191,7 +191,8 @@ def format_table(results: Sequence[MethodResult]) -> str:
 
     Returns:
         A Markdown table with score, average, forgetting, BWT, FWT, perplexity (when any
-        result is a loss), wall time and trainable parameters. Undefined figures show "–";
+        result is a loss), wall time, training tokens per second (all devices together, the
+        training batches alone) and trainable parameters. Undefined figures show "–";
         a partial run is marked "(k/T trained)" after its name.
 
     Raises:
@@ -199,7 +200,7 @@ def format_table(results: Sequence[MethodResult]) -> str:
     """
     _check_results(results)
     figures = _figure_keys(results)
-    header = ["method", "score", *(_FIGURE_HEADERS[f] for f in figures), "wall time (s)", "trainable params"]
+    header = ["method", "score", *(_FIGURE_HEADERS[f] for f in figures), "wall time (s)", "train tokens/s", "trainable params"]
     rows = []
     for result in results:
         summary = result.summary
@@ -209,6 +210,7 @@ def format_table(results: Sequence[MethodResult]) -> str:
             result.score_name,
             *(_format_number(summary.get(figure)) for figure in figures),
             _format_number(result.extra.get("wall_time_s"), digits=1),
+            _format_number(result.extra.get("train_tokens_per_s"), digits=0),
             _format_params(result.extra.get("trainable_params")),
         ])
     return _markdown_table(header, rows)

@@ -45,7 +45,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from metakv_cl.metrics import ContinualMatrixPluginMetric
-from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, derived_seed, seed_all
+from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, TrainingThroughput, derived_seed, seed_all
 from metakv_cl.training.datamodule import EvaluationDataModule, TrainingDataModule, ValidatedTrainingDataModule
 from metakv_cl.training.module import ContinualLMModule
 
@@ -161,6 +161,7 @@ class LightningCLStrategy(BaseTemplate):
         self._eval_trainer: pl.Trainer | None = None
         self._eval_data: EvaluationDataModule | None = None
         self.trainable_counts: dict[str, int] = {}
+        self.throughput = TrainingThroughput()  # shared by every fit
 
     # ------------------------------------------------------------------ names and helpers
 
@@ -298,6 +299,7 @@ class LightningCLStrategy(BaseTemplate):
             *self.user_callbacks,
             AvalancheBridge(self),
             BatchSeeding(self.seed, (self.stage, phase)),
+            self.throughput,
             *callbacks,
         ]
         if self.checkpointing:
@@ -393,6 +395,9 @@ class LightningCLStrategy(BaseTemplate):
         return {
             "trainable_params": max(self.trainable_counts.values(), default=0),
             "trainable_params_by_phase": dict(self.trainable_counts),
+            "train_tokens": self.throughput.tokens,
+            "train_seconds": self.throughput.seconds,
+            "train_tokens_per_s": self.throughput.tokens_per_second,
         }
 
     # ------------------------------------------------------------------ state
@@ -407,6 +412,7 @@ class LightningCLStrategy(BaseTemplate):
             "trained_experiences": self.trained_experiences,
             "clock": copy.deepcopy(vars(self.clock)),
             "matrix_metric": copy.deepcopy(vars(self.matrix_metric)) if self.matrix_metric is not None else None,
+            "throughput": self.throughput.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -415,6 +421,8 @@ class LightningCLStrategy(BaseTemplate):
         vars(self.clock).update(state["clock"])
         if self.matrix_metric is not None and state.get("matrix_metric") is not None:
             vars(self.matrix_metric).update(state["matrix_metric"])
+        if "throughput" in state:  # absent from streams saved before it was measured
+            self.throughput.load_state_dict(state["throughput"])
 
 
 def trainable_parameter_count(module: torch.nn.Module) -> int:

@@ -24,7 +24,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _results():
     return [
-        MethodResult("naive", NAMES, "loss", LOSS, {"wall_time_s": 12.34, "trainable_params": 1234567, "seed": 0}),
+        MethodResult("naive", NAMES, "loss", LOSS, {"wall_time_s": 12.34, "trainable_params": 1234567, "seed": 0,
+                                                    "train_tokens_per_s": 5432.1}),
         MethodResult("Meta-KV (distill)", NAMES, "loss", [[c - 0.5 for c in row] for row in LOSS],
                      {"wall_time_s": 20.0, "trainable_params": 4096, "seed": 0}),
         MethodResult("replay", NAMES, "loss", LOSS[:2] + [[None, None, None]]),  # partial, one row unmeasured
@@ -66,11 +67,11 @@ def test_format_table_rows_and_columns():
     table = format_table(_results())
     lines = table.splitlines()
     assert lines[0] == ("| method | score | average | forgetting | BWT | FWT | perplexity | wall time (s) "
-                        "| trainable params |")
-    assert lines[2] == "| naive | loss | 2.000 | 0.750 | -0.750 | 0.750 | 7.389 | 12.3 | 1,234,567 |"
+                        "| train tokens/s | trainable params |")
+    assert lines[2] == "| naive | loss | 2.000 | 0.750 | -0.750 | 0.750 | 7.389 | 12.3 | 5432 | 1,234,567 |"
     # The partial run: only experience 1 trained (a trailing unmeasured row is not counted);
     # FWT of experience 2 for a loss: R[0][2] - R[1][2] = 4.0 - 3.5.
-    assert lines[4] == "| replay (1/3 trained) | loss | 2.000 | – | – | 0.500 | 7.389 | – | – |"
+    assert lines[4] == "| replay (1/3 trained) | loss | 2.000 | – | – | 0.500 | 7.389 | – | – | – |"
     with pytest.raises(ValueError, match="unique"):
         format_table([_results()[0], _results()[0]])
     with pytest.raises(ValueError, match="no results"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,75 @@ class AvalancheBridge(pl.Callback):
         if trainer.state.fn == TrainerFn.FITTING:
             return
         self._fire("after_eval_forward", "after_eval_iteration")
+
+
+class TrainingThroughput(pl.Callback):
+    """Training tokens and training seconds of every fit it is put on, summed over the fits.
+
+    The clock runs from each training epoch's start to its last batch's end, with the device
+    synchronised at both, so validation inside a fit, checkpointing and the Trainer's set-up fall
+    outside. Tokens are the batches' non-padding positions (``attention_mask``). Under DDP the
+    tokens are summed over ranks and a fit lasts as long as its slowest rank, so
+    :attr:`tokens_per_second` is the whole job's rate: N devices at full efficiency reach N times
+    one device's.
+
+    One instance serves all the fits of a strategy; :meth:`state_dict` carries the totals across
+    a resumed stream.
+    """
+
+    def __init__(self):
+        self.tokens = 0
+        self.seconds = 0.0
+        self._fit_tokens = 0
+        self._fit_seconds = 0.0
+        self._epoch_start: float | None = None
+        self._last_batch_end: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """All ranks' training tokens per second, or None before any training."""
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+    @staticmethod
+    def _now(trainer: pl.Trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+        return time.perf_counter()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_tokens, self._fit_seconds = 0, 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start, self._last_batch_end = self._now(trainer), None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        mask = batch.get("attention_mask")
+        self._fit_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self._last_batch_end = self._now(trainer)
+
+    def _close_epoch(self) -> None:
+        if self._epoch_start is not None and self._last_batch_end is not None:
+            self._fit_seconds += self._last_batch_end - self._epoch_start
+        self._epoch_start = self._last_batch_end = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_epoch()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_epoch()  # a fit stopped inside an epoch
+
+        def over_ranks(value: float, reduce_op: str) -> float:
+            local = torch.tensor(value, dtype=torch.float64, device=trainer.strategy.root_device)
+            return float(trainer.strategy.reduce(local, reduce_op=reduce_op))
+
+        self.tokens += int(over_ranks(self._fit_tokens, "sum"))
+        self.seconds += over_ranks(self._fit_seconds, "max")  # the fit lasts as long as its slowest rank
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens, self.seconds = int(state_dict["tokens"]), float(state_dict["seconds"])
 
 
 class BestWeights(pl.Callback):

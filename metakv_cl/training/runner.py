@@ -19,8 +19,9 @@ Benchmark sweeps that rerun an interrupted run from its start pass ``save_weight
 ``result.json`` and ``progress.json`` are written (no half-gigabyte ``state.pt`` per experience).
 
 Every result's ``extra`` holds ``wall_time_s``, ``peak_memory_bytes`` (peak CUDA memory of this
-run when it ran on a GPU, else the process's peak resident memory), ``device`` and the
-strategy's ``trainable_params``.
+run when it ran on a GPU, else the process's peak resident memory), ``device``, the strategy's
+``trainable_params`` and its training throughput: ``train_tokens``, ``train_seconds`` and
+``train_tokens_per_s`` (all ranks' tokens over the training batches' time).
 """
 
 from __future__ import annotations

@@ -109,6 +109,19 @@ def test_avalanche_plugin_hooks_fire_from_lightning_loops(tmp_path):
     assert all(math.isfinite(loss) for loss in plugin.losses)
 
 
+def test_training_throughput_counts_every_trained_token_once_per_epoch(tmp_path):
+    strategy, benchmark = make(Naive, tmp_path, epochs=2)
+    result = run_stream(strategy, benchmark)
+    tokens = 2 * sum(len(item["input_ids"]) for e in benchmark.train_stream for item in e.dataset)
+    assert result.extra["train_tokens"] == tokens  # padding left out
+    assert 0 < result.extra["train_seconds"] < result.extra["wall_time_s"]  # evaluation left out
+    assert result.extra["train_tokens_per_s"] == pytest.approx(tokens / result.extra["train_seconds"])
+    # the totals survive a restart of the stream
+    restored, _ = make(Naive, tmp_path / "restored")
+    restored.load_state_dict(strategy.state_dict())
+    assert restored.report_extra()["train_tokens"] == tokens
+
+
 def test_plugin_can_stop_training(tmp_path):
     class StopAfterTwo:
         def __init__(self):

@@ -17,13 +17,14 @@ from metakv_cl.training.testing import toy_config, toy_setup, toy_trainer_kwargs
 needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the gloo tests run on Linux CI")
 
 
-def matrix(root):
-    return json.loads((root / "report.json").read_text())["methods"][0]["matrix"]
+def method_result(root) -> dict:
+    return json.loads((root / "report.json").read_text())["methods"][0]
 
 
-def fit_two_processes_and_one(tmp_path, config: dict) -> tuple[list, list]:
-    """R matrices of ``metakv-cl fit`` with DDP on two CPU processes and in one process (whose
-    mini-batch is twice the per-rank one, so both take the same optimizer steps)."""
+def fit_two_processes_and_one(tmp_path, config: dict) -> tuple[dict, dict]:
+    """The reported results (R matrix, extra) of ``metakv-cl fit`` with DDP on two CPU processes
+    and in one process (whose mini-batch is twice the per-rank one, so both take the same
+    optimizer steps)."""
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     ddp_root = tmp_path / "ddp"
@@ -37,7 +38,7 @@ def fit_two_processes_and_one(tmp_path, config: dict) -> tuple[list, list]:
     per_rank = config["strategy"]["init_args"]["train_mb_size"]
     main(["fit", "--config", str(path), "--trainer.default_root_dir", str(single_root),
           "--strategy.init_args.train_mb_size", str(2 * per_rank)])
-    return matrix(ddp_root), matrix(single_root)
+    return method_result(ddp_root), method_result(single_root)
 
 
 @needs_linux
@@ -49,11 +50,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         "init_args": {"buffer_size": 8, "train_mb_size": 4, "eval_mb_size": 4},
     })
     config["model"]["init_args"]["config_overrides"].update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    distributed, single = fit_two_processes_and_one(tmp_path, config)
+    distributed_result, single_result = fit_two_processes_and_one(tmp_path, config)
+    distributed, single = distributed_result["matrix"], single_result["matrix"]
     assert len(distributed) == 3
     for row_ddp, row_single in zip(distributed, single):
         assert row_ddp == pytest.approx(row_single, rel=1e-5)
     assert distributed[2][1] < distributed[0][1] - 0.1  # it did train
+    # throughput counts both ranks' tokens (each rank trained on half of them)
+    assert distributed_result["extra"]["train_tokens"] == single_result["extra"]["train_tokens"] > 0
 
 
 @needs_linux
@@ -68,7 +72,7 @@ def test_validated_meta_kv_consolidation_under_ddp_matches_one_process(tmp_path)
     model = config["model"]["init_args"]
     model["config_overrides"].update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model["meta_kv"] = {"source": "consolidated", "rank": 4}
-    distributed, single = fit_two_processes_and_one(tmp_path, config)
+    distributed, single = (result["matrix"] for result in fit_two_processes_and_one(tmp_path, config))
     assert len(distributed) == 3
     for row_ddp, row_single in zip(distributed, single):
         assert row_ddp == pytest.approx(row_single, rel=1e-4)
