@@ -158,23 +158,34 @@ def measure_scaling(config, run, devices, accelerator, out_dir) -> list[dict[str
             for count, result in results.items()]
 
 
+# (header, format of a row's value) of each report table; the scaling table's first.
+SCALING_COLUMNS = (("run", "{run}"), ("devices", "{devices}"), ("mini-batch per device", "{per_device_train_mb_size}"),
+                   ("train tokens", "{train_tokens:,}"), ("train s", "{train_seconds:.1f}"),
+                   ("train tokens/s", "{train_tokens_per_s:,.0f}"), ("scaling efficiency", "{scaling_efficiency:.3f}"),
+                   ("stream s", "{stream_s:.1f}"), ("process s", "{process_s:.1f}"))
+AGREEMENT_COLUMNS = (("run", "{run}"), ("devices", "{devices}"),
+                     ("max abs R difference to 1 device", "{max_abs_r_difference:.4f}"),
+                     ("seed-change noise", "{seed_noise:.4f}"), ("within noise", "{within_noise}"),
+                     ("train tokens/s", "{train_tokens_per_s:,.0f}"), ("stream s", "{stream_s:.1f}"),
+                     ("process s", "{process_s:.1f}"))
+TEXT_FIELDS = {"{run}", "{within_noise}"}
+
+
+def markdown_table(columns: tuple[tuple[str, str], ...], rows: list[dict[str, Any]]) -> list[str]:
+    alignments = ("---" if form in TEXT_FIELDS else "---:" for _, form in columns)  # numbers to the right
+    lines = ["| " + " | ".join(header for header, _ in columns) + " |", "|" + "|".join(alignments) + "|"]
+    for row in rows:
+        values = {**row, "within_noise": "yes" if row.get("agrees") else "no"}
+        lines.append("| " + " | ".join(form.format(**values) for _, form in columns) + " |")
+    return lines
+
+
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
     lines = ["# Multi-GPU scaling and agreement (issue 7)", "", f"Command: `{report['command']}`", ""]
     if report["scaling"]:
-        lines += ["## Scaling (the mini-batch of each device fixed)", "",
-                  "| run | devices | mini-batch per device | train tokens | train s | train tokens/s | scaling efficiency | stream s | process s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['run']} | {r['devices']} | {r['per_device_train_mb_size']} | {r['train_tokens']:,} | "
-                  f"{r['train_seconds']:.1f} | {r['train_tokens_per_s']:,.0f} | {r['scaling_efficiency']:.3f} | "
-                  f"{r['stream_s']:.1f} | {r['process_s']:.1f} |" for r in report["scaling"]]
-        lines.append("")
+        lines += ["## Scaling (the mini-batch of each device fixed)", "", *markdown_table(SCALING_COLUMNS, report["scaling"]), ""]
     if report["agreement"]:
-        lines += ["## Agreement (the global mini-batch fixed)", "",
-                  "| run | devices | max abs R difference to 1 device | seed-change noise | within noise | train tokens/s | stream s | process s |",
-                  "|---|---:|---:|---:|---|---:|---:|---:|"]
-        lines += [f"| {r['run']} | {r['devices']} | {r['max_abs_r_difference']:.4f} | {r['seed_noise']:.4f} | "
-                  f"{'yes' if r['agrees'] else 'no'} | {r['train_tokens_per_s']:,.0f} | {r['stream_s']:.1f} | {r['process_s']:.1f} |"
-                  for r in report["agreement"]]
+        lines += ["## Agreement (the global mini-batch fixed)", "", *markdown_table(AGREEMENT_COLUMNS, report["agreement"])]
     (out_dir / "multigpu.md").write_text("\n".join(lines) + "\n")
     (out_dir / "multigpu.json").write_text(json.dumps(report, indent=1))
 
