@@ -114,8 +114,9 @@ class TrainingThroughput(pl.Callback):
     """Training tokens and training seconds of every fit it is put on, summed over the fits.
 
     The clock runs from each training epoch's start to its last batch's end, with the device
-    synchronised at both, so validation inside a fit, checkpointing and the Trainer's set-up fall
-    outside. Tokens are the batches' non-padding positions (``attention_mask``). Under DDP the
+    synchronised at both (and nowhere in between, so steps still queue up on the device), so
+    validation inside a fit, checkpointing and the Trainer's set-up fall outside. Tokens are the
+    batches' non-padding positions (``attention_mask``), counted on the device. Under DDP the
     tokens are summed over ranks and a fit lasts as long as its slowest rank, so
     :attr:`tokens_per_second` is the whole job's rate: N devices at full efficiency reach N times
     one device's.
@@ -127,10 +128,10 @@ class TrainingThroughput(pl.Callback):
     def __init__(self):
         self.tokens = 0
         self.seconds = 0.0
-        self._fit_tokens = 0
+        self._fit_tokens: torch.Tensor | int = 0
         self._fit_seconds = 0.0
         self._epoch_start: float | None = None
-        self._last_batch_end: float | None = None
+        self._epoch_end: float | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -147,26 +148,29 @@ class TrainingThroughput(pl.Callback):
         self._fit_tokens, self._fit_seconds = 0, 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_start, self._last_batch_end = self._now(trainer), None
+        self._epoch_start, self._epoch_end = self._now(trainer), None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         mask = batch.get("attention_mask")
-        self._fit_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        self._last_batch_end = self._now(trainer)
+        self._fit_tokens = self._fit_tokens + (mask.sum() if mask is not None else batch["input_ids"].numel())
+        if batch_idx + 1 >= trainer.num_training_batches or trainer.should_stop:  # the epoch's last batch
+            self._epoch_end = self._now(trainer)
 
-    def _close_epoch(self) -> None:
-        if self._epoch_start is not None and self._last_batch_end is not None:
-            self._fit_seconds += self._last_batch_end - self._epoch_start
-        self._epoch_start = self._last_batch_end = None
+    def _close_epoch(self, trainer: pl.Trainer) -> None:
+        if self._epoch_start is not None:
+            # a fit stopped by a later callback ends here, after anything that ran since its last batch
+            end = self._epoch_end if self._epoch_end is not None else self._now(trainer)
+            self._fit_seconds += end - self._epoch_start
+        self._epoch_start = self._epoch_end = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close_epoch()
+        self._close_epoch(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close_epoch()  # a fit stopped inside an epoch
+        self._close_epoch(trainer)  # a fit stopped inside an epoch
 
-        def over_ranks(value: float, reduce_op: str) -> float:
-            local = torch.tensor(value, dtype=torch.float64, device=trainer.strategy.root_device)
+        def over_ranks(value: torch.Tensor | float, reduce_op: str) -> float:
+            local = torch.as_tensor(value, dtype=torch.float64, device=trainer.strategy.root_device)
             return float(trainer.strategy.reduce(local, reduce_op=reduce_op))
 
         self.tokens += int(over_ranks(self._fit_tokens, "sum"))

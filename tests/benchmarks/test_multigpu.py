@@ -35,7 +35,7 @@ def test_scaling_fits_fix_the_batch_per_device_and_merge_their_overrides(tmp_pat
         assert fit["strategy"]["init_args"]["train_mb_size"] == 16 and fit["trainer"]["devices"] == devices
     loader_args = fit["data"]["init_args"]["loader_args"]
     # the overrides change what they name and keep the rest of the base
-    assert (loader_args["max_train_per_topic"], loader_args["order"], fit["trainer"]["max_epochs"]) == (800, "fixed", 1)
+    assert (loader_args["max_train_per_topic"], loader_args["max_test_per_topic"], loader_args["order"]) == (100, 8, "fixed")
     assert config["base"]["data"]["init_args"]["loader_args"]["max_train_per_topic"] == 48  # base untouched
     assert fit["trainer"]["precision"] == "bf16-mixed"
 

@@ -136,6 +136,9 @@ def test_plugin_can_stop_training(tmp_path):
     strategy, benchmark = make(Naive, tmp_path, num_experiences=1, epochs=3, plugins=[stopper])
     strategy.train(benchmark.train_stream[0])
     assert stopper.iterations == 2
+    # the throughput counter closes the stopped epoch: two batches' tokens, in some time
+    one_epoch = sum(len(item["input_ids"]) for item in benchmark.train_stream[0].dataset)
+    assert 0 < strategy.throughput.tokens < one_epoch and strategy.throughput.seconds > 0
 
 
 def parameters(module):
