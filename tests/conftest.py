@@ -18,5 +18,15 @@ def tiny_model_factory(request):
 def pytest_configure(config):
     # No test may wait on the Hugging Face hub: offline fallbacks are what is tested.
     import os
+    import tempfile
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The offline SmolLM2 is converted once for the session, into a folder removed at its end
+    # (not into the user's ~/.cache).
+    os.environ["METAKV_CL_CACHE"] = config._metakv_cache = tempfile.mkdtemp(prefix="metakv-cl-test-cache-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(getattr(config, "_metakv_cache", ""), ignore_errors=True)
