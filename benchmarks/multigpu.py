@@ -8,11 +8,12 @@ GPU and on N GPUs (Lightning DDP; NCCL, with NVLink multicast off), in two parts
   measures the noise a seed change makes; the table compares the largest |R_N - R_1| over the R
   matrix with the largest |R_1(seed 1) - R_1|.
 * scaling: training throughput with the mini-batch of each device fixed (the ``scaling`` section:
-  ``per_device_train_mb_size`` and overrides of ``base``, usually a larger stream). Tokens/s is
-  the run's ``train_tokens_per_s``: every rank's training tokens over the training batches'
-  time (evaluation, consolidation bookkeeping, process start and model loading left out). Scaling
+  ``per_device_train_mb_size``, and ``overrides`` of ``base`` if any). Tokens/s is the run's
+  ``train_tokens_per_s``: every rank's training tokens over the training batches' time
+  (evaluation, consolidation bookkeeping, process start and model loading left out). Scaling
   efficiency is tokens/s on N GPUs over N x tokens/s on 1 GPU (targets >= 0.9 at N = 2, >= 0.85
-  at N = 4).
+  at N = 4). With no overrides and the global mini-batch per device, the one-GPU fit is the
+  agreement part's, run once.
 
 ::
 
@@ -95,8 +96,15 @@ def fit_config(config: dict[str, Any], run: str, devices: int, seed: int, accele
     return fit
 
 
+FIT_RESULT = "multigpu_fit.json"
+
+
 def run_fit(fit: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Run ``metakv-cl fit`` on ``fit`` in a fresh process: its R matrix, its timings and throughput."""
+    """Run ``metakv-cl fit`` on ``fit`` in a fresh process: its R matrix, its timings and throughput.
+
+    The result is also written to ``root/multigpu_fit.json`` next to the fit's config, so that a
+    rerun of the benchmark into the same ``--out-dir`` takes finished fits from there.
+    """
     root.mkdir(parents=True, exist_ok=True)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(fit))
@@ -110,9 +118,20 @@ def run_fit(fit: dict[str, Any], root: Path) -> dict[str, Any]:
         raise RuntimeError(f"metakv-cl fit failed in {root} (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
     method = json.loads((root / "report.json").read_text())["methods"][0]
     extra = method["extra"]
-    return {"matrix": method["matrix"], "score_name": method["score_name"], "stream_s": extra["wall_time_s"],
-            "process_s": seconds, "train_tokens": extra["train_tokens"], "train_seconds": extra["train_seconds"],
-            "train_tokens_per_s": extra["train_tokens_per_s"], "device": extra.get("device")}
+    result = {"matrix": method["matrix"], "score_name": method["score_name"], "stream_s": extra["wall_time_s"],
+              "process_s": seconds, "train_tokens": extra["train_tokens"], "train_seconds": extra["train_seconds"],
+              "train_tokens_per_s": extra["train_tokens_per_s"], "device": extra.get("device")}
+    (root / FIT_RESULT).write_text(json.dumps({"config": fit, "result": result}))
+    return result
+
+
+def finished_fit(fit: dict[str, Any], root: Path) -> dict[str, Any] | None:
+    """The result :func:`run_fit` left in ``root`` for this very config, or None."""
+    path = root / FIT_RESULT
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["result"] if saved["config"] == json.loads(json.dumps(fit)) else None
 
 
 def largest_difference(a: list[list[float | None]], b: list[list[float | None]]) -> float:
@@ -120,24 +139,40 @@ def largest_difference(a: list[list[float | None]], b: list[list[float | None]])
     return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b) if x is not None and y is not None)
 
 
-def fit_each(config: dict[str, Any], run: str, part: str, devices: list[int], seed: int, accelerator: str | None,
-             out_dir: Path) -> dict[int, dict[str, Any]]:
-    """``run`` of ``part`` on every device count: device count -> :func:`run_fit`'s result."""
-    results = {}
-    for count in devices:
-        root = out_dir / "runs" / part / run / f"devices{count}"
-        print(f"[multigpu] {part}: {run} on {count} device(s)", flush=True)
-        results[count] = run_fit(fit_config(config, run, count, seed, accelerator, root, part), root)
-    return results
+class Fits:
+    """Runs the fits of one config, each distinct ``metakv-cl fit`` config once.
+
+    When the scaling part's per-device mini-batch equals the global one and it overrides
+    nothing, its one-device fit is the agreement part's, and is reused.
+    """
+
+    def __init__(self, config: dict[str, Any], accelerator: str | None, out_dir: Path):
+        self.config, self.accelerator, self.out_dir = config, accelerator, out_dir
+        self.base_seed = config["base"].get("seed_everything", 0)
+        self.done: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, run: str, part: str, devices: int, seed: int | None = None) -> dict[str, Any]:
+        """:func:`run_fit`'s result (and ``root``) for ``run`` of ``part`` on ``devices`` devices."""
+        seed = self.base_seed if seed is None else seed
+        root = self.out_dir / "runs" / part / run / (f"devices{devices}" + (f"_seed{seed}" if seed != self.base_seed else ""))
+        fit = fit_config(self.config, run, devices, seed, self.accelerator, root, part)
+        key = yaml.safe_dump({**fit, "trainer": {k: v for k, v in fit["trainer"].items() if k != "default_root_dir"}})
+        label = f"{part}: {run} on {devices} device(s), seed {seed}"
+        if key in self.done:
+            print(f"[multigpu] {label}: the same fit as {self.done[key]['root']}", flush=True)
+        elif (finished := finished_fit(fit, root)) is not None:
+            print(f"[multigpu] {label}: finished earlier in {root}", flush=True)
+            self.done[key] = {**finished, "root": str(root)}
+        else:
+            print(f"[multigpu] {label}", flush=True)
+            self.done[key] = {**run_fit(fit, root), "root": str(root)}
+        return self.done[key]
 
 
-def measure_agreement(config, run, devices, accelerator, out_dir) -> list[dict[str, Any]]:
+def measure_agreement(fits: Fits, run: str, devices: list[int]) -> list[dict[str, Any]]:
     """R on every device count against R on one, and a seed change on one as the noise."""
-    seed = config["base"].get("seed_everything", 0)
-    results = fit_each(config, run, "agreement", devices, seed, accelerator, out_dir)
-    noise_root = out_dir / "runs" / "agreement" / run / f"devices1_seed{NOISE_SEED}"
-    print(f"[multigpu] agreement: {run} on 1 device, seed {NOISE_SEED}", flush=True)
-    noise = run_fit(fit_config(config, run, 1, NOISE_SEED, accelerator, noise_root), noise_root)
+    results = {count: fits(run, "agreement", count) for count in devices}
+    noise = fits(run, "agreement", 1, seed=NOISE_SEED)
     seed_noise = largest_difference(noise["matrix"], results[1]["matrix"])
     rows = []
     for count, result in results.items():
@@ -147,12 +182,12 @@ def measure_agreement(config, run, devices, accelerator, out_dir) -> list[dict[s
     return rows
 
 
-def measure_scaling(config, run, devices, accelerator, out_dir) -> list[dict[str, Any]]:
+def measure_scaling(fits: Fits, run: str, devices: list[int]) -> list[dict[str, Any]]:
     """Training tokens/s on every device count, the mini-batch of each device fixed."""
-    seed = config["base"].get("seed_everything", 0)
-    results = fit_each(config, run, "scaling", devices, seed, accelerator, out_dir)
+    results = {count: fits(run, "scaling", count) for count in devices}
     reference = results[1]["train_tokens_per_s"]
-    return [{"run": run, "devices": count, "per_device_train_mb_size": config["scaling"]["per_device_train_mb_size"],
+    per_device = fits.config["scaling"]["per_device_train_mb_size"]
+    return [{"run": run, "devices": count, "per_device_train_mb_size": per_device,
              **{key: value for key, value in result.items() if key != "matrix"},
              "scaling_efficiency": result["train_tokens_per_s"] / (count * reference)}
             for count, result in results.items()]
@@ -215,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", "benchmarks/multigpu.py", *(argv if argv is not None else sys.argv[1:])])
     report: dict[str, Any] = {"command": command, "scaling": [], "agreement": []}
+    fits = Fits(config, args.accelerator, args.out_dir)
     for run in runs:
-        if "scaling" in args.parts:
-            report["scaling"] += measure_scaling(config, run, args.devices, args.accelerator, args.out_dir)
         if "agreement" in args.parts:
-            report["agreement"] += measure_agreement(config, run, args.devices, args.accelerator, args.out_dir)
+            report["agreement"] += measure_agreement(fits, run, args.devices)
+        if "scaling" in args.parts:
+            report["scaling"] += measure_scaling(fits, run, args.devices)
         write_report(report, args.out_dir)  # what has finished survives a later run's failure
     print((args.out_dir / "multigpu.md").read_text())
     return 0

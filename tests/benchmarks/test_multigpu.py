@@ -33,9 +33,12 @@ def test_scaling_fits_fix_the_batch_per_device_and_merge_their_overrides(tmp_pat
     for devices in (1, 2, 3):
         fit = fit_config(config, "ewc", devices, 0, None, tmp_path, part="scaling")
         assert fit["strategy"]["init_args"]["train_mb_size"] == 16 and fit["trainer"]["devices"] == devices
+    assert fit_config(config, "ewc", 1, 0, None, tmp_path, part="scaling") == fit_config(config, "ewc", 1, 0, None, tmp_path)
+    config["scaling"]["overrides"] = {"data": {"init_args": {"loader_args": {"max_train_per_topic": 100}}}}
+    fit = fit_config(config, "ewc", 2, 0, None, tmp_path, part="scaling")
     loader_args = fit["data"]["init_args"]["loader_args"]
     # the overrides change what they name and keep the rest of the base
-    assert (loader_args["max_train_per_topic"], loader_args["max_test_per_topic"], loader_args["order"]) == (100, 8, "fixed")
+    assert (loader_args["max_train_per_topic"], loader_args["max_test_per_topic"], loader_args["order"]) == (100, 16, "fixed")
     assert config["base"]["data"]["init_args"]["loader_args"]["max_train_per_topic"] == 48  # base untouched
     assert fit["trainer"]["precision"] == "bf16-mixed"
 
@@ -58,7 +61,7 @@ def test_config_problems_are_named(change, message, tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the gloo test runs on Linux CI")
-def test_two_cpu_processes_agree_with_one_and_the_report_is_written(tmp_path):
+def test_two_cpu_processes_agree_with_one_and_the_report_is_written(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--config", str(CPU_CONFIG), "--runs", "ewc", "--devices", "1", "2", "--out-dir", str(out)]) == 0
     report = json.loads((out / "multigpu.json").read_text())
@@ -70,9 +73,16 @@ def test_two_cpu_processes_agree_with_one_and_the_report_is_written(tmp_path):
     assert two["agrees"]
     # the same tokens trained whatever the device count; efficiency from the runs' own tokens/s
     assert agreement[0]["train_tokens"] == two["train_tokens"] > 0
-    assert [(row["devices"], row["per_device_train_mb_size"]) for row in scaling] == [(1, 4), (2, 4)]
+    assert [(row["devices"], row["per_device_train_mb_size"]) for row in scaling] == [(1, 8), (2, 8)]
+    # the one-device scaling fit is the agreement's one (same config), run once
+    assert scaling[0]["root"] == agreement[0]["root"] and scaling[1]["root"] != agreement[1]["root"]
+    assert scaling[1]["train_tokens"] == agreement[0]["train_tokens"]  # 2 x 8 items a step: the same epochs
     assert scaling[0]["scaling_efficiency"] == 1.0
     assert scaling[1]["scaling_efficiency"] == pytest.approx(
         scaling[1]["train_tokens_per_s"] / (2 * scaling[0]["train_tokens_per_s"]))
     markdown = (out / "multigpu.md").read_text()
     assert "## Scaling" in markdown and "## Agreement" in markdown and "| ewc | 2 |" in markdown
+    # a rerun into the same folder takes the finished fits instead of running them again
+    assert main(["--config", str(CPU_CONFIG), "--runs", "ewc", "--devices", "1", "2", "--out-dir", str(out)]) == 0
+    assert json.loads((out / "multigpu.json").read_text())["agreement"] == agreement
+    assert "finished earlier in" in capsys.readouterr().out
