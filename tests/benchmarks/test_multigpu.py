@@ -86,3 +86,9 @@ def test_two_cpu_processes_agree_with_one_and_the_report_is_written(tmp_path, ca
     assert main(["--config", str(CPU_CONFIG), "--runs", "ewc", "--devices", "1", "2", "--out-dir", str(out)]) == 0
     assert json.loads((out / "multigpu.json").read_text())["agreement"] == agreement
     assert "finished earlier in" in capsys.readouterr().out
+    # the seed-change noise of an earlier report stands in for the second seed's fit
+    again = tmp_path / "again"
+    assert main(["--config", str(CPU_CONFIG), "--runs", "ewc", "--devices", "1", "--parts", "agreement",
+                 "--seed-noise-from", str(out / "multigpu.json"), "--out-dir", str(again)]) == 0
+    assert json.loads((again / "multigpu.json").read_text())["agreement"][0]["seed_noise"] == two["seed_noise"]
+    assert not (again / "runs" / "agreement" / "ewc" / "devices1_seed1").exists()
