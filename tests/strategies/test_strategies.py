@@ -167,6 +167,27 @@ def test_ewc_fisher_per_mode_and_anchor_holds_weights(mode, expected_pairs, tmp_
     assert moves["ewc"] < 0.5 * moves["naive"], moves
 
 
+def test_ewc_penalty_and_its_gradient_are_the_textbook_sum(tmp_path):
+    strategy, benchmark = make(EWC, tmp_path, mode="separate", ewc_lambda=3.0)
+    module = strategy.module
+    named = dict(module.model.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    # two stored importances; the second anchored at the current weights (zero difference: no NaN gradient)
+    moved = {n: p.detach() + torch.randn(p.shape, generator=generator) for n, p in named.items()}
+    strategy.importances = [
+        (moved, {n: torch.rand(p.shape, generator=generator) for n, p in named.items()}),
+        ({n: p.detach().clone() for n, p in named.items()}, {n: torch.rand(p.shape, generator=generator) for n, p in named.items()}),
+    ]
+    penalty = strategy.penalty(module, {}, None)
+    gradients = torch.autograd.grad(penalty, list(named.values()))
+    expected = 3.0 * sum((fisher[n] * (p - anchors[n]) ** 2).sum() for anchors, fisher in strategy.importances
+                         for n, p in named.items())
+    expected_gradients = torch.autograd.grad(expected, list(named.values()))
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
+    for got, want in zip(gradients, expected_gradients):
+        assert torch.isfinite(got).all() and torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_ewc_rejects_unknown_mode(tmp_path):
     with pytest.raises(ValueError, match="unknown EWC mode 'offline'"):
         make(EWC, tmp_path, mode="offline")
