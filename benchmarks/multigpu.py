@@ -39,7 +39,6 @@ from typing import Any
 import yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "benchmarks" / "multigpu.yaml"
-NOISE_SEED = 1
 PARTS = ("agreement", "scaling")
 CONFIG_KEYS = {"global_train_mb_size", "scaling", "base", "runs"}
 SCALING_KEYS = {"per_device_train_mb_size", "overrides"}
@@ -81,7 +80,7 @@ def fit_config(config: dict[str, Any], run: str, devices: int, seed: int, accele
         fit, batch = copy.deepcopy(config["base"]), global_batch // devices
     elif part == "scaling":
         scaling = config["scaling"]
-        fit, batch = merged(config["base"], scaling.get("overrides", {})), scaling["per_device_train_mb_size"]
+        fit, batch = merged(config["base"], scaling.get("overrides") or {}), scaling["per_device_train_mb_size"]
     else:
         raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
     spec = config["runs"][run]
@@ -180,7 +179,7 @@ def measure_agreement(fits: Fits, run: str, devices: list[int],
     if known_noise is not None and run in known_noise:
         seed_noise = known_noise[run]
     else:
-        noise = fits(run, "agreement", 1, seed=NOISE_SEED)
+        noise = fits(run, "agreement", 1, seed=fits.base_seed + 1)
         seed_noise = largest_difference(noise["matrix"], results[1]["matrix"])
     rows = []
     for count, result in results.items():
@@ -191,14 +190,28 @@ def measure_agreement(fits: Fits, run: str, devices: list[int],
 
 
 def seed_noise_of(report_path: Path) -> dict[str, float]:
-    """run -> seed-change noise, from an earlier ``multigpu.json``."""
-    return {row["run"]: row["seed_noise"] for row in json.loads(report_path.read_text())["agreement"] if row["devices"] == 1}
+    """run -> seed-change noise, from an earlier ``multigpu.json``.
+
+    Raises:
+        ValueError: the file is not such a report.
+    """
+    try:
+        return {row["run"]: row["seed_noise"] for row in json.loads(report_path.read_text())["agreement"]
+                if row["devices"] == 1}
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{report_path} is not a multigpu.json report with agreement rows ({error!r})") from None
 
 
 def measure_scaling(fits: Fits, run: str, devices: list[int]) -> list[dict[str, Any]]:
     """Training tokens/s on every device count, the mini-batch of each device fixed."""
     results = {count: fits(run, "scaling", count) for count in devices}
     reference = results[1]["train_tokens_per_s"]
+    if reference is None:
+        raise RuntimeError(f"{run}: the one-device fit trained nothing, so there is no throughput to scale")
+    mixed = {count: result["device"] for count, result in results.items() if result["device"] != results[1]["device"]}
+    if mixed:  # a rerun into an --out-dir filled on another machine
+        raise RuntimeError(f"{run}: scaling compares fits on different devices ({results[1]['device']} against {mixed}); "
+                           "use a fresh --out-dir")
     per_device = fits.config["scaling"]["per_device_train_mb_size"]
     return [{"run": run, "devices": count, "per_device_train_mb_size": per_device,
              **{key: value for key, value in result.items() if key != "matrix"},
@@ -260,14 +273,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.seed_noise_from is not None and not args.seed_noise_from.is_file():
         parser.error(f"--seed-noise-from {args.seed_noise_from} does not exist")
-    known_noise = seed_noise_of(args.seed_noise_from) if args.seed_noise_from is not None else None
+    try:
+        known_noise = seed_noise_of(args.seed_noise_from) if args.seed_noise_from is not None else None
+    except ValueError as error:
+        parser.error(str(error))
     runs = args.runs or list(config["runs"])
     unknown = [run for run in runs if run not in config["runs"]]
     if unknown:
         parser.error(f"unknown runs {unknown}; the config has {', '.join(config['runs'])}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", "benchmarks/multigpu.py", *(argv if argv is not None else sys.argv[1:])])
-    report: dict[str, Any] = {"command": command, "seed_noise_from": known_noise, "scaling": [], "agreement": []}
+    noise_source = None if known_noise is None else {"file": str(args.seed_noise_from), "seed_noise": known_noise}
+    report: dict[str, Any] = {"command": command, "seed_noise_from": noise_source, "scaling": [], "agreement": []}
     fits = Fits(config, args.accelerator, args.out_dir)
     for run in runs:
         if "agreement" in args.parts:

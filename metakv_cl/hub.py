@@ -43,6 +43,7 @@ SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M"  # what the short alias "smollm2-135m" means on the hub
 CACHE_ENV = "METAKV_CL_CACHE"
 CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+CONVERSION_VERSION = 1  # part of the cache key: bump it when the conversion changes
 
 
 def _hub_name(name_or_path: str) -> str:
@@ -177,14 +178,17 @@ def converted_smollm2() -> Path | None:
         return None
     source = (Path(folder) / gguf_file).resolve()
     stat = source.stat()
-    key = hashlib.sha1(f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()
-    target = root / f"smollm2-135m-{key[:12]}"
-    if _is_converted(target):
-        return target
+    key = f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{CONVERSION_VERSION}"
+    target = root / f"smollm2-135m-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     scratch = None
     try:
+        if _is_converted(target):
+            return target
+        if target.exists():  # an incomplete folder (a file deleted by hand): convert afresh
+            shutil.rmtree(target)
         root.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(dir=root, prefix=".converting-"))
+        scratch.chmod(0o755)  # readable like any cache folder (mkdtemp makes it private)
         log.info("converting %s to %s (once)", source, target)
         _dequantized_copy(AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)).save_pretrained(scratch)
         AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(scratch)

@@ -36,16 +36,15 @@ class QuadraticPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors: list[torch.Tensor], fisher: list[torch.Tensor], *parameters: torch.Tensor) -> torch.Tensor:
         differences = torch._foreach_sub(list(parameters), anchors)
-        ctx.weighted = torch._foreach_mul(differences, fisher)  # F (theta - a): the gradient's half
+        ctx.save_for_backward(*torch._foreach_mul(differences, fisher))  # F (theta - a): the gradient's half
         # sum F d^2 as squared norms of sqrt(F) d: one reduction kernel per chunk of tensors
         norms = torch._foreach_norm(torch._foreach_mul(differences, torch._foreach_sqrt(fisher)))
-        return torch.stack(norms).square().sum()
+        return torch.stack(norms).float().square().sum()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        gradients = torch._foreach_mul(ctx.weighted, 2.0 * grad_output)
-        ctx.weighted = None
-        return (None, None, *gradients)
+        return (None, None, *torch._foreach_mul(list(ctx.saved_tensors), 2.0 * grad_output))
 
 
 class EWC(LightningCLStrategy):

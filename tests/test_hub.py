@@ -92,8 +92,10 @@ def test_conversion_is_written_once_and_then_reused(monkeypatch, tmp_path):
     assert folder.parent == tmp_path / "cache" and all((folder / name).is_file() for name in hub.CONVERTED_FILES)
     assert list((tmp_path / "cache").iterdir()) == [folder]  # no scratch folder left behind
     assert hub.converted_smollm2() == folder and fake.loads == 1
+    (folder / "tokenizer.json").unlink()  # an incomplete folder is converted afresh
+    assert hub.converted_smollm2() == folder and (folder / "tokenizer.json").is_file() and fake.loads == 2
     os.utime(tmp_path / "package" / hub.SMOLLM2_GGUF_FILE, ns=(0, 0))  # a changed GGUF converts again
-    assert hub.converted_smollm2() != folder and fake.loads == 2
+    assert hub.converted_smollm2() != folder and fake.loads == 3
 
 
 def test_a_conversion_finished_by_another_process_is_taken(monkeypatch, tmp_path):

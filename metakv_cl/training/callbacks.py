@@ -113,9 +113,10 @@ class AvalancheBridge(pl.Callback):
 class TrainingThroughput(pl.Callback):
     """Training tokens and training seconds of every fit it is put on, summed over the fits.
 
-    The clock runs from each training epoch's start to its last batch's end, with the device
-    synchronised at both (and nowhere in between, so steps still queue up on the device), so
-    validation inside a fit, checkpointing and the Trainer's set-up fall outside. Tokens are the
+    The clock runs while training batches run: it starts at a batch's start when stopped, and
+    stops at the epoch's last batch, before any validation inside the fit (also mid-epoch), and
+    at the end of an epoch or fit. The device is synchronised only there, so steps still queue
+    up on it; validation, checkpointing and the Trainer's set-up fall outside. Tokens are the
     batches' non-padding positions (``attention_mask``), counted on the device. Under DDP the
     tokens are summed over ranks and a fit lasts as long as its slowest rank, so
     :attr:`tokens_per_second` is the whole job's rate: N devices at full efficiency reach N times
@@ -130,8 +131,7 @@ class TrainingThroughput(pl.Callback):
         self.seconds = 0.0
         self._fit_tokens: torch.Tensor | int = 0
         self._fit_seconds = 0.0
-        self._epoch_start: float | None = None
-        self._epoch_end: float | None = None
+        self._running_since: float | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -144,30 +144,33 @@ class TrainingThroughput(pl.Callback):
             torch.cuda.synchronize(trainer.strategy.root_device)
         return time.perf_counter()
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_tokens, self._fit_seconds = 0, 0.0
+    def _stop_clock(self, trainer: pl.Trainer) -> None:
+        if self._running_since is not None:
+            self._fit_seconds += self._now(trainer) - self._running_since
+            self._running_since = None
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_start, self._epoch_end = self._now(trainer), None
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_tokens, self._fit_seconds, self._running_since = 0, 0.0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        if self._running_since is None:
+            self._running_since = self._now(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         mask = batch.get("attention_mask")
         self._fit_tokens = self._fit_tokens + (mask.sum() if mask is not None else batch["input_ids"].numel())
-        if batch_idx + 1 >= trainer.num_training_batches or trainer.should_stop:  # the epoch's last batch
-            self._epoch_end = self._now(trainer)
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.should_stop:
+            self._stop_clock(trainer)
 
-    def _close_epoch(self, trainer: pl.Trainer) -> None:
-        if self._epoch_start is not None:
-            # a fit stopped by a later callback ends here, after anything that ran since its last batch
-            end = self._epoch_end if self._epoch_end is not None else self._now(trainer)
-            self._fit_seconds += end - self._epoch_start
-        self._epoch_start = self._epoch_end = None
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._stop_clock(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close_epoch(trainer)
+        self._stop_clock(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close_epoch(trainer)  # a fit stopped inside an epoch
+        self._stop_clock(trainer)
 
         def over_ranks(value: torch.Tensor | float, reduce_op: str) -> float:
             local = torch.as_tensor(value, dtype=torch.float64, device=trainer.strategy.root_device)

@@ -1,6 +1,7 @@
 """Every strategy runs a toy stream end to end and does what makes it that strategy."""
 
 import math
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -122,6 +123,31 @@ def test_training_throughput_counts_every_trained_token_once_per_epoch(tmp_path)
     assert restored.report_extra()["train_tokens"] == tokens
 
 
+class SlowValidation(pl.Callback):
+    """Sleeps at every validation inside a fit, so a clock that counts it cannot miss it."""
+
+    SECONDS = 0.3
+
+    def __init__(self):
+        self.validations = 0
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if trainer.state.fn == "fit":
+            self.validations += 1
+            time.sleep(self.SECONDS)
+
+
+@pytest.mark.parametrize("val_check_interval", [1.0, 0.5])  # after each epoch; also mid-epoch
+def test_training_throughput_leaves_validation_inside_a_fit_out(val_check_interval, tmp_path):
+    slow = SlowValidation()
+    strategy, benchmark = make(MetaKVConsolidation, tmp_path, num_experiences=1, meta_kv=META_KV, callbacks=[slow],
+                               buffer_size=8, consolidation_epochs=2, validation_fraction=0.25, patience=5)
+    strategy.trainer_kwargs["val_check_interval"] = val_check_interval
+    run_stream(strategy, benchmark)
+    assert slow.validations >= 2 / val_check_interval
+    assert 0 < strategy.throughput.seconds < SlowValidation.SECONDS  # a few toy steps, no sleeping validation
+
+
 def test_plugin_can_stop_training(tmp_path):
     class StopAfterTwo:
         def __init__(self):
@@ -179,7 +205,8 @@ def test_ewc_penalty_and_its_gradient_are_the_textbook_sum(tmp_path):
         ({n: p.detach().clone() for n, p in named.items()}, {n: torch.rand(p.shape, generator=generator) for n, p in named.items()}),
     ]
     penalty = strategy.penalty(module, {}, None)
-    gradients = torch.autograd.grad(penalty, list(named.values()))
+    gradients = torch.autograd.grad(penalty, list(named.values()), retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(gradients, torch.autograd.grad(penalty, list(named.values()))))
     expected = 3.0 * sum((fisher[n] * (p - anchors[n]) ** 2).sum() for anchors, fisher in strategy.importances
                          for n, p in named.items())
     expected_gradients = torch.autograd.grad(expected, list(named.values()))
