@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import subprocess
@@ -278,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     runs = args.runs or list(config["runs"])
-    unknown = [run for run in runs if run not in config["runs"]]
-    if unknown:
-        parser.error(f"unknown runs {unknown}; the config has {', '.join(config['runs'])}")
+    try:  # an unknown run or a batch that does not split stops here, before any fit runs
+        for run, part, count in itertools.product(runs, args.parts, args.devices):
+            fit_config(config, run, count, 0, args.accelerator, args.out_dir, part)
+    except ValueError as error:
+        parser.error(str(error))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", "benchmarks/multigpu.py", *(argv if argv is not None else sys.argv[1:])])
     noise_source = None if known_noise is None else {"file": str(args.seed_noise_from), "seed_noise": known_noise}

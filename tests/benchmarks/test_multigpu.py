@@ -43,6 +43,16 @@ def test_scaling_fits_fix_the_batch_per_device_and_merge_their_overrides(tmp_pat
     assert fit["trainer"]["precision"] == "bf16-mixed"
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["--runs", "lwf"], "unknown run 'lwf'"),
+    (["--devices", "1", "3"], "does not split over 3 devices"),
+])
+def test_bad_runs_and_device_counts_stop_before_any_fit(arguments, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--config", str(CPU_CONFIG), *arguments, "--out-dir", str(tmp_path / "out")])
+    assert message in capsys.readouterr().err and not (tmp_path / "out" / "runs").exists()
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.pop("scaling"), "expected the keys"),
     (lambda c: c.update(typo=1), "expected the keys"),
