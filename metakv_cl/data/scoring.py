@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from metakv_cl.data.collate import IGNORE_INDEX
+from metakv_cl.transformers_api import output_cache, with_cache
 
 
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +86,7 @@ def rank_choices_with_shared_prompt(
 
     Args:
         forward: the causal LM; called with ``input_ids``, ``attention_mask`` and ``use_cache``,
-            then with ``past_key_values`` and ``position_ids``.
+            then with the cache (under its transformers name) and ``position_ids``.
         choice_input_ids: ``[B, C, L]`` prompt + candidate label tokens.
         choice_labels: ``[B, C, L]`` the candidate tokens, ``IGNORE_INDEX`` elsewhere.
         choice_attention_mask: ``[B, C, L]``.
@@ -122,7 +123,7 @@ def rank_choices_with_shared_prompt(
     positions = (prompt_lengths[:, None, None] + offsets).expand(batch, choices, label_width)
     label_mask = offsets < label_lengths[..., None]
     label_ids = choice_input_ids.gather(2, positions.clamp_max(length - 1)).masked_fill(~label_mask, 0)
-    cache = prompt_out.past_key_values
+    cache = output_cache(prompt_out)
     cache.batch_repeat_interleave(choices)
     rows = batch * choices
     continuation = forward(
@@ -132,8 +133,8 @@ def rank_choices_with_shared_prompt(
             dim=1,
         ),
         position_ids=positions.reshape(rows, label_width),
-        past_key_values=cache,
         use_cache=True,
+        **with_cache(forward, cache),
     )
     # candidate token j is predicted by the prompt's last position (j = 0) or by candidate token j - 1
     predicting = torch.cat(

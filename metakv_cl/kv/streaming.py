@@ -8,6 +8,7 @@ import torch
 
 from metakv_cl.kv.attention import enable_compacted_attention
 from metakv_cl.kv.cache import CompactedCache
+from metakv_cl.transformers_api import with_cache
 
 
 def _check_ids(input_ids: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,7 @@ def _refuses_probes(model: torch.nn.Module) -> None:
 @torch.no_grad()
 def _forward_chunk(model, cache: CompactedCache, chunk: torch.Tensor, keep_logits: int) -> torch.Tensor:
     positions = cache.position_ids(chunk.shape[1], chunk.shape[0], device=chunk.device)
-    output = model(input_ids=chunk, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=keep_logits)
+    output = model(input_ids=chunk, position_ids=positions, use_cache=True, logits_to_keep=keep_logits, **with_cache(model, cache))
     return output.logits
 
 
@@ -191,5 +192,5 @@ def generate(
     full_mask = torch.cat([attention_mask.new_ones(batch, held), attention_mask], dim=1)
     positions = cache.position_ids(length, attention_mask=attention_mask)
     return model.generate(
-        input_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, **generate_kwargs
+        input_ids, attention_mask=full_mask, position_ids=positions, **with_cache(model, cache), **generate_kwargs
     )

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import StaticCache
 
 from metakv_cl.modeling.meta_kv import get_meta_kv, has_meta_kv
+from metakv_cl.transformers_api import with_cache
 
 
 class GraphedDecoder:
@@ -80,6 +81,7 @@ class GraphedDecoder:
         # A captured graph reads the fused steps' packed weights and scratch: keep them alive with it.
         self.fused_steps = self.meta_kv.enable_fused_decoding() if fused_meta_kv else None
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.cache_argument = with_cache(model, self.cache)
         batch, device = batch_size, self.device
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -153,7 +155,7 @@ class GraphedDecoder:
         prompt = input_ids.shape[1]
         positions = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
         logits = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **self.cache_argument
         ).logits[:, -1]
         if self.meta_kv is not None:
             self.meta_kv.pin_running_state(self.cache)
@@ -178,7 +180,7 @@ class GraphedDecoder:
         """Decode one token from the static buffers and advance them."""
         self.mask.index_fill_(-1, self.slot, 0.0)  # the new token attends to itself
         logits = self.model(
-            input_ids=self.tokens, attention_mask=self.mask, position_ids=self.positions, past_key_values=self.cache, use_cache=True
+            input_ids=self.tokens, attention_mask=self.mask, position_ids=self.positions, use_cache=True, **self.cache_argument
         ).logits[:, -1]
         chosen = self._choose(logits)
         self.output.index_copy_(1, self.step_index, chosen)

@@ -26,6 +26,7 @@ from metakv_cl.modeling.adapters import find_attention_sites
 from metakv_cl.modeling.config import MetaKVConfig
 from metakv_cl.modeling.modulation import build_modulation, delta_weights
 from metakv_cl.modeling.sources import ConsolidatedMemory, build_dynamic_source
+from metakv_cl.transformers_api import cache_argument_name, passed_cache
 
 PARAMETER_GROUPS = ("all", "memory", "generator", "source")
 
@@ -252,11 +253,13 @@ class _AttentionHook:
 
     def __init__(self, meta_kv: MetaKV, index: int):
         self.meta_kv, self.index = meta_kv, index
-        self.signature = inspect.signature(meta_kv.sites[index].attention.forward)
+        forward = meta_kv.sites[index].attention.forward
+        cache_argument_name(forward)  # refuses, at hook time, an attention module that takes no cache
+        self.signature = inspect.signature(forward)
 
     def __call__(self, module, args, kwargs):
         hidden_states = args[0] if args else _argument(self.signature, args, kwargs, "hidden_states")
-        cache = _argument(self.signature, args, kwargs, "past_key_values")
+        cache = passed_cache(self.signature, args, kwargs)
         self.meta_kv.layer_forward(self.index, hidden_states, cache)
 
 

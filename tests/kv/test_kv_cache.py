@@ -15,18 +15,19 @@ from metakv_cl.kv import (
     enable_compacted_attention,
     stream_log_likelihood,
 )
+from metakv_cl.transformers_api import with_cache
 from metakv_cl.testing import tiny_gpt2, tiny_llama
 
 
 def stock_logits(model, context, continuation):
     cache = DynamicCache(config=model.config)
-    model(context, past_key_values=cache, use_cache=True)
-    return model(continuation, past_key_values=cache, use_cache=True).logits
+    model(context, **with_cache(model, cache), use_cache=True)
+    return model(continuation, **with_cache(model, cache), use_cache=True).logits
 
 
 def cache_logits(model, cache, continuation):
     positions = cache.position_ids(continuation.shape[1], continuation.shape[0])
-    return model(continuation, past_key_values=cache, position_ids=positions, use_cache=True).logits
+    return model(continuation, **with_cache(model, cache), position_ids=positions, use_cache=True).logits
 
 
 @torch.no_grad()
@@ -73,7 +74,7 @@ def test_bias_log_w_counts_an_entry_w_times_and_masked_bias_removes_it(architect
         chunked_prefill(model, cache, context)
         for layer, original in zip(cache.layers, source.layers):
             edit(layer, original.keys, original.values)
-        return model(continuation, past_key_values=cache, position_ids=positions, use_cache=True).logits
+        return model(continuation, **with_cache(model, cache), position_ids=positions, use_cache=True).logits
 
     def duplicated(layer, keys, values):
         layer.set_entries(torch.cat([keys, keys[:, :, 7:8]], dim=2), torch.cat([values, values[:, :, 7:8]], dim=2))
@@ -103,7 +104,7 @@ def test_captured_queries_are_the_scaled_post_rope_attention_queries(architectur
     context = token_ids(2, 12)
     cache = CompactedCache("attention_matching", 64, config=model.config)
     enable_compacted_attention(model)
-    output = model(context, past_key_values=cache, use_cache=True, output_attentions=True)
+    output = model(context, **with_cache(model, cache), use_cache=True, output_attentions=True)
     layer = cache.layers[1]
     keys, queries = layer.keys, layer.reference_queries  # queries [b, kv_heads, tokens * groups, d]
     batch, kv_heads, rows, _ = queries.shape
@@ -201,7 +202,7 @@ def test_padding_is_masked_in_the_bias_and_survives_compaction():
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     for start in range(0, 40, 8):  # the model sees the padding mask of each chunk
         model(ids[:, start : start + 8], attention_mask=mask[:, : start + 8], position_ids=positions[:, start : start + 8],
-              past_key_values=cache, use_cache=True)
+              **with_cache(model, cache), use_cache=True)
     layer = cache.layers[0]
     assert layer.compactions > 0
     assert torch.all(layer.bias[1, :, :4] == MASKED_BIAS)  # the sinks of row 1 are padding
@@ -226,9 +227,9 @@ def test_repeat_queries_add_reference_queries_without_changing_the_cache():
 def test_a_model_without_the_attention_wrapper_is_refused():
     model = tiny_gpt2()
     cache = CompactedCache("attention_matching", 32, config=model.config)
-    model(token_ids(1, 8), past_key_values=cache, use_cache=True)
+    model(token_ids(1, 8), **with_cache(model, cache), use_cache=True)
     with pytest.raises(RuntimeError, match="enable_compacted_attention"):
-        model(token_ids(1, 4), past_key_values=cache, use_cache=True)
+        model(token_ids(1, 4), **with_cache(model, cache), use_cache=True)
 
 
 def test_bad_cache_arguments_are_rejected():

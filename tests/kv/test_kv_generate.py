@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 from kv_helpers import METHODS, build, token_ids
 from metakv_cl.kv import CompactedCache, chunked_prefill, generate
+from metakv_cl.transformers_api import with_cache
 
 GREEDY = {"do_sample": False, "pad_token_id": 0}
 
@@ -61,7 +62,7 @@ def test_left_padded_prompts_decode_like_stock(architecture):
     mask[1, :3] = 0
     mask[2, :5] = 0
     prompt = prompt.masked_fill(mask == 0, 0)
-    stock = model.generate(prompt, attention_mask=mask, max_new_tokens=6, past_key_values=DynamicCache(config=model.config), **GREEDY)
+    stock = model.generate(prompt, attention_mask=mask, max_new_tokens=6, **with_cache(model, DynamicCache(config=model.config)), **GREEDY)
     cache = CompactedCache("sliding_window", 500, config=model.config)
     assert torch.equal(generate(model, cache, prompt, attention_mask=mask, max_new_tokens=6, **GREEDY), stock)
 

@@ -20,6 +20,7 @@ from metakv_cl.modeling import (
     remove_meta_kv,
     unmerge_meta_kv,
 )
+from metakv_cl.transformers_api import with_cache
 from metakv_cl.testing import VOCAB, left_padded_batch, randomize_meta_kv, tiny_gpt2, tiny_llama
 
 
@@ -49,12 +50,12 @@ def stepwise_logits(model, ids, mask, positions, prefill: int):
     cache = DynamicCache(config=model.config)
     chunks = [
         model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill],
-              past_key_values=cache, use_cache=True).logits
+              **with_cache(model, cache), use_cache=True).logits
     ]
     for t in range(prefill, ids.shape[1]):
         chunks.append(
             model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=positions[:, t : t + 1],
-                  past_key_values=cache, use_cache=True).logits
+                  **with_cache(model, cache), use_cache=True).logits
         )
     return torch.cat(chunks, dim=1)
 
