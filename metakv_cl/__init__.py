@@ -3,6 +3,7 @@
 from metakv_cl import _compat
 
 _compat.ensure_torchvision_ops()
+_compat.silence_dependency_notices()
 
 from metakv_cl.modeling import MetaKVConfig, add_meta_kv  # noqa: E402  (after the import fix)
 

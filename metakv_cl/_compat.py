@@ -1,5 +1,7 @@
 """Import-time fixes for the environments this project runs in.
 
+Two of them:
+
 PyPI's only torchvision that matches some CPU-only torch builds is a CUDA build. Its C
 extension then fails to load, and ``import torchvision`` dies in
 ``torchvision/_meta_registrations.py`` with ``operator torchvision::nms does not exist``,
@@ -12,6 +14,9 @@ the signatures torchvision's C++ code defines) before torchvision is imported, a
 when its extension cannot be loaded. On a working install (CPU or CUDA) the extension
 loads and nothing is declared. The ops stay unimplemented: calling them raises
 ``NotImplementedError`` from the dispatcher instead of crashing every import.
+
+:func:`silence_dependency_notices` filters the warnings that dependencies print on every run
+and that no user of this project can act on, so that a warning on screen means something.
 """
 
 from __future__ import annotations
@@ -20,8 +25,18 @@ import glob
 import importlib.util
 import os
 import sys
+import warnings
 
 import torch
+
+# (message regex, module regex) of notices that dependencies raise on every run:
+# - Avalanche imports its GEM plugin, whose qpsolvers import warns when no QP solver is
+#   installed; only GEM solves QPs, and no strategy of this project uses it.
+# - Lightning's pytree helpers still construct torch's deprecated LeafSpec on every batch.
+DEPENDENCY_NOTICES = (
+    ("no QP solver found", r"qpsolvers(\..*)?"),
+    (r".*isinstance\(treespec, LeafSpec\).*", ""),
+)
 
 # The schemas torchvision's csrc/ops/nms.cpp and quantized qnms define.
 TORCHVISION_NMS_SCHEMAS = (
@@ -85,3 +100,9 @@ def ensure_torchvision_ops(load_extension=None) -> bool:
         library.define(schema)
     _declared_library = library
     return True
+
+
+def silence_dependency_notices() -> None:
+    """Ignore :data:`DEPENDENCY_NOTICES` (each matched by message and issuing module only)."""
+    for message, module in DEPENDENCY_NOTICES:
+        warnings.filterwarnings("ignore", message=message, module=module)

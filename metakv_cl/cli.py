@@ -396,7 +396,6 @@ def _configure_output() -> None:
     """Keep the console readable: one Trainer per phase would repeat Lightning's notices."""
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=PossibleUserWarning)
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     # main() hands LightningCLI the arguments after the command name on purpose
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 

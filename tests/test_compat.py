@@ -1,7 +1,8 @@
-"""The torchvision-on-CPU-torch import fix and offline loading."""
+"""The torchvision-on-CPU-torch import fix, offline loading, and silenced dependency notices."""
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -60,3 +61,22 @@ def test_declared_ops_fail_clearly_when_called():
         pytest.skip("torchvision's own extension is loaded here")
     with pytest.raises(NotImplementedError):
         torch.ops.torchvision.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
+
+
+def test_help_and_the_stack_import_print_no_dependency_notice():
+    """A warning on screen must mean something: the QP-solver notice of Avalanche's GEM import is gone."""
+    code = "import metakv_cl.strategies; from metakv_cl.cli import main; main(['--help'])"
+    result = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: metakv-cl" in result.stdout
+    assert "QP solver" not in result.stderr and "LeafSpec" not in result.stderr, result.stderr
+
+
+def test_dependency_notices_are_silenced_only_for_their_own_module():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        _compat.silence_dependency_notices()
+        warnings.warn_explicit("no QP solver found on your system", UserWarning, "solvers.py", 1, module="qpsolvers.solvers")
+        warnings.warn_explicit("no QP solver found on your system", UserWarning, "mine.py", 1, module="my_project")
+    assert [str(w.message) for w in caught] == ["no QP solver found on your system"]
+    assert caught[0].filename == "mine.py"

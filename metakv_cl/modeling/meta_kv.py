@@ -98,6 +98,19 @@ class MetaKV(nn.Module):
         self._fused_steps: list | None = None
         self._hooks: list = []
 
+    def __getstate__(self):
+        # Running states belong to caches of this process: a pickled copy (ddp_spawn, a
+        # multiprocessing worker) starts with none, like a fresh model.
+        state = self.__dict__.copy()
+        del state["_states"], state["_pinned"]
+        state["_fused_steps"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._states = weakref.WeakKeyDictionary()
+        self._pinned = weakref.WeakKeyDictionary()
+
     def memory_for(self, layer: int) -> ConsolidatedMemory | None:
         if not self.config.uses_memory:
             return None

@@ -249,3 +249,23 @@ def test_recurrent_source_runs_in_float32_without_changing_its_weights():
     c.float().sum().backward()
     assert c.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 and p.grad is not None for p in source.gru.parameters())
+
+
+def test_a_pickled_meta_kv_model_is_its_own_working_copy(tiny_model_factory):
+    """ddp_spawn and multiprocessing workers pickle the model: the copy decodes on its own state."""
+    import pickle
+
+    model = tiny_model_factory()
+    add_meta_kv(model, MetaKVConfig(source="recurrent", rank=4, state_dim=16))
+    randomize_meta_kv(model)
+    ids, mask, positions = left_padded_batch()
+    stepwise_logits(model, ids, mask, positions, prefill=3)  # leaves running states in the original
+    copy_ = pickle.loads(pickle.dumps(model))
+    full = model(ids, attention_mask=mask, position_ids=positions).logits
+    copied = copy_(ids, attention_mask=mask, position_ids=positions).logits
+    assert torch.equal(full, copied)
+    step = stepwise_logits(copy_, ids, mask, positions, prefill=3)
+    assert ((full - step).abs() * mask[..., None]).max().item() <= 1e-4
+    randomize_meta_kv(copy_, seed=7)  # the copy's hooks drive the copy's parameters, not the original's
+    assert not torch.allclose(copy_(ids, attention_mask=mask, position_ids=positions).logits, copied)
+    assert torch.equal(model(ids, attention_mask=mask, position_ids=positions).logits, full)
