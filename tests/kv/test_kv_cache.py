@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kv_helpers import METHODS, TOKEN_METHODS, build, token_ids
+from kv_helpers import METHODS, TOKEN_METHODS, build, token_ids, with_meta_kv
 from metakv_cl.kv import (
     MASKED_BIAS,
     CompactedCache,
@@ -31,11 +31,14 @@ def cache_logits(model, cache, continuation):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("meta_kv", [False, True], ids=["plain", "meta_kv"])
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_at_full_budget_reproduces_the_full_cache(architecture, method):
+def test_every_method_at_full_budget_reproduces_the_full_cache(architecture, method, meta_kv):
     model = build(architecture)
+    if meta_kv:
+        with_meta_kv(model)  # the dynamic meta-state must carry over the compaction too
     context, continuation = token_ids(2, 40), token_ids(2, 6, seed=1)
-    reference = stock_logits(model, context, continuation)
+    reference = model(torch.cat([context, continuation], dim=1)).logits[:, 40:]  # one full forward
     cache = CompactedCache(method, None if method == "full" else 64, config=model.config)
     chunked_prefill(model, cache, context, chunk_size=16)
     cache.compact(1.0)  # the method itself runs, at a 100% budget

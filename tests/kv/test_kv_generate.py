@@ -4,24 +4,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kv_helpers import METHODS, build, token_ids
+from kv_helpers import METHODS, build, token_ids, with_meta_kv
 from metakv_cl.kv import CompactedCache, chunked_prefill, generate
 from metakv_cl.transformers_api import with_cache
 
 GREEDY = {"do_sample": False, "pad_token_id": 0}
-
-
-def with_meta_kv(model):
-    """Add a randomised (so far from the identity) dynamic Meta-KV to the model."""
-    modeling = pytest.importorskip("metakv_cl.modeling")
-    if not hasattr(modeling, "add_meta_kv"):
-        pytest.skip("metakv_cl.modeling.add_meta_kv does not exist yet")
-    modeling.add_meta_kv(model, modeling.MetaKVConfig(source="mean", rank=4, state_dim=16))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in modeling.meta_kv_parameters(model):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return model
 
 
 @pytest.mark.parametrize("meta_kv", [False, True], ids=["plain", "meta_kv"])
