@@ -198,7 +198,7 @@ def run_stream(
             ``last.ckpt`` files (starts from scratch when there is no state yet).
         keep_checkpoints: keep each finished experience's per-epoch checkpoints (by default
             they are deleted once the stream state covers the experience).
-        save_weights: write ``state.pt`` (weights and strategy state) after every experience;
+        save_weights: write the state file (weights and strategy state) after every experience;
             False keeps only the rows of R (a later ``resume`` then starts from the beginning).
         echo: called with one progress line per experience (rank 0 only); default: logging.
 

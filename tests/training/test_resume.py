@@ -78,6 +78,12 @@ def test_resume_after_kill_gives_the_same_report(case, tmp_path):
     assert flat(resumed.matrix) == pytest.approx(flat(expected.matrix), abs=1e-6)
     for figure in ("average", "forgetting", "bwt", "fwt"):
         assert resumed.summary[figure] == pytest.approx(expected.summary[figure], abs=1e-6)
+    # throughput counts every training token once: the finished epochs of the killed phase and
+    # of its finished phases come from their checkpoints, the rerun epoch is counted again
+    assert resumed.extra["train_tokens"] == expected.extra["train_tokens"] > 0
+    assert resumed.extra["train_tokens_per_s"] == pytest.approx(
+        resumed.extra["train_tokens"] / resumed.extra["train_seconds"]
+    )
     # finished experiences were not trained again; the killed phase redid only its last epoch
     trained_stages = {where.split("/")[0] for where, count in counter.batches.items() if count}
     assert all(int(stage.split("_")[1]) >= killed_stage for stage in trained_stages)
