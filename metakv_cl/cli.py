@@ -54,7 +54,7 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from metakv_cl.data.stream import LMBenchmark, TaskStream
 from metakv_cl.strategies import STRATEGIES, LightningCLStrategy
 from metakv_cl.training.module import ContinualLMModule
-from metakv_cl.runfolder import RunFolderError, check_settings, load_checkpoint, run_lock
+from metakv_cl.runfolder import RunFolderError, check_settings, load_checkpoint, run_lock, safe_checkpoint_loading
 from metakv_cl.training.passes import is_global_zero
 from metakv_cl.training.runner import (
     PRESENTATION_TRAINER_KEYS,
@@ -213,6 +213,17 @@ class ContinualCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads a --ckpt_path file's hyper-parameters into the config here (private API)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path == "last":
+            return  # the stream state, read by the subcommand
+        if ckpt_path and Path(ckpt_path).is_file():
+            load_checkpoint(ckpt_path)  # an unsafe or unreadable file fails here, in one line
+        with safe_checkpoint_loading():
+            super()._parse_ckpt_path()
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -99,6 +99,7 @@ class StreamState:
         self.save_weights = save_weights
 
     def exists(self) -> bool:
+        """Whether there is a state to resume from (a format-1 pickle counts: loading refuses it)."""
         return self.path.is_file() or (self.folder / _PICKLED_STATE).is_file()
 
     def save(self, strategy, benchmark: LMBenchmark, rows: list[list[float]], next_experience: int, wall_time_s: float,
@@ -142,8 +143,9 @@ class StreamState:
 
         Raises:
             FileNotFoundError: no state. ValueError: the state belongs to another stream or method.
+            RunFolderError: the state is a pickle, truncated or corrupt.
         """
-        if not self.exists():
+        if not self.path.is_file():
             pickled = self.folder / _PICKLED_STATE
             if pickled.is_file():
                 raise RunFolderError(

@@ -120,3 +120,79 @@ def test_a_finished_run_restores_weights_and_strategy_state(name, tmp_path):
         assert len(strategy.importances) == 2
     if name == "metakv":
         assert len(strategy.memory_history) == 2 and len(strategy.memory) == 8
+
+
+class Plant:
+    """Creates ``marker`` when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def kill_during_first_experience(root):
+    strategy, benchmark = start(Replay, root, [KillAt("exp_000", "train", epoch=1, batch=1)], buffer_size=8)
+    with pytest.raises(Killed):
+        run_stream(strategy, benchmark)
+    return root / "experiences" / "exp_000" / "train" / "last.ckpt"
+
+
+def test_a_truncated_last_ckpt_restarts_its_phase_with_a_warning(tmp_path, caplog):
+    strategy, benchmark = start(Replay, tmp_path / "uninterrupted", [], buffer_size=8)
+    expected = run_stream(strategy, benchmark)
+    last = kill_during_first_experience(tmp_path / "killed")
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # what a full disk leaves
+
+    counter = CountBatches()
+    strategy, benchmark = start(Replay, tmp_path / "killed", [counter], buffer_size=8)
+    resumed = run_stream(strategy, benchmark, resume=True)
+    assert f"{last} is unreadable" in caplog.text and "restarting phase 'train'" in caplog.text
+    batches_per_epoch = -(-len(benchmark.train_stream[0].dataset) // 8)
+    assert counter.batches["exp_000/train"] == 2 * batches_per_epoch  # both epochs again
+    assert resumed.matrix == expected.matrix
+    assert resumed.extra["train_tokens"] == expected.extra["train_tokens"]
+
+
+def test_a_planted_last_ckpt_is_refused_without_running(tmp_path):
+    from metakv_cl.runfolder import UnsafeCheckpointError
+
+    last = kill_during_first_experience(tmp_path)
+    marker = tmp_path / "pwned"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["callbacks"] = Plant(marker)
+    torch.save(checkpoint, last)
+    strategy, benchmark = start(Replay, tmp_path, [], buffer_size=8)
+    with pytest.raises(UnsafeCheckpointError, match=rf"{last} was refused"):
+        run_stream(strategy, benchmark, resume=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("planted", ["state.pt", "state.safetensors"])
+def test_a_planted_stream_state_is_refused_without_running(planted, tmp_path):
+    from metakv_cl.runfolder import RunFolderError
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "stream_state").mkdir()
+    path = tmp_path / "stream_state" / planted
+    torch.save({"format": 1, "evil": Plant(marker)}, path)
+    strategy, benchmark = start(Replay, tmp_path, [], buffer_size=8)
+    with pytest.raises(RunFolderError, match=rf"{path} (is a pickle stream state|is not a readable state file)"):
+        run_stream(strategy, benchmark, resume=True)
+    assert not marker.exists()
+
+
+def test_warm_up_weights_are_reused_only_with_the_same_settings(tmp_path):
+    def warmed(epochs):
+        torch.manual_seed(0)
+        benchmark, module = toy_setup(1, warmup_experiences=1)
+        warm_up(module, benchmark, root_dir=tmp_path, epochs=epochs, trainer_kwargs=toy_trainer_kwargs(tmp_path))
+        return {name: tensor.clone() for name, tensor in module.state_dict().items()}
+
+    one, two = warmed(1), warmed(2)
+    assert len(list((tmp_path / "warmup").iterdir())) == 2  # one cache per setting
+    assert any(not torch.equal(one[name], two[name]) for name in one)
+    again = warmed(1)
+    assert len(list((tmp_path / "warmup").iterdir())) == 2
+    assert all(torch.equal(one[name], again[name]) for name in one)
