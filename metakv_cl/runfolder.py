@@ -19,7 +19,7 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -60,13 +60,12 @@ def remove_tree(path: str | Path, root: str | Path) -> None:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(temporary)`` on a uniquely named file beside ``path``, then move it over ``path``.
 
-    A reader never sees a half-written file, and two writers never share a temporary file.
+    A reader never sees a half-written file, and two writers never share a temporary file. The
+    writer creates the file, so it gets the usual permissions (``mkstemp`` would make it private).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temporary = Path(name)
+    temporary = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
     try:
         write(temporary)
         os.replace(temporary, path)

@@ -15,6 +15,8 @@ import torch
 from metakv_cl.runfolder import (
     RunFolderError,
     UnsafeCheckpointError,
+    atomic_write,
+    atomic_write_text,
     check_folder_name,
     check_settings,
     load_checkpoint,
@@ -58,6 +60,23 @@ def test_state_file_round_trips_tensors_and_plain_values(tmp_path):
     assert loaded["rows"] == [[1.0, 2.5]] and loaded["nothing"].shape == (0,)
     assert loaded["looks_like_a_marker"] == {"__tensor__": "0"}
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # no temporary file left
+
+
+def test_an_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
+    path, reference = tmp_path / "report.json", tmp_path / "reference"
+    reference.write_text("x")
+    atomic_write_text("first", path)
+    assert path.read_text() == "first"
+    assert path.stat().st_mode == reference.stat().st_mode  # shared folders: not a private temp file's mode
+
+    def full_disk(temporary):
+        temporary.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(path, full_disk)
+    assert path.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reference", "report.json"]
 
 
 def test_state_file_names_what_it_cannot_store(tmp_path):
