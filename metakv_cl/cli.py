@@ -52,9 +52,9 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from metakv_cl.data.stream import LMBenchmark, TaskStream
+from metakv_cl.runfolder import RunFolderError, check_settings, load_checkpoint, run_lock, safe_checkpoint_loading
 from metakv_cl.strategies import STRATEGIES, LightningCLStrategy
 from metakv_cl.training.module import ContinualLMModule
-from metakv_cl.runfolder import RunFolderError, check_settings, load_checkpoint, run_lock, safe_checkpoint_loading
 from metakv_cl.training.passes import is_global_zero
 from metakv_cl.training.runner import (
     PRESENTATION_TRAINER_KEYS,

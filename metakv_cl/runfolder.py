@@ -311,7 +311,9 @@ def check_settings(root: str | Path, settings: dict[str, Any], resume: bool) -> 
         old, new = _flatten(recorded), _flatten(settings)
         differing = sorted(key for key in old.keys() | new.keys() if not _same(old.get(key), new.get(key)))
         if differing:
-            shown = "; ".join(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}" for key in differing[:8])
+            shown = "; ".join(
+                f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}" for key in differing[:8]
+            )
             more = f" (and {len(differing) - 8} more)" if len(differing) > 8 else ""
             raise RunFolderError(
                 f"--ckpt_path last: {root} was run with other settings ({shown}{more}); resume with the "

@@ -45,9 +45,6 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from metakv_cl.metrics import ContinualMatrixPluginMetric
-from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, TrainingThroughput, derived_seed, seed_all
-from metakv_cl.training.datamodule import EvaluationDataModule, TrainingDataModule, ValidatedTrainingDataModule
-from metakv_cl.training.module import ContinualLMModule
 from metakv_cl.runfolder import (
     RunFolderError,
     UnsafeCheckpointError,
@@ -55,6 +52,9 @@ from metakv_cl.runfolder import (
     load_checkpoint,
     safe_checkpoint_loading,
 )
+from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, TrainingThroughput, derived_seed, seed_all
+from metakv_cl.training.datamodule import EvaluationDataModule, TrainingDataModule, ValidatedTrainingDataModule
+from metakv_cl.training.module import ContinualLMModule
 
 _log = logging.getLogger(__name__)
 

@@ -37,12 +37,12 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping
 
 from metakv_cl.modeling import get_meta_kv, meta_kv_parameters
+from metakv_cl.runfolder import atomic_torch_save
 from metakv_cl.strategies.base import LightningCLStrategy
 from metakv_cl.strategies.lora import add_lora_adapter, make_lora_config, remove_lora
 from metakv_cl.strategies.replay import ReplayMemory
 from metakv_cl.training.callbacks import BestWeights, derived_seed
 from metakv_cl.training.distillation import ParameterSnapshot, prediction_mask, token_kl
-from metakv_cl.runfolder import atomic_torch_save
 from metakv_cl.training.passes import is_global_zero
 
 CONSOLIDATION_MODES = ("distill", "replay")

@@ -349,14 +349,16 @@ def _warm_up_key(module, benchmark: LMBenchmark, epochs: int, trainer_kwargs: di
                  train_mb_size: int, seed: int) -> str:
     trainer = {key: value for key, value in (trainer_kwargs or {}).items() if key not in PRESENTATION_TRAINER_KEYS}
     callbacks = trainer.pop("callbacks", None) or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    optimizer = ("lr", "weight_decay", "betas", "lr_schedule", "warmup_steps")
     settings = {
         "stream": benchmark.fingerprint(),
         "epochs": epochs,
         "train_mb_size": train_mb_size,
         "seed": seed,
         "trainer": trainer,
-        "callbacks": [type(callback).__qualname__ for callback in (callbacks if isinstance(callbacks, list) else [callbacks])],
-        "optimizer": [getattr(module, name, None) for name in ("lr", "weight_decay", "betas", "lr_schedule", "warmup_steps")],
+        "callbacks": [type(callback).__qualname__ for callback in callbacks],  # instances have no stable repr
+        "optimizer": [getattr(module, name, None) for name in optimizer],
     }
     return settings_key(settings, module.state_dict())
 
