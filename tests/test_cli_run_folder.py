@@ -22,16 +22,6 @@ def _one_torch_thread():
         yield
 
 
-class Plant:
-    """Creates ``marker`` when unpickled."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def write(tmp_path, config, name="config.yaml"):
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
@@ -93,18 +83,18 @@ def test_a_second_run_in_a_busy_folder_is_refused(tmp_path, capsys):
     assert not (root / "config.yaml").exists()
 
 
-def test_validate_refuses_planted_files_without_running_them(tmp_path, capsys):
+def test_validate_refuses_planted_files_without_running_them(tmp_path, capsys, planted):
+    payload, marker = planted
     root = tmp_path / "run"
     path = write(tmp_path, toy_config(root))
-    marker = tmp_path / "pwned"
-    planted = tmp_path / "model.ckpt"
-    torch.save({"state_dict": Plant(marker)}, planted)
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"state_dict": payload}, checkpoint)
     with pytest.raises(SystemExit) as exit_info:
-        main(["validate", "--config", path, "--ckpt_path", str(planted)])
+        main(["validate", "--config", path, "--ckpt_path", str(checkpoint)])
     assert exit_info.value.code == 1
-    assert f"{planted} was refused" in capsys.readouterr().err
+    assert f"{checkpoint} was refused" in capsys.readouterr().err
     (root / "stream_state").mkdir(parents=True)
-    torch.save({"format": 1, "evil": Plant(marker)}, root / "stream_state" / "state.pt")
+    torch.save({"format": 1, "evil": payload}, root / "stream_state" / "state.pt")
     with pytest.raises(SystemExit):
         main(["validate", "--config", path, "--ckpt_path", "last"])
     assert "state.pt is a pickle stream state" in capsys.readouterr().err

@@ -27,16 +27,6 @@ from metakv_cl.runfolder import (
 )
 
 
-class Plant:
-    """A pickle that creates ``marker`` when unpickled (what a planted file could do instead)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def test_state_file_round_trips_tensors_and_plain_values(tmp_path):
     weight = torch.randn(4, 3)
     state = {
@@ -79,16 +69,16 @@ def test_an_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reference", "report.json"]
 
 
-def test_state_file_names_what_it_cannot_store(tmp_path):
-    with pytest.raises(TypeError, match=r"state\.strategy\.memory is a Plant"):
-        save_state_file({"strategy": {"memory": Plant(tmp_path / "x")}}, tmp_path / "s.safetensors")
+def test_state_file_names_what_it_cannot_store(tmp_path, planted):
+    with pytest.raises(TypeError, match=r"state\.strategy\.memory is a PlantedPickle"):
+        save_state_file({"strategy": {"memory": planted[0]}}, tmp_path / "s.safetensors")
     assert not (tmp_path / "s.safetensors").exists()
 
 
-def test_a_pickle_or_truncated_file_is_not_a_state_file(tmp_path):
-    marker = tmp_path / "pwned"
+def test_a_pickle_or_truncated_file_is_not_a_state_file(tmp_path, planted):
+    payload, marker = planted
     path = tmp_path / "state.safetensors"
-    torch.save({"format": 2, "evil": Plant(marker)}, path)
+    torch.save({"format": 2, "evil": payload}, path)
     with pytest.raises(RunFolderError, match=r"state\.safetensors is not a readable state file"):
         load_state_file(path)
     assert not marker.exists()
@@ -98,13 +88,15 @@ def test_a_pickle_or_truncated_file_is_not_a_state_file(tmp_path):
         load_state_file(path)
 
 
-def test_a_checkpoint_with_objects_is_refused_without_running_them(tmp_path):
-    marker = tmp_path / "pwned"
+def test_a_checkpoint_with_objects_is_refused_without_running_them(tmp_path, planted):
+    payload, marker = planted
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": Plant(marker)}, path)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": payload}, path)
     with pytest.raises(UnsafeCheckpointError, match=r"evil\.ckpt was refused: .*GLOBAL io\.open"):
         load_checkpoint(path)
     assert not marker.exists()
+    torch.load(path, weights_only=False)  # what loading used to do: the payload is live
+    assert marker.exists()
 
 
 def test_a_meta_kv_module_checkpoint_loads(tmp_path):

@@ -122,16 +122,6 @@ def test_a_finished_run_restores_weights_and_strategy_state(name, tmp_path):
         assert len(strategy.memory_history) == 2 and len(strategy.memory) == 8
 
 
-class Plant:
-    """Creates ``marker`` when unpickled."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def kill_during_first_experience(root):
     strategy, benchmark = start(Replay, root, [KillAt("exp_000", "train", epoch=1, batch=1)], buffer_size=8)
     with pytest.raises(Killed):
@@ -155,13 +145,13 @@ def test_a_truncated_last_ckpt_restarts_its_phase_with_a_warning(tmp_path, caplo
     assert resumed.extra["train_tokens"] == expected.extra["train_tokens"]
 
 
-def test_a_planted_last_ckpt_is_refused_without_running(tmp_path):
+def test_a_planted_last_ckpt_is_refused_without_running(tmp_path, planted):
     from metakv_cl.runfolder import UnsafeCheckpointError
 
+    payload, marker = planted
     last = kill_during_first_experience(tmp_path)
-    marker = tmp_path / "pwned"
     checkpoint = torch.load(last, weights_only=True)
-    checkpoint["callbacks"] = Plant(marker)
+    checkpoint["callbacks"] = payload
     torch.save(checkpoint, last)
     strategy, benchmark = start(Replay, tmp_path, [], buffer_size=8)
     with pytest.raises(UnsafeCheckpointError, match=rf"{last} was refused"):
@@ -169,14 +159,14 @@ def test_a_planted_last_ckpt_is_refused_without_running(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("planted", ["state.pt", "state.safetensors"])
-def test_a_planted_stream_state_is_refused_without_running(planted, tmp_path):
+@pytest.mark.parametrize("name", ["state.pt", "state.safetensors"])
+def test_a_planted_stream_state_is_refused_without_running(name, tmp_path, planted):
     from metakv_cl.runfolder import RunFolderError
 
-    marker = tmp_path / "pwned"
+    payload, marker = planted
     (tmp_path / "stream_state").mkdir()
-    path = tmp_path / "stream_state" / planted
-    torch.save({"format": 1, "evil": Plant(marker)}, path)
+    path = tmp_path / "stream_state" / name
+    torch.save({"format": 1, "evil": payload}, path)
     strategy, benchmark = start(Replay, tmp_path, [], buffer_size=8)
     with pytest.raises(RunFolderError, match=rf"{path} (is a pickle stream state|is not a readable state file)"):
         run_stream(strategy, benchmark, resume=True)
