@@ -91,6 +91,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from metakv_cl.report import MethodResult, write_seed_report  # noqa: E402
+from metakv_cl.runfolder import atomic_write_text  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the suite config
@@ -356,11 +357,7 @@ class Workbench:
             "estimated_s": estimated_s,
             "cell_wall_time_s": time.perf_counter() - started,
         })
-        path = cell.result_path(self.runs_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(result.to_json(), indent=1))
-        os.replace(temporary, path)
+        atomic_write_text(json.dumps(result.to_json(), indent=1), cell.result_path(self.runs_dir))
         return result
 
 
@@ -652,9 +649,7 @@ def run_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         record["cells_planned"] = len(plan)
         record["cells_done_before"] = sum(entry["done"] for entry in plan)
         (call_dir / "call.json").write_text(json.dumps(record, indent=2))
-        temporary = call_dir / (PLAN_FILE + ".tmp")
-        temporary.write_text(json.dumps(plan, indent=1))
-        os.replace(temporary, call_dir / PLAN_FILE)
+        atomic_write_text(json.dumps(plan, indent=1), call_dir / PLAN_FILE)
         rest = total_seconds((_estimate(e) for e in plan if not e["done"]), args.workers)
         print(f"[cl_suite] call {call_id}: {len(plan)} cells ({record['cells_done_before']} done before), "
               f"{args.workers} workers, budget {args.time_budget:.0f}s; estimate for the rest {rest:.0f}s", flush=True)

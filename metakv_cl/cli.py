@@ -17,8 +17,15 @@ Trainer arguments, used for every fit of the stream; ``max_epochs`` = epochs per
 :class:`~metakv_cl.strategies.base.LightningCLStrategy`) and ``seed_everything``. ``fit`` runs
 the whole stream, prints the table and writes ``report.{json,md}`` and plots;
 ``--ckpt_path last`` resumes an interrupted run from ``<default_root_dir>/stream_state`` and the
-interrupted experience's ``last.ckpt``. ``validate``/``test`` score every experience of the
-stream with the model of a finished run (``--ckpt_path last``) or of a Lightning checkpoint.
+interrupted experience's ``last.ckpt``; it is refused when a setting that changes results
+(model, data, strategy, Trainer, seed) differs from the run's, recorded in
+``<default_root_dir>/settings.json``. ``validate``/``test`` score every experience of the
+stream with the model of a finished run (``--ckpt_path last``) or of a Lightning checkpoint
+(loaded without running code from it: tensors and plain values only).
+
+One live ``fit``/``compare`` at a time per ``default_root_dir`` (``<default_root_dir>/.lock``).
+SIGTERM or Ctrl-C stops a run with "interrupted; resume with --ckpt_path last" and exit status
+143 / 130; finished experiences and the last finished epoch are kept.
 
 ``compare`` takes the same config with ``strategies:`` (a list of ``class_path``/``init_args``)
 instead of ``strategy:``, plus optional ``strategy_defaults:`` (init arguments given to every
@@ -28,8 +35,10 @@ the side-by-side report goes to ``default_root_dir``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -39,16 +48,30 @@ from typing import Any, Sequence
 import metakv_cl  # noqa: F401  (torchvision import fix before Lightning/avalanche load)
 from jsonargparse import ArgumentParser, Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from metakv_cl.data.stream import LMBenchmark, TaskStream
+from metakv_cl.runfolder import RunFolderError, check_settings, load_checkpoint, run_lock, safe_checkpoint_loading
 from metakv_cl.strategies import STRATEGIES, LightningCLStrategy
 from metakv_cl.training.module import ContinualLMModule
 from metakv_cl.training.passes import is_global_zero
-from metakv_cl.training.runner import StreamState, compare, finish_report, run_stream, warm_up
+from metakv_cl.training.runner import (
+    PRESENTATION_TRAINER_KEYS,
+    StreamState,
+    compare,
+    finish_report,
+    run_stream,
+    warm_up,
+)
 
 # Strategy arguments the CLI supplies itself (never read from the config).
 RUNTIME_ARGUMENTS = {"module", "trainer_kwargs", "plugins", "evaluator", "root_dir", "seed"}
+
+# Top-level settings that do not change what a run computes; every other one is fingerprinted.
+UNFINGERPRINTED_SETTINGS = ("config", "ckpt_path", "keep_checkpoints", "torch_num_threads")
+
+INTERRUPTED_MESSAGE = "interrupted; resume with --ckpt_path last"
 
 USAGE = """usage: metakv-cl COMMAND [options]
 
@@ -191,6 +214,17 @@ class ContinualCLI(LightningCLI):
             **kwargs,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads a --ckpt_path file's hyper-parameters into the config here (private API)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path == "last":
+            return  # the stream state, read by the subcommand
+        if ckpt_path and Path(ckpt_path).is_file():
+            load_checkpoint(ckpt_path)  # an unsafe or unreadable file fails here, in one line
+        with safe_checkpoint_loading():
+            super()._parse_ckpt_path()
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # predict has no meaning for a stream; fit/validate/test keep Lightning's arguments
@@ -246,8 +280,21 @@ class ContinualCLI(LightningCLI):
         seed = self._setting("seed_everything", 0)
         return 0 if seed is False else int(seed)
 
+    def result_settings(self) -> dict[str, Any]:
+        """The config without the settings that only change how or where a run is shown or saved."""
+        config = _as_plain(self.config[self.subcommand] if self.subcommand else self.config)
+        settings = {key: value for key, value in config.items() if key not in UNFINGERPRINTED_SETTINGS}
+        trainer = _as_plain(settings.get("trainer")) or {}
+        settings["trainer"] = {key: value for key, value in trainer.items() if key not in PRESENTATION_TRAINER_KEYS}
+        return settings
+
+    def run_lock(self):
+        """The run folder's lock (rank 0 takes it: the other ranks are this run's own processes)."""
+        return run_lock(self.root_dir()) if is_global_zero() else contextlib.nullcontext()
+
     def prepare(self, module: ContinualLMModule, stream: TaskStream, resume: bool) -> LMBenchmark:
-        """Build the benchmark, check vocabulary sizes, save the config, run the warm-up."""
+        """Build the benchmark, check vocabulary sizes and (on resume) the settings, save the
+        config and the settings, run the warm-up."""
         benchmark = stream.build(module.max_positions)
         tokenizer_size = len(stream.tokenizer())
         if module.vocab_size is not None and tokenizer_size > module.vocab_size:
@@ -258,6 +305,7 @@ class ContinualCLI(LightningCLI):
         root = self.root_dir()
         if is_global_zero():
             root.mkdir(parents=True, exist_ok=True)
+            check_settings(root, self.result_settings(), resume)  # first: a refused resume keeps config.yaml
             parser = self._parser(self.subcommand)
             config = self.config[self.subcommand] if self.subcommand else self.config
             parser.save(config, root / "config.yaml", overwrite=True, multifile=False)
@@ -288,16 +336,17 @@ class ContinualCLI(LightningCLI):
         """Run the whole stream with the configured strategy; print the table, write the report."""
         resume = _resume_requested(ckpt_path, "fit")
         started = time.perf_counter()
-        benchmark = self.prepare(model, datamodule, resume)
-        result = run_stream(
-            self.strategy(model),
-            benchmark,
-            root_dir=self.root_dir(),
-            resume=resume,
-            keep_checkpoints=self._setting("keep_checkpoints", False),
-            echo=print,
-        )
-        finish_report([result], self.root_dir())
+        with self.run_lock():
+            benchmark = self.prepare(model, datamodule, resume)
+            result = run_stream(
+                self.strategy(model),
+                benchmark,
+                root_dir=self.root_dir(),
+                resume=resume,
+                keep_checkpoints=self._setting("keep_checkpoints", False),
+                echo=print,
+            )
+            finish_report([result], self.root_dir())
         if is_global_zero():
             print(f"total wall time: {time.perf_counter() - started:.1f}s")
 
@@ -317,11 +366,9 @@ class ContinualCLI(LightningCLI):
         if ckpt_path == "last":
             StreamState(self.root_dir()).load(strategy, benchmark)
         elif ckpt_path is not None:
-            import torch
-
             if not Path(ckpt_path).is_file():
                 raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            checkpoint = load_checkpoint(ckpt_path)
             module.load_state_dict(checkpoint.get("state_dict", checkpoint))
         strategy.eval(benchmark.test_stream)
         if is_global_zero():
@@ -359,7 +406,6 @@ class CompareCLI(ContinualCLI):
         resume = _resume_requested(self._setting("ckpt_path"), "compare")
         started = time.perf_counter()
         module, stream = self.model, self.datamodule
-        benchmark = self.prepare(module, stream, resume)
         entries = self._setting("strategies")
         if not entries:
             raise ValueError("compare: `strategies` is empty; list at least one strategy")
@@ -368,16 +414,18 @@ class CompareCLI(ContinualCLI):
             _factory(entry, defaults, self.trainer_kwargs(), self.seed(), f"strategies[{index}]")
             for index, entry in enumerate(entries)
         ]
-        results = compare(
-            factories,
-            module,
-            benchmark,
-            root_dir=self.root_dir(),
-            resume=resume,
-            keep_checkpoints=self._setting("keep_checkpoints", False),
-            echo=print,
-        )
-        finish_report(results, self.root_dir())
+        with self.run_lock():
+            benchmark = self.prepare(module, stream, resume)
+            results = compare(
+                factories,
+                module,
+                benchmark,
+                root_dir=self.root_dir(),
+                resume=resume,
+                keep_checkpoints=self._setting("keep_checkpoints", False),
+                echo=print,
+            )
+            finish_report(results, self.root_dir())
         if is_global_zero():
             print(f"total wall time: {time.perf_counter() - started:.1f}s")
         return results
@@ -400,6 +448,32 @@ def _configure_output() -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (a BaseException, so no ``except Exception`` on the way stops it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_status = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Turn SIGINT and SIGTERM into :class:`Interrupted` inside the block (main thread only).
+
+    Lightning's own handling would end a fit with status 1 (Ctrl-C) or 0 (SIGTERM) and no word;
+    its SIGTERM handler still runs first (it stops DDP workers) and then calls this one.
+    """
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int | None:
     """Entry point of the ``metakv-cl`` console script.
 
@@ -409,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     Returns:
         The exit status of ``kv-eval``/``niah`` (None for the other commands, which raise on
         failure). From Python, ``CompareCLI(args=[...]).run()`` returns the results.
+
+    Raises:
+        SystemExit: 130 / 143 after SIGINT / SIGTERM (with :data:`INTERRUPTED_MESSAGE` on
+            stderr); 1 when the run folder is busy, unreadable or holds other settings.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -422,15 +500,26 @@ def main(argv: Sequence[str] | None = None) -> int | None:
             raise SystemExit(f"metakv-cl {command}: the KV-cache evaluation module is unavailable ({error})") from None
         status = evaluate.main(rest) if command == "kv-eval" else evaluate.niah_main(rest)
         return status if isinstance(status, int) else None
+    if command != "compare" and command not in ContinualCLI.subcommands():
+        print(f"metakv-cl: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
     _configure_output()
-    if command == "compare":
-        CompareCLI(args=rest).run()
-        return None
-    if command in ContinualCLI.subcommands():
-        ContinualCLI(args=argv)
-        return None
-    print(f"metakv-cl: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    raise SystemExit(2)
+    try:
+        with _stop_on_signals():
+            if command == "compare":
+                CompareCLI(args=rest).run()
+            else:
+                ContinualCLI(args=argv)
+    except Interrupted as interrupted:
+        print(INTERRUPTED_MESSAGE, file=sys.stderr)
+        raise SystemExit(interrupted.exit_status) from None
+    except SIGTERMException:  # Lightning's own stop after a SIGTERM that reached only its handler
+        print(INTERRUPTED_MESSAGE, file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except RunFolderError as error:
+        print(f"metakv-cl {command}: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return None
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from metakv_cl.metrics import SUMMARY_FIGURES, continual_summary
+from metakv_cl.runfolder import atomic_write_text
 
 __all__ = [
     "SCORE_NAMES",
@@ -387,7 +388,7 @@ def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[s
         "plots": {key: path.name for key, path in paths.items()},
     }
     paths["json"] = out / "report.json"
-    paths["json"].write_text(json.dumps(report, indent=2))
+    atomic_write_text(json.dumps(report, indent=2), paths["json"])
 
     sections = ["# Continual-learning report", "", format_table(results), "", SIGN_CONVENTIONS, "",
                 f"![forgetting per method]({paths['forgetting_plot'].name})", ""]
@@ -395,7 +396,7 @@ def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[s
         sections += [f"## {result.method}", "", _matrix_markdown(result), "",
                      f"![R heatmap]({paths[f'heatmap:{result.method}'].name})", ""]
     paths["markdown"] = out / "report.md"
-    paths["markdown"].write_text("\n".join(sections))
+    atomic_write_text("\n".join(sections), paths["markdown"])
     return paths
 
 
@@ -598,7 +599,7 @@ def write_seed_report(
     paths["forgetting_plot"] = plot_forgetting(means, out / "forgetting.png")
 
     paths["json"] = out / "results.json"
-    paths["json"].write_text(json.dumps(_json_safe({
+    atomic_write_text(json.dumps(_json_safe({
         "title": title,
         "header": header,
         "sign_conventions": SIGN_CONVENTIONS,
@@ -606,7 +607,7 @@ def write_seed_report(
         "mean_matrices": {result.method: result.matrix for result in means},
         "runs": [[result.to_json() for result in seed_results] for seed_results in results_by_seed],
         "plots": {key: path.name for key, path in paths.items() if key != "json"},
-    }), indent=2))
+    }), indent=2), paths["json"])
 
     sections = [f"# {title}", ""]
     sections += [f"- **{key}**: {value}" for key, value in header.items()]
@@ -619,5 +620,5 @@ def write_seed_report(
         sections += [f"## {result.method}: R averaged over {result.extra['seeds']} seed(s)", "",
                      _matrix_markdown(result), "", f"![R heatmap]({paths[f'heatmap:{result.method}'].name})", ""]
     paths["markdown"] = out / "README.md"
-    paths["markdown"].write_text("\n".join(sections))
+    atomic_write_text("\n".join(sections), paths["markdown"])
     return paths

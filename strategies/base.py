@@ -45,9 +45,18 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from metakv_cl.metrics import ContinualMatrixPluginMetric
+from metakv_cl.runfolder import (
+    RunFolderError,
+    UnsafeCheckpointError,
+    check_folder_name,
+    load_checkpoint,
+    safe_checkpoint_loading,
+)
 from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, TrainingThroughput, derived_seed, seed_all
 from metakv_cl.training.datamodule import EvaluationDataModule, TrainingDataModule, ValidatedTrainingDataModule
 from metakv_cl.training.module import ContinualLMModule
+
+_log = logging.getLogger(__name__)
 
 # Lightning's informational messages (device summary, "fit stopped", tips) go through this
 # logger; a stream builds one Trainer per phase, so they are silenced unless verbose.
@@ -87,7 +96,9 @@ class LightningCLStrategy(BaseTemplate):
             :class:`~metakv_cl.metrics.ContinualMatrixPluginMetric` and no loggers.
         seed: seed of shuffling and of every batch's random numbers.
         num_workers: DataLoader workers.
-        name: method name in reports (default: the strategy's own, e.g. ``"ewc-online"``).
+        name: method name in reports and folder name of its logs and of its run in a comparison
+            (default: the strategy's own, e.g. ``"ewc-online"``): letters, digits, ``.``, ``_``,
+            ``+`` and ``-``.
         root_dir: run folder (overrides ``trainer_kwargs["default_root_dir"]``).
         verbose: show Lightning's informational messages for every fit (off: one Trainer per
             phase would repeat them).
@@ -114,6 +125,8 @@ class LightningCLStrategy(BaseTemplate):
     ):
         if not isinstance(module, ContinualLMModule):
             raise TypeError(f"module must be a ContinualLMModule, got {type(module).__name__}")
+        if name is not None:
+            check_folder_name(name, "strategy name")
         super().__init__(model=module, device="cpu", plugins=plugins)
         kwargs = dict(trainer_kwargs or {})
         self.root_dir = Path(root_dir or kwargs.get("default_root_dir") or "metakv_runs")
@@ -335,16 +348,33 @@ class LightningCLStrategy(BaseTemplate):
             datamodule = TrainingDataModule(dataset, **loading)
         else:
             datamodule = ValidatedTrainingDataModule(dataset, validation, **loading)
-        last = phase_dir / "last.ckpt"
-        ckpt_path = str(last) if self.resume_phases and last.is_file() else None
+        ckpt_path = self._resumable_checkpoint(phase_dir / "last.ckpt", phase) if self.resume_phases else None
         self.module.train()  # Lightning keeps the mode it finds; models load in eval mode
-        with quiet_lightning(not self.verbose), warnings.catch_warnings():
+        with quiet_lightning(not self.verbose), warnings.catch_warnings(), safe_checkpoint_loading():
             # training-only fits: the module's validation_step serves strategy.eval
             warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
             # the phase folder holds this phase's own last.ckpt when resuming
             warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-            trainer.fit(self.module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(self.module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         return trainer
+
+    def _resumable_checkpoint(self, path: Path, phase: str) -> str | None:
+        """``path`` if it holds a checkpoint to resume ``phase`` from, else None.
+
+        A truncated or corrupt file (a full disk, a kill while it was written) is skipped with a
+        warning: the phase restarts from the weights it would have started from. One holding
+        objects that loading would have to run is refused (:class:`UnsafeCheckpointError`).
+        """
+        if not path.is_file():
+            return None
+        try:
+            load_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
+        except RunFolderError as error:
+            _log.warning(f"{error}; restarting phase {phase!r} of {self.experience_label()} from its start")
+            return None
+        return str(path)
 
     # ------------------------------------------------------------------ evaluation
 

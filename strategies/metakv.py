@@ -37,6 +37,7 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping
 
 from metakv_cl.modeling import get_meta_kv, meta_kv_parameters
+from metakv_cl.runfolder import atomic_torch_save
 from metakv_cl.strategies.base import LightningCLStrategy
 from metakv_cl.strategies.lora import add_lora_adapter, make_lora_config, remove_lora
 from metakv_cl.strategies.replay import ReplayMemory
@@ -233,8 +234,7 @@ class MetaKVConsolidation(LightningCLStrategy):
         self.memory.update(self, self.experience)
         self.memory_history.append(self.memory_state())
         if is_global_zero():
-            self.root_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(
+            atomic_torch_save(
                 {"initial": self.initial_memory, "after_experience": self.memory_history},
                 Path(self.root_dir) / "memory_history.pt",
             )
@@ -254,13 +254,13 @@ class MetaKVConsolidation(LightningCLStrategy):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(memory=self.memory, initial_memory=self.initial_memory, memory_history=self.memory_history,
-                     consolidation_epochs_used=self.consolidation_epochs_used)
+        state.update(memory=self.memory.state_dict(), initial_memory=self.initial_memory,
+                     memory_history=self.memory_history, consolidation_epochs_used=self.consolidation_epochs_used)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.memory = state["memory"]
+        self.memory.load_state_dict(state["memory"])
         self.initial_memory = state["initial_memory"]
         self.memory_history = list(state["memory_history"])
         self.consolidation_epochs_used = list(state.get("consolidation_epochs_used", []))

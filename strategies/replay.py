@@ -17,9 +17,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import metakv_cl  # noqa: F401  (torchvision import fix before avalanche loads)
+from avalanche.benchmarks.utils.data import AvalancheDataset
 from avalanche.training.storage_policy import ExemplarsBuffer, ExperienceBalancedBuffer, ReservoirSamplingBuffer
 
-from metakv_cl.data.stream import concat_experience_datasets
+from metakv_cl.data.collate import PadCollator
+from metakv_cl.data.stream import TokenizedItems, concat_experience_datasets
 from metakv_cl.strategies.base import LightningCLStrategy
 
 STORAGE_POLICIES = ("experience_balanced", "reservoir")
@@ -62,6 +64,45 @@ class ReplayMemory:
         """``dataset`` followed by the stored items (``dataset`` itself while the buffer is empty)."""
         return concat_experience_datasets([dataset, self.dataset]) if len(self) else dataset
 
+    def _reservoirs(self) -> dict[int, ReservoirSamplingBuffer]:
+        if isinstance(self.policy, ExperienceBalancedBuffer):
+            return self.policy.buffer_groups
+        return {0: self.policy}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stored items, their reservoir weights and sizes (tensors and plain values only)."""
+        groups = []
+        for key, reservoir in self._reservoirs().items():
+            data = reservoir.buffer
+            collate = getattr(data, "collate_fn", None)
+            groups.append({
+                "key": key,
+                "max_size": reservoir.max_size,
+                "weights": reservoir._buffer_weights,
+                "items": [dict(data[index]) for index in range(len(data))],
+                "pad_token_id": collate.pad_token_id if isinstance(collate, PadCollator) else None,
+            })
+        seen = self.policy._num_exps if isinstance(self.policy, ExperienceBalancedBuffer) else None
+        return {"groups": groups, "experiences_seen": seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output into this memory's policy."""
+        reservoirs = {}
+        for group in state["groups"]:
+            reservoir = self.policy if not isinstance(self.policy, ExperienceBalancedBuffer) else (
+                ReservoirSamplingBuffer(group["max_size"])
+            )
+            pad = group["pad_token_id"]
+            reservoir.max_size = group["max_size"]
+            reservoir._buffer_weights = group["weights"]
+            reservoir.buffer = AvalancheDataset(
+                [TokenizedItems(group["items"])], collate_fn=PadCollator(pad) if pad is not None else None
+            )
+            reservoirs[int(group["key"])] = reservoir
+        if isinstance(self.policy, ExperienceBalancedBuffer):
+            self.policy.buffer_groups = reservoirs
+            self.policy._num_exps = int(state["experiences_seen"])
+
 
 class Replay(LightningCLStrategy):
     """Experience replay: train on the new experience plus a buffer of earlier items.
@@ -93,9 +134,9 @@ class Replay(LightningCLStrategy):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["memory"] = self.memory
+        state["memory"] = self.memory.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.memory = state["memory"]
+        self.memory.load_state_dict(state["memory"])

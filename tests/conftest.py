@@ -30,3 +30,21 @@ def pytest_unconfigure(config):
     import shutil
 
     shutil.rmtree(getattr(config, "_metakv_cache", ""), ignore_errors=True)
+
+
+class PlantedPickle:
+    """What a planted file could hold: unpickling it creates ``marker`` (a harmless stand-in for
+    running a shell command)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """(payload, marker): an object whose unpickling creates the file ``marker``."""
+    marker = tmp_path / "pwned"
+    return PlantedPickle(marker), marker

@@ -34,7 +34,7 @@ def test_fit_runs_the_stream_prints_the_table_and_writes_the_report(tmp_path, ca
     method = report["methods"][0]
     assert method["method"] == "naive" and len(method["matrix"]) == 3
     assert {"average", "forgetting", "bwt", "fwt"} <= set(method["summary"])
-    for name in ("report.md", "heatmap_naive.png", "curves_naive.png", "forgetting.png", "stream_state/state.pt"):
+    for name in ("report.md", "heatmap_naive.png", "curves_naive.png", "forgetting.png", "stream_state/state.safetensors"):
         assert (root / name).is_file(), name
     saved = yaml.safe_load((root / "config.yaml").read_text())
     assert saved["trainer"]["max_epochs"] == 2  # the override reached the run
@@ -112,7 +112,7 @@ def test_compare_runs_every_strategy_into_one_report(tmp_path, capsys):
     methods = json.loads((root / "report.json").read_text())["methods"]
     assert [m["method"] for m in methods] == ["naive", "lora-per-experience"]
     assert methods[0]["matrix"][0] == methods[1]["matrix"][0]  # same initial weights
-    assert (root / "naive" / "stream_state" / "state.pt").is_file()
+    assert (root / "naive" / "stream_state" / "state.safetensors").is_file()
 
 
 def test_compare_names_the_bad_entry_before_training(tmp_path):

@@ -123,15 +123,21 @@ class TrainingThroughput(pl.Callback):
     one device's.
 
     One instance serves all the fits of a strategy; :meth:`state_dict` carries the totals across
-    a resumed stream.
+    a resumed stream, and, in a fit's checkpoints, the fit's own counts up to the checkpointed
+    epoch: a fit resumed from ``last.ckpt`` adds to them only the epochs it runs again, so a
+    killed and resumed run counts what an uninterrupted one counts.
     """
 
     def __init__(self):
         self.tokens = 0
         self.seconds = 0.0
-        self._fit_tokens: torch.Tensor | int = 0
+        self._fit_tokens: torch.Tensor | int = 0  # this process's, since the fit (re)started
         self._fit_seconds = 0.0
         self._running_since: float | None = None
+        # all ranks' counts of the current fit at its last epoch end, and those a resumed fit
+        # inherits from its checkpoint
+        self._epoch_end_tokens, self._epoch_end_seconds = 0, 0.0
+        self._restored_tokens, self._restored_seconds = 0, 0.0
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -149,8 +155,12 @@ class TrainingThroughput(pl.Callback):
             self._fit_seconds += self._now(trainer) - self._running_since
             self._running_since = None
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_tokens, self._fit_seconds, self._running_since = 0, 0.0, None
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # before Lightning restores a checkpoint into this callback (on_train_start comes after)
+        if stage == "fit":
+            self._fit_tokens, self._fit_seconds, self._running_since = 0, 0.0, None
+            self._epoch_end_tokens, self._epoch_end_seconds = 0, 0.0
+            self._restored_tokens, self._restored_seconds = 0, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if self._running_since is None:
@@ -166,24 +176,41 @@ class TrainingThroughput(pl.Callback):
         if trainer.state.fn == TrainerFn.FITTING:
             self._stop_clock(trainer)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_clock(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_clock(trainer)
+    def _fit_counts(self, trainer: pl.Trainer) -> tuple[int, float]:
+        """All ranks' tokens and seconds of the current fit, a restored part included."""
 
         def over_ranks(value: torch.Tensor | float, reduce_op: str) -> float:
             local = torch.as_tensor(value, dtype=torch.float64, device=trainer.strategy.root_device)
             return float(trainer.strategy.reduce(local, reduce_op=reduce_op))
 
-        self.tokens += int(over_ranks(self._fit_tokens, "sum"))
-        self.seconds += over_ranks(self._fit_seconds, "max")  # the fit lasts as long as its slowest rank
+        tokens = int(over_ranks(self._fit_tokens, "sum")) + self._restored_tokens
+        # the fit lasts as long as its slowest rank
+        return tokens, over_ranks(self._fit_seconds, "max") + self._restored_seconds
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_clock(trainer)
+        # before ModelCheckpoint (Lightning runs checkpoint callbacks last) saves this epoch
+        self._epoch_end_tokens, self._epoch_end_seconds = self._fit_counts(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_clock(trainer)
+        tokens, seconds = self._fit_counts(trainer)
+        self.tokens += tokens
+        self.seconds += seconds
+        self._epoch_end_tokens, self._epoch_end_seconds = 0, 0.0  # counted in the totals now
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "seconds": self.seconds}
+        return {
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "fit_tokens": self._epoch_end_tokens,
+            "fit_seconds": self._epoch_end_seconds,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens, self.seconds = int(state_dict["tokens"]), float(state_dict["seconds"])
+        self._restored_tokens = int(state_dict.get("fit_tokens", 0))
+        self._restored_seconds = float(state_dict.get("fit_seconds", 0.0))
 
 
 class BestWeights(pl.Callback):

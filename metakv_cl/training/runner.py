@@ -8,15 +8,16 @@
         row k+1 = strategy.eval(test_stream)
         save the stream state                     # model, strategy state, rows, RNG, next k
 
-The stream state lives in ``<root_dir>/stream_state/``: ``state.pt`` (model weights including
-Meta-KV and adapters, the strategy's state such as replay buffer, Fisher or M history, the
-rows of R, RNG states, the index of the next experience), ``result.json`` (the rows so far as a
+The stream state lives in ``<root_dir>/stream_state/``: ``state.safetensors`` (model weights
+including Meta-KV and adapters, the strategy's state such as replay buffer, Fisher or M history,
+the rows of R, RNG states, the index of the next experience: tensors as tensors, the rest as
+JSON in the header, so loading it never runs code), ``result.json`` (the rows so far as a
 :class:`~metakv_cl.report.MethodResult`) and ``progress.json`` (human-readable progress). Inside
 an experience every fit writes ``last.ckpt`` at each epoch end. ``run_stream(...,
 resume=True)`` (the CLI's ``--ckpt_path last``) restores the stream state, continues the
 interrupted experience from its ``last.ckpt`` files and never redoes finished experiences.
 Benchmark sweeps that rerun an interrupted run from its start pass ``save_weights=False``: only
-``result.json`` and ``progress.json`` are written (no half-gigabyte ``state.pt`` per experience).
+``result.json`` and ``progress.json`` are written (no half-gigabyte state file per experience).
 
 Every result's ``extra`` holds ``wall_time_s``, ``peak_memory_bytes`` (peak CUDA memory of this
 run when it ran on a GPU, else the process's peak resident memory), ``device``, the strategy's
@@ -29,10 +30,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import random
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -44,11 +43,22 @@ from metakv_cl.data.stream import LMBenchmark, concat_experience_datasets
 from metakv_cl.report import MethodResult, format_table, write_report
 from metakv_cl.training.callbacks import derived_seed, seed_all
 from metakv_cl.training.passes import is_global_zero
+from metakv_cl.runfolder import (
+    RunFolderError,
+    atomic_write_text,
+    check_folder_name,
+    load_state_file,
+    remove_tree,
+    save_state_file,
+    settings_key,
+)
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = "stream_state"
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+# the pickle file of format 1, never loaded: unpickling a file from a shared folder can run code
+_PICKLED_STATE = "state.pt"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -76,18 +86,6 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if _cuda_in_use() else "cpu"
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 class StreamState:
     """Reads and writes the stream state of one method's run under ``<root_dir>/stream_state/``.
 
@@ -97,11 +95,12 @@ class StreamState:
 
     def __init__(self, root_dir: str | Path, save_weights: bool = True):
         self.folder = Path(root_dir) / STATE_DIR
-        self.path = self.folder / "state.pt"
+        self.path = self.folder / "state.safetensors"
         self.save_weights = save_weights
 
     def exists(self) -> bool:
-        return self.path.is_file()
+        """Whether there is a state to resume from (a format-1 pickle counts: loading refuses it)."""
+        return self.path.is_file() or (self.folder / _PICKLED_STATE).is_file()
 
     def save(self, strategy, benchmark: LMBenchmark, rows: list[list[float]], next_experience: int, wall_time_s: float,
              extra: dict[str, Any]) -> None:
@@ -113,14 +112,14 @@ class StreamState:
         if self.save_weights:
             self._save_weights(strategy, benchmark, rows, next_experience, wall_time_s, extra)
         partial = MethodResult(strategy.method_name, benchmark.experience_names, benchmark.score_name, rows, extra)
-        _atomic_write_text(json.dumps(partial.to_json(), indent=2) + "\n", self.folder / "result.json")
+        atomic_write_text(json.dumps(partial.to_json(), indent=2) + "\n", self.folder / "result.json")
         progress = {
             "method": strategy.method_name,
             "next_experience": next_experience,
             "num_experiences": benchmark.num_experiences,
             "fingerprint": benchmark.fingerprint(),
         }
-        _atomic_write_text(json.dumps(progress, indent=2) + "\n", self.folder / "progress.json")
+        atomic_write_text(json.dumps(progress, indent=2) + "\n", self.folder / "progress.json")
 
     def _save_weights(self, strategy, benchmark: LMBenchmark, rows: list[list[float]], next_experience: int,
                       wall_time_s: float, extra: dict[str, Any]) -> None:
@@ -137,19 +136,27 @@ class StreamState:
             "wall_time_s": wall_time_s,
             "extra": extra,
         }
-        _atomic_save(state, self.path)
+        save_state_file(state, self.path)
 
     def load(self, strategy, benchmark: LMBenchmark) -> dict[str, Any]:
         """Restore strategy, weights and RNG from the state; returns the state dict.
 
         Raises:
             FileNotFoundError: no state. ValueError: the state belongs to another stream or method.
+            RunFolderError: the state is a pickle, truncated or corrupt.
         """
-        if not self.exists():
+        if not self.path.is_file():
+            pickled = self.folder / _PICKLED_STATE
+            if pickled.is_file():
+                raise RunFolderError(
+                    f"{pickled} is a pickle stream state (format 1), which is not loaded because unpickling "
+                    "can run code; rerun the stream, or convert it once from a trusted source"
+                )
             raise FileNotFoundError(f"no stream state to resume from: {self.path}")
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{self.path}: unsupported stream-state format {state.get('format')!r}")
+        state = load_state_file(self.path)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else None
+            raise ValueError(f"{self.path}: unsupported stream-state format {found!r} (expected {STATE_FORMAT})")
         if state["fingerprint"] != benchmark.fingerprint():
             raise ValueError(
                 f"{self.path} was written for a different stream (fingerprint {state['fingerprint']} vs "
@@ -193,7 +200,7 @@ def run_stream(
             ``last.ckpt`` files (starts from scratch when there is no state yet).
         keep_checkpoints: keep each finished experience's per-epoch checkpoints (by default
             they are deleted once the stream state covers the experience).
-        save_weights: write ``state.pt`` (weights and strategy state) after every experience;
+        save_weights: write the state file (weights and strategy state) after every experience;
             False keeps only the rows of R (a later ``resume`` then starts from the beginning).
         echo: called with one progress line per experience (rank 0 only); default: logging.
 
@@ -257,7 +264,7 @@ def run_stream(
                 f"{time.perf_counter() - step_started:.1f}s; {benchmark.score_name} per experience: {scores}"
             )
             if not keep_checkpoints:
-                shutil.rmtree(strategy.stage_dir(), ignore_errors=True)
+                remove_tree(strategy.stage_dir(), root)
         strategy.resume_phases = False
     extra["wall_time_s"] = elapsed()
     extra.setdefault("peak_memory_bytes", _peak_memory_bytes())
@@ -286,8 +293,11 @@ def warm_up(
 ) -> bool:
     """Pre-train ``module`` on the benchmark's warm-up stream (all parameters, plain LM loss).
 
-    The weights are cached in ``<root_dir>/warmup/weights.pt``: a later call (another
-    strategy of a comparison, or a resumed run) loads them instead of training again.
+    The weights are cached in ``<root_dir>/warmup/<key>/weights.safetensors``, ``key`` a hash of
+    everything the warm-up result depends on (initial weights, optimiser settings, warm-up
+    stream, epochs, batch size, seed, Trainer arguments): a later call with the same settings
+    (another strategy of a comparison, or a resumed run) loads them instead of training again,
+    one with other settings trains its own.
 
     Args:
         module: the :class:`~metakv_cl.training.module.ContinualLMModule`.
@@ -308,10 +318,10 @@ def warm_up(
     echo = echo or log.info
     if epochs <= 0 or "warmup" not in benchmark.streams:
         return False
-    folder = Path(root_dir) / "warmup"
-    weights = folder / "weights.pt"
+    folder = Path(root_dir) / "warmup" / _warm_up_key(module, benchmark, epochs, trainer_kwargs, train_mb_size, seed)
+    weights = folder / "weights.safetensors"
     if weights.is_file():
-        module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        module.load_state_dict(load_state_file(weights))
         return True
     kwargs = {**(trainer_kwargs or {}), "default_root_dir": str(folder)}
     trainer = Naive(
@@ -324,11 +334,33 @@ def warm_up(
     trainer.module.experience_label = "the warm-up stream"
     trainer.fit_phase("train", dataset, max_epochs=epochs)
     if is_global_zero():
-        folder.mkdir(parents=True, exist_ok=True)
-        _atomic_save(module.state_dict(), weights)
-        shutil.rmtree(folder / "experiences", ignore_errors=True)
+        save_state_file(module.state_dict(), weights)
+        remove_tree(folder / "experiences", folder)
         echo(f"[warm-up] {len(dataset)} items x {epochs} epochs in {time.perf_counter() - started:.1f}s")
     return True
+
+
+# Trainer arguments that change how a run looks or where it writes, not what it computes.
+PRESENTATION_TRAINER_KEYS = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "logger",
+                             "log_every_n_steps")
+
+
+def _warm_up_key(module, benchmark: LMBenchmark, epochs: int, trainer_kwargs: dict[str, Any] | None,
+                 train_mb_size: int, seed: int) -> str:
+    trainer = {key: value for key, value in (trainer_kwargs or {}).items() if key not in PRESENTATION_TRAINER_KEYS}
+    callbacks = trainer.pop("callbacks", None) or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    optimizer = ("lr", "weight_decay", "betas", "lr_schedule", "warmup_steps")
+    settings = {
+        "stream": benchmark.fingerprint(),
+        "epochs": epochs,
+        "train_mb_size": train_mb_size,
+        "seed": seed,
+        "trainer": trainer,
+        "callbacks": [type(callback).__qualname__ for callback in callbacks],  # instances have no stable repr
+        "optimizer": [getattr(module, name, None) for name in optimizer],
+    }
+    return settings_key(settings, module.state_dict())
 
 
 def compare(
@@ -359,11 +391,13 @@ def compare(
         One :class:`~metakv_cl.report.MethodResult` per strategy.
 
     Raises:
-        ValueError: two strategies share a method name (checked before anything trains).
+        ValueError: two strategies share a method name, or a name is not a plain folder name
+            (checked before anything trains).
     """
     root = Path(root_dir)
-    # names first (strategy constructors leave the model alone), so a clash fails before any training
-    names = [factory(module).method_name for factory in strategy_factories]
+    # names first (strategy constructors leave the model alone), so a clash fails before any training;
+    # each name becomes a folder that run_stream fills and prunes, so it must stay inside root
+    names = [check_folder_name(factory(module).method_name, "strategy name") for factory in strategy_factories]
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:
         raise ValueError(f"several strategies are named {clashes}; give them distinct init_args.name values")

@@ -48,7 +48,7 @@ def test_run_without_weights_keeps_results_and_facts(tmp_path):
                     train_mb_size=8, rank=2)
     result = run_stream(strategy, benchmark, root_dir=tmp_path / "run", save_weights=False)
     state = tmp_path / "run" / "stream_state"
-    assert not (state / "state.pt").exists()
+    assert not (state / "state.safetensors").exists()
     written = json.loads((state / "result.json").read_text())
     assert written["matrix"] == result.matrix
     assert json.loads((state / "progress.json").read_text())["next_experience"] == 2

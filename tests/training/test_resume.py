@@ -1,6 +1,7 @@
 """A run killed inside an experience resumes from its checkpoints and ends with the same report."""
 
 import json
+import re
 
 import pytest
 import pytorch_lightning as pl
@@ -78,6 +79,12 @@ def test_resume_after_kill_gives_the_same_report(case, tmp_path):
     assert flat(resumed.matrix) == pytest.approx(flat(expected.matrix), abs=1e-6)
     for figure in ("average", "forgetting", "bwt", "fwt"):
         assert resumed.summary[figure] == pytest.approx(expected.summary[figure], abs=1e-6)
+    # throughput counts every training token once: the finished epochs of the killed phase and
+    # of its finished phases come from their checkpoints, the rerun epoch is counted again
+    assert resumed.extra["train_tokens"] == expected.extra["train_tokens"] > 0
+    assert resumed.extra["train_tokens_per_s"] == pytest.approx(
+        resumed.extra["train_tokens"] / resumed.extra["train_seconds"]
+    )
     # finished experiences were not trained again; the killed phase redid only its last epoch
     trained_stages = {where.split("/")[0] for where, count in counter.batches.items() if count}
     assert all(int(stage.split("_")[1]) >= killed_stage for stage in trained_stages)
@@ -114,3 +121,69 @@ def test_a_finished_run_restores_weights_and_strategy_state(name, tmp_path):
         assert len(strategy.importances) == 2
     if name == "metakv":
         assert len(strategy.memory_history) == 2 and len(strategy.memory) == 8
+
+
+def kill_during_first_experience(root):
+    strategy, benchmark = start(Replay, root, [KillAt("exp_000", "train", epoch=1, batch=1)], buffer_size=8)
+    with pytest.raises(Killed):
+        run_stream(strategy, benchmark)
+    return root / "experiences" / "exp_000" / "train" / "last.ckpt"
+
+
+def test_a_truncated_last_ckpt_restarts_its_phase_with_a_warning(tmp_path, caplog):
+    strategy, benchmark = start(Replay, tmp_path / "uninterrupted", [], buffer_size=8)
+    expected = run_stream(strategy, benchmark)
+    last = kill_during_first_experience(tmp_path / "killed")
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # what a full disk leaves
+
+    counter = CountBatches()
+    strategy, benchmark = start(Replay, tmp_path / "killed", [counter], buffer_size=8)
+    resumed = run_stream(strategy, benchmark, resume=True)
+    assert f"{last} is unreadable" in caplog.text and "restarting phase 'train'" in caplog.text
+    batches_per_epoch = -(-len(benchmark.train_stream[0].dataset) // 8)
+    assert counter.batches["exp_000/train"] == 2 * batches_per_epoch  # both epochs again
+    assert resumed.matrix == expected.matrix
+    assert resumed.extra["train_tokens"] == expected.extra["train_tokens"]
+
+
+def test_a_planted_last_ckpt_is_refused_without_running(tmp_path, planted):
+    from metakv_cl.runfolder import UnsafeCheckpointError
+
+    payload, marker = planted
+    last = kill_during_first_experience(tmp_path)
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["callbacks"] = payload
+    torch.save(checkpoint, last)
+    strategy, benchmark = start(Replay, tmp_path, [], buffer_size=8)
+    with pytest.raises(UnsafeCheckpointError, match=f"{re.escape(str(last))} was refused"):
+        run_stream(strategy, benchmark, resume=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["state.pt", "state.safetensors"])
+def test_a_planted_stream_state_is_refused_without_running(name, tmp_path, planted):
+    from metakv_cl.runfolder import RunFolderError
+
+    payload, marker = planted
+    (tmp_path / "stream_state").mkdir()
+    path = tmp_path / "stream_state" / name
+    torch.save({"format": 1, "evil": payload}, path)
+    strategy, benchmark = start(Replay, tmp_path, [], buffer_size=8)
+    with pytest.raises(RunFolderError, match=f"{re.escape(str(path))} (is a pickle stream state|is not a readable state file)"):
+        run_stream(strategy, benchmark, resume=True)
+    assert not marker.exists()
+
+
+def test_warm_up_weights_are_reused_only_with_the_same_settings(tmp_path):
+    def warmed(epochs):
+        torch.manual_seed(0)
+        benchmark, module = toy_setup(1, warmup_experiences=1)
+        warm_up(module, benchmark, root_dir=tmp_path, epochs=epochs, trainer_kwargs=toy_trainer_kwargs(tmp_path))
+        return {name: tensor.clone() for name, tensor in module.state_dict().items()}
+
+    one, two = warmed(1), warmed(2)
+    assert len(list((tmp_path / "warmup").iterdir())) == 2  # one cache per setting
+    assert any(not torch.equal(one[name], two[name]) for name in one)
+    again = warmed(1)
+    assert len(list((tmp_path / "warmup").iterdir())) == 2
+    assert all(torch.equal(one[name], again[name]) for name in one)
