@@ -146,7 +146,7 @@ def build_strategy(
 def _strategy_class_from_path(class_path: str, where: str) -> type[LightningCLStrategy]:
     import importlib
 
-    known = ", ".join(f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}" for cls in STRATEGIES.values())
+    known = _known_strategies()
     module_name, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name or "metakv_cl.strategies"), name)
@@ -155,6 +155,10 @@ def _strategy_class_from_path(class_path: str, where: str) -> type[LightningCLSt
     if not (isinstance(cls, type) and issubclass(cls, LightningCLStrategy)):
         raise ValueError(f"{where}: {class_path!r} is not a LightningCLStrategy; known strategies: {known}")
     return cls
+
+
+def _known_strategies() -> str:
+    return ", ".join(f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}" for cls in STRATEGIES.values())
 
 
 def _init_parameters(cls: type) -> set[str]:
@@ -449,9 +453,14 @@ _PYTHON_CLASS = re.compile(r"<class '([\w.]+)'>")  # "Expected a <class 'float'>
 
 def describe_error(error: BaseException) -> str:
     """One line for the user: the underlying error's message, with the config key where the parser knows it."""
-    keys = []
+    keys, class_path_problem = [], None
     while True:
-        keys += _PARSER_KEY.findall(str(error).split("\n", 1)[0])
+        first_line = str(error).split("\n", 1)[0].strip()
+        if _PARSER_KEY.search(first_line):
+            keys += _PARSER_KEY.findall(first_line)
+            class_path_problem = None  # a deeper key says more than a class path above it
+        if first_line.startswith("Problem with given class_path"):
+            class_path_problem = first_line.rstrip(":")
         cause = error.__cause__
         if cause is None or not _raised_by(error, _FRAMEWORKS):
             break
@@ -459,10 +468,15 @@ def describe_error(error: BaseException) -> str:
     message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     message = _PYTHON_CLASS.sub(r"\1", _PARSER_KEY.sub(r"\1", message))
     message = " ".join(message.split()) or "(no message)"
+    if _raised_by(error, _FRAMEWORKS):  # the parser could not resolve a value: say which and what is known
+        if class_path_problem:
+            message = f"{class_path_problem}: {message}"
+            if keys and keys[-1] == "strategy":
+                message += f"; known strategies: {_known_strategies()}"
+    elif not isinstance(error, ValueError):
+        message = f"{type(error).__name__}: {message}"
     if keys and keys[-1] not in message:
         message = f"{keys[-1]}: {message}"
-    if not isinstance(error, (ValueError, ArgumentError)) and type(error).__module__.split(".")[0] not in _FRAMEWORKS:
-        message = f"{type(error).__name__}: {message}"
     return message if len(message) <= 600 else message[:597] + "..."
 
 
@@ -525,4 +539,4 @@ def _run_command(argv: list[str]) -> int | None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -438,9 +438,17 @@ def text_task_from_hf_dataset(
         The :class:`TextTask` (empty texts dropped).
     """
     train_rows, test_rows = _hf_splits(dataset, train_split, test_split)
-    train = [t for t in _column(train_rows, text_column, max_items) if str(t).strip()]
-    test = [t for t in _column(test_rows, text_column, max_items) if str(t).strip()]
+    train = [t for t in _strings(_column(train_rows, text_column, max_items), text_column, train_split) if t.strip()]
+    test = [t for t in _strings(_column(test_rows, text_column, max_items), text_column, test_split) if t.strip()]
     return TextTask(name, train=train, test=test)
+
+
+def _strings(values: list, column: str, split: str) -> list[str]:
+    """``values`` when all are strings; str() would turn a missing value into the text "None"."""
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise ValueError(f"split {split!r}, row {row}: column {column!r} holds {type(value).__name__} {value!r:.40}, not a string")
+    return values
 
 
 def classification_task_from_hf_dataset(
@@ -477,14 +485,22 @@ def classification_task_from_hf_dataset(
         feature = features.get(label_column) if features is not None else None
         label_names = list(getattr(feature, "names", []) or [])
 
-    def pairs(rows) -> list[tuple[str, str]]:
-        texts = _column(rows, text_column, max_items)
-        labels = _column(rows, label_column, max_items)
-        if label_names:
-            labels = [label_names[label] if isinstance(label, int) else str(label) for label in labels]
-        return [(str(text), str(label)) for text, label in zip(texts, labels)]
+    def label_string(label: Any, row: int, split: str) -> str:
+        if label_names and isinstance(label, int) and not isinstance(label, bool):
+            if not 0 <= label < len(label_names):
+                raise ValueError(f"split {split!r}, row {row}: label id {label} is outside label_names (0..{len(label_names) - 1})")
+            return label_names[label]
+        if not isinstance(label, str):
+            raise ValueError(f"split {split!r}, row {row}: column {label_column!r} holds {type(label).__name__} "
+                             f"{label!r:.40}; labels must be strings, or integer ids with label_names")
+        return label
 
-    train, test = pairs(train_rows), pairs(test_rows)
+    def pairs(rows, split: str) -> list[tuple[str, str]]:
+        texts = _strings(_column(rows, text_column, max_items), text_column, split)
+        labels = [label_string(label, row, split) for row, label in enumerate(_column(rows, label_column, max_items))]
+        return list(zip(texts, labels))
+
+    train, test = pairs(train_rows, train_split), pairs(test_rows, test_split)
     labels = list(label_names) if label_names else sorted({label for _, label in train + test})
     return ClassificationTask(name, train=train, test=test, labels=labels, template=template)
 
