@@ -515,6 +515,27 @@ def main(argv: Sequence[str] | None = None) -> int | None:
         raise SystemExit(2 if isinstance(error, (ArgumentError, ValueError)) else 1) from None
 
 
+def _check_config_files(arguments: list[str]) -> None:
+    """Refuse a missing or malformed ``--config`` file naming it (the parser's YAML error does not)."""
+    import yaml
+
+    from metakv_cl.files import read_text
+
+    for index, argument in enumerate(arguments):
+        if argument in ("--config", "-c") and index + 1 < len(arguments):
+            path = arguments[index + 1]
+        elif argument.startswith("--config="):
+            path = argument.partition("=")[2]
+        else:
+            continue
+        try:
+            yaml.safe_load(read_text(path, "config file"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', None) or error}") from None
+
+
 def _run_command(argv: list[str]) -> int | None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -528,6 +549,7 @@ def _run_command(argv: list[str]) -> int | None:
         status = evaluate.main(rest) if command == "kv-eval" else evaluate.niah_main(rest)
         return status if isinstance(status, int) else None
     _configure_output()
+    _check_config_files(rest)
     if command == "compare":
         CompareCLI(args=rest).run()
         return None
