@@ -493,7 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     """Entry point of the ``metakv-cl`` console script.
 
     An error ends the command with one line on stderr, ``metakv-cl: error: ...``, naming what
-    is wrong, and exit status 2 (bad arguments or config) or 1 (a failure while running);
+    is wrong, and exit status 2 (an argument, config value or input file refused) or 1 (any
+    other failure);
     ``--debug`` anywhere in the arguments shows the full traceback instead.
 
     Args:
@@ -512,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
         if debug:
             raise
         print(f"metakv-cl: error: {describe_error(error)} (--debug shows the traceback)", file=sys.stderr)
-        raise SystemExit(2 if isinstance(error, (ArgumentError, ValueError)) else 1) from None
+        raise SystemExit(2 if isinstance(error, (ArgumentError, ValueError, FileNotFoundError)) else 1) from None
 
 
 def _check_config_files(arguments: list[str]) -> None:
