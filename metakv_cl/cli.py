@@ -429,7 +429,9 @@ def check_config_values(config: dict[str, Any]) -> None:
             "(-1 only together with trainer.max_steps)"
         )
     if max_steps is not None and max_steps != -1 and max_steps < 1:
-        raise ValueError(f"trainer.max_steps: {max_steps} would train nothing; give steps >= 1, or -1 for no step limit")
+        raise ValueError(
+            f"trainer.max_steps: {max_steps} would train nothing; give steps >= 1, or -1 for no step limit"
+        )
 
 
 def _leaves(value: Any, key: str = "") -> Iterator[tuple[str, Any]]:
@@ -494,8 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
 
     An error ends the command with one line on stderr, ``metakv-cl: error: ...``, naming what
     is wrong, and exit status 2 (an argument, config value or input file refused) or 1 (any
-    other failure);
-    ``--debug`` anywhere in the arguments shows the full traceback instead.
+    other failure); ``--debug`` anywhere in the arguments shows the full traceback instead.
 
     Args:
         argv: arguments (default ``sys.argv[1:]``).

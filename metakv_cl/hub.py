@@ -77,7 +77,9 @@ def check_local_path(name_or_path: str, what: str) -> None:
         return
     looks_local = name_or_path.startswith(("/", ".", "~", "\\")) or name_or_path.count("/") > 1 or "\\" in name_or_path
     if looks_local:
-        raise FileNotFoundError(f"{what} not found: {name_or_path} (a local path; hub ids look like 'name' or 'owner/name')")
+        raise FileNotFoundError(
+            f"{what} not found: {name_or_path} (a local path; hub ids look like 'name' or 'owner/name')"
+        )
 
 
 def _hub_kwargs(name_or_path: str) -> dict[str, Any]:

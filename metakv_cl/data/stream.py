@@ -447,7 +447,9 @@ def _strings(values: list, column: str, split: str) -> list[str]:
     """``values`` when all are strings; str() would turn a missing value into the text "None"."""
     for row, value in enumerate(values):
         if not isinstance(value, str):
-            raise ValueError(f"split {split!r}, row {row}: column {column!r} holds {type(value).__name__} {value!r:.40}, not a string")
+            raise ValueError(
+                f"split {split!r}, row {row}: column {column!r} holds {type(value).__name__} {value!r:.40}, not a string"
+            )
     return values
 
 
@@ -488,7 +490,9 @@ def classification_task_from_hf_dataset(
     def label_string(label: Any, row: int, split: str) -> str:
         if label_names and isinstance(label, int) and not isinstance(label, bool):
             if not 0 <= label < len(label_names):
-                raise ValueError(f"split {split!r}, row {row}: label id {label} is outside label_names (0..{len(label_names) - 1})")
+                raise ValueError(
+                    f"split {split!r}, row {row}: label id {label} is outside label_names (0..{len(label_names) - 1})"
+                )
             return label_names[label]
         if not isinstance(label, str):
             raise ValueError(f"split {split!r}, row {row}: column {label_column!r} holds {type(label).__name__} "
@@ -664,7 +668,7 @@ def _checked_loader(name: str, arguments: Mapping[str, Any], key: str) -> Callab
 def _call_loader(name: str, arguments: Mapping[str, Any], key: str) -> list[Task]:
     """Call the registered loader ``name``; its result must be a non-empty list of tasks."""
     tasks = _checked_loader(name, arguments, key)(**arguments)
-    if not isinstance(tasks, (list, tuple)) or not all(isinstance(task, (TextTask, ClassificationTask)) for task in tasks):
+    if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, (TextTask, ClassificationTask)) for t in tasks):
         raise ValueError(f"{key} {name} returned {type(tasks).__name__}, not a list of TextTask / ClassificationTask")
     if not tasks:
         raise ValueError(f"{key} {name} returned no task (with {key}_args {dict(arguments)})")
@@ -740,7 +744,7 @@ class TaskStream(pl.LightningDataModule):
         if tasks is None:  # refuse an unknown loader or misfit arguments before anything loads
             _checked_loader(loader, dict(loader_args or {}), "loader")
         elif not tasks:
-            raise ValueError("tasks: the inline task list is empty; give at least one task (or drop tasks for a loader)")
+            raise ValueError("tasks: the inline task list is empty; give at least one task, or no tasks and a loader")
         if warmup_loader is not None:
             _checked_loader(warmup_loader, dict(warmup_loader_args or {}), "warmup_loader")
         self.loader = loader

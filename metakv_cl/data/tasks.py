@@ -68,9 +68,8 @@ class ClassificationTask:
             _check_nonempty(self.name, split, pairs)
             for index, pair in enumerate(pairs):
                 if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-                    raise ValueError(
-                        f"task {self.name!r}: {split}[{index}] must be a (text, label) pair of strings, got {_shown(pair)}"
-                    )
+                    raise ValueError(f"task {self.name!r}: {split}[{index}] must be a (text, label) pair of strings, "
+                                     f"got {_shown(pair)}")
         if len(set(self.labels)) < 2:
             raise ValueError(f"task {self.name!r}: needs at least two distinct labels, got {list(self.labels)}")
         if "{text}" not in self.template:

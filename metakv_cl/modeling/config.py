@@ -54,11 +54,16 @@ class MetaKVConfig:
     attentive_score_bound: float = 8.0
 
     def __post_init__(self) -> None:
-        choices = (("source", "meta-state source", SOURCES), ("hybrid_dynamic", "hybrid_dynamic source", DYNAMIC_SOURCES),
-                   ("form", "modulation form", FORMS), ("core", "core", CORES))
+        choices = (
+            ("source", "meta-state source", SOURCES),
+            ("hybrid_dynamic", "hybrid_dynamic source", DYNAMIC_SOURCES),
+            ("form", "modulation form", FORMS),
+            ("core", "core", CORES),
+        )
         for name, what, allowed in choices:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"meta_kv.{name}: unknown {what} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"meta_kv.{name}: unknown {what} {value!r}; choose one of {', '.join(allowed)}")
         for name in ("rank", "state_dim", "hypernetwork_dim", "memory_slots"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -75,7 +75,9 @@ def _read_record(directory: Path, model: nn.Module) -> MetaKVConfig:
         return MetaKVConfig.from_dict(record)
     unknown = sorted(set(record) - {"meta_kv", "base_model", "weights_sha256"})
     if unknown or not isinstance(record["meta_kv"], dict):
-        raise ValueError(f"{path}: unexpected layout (keys {sorted(record)}); expected meta_kv, base_model, weights_sha256")
+        raise ValueError(
+            f"{path}: unexpected layout (keys {sorted(record)}); expected meta_kv, base_model, weights_sha256"
+        )
     saved_type = (record.get("base_model") or {}).get("model_type")
     if saved_type is not None and saved_type != _model_type(model):
         raise ValueError(f"{directory}: Meta-KV weights of a {saved_type!r} model cannot load into a "
@@ -118,7 +120,8 @@ def load_meta_kv(model: nn.Module, directory: str | Path) -> nn.Module:
     try:
         meta_kv.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"{directory / WEIGHTS_FILE}: parameters do not fit this model: {' '.join(str(error).split())}") from None
+        reason = " ".join(str(error).split())
+        raise ValueError(f"{directory / WEIGHTS_FILE}: parameters do not fit this model: {reason}") from None
     finally:
         if was_merged:
             meta_kv.set_merged(True)

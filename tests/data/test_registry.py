@@ -56,7 +56,7 @@ def test_a_user_loader_registered_in_python_feeds_a_stream(monkeypatch):
 def test_an_installed_package_registers_a_loader_by_entry_point(monkeypatch):
     monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))
     monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
-    entry = EntryPoint(name="package_tasks", value="metakv_cl.data.wikitext:wikitext_tasks", group=registry.ENTRY_POINT_GROUP)
+    entry = EntryPoint("package_tasks", "metakv_cl.data.wikitext:wikitext_tasks", registry.ENTRY_POINT_GROUP)
     monkeypatch.setattr(registry, "entry_points", lambda group: [entry] if group == registry.ENTRY_POINT_GROUP else [])
     registry._load_entry_points.cache_clear()
     try:
