@@ -428,6 +428,8 @@ def check_config_values(config: dict[str, Any]) -> None:
             f"trainer.max_epochs: {max_epochs} would train nothing (or forever); give epochs per experience >= 1 "
             "(-1 only together with trainer.max_steps)"
         )
+    if trainer.get("limit_train_batches") == 0:
+        raise ValueError("trainer.limit_train_batches: 0 would train nothing; give a share in (0, 1] or a batch count >= 1")
     if max_steps is not None and max_steps != -1 and max_steps < 1:
         raise ValueError(
             f"trainer.max_steps: {max_steps} would train nothing; give steps >= 1, or -1 for no step limit"

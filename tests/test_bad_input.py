@@ -102,6 +102,8 @@ CONFIG_CASES = [
     ("yaml-unknown-trainer-key", lambda c: _set(c, "trainer.max_epoch", 2), [], "fit", ["trainer.max_epoch"]),
     ("yaml-max-epochs-zero", lambda c: _set(c, "trainer.max_epochs", 0), [], "fit", ["trainer.max_epochs", "0"]),
     ("yaml-max-steps-zero", lambda c: _set(c, "trainer.max_steps", 0), [], "fit", ["trainer.max_steps", "0"]),
+    ("yaml-limit-train-batches-zero", lambda c: _set(c, "trainer.limit_train_batches", 0), [], "fit",
+     ["trainer.limit_train_batches", "0"]),
     ("yaml-max-length-zero", lambda c: _set(c, "data.init_args.max_length", 0), [], "fit", ["max_length", "got 0"]),
     ("yaml-overflow", lambda c: _set(c, "data.init_args.overflow", "wrap"), [], "fit", ["overflow", "wrap"]),
     ("yaml-warmup-epochs-zero", lambda c: c["data"]["init_args"].update(warmup_experiences=1, warmup_epochs=0), [],
