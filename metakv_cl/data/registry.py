@@ -98,4 +98,11 @@ def get_loader(name: str, key: str = "loader") -> Callable:
 def _load_entry_points() -> None:
     """Register the loaders installed packages declare (once per process)."""
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        register_loader(entry.load(), name=entry.name)
+        try:
+            loader = entry.load()
+        except Exception as error:  # a broken plugin's error would not say which plugin it is
+            raise ValueError(
+                f"the {ENTRY_POINT_GROUP} entry point {entry.name!r} ({entry.value}) cannot load: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        register_loader(loader, name=entry.name)

@@ -71,3 +71,14 @@ def test_a_loader_must_return_tasks(monkeypatch):
     register_loader(lambda: "not tasks", name="bad_loader")
     with pytest.raises(ValueError, match="loader bad_loader returned str, not a list of TextTask"):
         TaskStream(loader="bad_loader").tasks()
+
+
+def test_a_broken_entry_point_is_named(monkeypatch):
+    entry = EntryPoint("broken_tasks", "metakv_cl.data.nowhere:tasks", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [entry])
+    registry._load_entry_points.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="entry point 'broken_tasks' .*metakv_cl.data.nowhere:tasks.* cannot load"):
+            get_loader("broken_tasks")
+    finally:
+        registry._load_entry_points.cache_clear()
