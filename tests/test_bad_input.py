@@ -159,10 +159,15 @@ def test_cli_and_yaml(case_id, edit, extra, command, expected, tmp_path, cli_err
     assert not (tmp_path / "run" / "report.json").exists()  # nothing was trained
 
 
-def test_yaml_malformed_config_names_the_file(tmp_path, cli_error):
+@pytest.mark.parametrize("content, expected", [
+    (b"trainer: {max_epochs: 2\nmodel: [\n", "malformed YAML at line 2"),
+    (b"trainer:\n  default_root_dir: caf\xe9\n", "utf-8"),
+], ids=["malformed", "not-utf8"])
+def test_yaml_damaged_config_names_the_file(content, expected, tmp_path, cli_error):
     path = tmp_path / "broken.yaml"
-    path.write_text("trainer: {max_epochs: 2\nmodel: [\n")
-    assert "broken.yaml" in cli_error(["fit", "--config", str(path)])
+    path.write_bytes(content)
+    line = cli_error(["fit", "--config", str(path)])
+    assert "broken.yaml" in line and expected in line, line
 
 
 def test_cli_debug_shows_the_traceback(tmp_path):
