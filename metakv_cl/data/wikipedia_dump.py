@@ -2,7 +2,7 @@
 
 Users bring their own dump (``*-pages-articles*.xml`` or ``.xml.bz2`` from
 dumps.wikimedia.org). The dump is parsed as a stream (``xml.etree.ElementTree.iterparse``,
-elements freed as soon as a page is read), so memory stays flat for any dump size, and
+every record, page or not, freed as soon as it ends), so memory stays flat for any dump size, and
 parsing stops as soon as every task has ``max_articles_per_task`` articles.
 
 An article belongs to a task when one of its ``[[Category:...]]`` links names one of the
@@ -125,7 +125,8 @@ def strip_wikitext(wikitext: str) -> str:
     """
     # The patterns below never scan past the next opening mark, so that unclosed marks cost
     # linear time, not a scan to the end of the text per mark.
-    text = re.sub(r"<!--.*?(?:-->|\Z)", "", wikitext, flags=re.DOTALL)  # MediaWiki: an unclosed comment runs to the end
+    # MediaWiki ends an unclosed comment at the end of the text
+    text = re.sub(r"<!--.*?(?:-->|\Z)", "", wikitext, flags=re.DOTALL)
     text = re.sub(r"<ref[^<>]*/>", "", text, flags=re.IGNORECASE)
     text = _TAG_BLOCK.sub("", text)
     text = _replace_nested(text, _TEMPLATE_MARKS, "{{", _drop)
