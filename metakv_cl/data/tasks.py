@@ -11,7 +11,7 @@ Avalanche benchmark.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 @dataclass
@@ -101,7 +101,8 @@ def _shown(value: object) -> str:
 
 def _check_nonempty(task_name: str, split: str, items: Sequence) -> None:
     # a string is a sequence of characters: as a split it would train on one-character texts
-    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+    indexable = hasattr(items, "__len__") and hasattr(items, "__getitem__")  # lists, tuples, arrays
+    if isinstance(items, (str, bytes, Mapping)) or not indexable:
         raise ValueError(f"task {task_name!r}: {split} must be a list, got {_shown(items)}")
     if len(items) == 0:
         raise ValueError(f"task {task_name!r}: the {split} split is empty (an experience needs data)")
