@@ -335,6 +335,8 @@ API_CASES = [
     ("stream-warmup-loader-subprocess", lambda p: _stream(warmup_loader="subprocess.run",
                                                           warmup_loader_args={"args": ["true"]}), ValueError,
      ["warmup_loader", "'subprocess.run' is not a registered task loader"]),
+    ("stream-loader-unregistered-project-function", lambda p: _stream(loader="metakv_cl.data.stream.make_benchmark"),
+     ValueError, ["'metakv_cl.data.stream.make_benchmark' is not a registered task loader"]),
     ("stream-loader-not-a-string", lambda p: _stream(loader=print), ValueError, ["loader", "builtin_function"]),
     ("stream-inline-task-not-a-mapping", lambda p: _stream(tasks=["cooking"]), ValueError, ["tasks[0]", "'cooking'"]),
     ("stream-inline-tasks-empty", lambda p: _stream(tasks=[]), ValueError, ["tasks", "empty"]),

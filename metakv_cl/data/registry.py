@@ -2,9 +2,10 @@
 
 ``data.loader`` / ``data.warmup_loader`` of a config (and :class:`~metakv_cl.data.stream.TaskStream`)
 name a loader from this registry, never an arbitrary Python callable: a config file is data
-and must not be able to run ``os.system`` or ``builtins.eval``. The project's loaders are
-registered under their short name (``synthetic_topic_tasks``) and their dotted path
-(``metakv_cl.data.synthetic.synthetic_topic_tasks``, which older configs use).
+and must not be able to run ``os.system`` or ``builtins.eval``. A loader is named by its
+registered name (``synthetic_topic_tasks``) or by a dotted path to it
+(``metakv_cl.data.synthetic.synthetic_topic_tasks``, which older configs use); a dotted path
+is only looked up in modules already imported, never imported.
 
 Your own loader is any function returning a list of tasks, registered in one of two ways:
 
@@ -27,6 +28,7 @@ Either way the config then says ``loader: my_tasks`` (or the function's dotted p
 from __future__ import annotations
 
 import functools
+import sys
 from importlib.metadata import entry_points
 from typing import Callable, TypeVar
 
@@ -35,7 +37,6 @@ ENTRY_POINT_GROUP = "metakv_cl.loaders"
 Loader = TypeVar("Loader", bound=Callable)
 
 _LOADERS: dict[str, Callable] = {}
-_ALIASES: dict[str, str] = {}  # dotted path -> registered name
 
 
 def register_loader(function: Loader | None = None, *, name: str | None = None):
@@ -52,16 +53,12 @@ def register_loader(function: Loader | None = None, *, name: str | None = None):
         if not key.isidentifier():
             raise ValueError(f"register_loader: name {key!r} must be a plain identifier (letters, digits, _)")
         if _LOADERS.get(key, loader) is not loader:
-            raise ValueError(f"register_loader: the name {key!r} is taken by {_dotted_path(_LOADERS[key])}")
+            taken = _LOADERS[key]
+            raise ValueError(f"register_loader: the name {key!r} is taken by {taken.__module__}.{taken.__qualname__}")
         _LOADERS[key] = loader
-        _ALIASES[_dotted_path(loader)] = key
         return loader
 
     return register if function is None else register(function)
-
-
-def _dotted_path(function: Callable) -> str:
-    return f"{function.__module__}.{function.__qualname__}"
 
 
 def registered_loaders() -> list[str]:
@@ -83,7 +80,7 @@ def get_loader(name: str, key: str = "loader") -> Callable:
     if not isinstance(name, str):
         raise ValueError(f"{key}: expected a loader name, got {type(name).__name__} {name!r}")
     for attempt in range(2):
-        found = _LOADERS.get(name) or _LOADERS.get(_ALIASES.get(name, ""))
+        found = _LOADERS.get(name) or _registered_at(name)
         if found is not None:
             return found
         if attempt == 0:
@@ -92,6 +89,15 @@ def get_loader(name: str, key: str = "loader") -> Callable:
         f"{key}: {name!r} is not a registered task loader; registered: {', '.join(sorted(_LOADERS))} "
         "(register your own with metakv_cl.data.register_loader or a 'metakv_cl.loaders' entry point)"
     )
+
+
+def _registered_at(dotted_path: str) -> Callable | None:
+    """The registered loader that ``module.name`` refers to, looked up in modules already
+    imported (registering a loader imported its module); nothing is imported or called."""
+    module_name, _, attribute = dotted_path.rpartition(".")
+    module = sys.modules.get(module_name)
+    candidate = vars(module).get(attribute) if module is not None else None
+    return candidate if any(candidate is loader for loader in _LOADERS.values()) else None
 
 
 @functools.cache
