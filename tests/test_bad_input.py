@@ -16,6 +16,7 @@ that the battery also runs (and counts its failures) against code that lacks new
 from __future__ import annotations
 
 import bz2
+import importlib
 import json
 import math
 import time
@@ -195,12 +196,6 @@ def test_a_config_loader_never_runs_a_command(tmp_path, cli_error):
 # --------------------------------------------------------------------------- Python API
 
 
-def _module_of(name: str):
-    import importlib
-
-    return importlib.import_module(name)
-
-
 def _meta_kv_config(**values):
     from metakv_cl.modeling import MetaKVConfig
 
@@ -313,7 +308,7 @@ API_CASES = [
     ("meta-kv-config-alpha-nan", lambda p: _meta_kv_config(alpha=NAN), ValueError, ["alpha", "nan"]),
     ("meta-kv-config-score-bound-nan", lambda p: _meta_kv_config(attentive_score_bound=NAN), ValueError,
      ["attentive_score_bound", "nan"]),
-    ("meta-kv-config-unknown-key", lambda p: _module_of("metakv_cl.modeling").MetaKVConfig.from_dict({"rnak": 4}),
+    ("meta-kv-config-unknown-key", lambda p: importlib.import_module("metakv_cl.modeling").MetaKVConfig.from_dict({"rnak": 4}),
      ValueError, ["rnak"]),
     ("add-meta-kv-rank-above-head-dim", lambda p: _add_meta_kv(17), ValueError, ["rank 17", "head dimension 16"]),
     ("text-task-split-is-a-string", lambda p: _text_task("t", "a string", ["x"]), ValueError,
@@ -353,9 +348,9 @@ API_CASES = [
      ["meta_kv_config.json", "malformed JSON", "line 1"]),
     ("meta-kv-config-not-utf8", lambda p: _damaged_meta_kv_config(p, b'{"source": "\xff"}'), ValueError,
      ["meta_kv_config.json", "utf-8"]),
-    ("model-missing-local-path", lambda p: _module_of("metakv_cl.hub").load_causal_lm(str(p / "no" / "model")),
+    ("model-missing-local-path", lambda p: importlib.import_module("metakv_cl.hub").load_causal_lm(str(p / "no" / "model")),
      FileNotFoundError, ["no/model", "not found"]),
-    ("tokenizer-missing-local-path", lambda p: _module_of("metakv_cl.hub").load_tokenizer("./no/tokenizer"),
+    ("tokenizer-missing-local-path", lambda p: importlib.import_module("metakv_cl.hub").load_tokenizer("./no/tokenizer"),
      FileNotFoundError, ["./no/tokenizer", "not found"]),
     ("model-truncated-gguf", _truncated_gguf, ValueError, ["model.gguf"]),
 ]
@@ -470,13 +465,13 @@ LOADER_CASES = [
      ["data.json", "record 0", "sentence"]),
     ("labelled-json-not-a-list", lambda p: _read_labelled(p, {"label": "a"}), ValueError, ["data.json", "JSON list"]),
     ("dbpedia-malformed-json", lambda p: _dbpedia(p, b"[{"), ValueError, ["test.json", "malformed JSON"]),
-    ("dbpedia-missing", lambda p: _module_of("metakv_cl.data").dbpedia_topic_tasks(root=p / "none"),
+    ("dbpedia-missing", lambda p: importlib.import_module("metakv_cl.data").dbpedia_topic_tasks(root=p / "none"),
      FileNotFoundError, ["none/test.json"]),
     ("downstream-labels-malformed", lambda p: _downstream(p, b'["World", '), ValueError,
      ["labels.json", "malformed JSON"]),
     ("downstream-labels-not-strings", lambda p: _downstream(p, ["World", None]), ValueError,
      ["labels.json", "label strings"]),
-    ("downstream-order", lambda p: _module_of("metakv_cl.data").downstream_tasks(order=7, root=p),
+    ("downstream-order", lambda p: importlib.import_module("metakv_cl.data").downstream_tasks(order=7, root=p),
      ValueError, ["order 7", "long_mixed"]),
     ("wikitext-not-utf8", lambda p: _wikitext(p, NOT_UTF8 * 3), ValueError, ["valid.txt", "utf-8"]),
     ("text-files-not-utf8", lambda p: _text_files(p, NOT_UTF8), ValueError, ["train.txt", "utf-8"]),
@@ -490,7 +485,7 @@ LOADER_CASES = [
     ("wikipedia-dump-truncated-bz2", lambda p: _dump(p, "dump.xml.bz2", bz2.compress(_DUMP.encode() * 20)[:-200]),
      ValueError, ["dump.xml.bz2"]),
     ("wikipedia-dump-not-bz2", lambda p: _dump(p, "dump.xml.bz2", _DUMP.encode()), ValueError, ["dump.xml.bz2"]),
-    ("wikipedia-dump-missing", lambda p: _module_of("metakv_cl.data").tasks_from_wikipedia_dump(
+    ("wikipedia-dump-missing", lambda p: importlib.import_module("metakv_cl.data").tasks_from_wikipedia_dump(
         p / "none.xml", {"r": ["R"]}), FileNotFoundError, ["none.xml"]),
     ("hf-classification-label-none", lambda p: _hf_classification([{"text": "t", "label": None}]), ValueError,
      ["row 0", "'label'", "None"]),
