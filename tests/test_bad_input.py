@@ -308,8 +308,8 @@ API_CASES = [
     ("meta-kv-config-alpha-nan", lambda p: _meta_kv_config(alpha=NAN), ValueError, ["alpha", "nan"]),
     ("meta-kv-config-score-bound-nan", lambda p: _meta_kv_config(attentive_score_bound=NAN), ValueError,
      ["attentive_score_bound", "nan"]),
-    ("meta-kv-config-unknown-key", lambda p: importlib.import_module("metakv_cl.modeling").MetaKVConfig.from_dict({"rnak": 4}),
-     ValueError, ["rnak"]),
+    ("meta-kv-config-unknown-key",
+     lambda p: importlib.import_module("metakv_cl.modeling").MetaKVConfig.from_dict({"rnak": 4}), ValueError, ["rnak"]),
     ("add-meta-kv-rank-above-head-dim", lambda p: _add_meta_kv(17), ValueError, ["rank 17", "head dimension 16"]),
     ("text-task-split-is-a-string", lambda p: _text_task("t", "a string", ["x"]), ValueError,
      ["train must be a list", "'a string'"]),
@@ -348,10 +348,10 @@ API_CASES = [
      ["meta_kv_config.json", "malformed JSON", "line 1"]),
     ("meta-kv-config-not-utf8", lambda p: _damaged_meta_kv_config(p, b'{"source": "\xff"}'), ValueError,
      ["meta_kv_config.json", "utf-8"]),
-    ("model-missing-local-path", lambda p: importlib.import_module("metakv_cl.hub").load_causal_lm(str(p / "no" / "model")),
-     FileNotFoundError, ["no/model", "not found"]),
-    ("tokenizer-missing-local-path", lambda p: importlib.import_module("metakv_cl.hub").load_tokenizer("./no/tokenizer"),
-     FileNotFoundError, ["./no/tokenizer", "not found"]),
+    ("model-missing-local-path", lambda p: importlib.import_module("metakv_cl.hub").load_causal_lm(
+        str(p / "no" / "model")), FileNotFoundError, ["no/model", "not found"]),
+    ("tokenizer-missing-local-path", lambda p: importlib.import_module("metakv_cl.hub").load_tokenizer(
+        "./no/tokenizer"), FileNotFoundError, ["./no/tokenizer", "not found"]),
     ("model-truncated-gguf", _truncated_gguf, ValueError, ["model.gguf"]),
 ]
 
