@@ -39,14 +39,16 @@ import contextlib
 import inspect
 import logging
 import signal
+import math
+import re
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import metakv_cl  # noqa: F401  (torchvision import fix before Lightning/avalanche load)
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
@@ -84,6 +86,7 @@ commands:
   niah       needle-in-a-haystack evaluation (metakv_cl.kv.evaluate)
 
 `metakv-cl COMMAND --help` lists a command's options; `--print_config` prints the full config.
+An error is one line naming what is wrong; add --debug to see its full traceback.
 """
 
 
@@ -166,7 +169,7 @@ def build_strategy(
 def _strategy_class_from_path(class_path: str, where: str) -> type[LightningCLStrategy]:
     import importlib
 
-    known = ", ".join(f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}" for cls in STRATEGIES.values())
+    known = _known_strategies()
     module_name, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name or "metakv_cl.strategies"), name)
@@ -175,6 +178,10 @@ def _strategy_class_from_path(class_path: str, where: str) -> type[LightningCLSt
     if not (isinstance(cls, type) and issubclass(cls, LightningCLStrategy)):
         raise ValueError(f"{where}: {class_path!r} is not a LightningCLStrategy; known strategies: {known}")
     return cls
+
+
+def _known_strategies() -> str:
+    return ", ".join(f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}" for cls in STRATEGIES.values())
 
 
 def _init_parameters(cls: type) -> set[str]:
@@ -209,6 +216,7 @@ class ContinualCLI(LightningCLI):
             seed_everything_default=0,
             auto_configure_optimizers=False,
             save_config_callback=None,
+            parser_kwargs={"exit_on_error": False},  # main() shows parse errors as one line
             args=args,
             run=run,
             **kwargs,
@@ -250,6 +258,8 @@ class ContinualCLI(LightningCLI):
         self.add_strategy_arguments(parser)
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_config_values(_as_plain(config))
         threads = self._setting("torch_num_threads")
         if threads is not None:
             if threads < 1:
@@ -474,21 +484,140 @@ def _stop_on_signals():
             signal.signal(signum, handler)
 
 
+def check_config_values(config: dict[str, Any]) -> None:
+    """Refuse config values that every component would accept but that make a run meaningless.
+
+    Raises:
+        ValueError: a NaN or infinite number anywhere (a NaN learning rate or penalty weight
+            trains garbage without an error), or Trainer limits that train nothing.
+    """
+    for key, value in _leaves(config):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}: {value} is not a finite number; give a finite value")
+    trainer = config.get("trainer") or {}
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    if max_epochs is not None and max_epochs < 1 and not (max_epochs == -1 and max_steps not in (None, -1)):
+        raise ValueError(
+            f"trainer.max_epochs: {max_epochs} would train nothing (or forever); give epochs per experience >= 1 "
+            "(-1 only together with trainer.max_steps)"
+        )
+    if trainer.get("limit_train_batches") == 0:
+        raise ValueError("trainer.limit_train_batches: 0 would train nothing; give a share in (0, 1] or a batch count >= 1")
+    if max_steps is not None and max_steps != -1 and max_steps < 1:
+        raise ValueError(
+            f"trainer.max_steps: {max_steps} would train nothing; give steps >= 1, or -1 for no step limit"
+        )
+
+
+def _leaves(value: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every scalar in nested dicts and lists (list items as ``key[i]``)."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _leaves(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _leaves(item, f"{key}[{index}]")
+    else:
+        yield key, _as_plain(value)
+
+
+# jsonargparse and Lightning re-raise a component's error inside their own (a union's
+# "Does not validate ...", a link's "Call to compute_fn ..."): the user needs the component's.
+_FRAMEWORKS = ("jsonargparse", "pytorch_lightning", "lightning_fabric")
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+_PYTHON_CLASS = re.compile(r"<class '([\w.]+)'>")  # "Expected a <class 'float'>" -> "Expected a float"
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for the user: the underlying error's message, with the config key where the parser knows it."""
+    keys, class_path_problem = [], None
+    while True:
+        first_line = str(error).split("\n", 1)[0].strip()
+        if _PARSER_KEY.search(first_line):
+            keys += _PARSER_KEY.findall(first_line)
+            class_path_problem = None  # a deeper key says more than a class path above it
+        if first_line.startswith("Problem with given class_path"):
+            class_path_problem = first_line.rstrip(":")
+        cause = error.__cause__
+        if cause is None or not _raised_by(error, _FRAMEWORKS):
+            break
+        error = cause
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    message = _PYTHON_CLASS.sub(r"\1", _PARSER_KEY.sub(r"\1", message))
+    message = " ".join(message.split()) or "(no message)"
+    if _raised_by(error, _FRAMEWORKS):  # the parser could not resolve a value: say which and what is known
+        if class_path_problem:
+            message = f"{class_path_problem}: {message}"
+            if keys and keys[-1] == "strategy":
+                message += f"; known strategies: {_known_strategies()}"
+    elif not isinstance(error, ValueError):
+        message = f"{type(error).__name__}: {message}"
+    if keys and keys[-1] not in message:
+        message = f"{keys[-1]}: {message}"
+    return message if len(message) <= 600 else message[:597] + "..."
+
+
+def _raised_by(error: BaseException, packages: tuple[str, ...]) -> bool:
+    frame = error.__traceback__
+    if frame is None:
+        return False
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame.tb_frame.f_globals.get("__name__", "").split(".")[0] in packages
+
+
 def main(argv: Sequence[str] | None = None) -> int | None:
     """Entry point of the ``metakv-cl`` console script.
+
+    An error ends the command with one line on stderr, ``metakv-cl: error: ...``, naming what
+    is wrong, and exit status 2 (an argument, config value or input file refused) or 1 (any
+    other failure); ``--debug`` anywhere in the arguments shows the full traceback instead.
 
     Args:
         argv: arguments (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status of ``kv-eval``/``niah`` (None for the other commands, which raise on
-        failure). From Python, ``CompareCLI(args=[...]).run()`` returns the results.
+        The exit status of ``kv-eval``/``niah`` (None for the other commands). From Python,
+        ``CompareCLI(args=[...]).run()`` returns the results and raises on errors.
 
     Raises:
         SystemExit: 130 / 143 after SIGINT / SIGTERM (with :data:`INTERRUPTED_MESSAGE` on
             stderr); 1 when the run folder is busy, unreadable or holds other settings.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        return _run_command(argv)
+    except Exception as error:
+        if debug:
+            raise
+        print(f"metakv-cl: error: {describe_error(error)} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2 if isinstance(error, (ArgumentError, ValueError, FileNotFoundError)) else 1) from None
+
+
+def _check_config_files(arguments: list[str]) -> None:
+    """Refuse a missing or malformed ``--config`` file naming it (the parser's YAML error does not)."""
+    import yaml
+
+    from metakv_cl.files import read_text
+
+    for index, argument in enumerate(arguments):
+        if argument in ("--config", "-c") and index + 1 < len(arguments):
+            path = arguments[index + 1]
+        elif argument.startswith("--config="):
+            path = argument.partition("=")[2]
+        else:
+            continue
+        try:
+            yaml.safe_load(read_text(path, "config file"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', None) or error}") from None
+
+
+def _run_command(argv: list[str]) -> int | None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return None
@@ -504,6 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
         print(f"metakv-cl: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
     _configure_output()
+    _check_config_files(rest)
     try:
         with _stop_on_signals():
             if command == "compare":
@@ -516,11 +646,11 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     except SIGTERMException:  # Lightning's own stop after a SIGTERM that reached only its handler
         print(INTERRUPTED_MESSAGE, file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
-    except RunFolderError as error:
-        print(f"metakv-cl {command}: {error}", file=sys.stderr)
+    except RunFolderError as error:  # its message is the whole story: no exception type in front
+        print(f"metakv-cl: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     return None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -66,6 +66,22 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def check_local_path(name_or_path: str, what: str) -> None:
+    """Refuse a name that can only be a local path (absolute, ``./``, ``~``, several folders) when
+    it does not exist: transformers would try it as a hub id and say the id is malformed.
+
+    Raises:
+        FileNotFoundError: naming the path.
+    """
+    if Path(name_or_path).exists():
+        return
+    looks_local = name_or_path.startswith(("/", ".", "~", "\\")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if looks_local:
+        raise FileNotFoundError(
+            f"{what} not found: {name_or_path} (a local path; hub ids look like 'name' or 'owner/name')"
+        )
+
+
 def _hub_kwargs(name_or_path: str) -> dict[str, Any]:
     """``local_files_only=True`` for hub names when the hub is unreachable (local paths load as usual)."""
     if Path(name_or_path).exists() or hub_reachable():
@@ -111,6 +127,7 @@ def load_tokenizer(name_or_path: str = "gpt2", **kwargs: Any):
     Returns:
         A tokenizer with a pad token (the EOS token when the tokenizer has none).
     """
+    check_local_path(name_or_path, "tokenizer")
     if name_or_path in SMOLLM2_NAMES and not hub_reachable():  # straight to the offline copy: no hub retries
         folder, gguf_file = offline_smollm2()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
@@ -252,6 +269,7 @@ def load_causal_lm(
     Returns:
         The model in eval mode.
     """
+    check_local_path(name_or_path, "model")
     overrides = dict(config_overrides or {})
     if from_scratch:
         config = _config_for(name_or_path)
@@ -281,7 +299,15 @@ def _from_pretrained(name_or_path, gguf_file, overrides, dtype, attn_implementat
         kwargs["gguf_file"] = gguf_file
     if dtype is not None:
         kwargs["dtype"] = _as_dtype(dtype)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except Exception as error:  # the GGUF reader fails deep inside numpy without naming the file
+        if gguf_file is None:
+            raise
+        raise ValueError(
+            f"{Path(name_or_path) / gguf_file}: not a readable GGUF model (truncated or damaged?): "
+            f"{type(error).__name__}: {error}"
+        ) from error
 
 
 def _config_for(name: str):

@@ -14,6 +14,7 @@ ranks hold the same penalty.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -74,8 +75,8 @@ class EWC(LightningCLStrategy):
     ):
         if mode not in EWC_MODES:
             raise ValueError(f"unknown EWC mode {mode!r}; choose one of {', '.join(EWC_MODES)}")
-        if ewc_lambda < 0:
-            raise ValueError(f"ewc_lambda must be >= 0, got {ewc_lambda}")
+        if not 0 <= ewc_lambda < math.inf:  # also refuses NaN
+            raise ValueError(f"ewc_lambda must be a finite number >= 0, got {ewc_lambda}")
         if not 0.0 <= decay_factor <= 1.0:
             raise ValueError(f"decay_factor must be in [0, 1], got {decay_factor}")
         super().__init__(**kwargs)

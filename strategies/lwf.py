@@ -8,6 +8,7 @@ snapshot evaluated through the same network (no second model object).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,10 +29,10 @@ class LwF(LightningCLStrategy):
     strategy_name = "lwf"
 
     def __init__(self, *, alpha: float = 1.0, temperature: float = 2.0, **kwargs: Any):
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 <= alpha < math.inf:  # also refuses NaN
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         super().__init__(**kwargs)
         self.alpha, self.temperature = alpha, temperature
         self.teacher: ParameterSnapshot | None = None

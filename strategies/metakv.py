@@ -30,6 +30,7 @@ modulation, so the generator has to be consolidated with it. Every variant had f
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -120,8 +121,11 @@ class MetaKVConsolidation(LightningCLStrategy):
         unknown = sorted(set(consolidate_groups) - set(CONSOLIDATION_GROUPS))
         if unknown or not consolidate_groups:
             raise ValueError(f"consolidate_groups must be a non-empty subset of {CONSOLIDATION_GROUPS}, got {list(consolidate_groups)}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:  # also refuses NaN
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        for name, lr in (("fast_lr", fast_lr), ("consolidation_lr", consolidation_lr)):
+            if lr is not None and not 0 < lr < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0 or null (the model's lr), got {lr}")
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         if patience < 0:
@@ -142,8 +146,8 @@ class MetaKVConsolidation(LightningCLStrategy):
         self.validation_fraction, self.patience = validation_fraction, patience
         self.consolidation_epochs_used: list[int] = []
         self.temperature = temperature
-        if lm_loss_weight < 0:
-            raise ValueError(f"lm_loss_weight must be >= 0, got {lm_loss_weight}")
+        if not 0 <= lm_loss_weight < math.inf:
+            raise ValueError(f"lm_loss_weight must be a finite number >= 0, got {lm_loss_weight}")
         self.lm_loss_weight = lm_loss_weight
         self.memory = memory
         self.initial_memory: dict[str, torch.Tensor] | None = None

@@ -8,6 +8,29 @@ from metakv_cl.testing import tiny_gpt2, tiny_llama
 TINY_MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
+@pytest.fixture
+def cli_error(capsys):
+    """Run ``metakv_cl.cli.main(argv)`` expecting a failure; return its one error line.
+
+    Checks the CLI's error contract: a non-zero exit, exactly one ``metakv-cl: error:`` line on
+    stderr and no traceback.
+    """
+    from metakv_cl.cli import main
+
+    def run(argv) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(argv))
+        err = capsys.readouterr().err
+        assert exit_info.value.code not in (0, None), err
+        assert "Traceback" not in err, err
+        lines = [line for line in err.splitlines() if line.startswith("metakv-cl: error:")]
+        assert len(lines) == 1, err
+        return lines[0]
+
+    return run
+
+
 @pytest.fixture(params=sorted(TINY_MODELS))
 def tiny_model_factory(request):
     """A factory for each tiny architecture (GPT-2, Llama)."""

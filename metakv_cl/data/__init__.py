@@ -8,6 +8,7 @@ benchmark of tokenised experiences.
 from metakv_cl.data.collate import IGNORE_INDEX, PadCollator
 from metakv_cl.data.dbpedia import dbpedia_topic_tasks
 from metakv_cl.data.downstream import downstream_tasks
+from metakv_cl.data.registry import get_loader, register_loader, registered_loaders
 from metakv_cl.data.scoring import rank_choices, rank_choices_with_shared_prompt, sequence_nll
 from metakv_cl.data.stream import (
     OVERFLOW_POLICIES,
@@ -42,8 +43,11 @@ __all__ = [
     "concat_experience_datasets",
     "dbpedia_topic_tasks",
     "downstream_tasks",
+    "get_loader",
     "make_benchmark",
     "rank_choices",
+    "register_loader",
+    "registered_loaders",
     "rank_choices_with_shared_prompt",
     "sequence_nll",
     "synthetic_topic_tasks",

@@ -17,14 +17,15 @@ default data root, the labelled-JSON reader and the seeded train/test split.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 from pathlib import Path
 from typing import Sequence, TypeVar
 
+from metakv_cl.data.registry import register_loader
 from metakv_cl.data.tasks import TextTask
+from metakv_cl.files import read_json
 
 __all__ = [
     "DATA_ROOT_ENV",
@@ -69,9 +70,7 @@ def read_labelled_json(path: str | Path) -> list[tuple[str, str]]:
         ValueError: if the file is not such a list, or is empty.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    records = json.loads(path.read_text(encoding="utf-8"))
+    records = read_json(path, "data file")
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of {{'label', 'sentence'}} records, got {type(records).__name__}")
     if not records:
@@ -80,7 +79,11 @@ def read_labelled_json(path: str | Path) -> list[tuple[str, str]]:
     for index, record in enumerate(records):
         if not isinstance(record, dict) or not {"label", "sentence"} <= record.keys():
             raise ValueError(f"{path}: record {index} is not a {{'label', 'sentence'}} object: {str(record)[:80]}")
-        pairs.append((str(record["sentence"]), str(record["label"])))
+        for key in ("sentence", "label"):  # str() would turn a null label into the label "None"
+            if not isinstance(record[key], str):
+                raise ValueError(f"{path}: record {index} has a {type(record[key]).__name__} {key} "
+                                 f"{record[key]!r:.40}; it must be a string")
+        pairs.append((record["sentence"], record["label"]))
     return pairs
 
 
@@ -168,6 +171,7 @@ def _ordered_topics(present: set[str], order: str, seed: int) -> list[str]:
     return topics
 
 
+@register_loader
 def dbpedia_topic_tasks(
     root: str | Path | None = None,
     topics_per_experience: int = 2,

@@ -31,13 +31,14 @@ offline split is DBpedia-14's 7,600-abstract test set), ``<root>/dbpedia14/`` sp
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from metakv_cl.data.dbpedia import default_data_root, read_labelled_json, split_holdout
+from metakv_cl.data.registry import register_loader
 from metakv_cl.data.tasks import ClassificationTask
+from metakv_cl.files import read_json
 
 __all__ = ["DownstreamSpec", "DOWNSTREAM_TASKS", "DOWNSTREAM_ORDERS", "downstream_tasks"]
 
@@ -98,12 +99,10 @@ def _order_key(order: int | str) -> str:
 
 def _read_labels(folder: Path) -> list[str]:
     labels_file = folder / "labels.json"
-    if not labels_file.is_file():
-        raise FileNotFoundError(f"labels file not found: {labels_file}")
-    labels = json.loads(labels_file.read_text(encoding="utf-8"))
-    if not isinstance(labels, list) or len(labels) < 2:
-        raise ValueError(f"{labels_file}: expected a JSON list of at least two label strings, got {labels!r}")
-    return [str(label) for label in labels]
+    labels = read_json(labels_file, "labels file")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"{labels_file}: expected a JSON list of at least two label strings, got {labels!r:.80}")
+    return labels
 
 
 def _read_gold(path: Path) -> list[tuple[str, str]]:
@@ -128,6 +127,7 @@ def _subsample(pairs: list[tuple[str, str]], limit: int | None, seed: str) -> li
     return random.Random(seed).sample(pairs, limit)
 
 
+@register_loader
 def downstream_tasks(
     order: int | str = 1,
     root: str | Path | None = None,

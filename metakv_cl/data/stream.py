@@ -41,7 +41,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -53,7 +53,9 @@ from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
 from avalanche.benchmarks.utils.data import AvalancheDataset
 
 from metakv_cl.data.collate import IGNORE_INDEX, PadCollator
+from metakv_cl.data.registry import get_loader
 from metakv_cl.data.tasks import ClassificationTask, Task, TextTask
+from metakv_cl.files import read_text
 
 OVERFLOW_POLICIES = ("truncate", "chunk", "error")
 SCORE_NAMES = {"lm": "loss", "classification": "accuracy"}
@@ -378,10 +380,7 @@ def text_task_from_files(
         raise ValueError(f"unknown unit {unit!r}; choose 'line' or 'paragraph'")
 
     def read(path: str | Path) -> list[str]:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"task {name!r}: text file not found: {path}")
-        content = path.read_text(encoding=encoding)
+        content = read_text(path, f"task {name!r}: text file", encoding)
         pieces = content.splitlines() if unit == "line" else content.split("\n\n")
         return [piece.strip() for piece in pieces if piece.strip()]
 
@@ -439,9 +438,19 @@ def text_task_from_hf_dataset(
         The :class:`TextTask` (empty texts dropped).
     """
     train_rows, test_rows = _hf_splits(dataset, train_split, test_split)
-    train = [t for t in _column(train_rows, text_column, max_items) if str(t).strip()]
-    test = [t for t in _column(test_rows, text_column, max_items) if str(t).strip()]
+    train = [t for t in _strings(_column(train_rows, text_column, max_items), text_column, train_split) if t.strip()]
+    test = [t for t in _strings(_column(test_rows, text_column, max_items), text_column, test_split) if t.strip()]
     return TextTask(name, train=train, test=test)
+
+
+def _strings(values: list, column: str, split: str) -> list[str]:
+    """``values`` when all are strings; str() would turn a missing value into the text "None"."""
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise ValueError(
+                f"split {split!r}, row {row}: column {column!r} holds {type(value).__name__} {value!r:.40}, not a string"
+            )
+    return values
 
 
 def classification_task_from_hf_dataset(
@@ -478,14 +487,24 @@ def classification_task_from_hf_dataset(
         feature = features.get(label_column) if features is not None else None
         label_names = list(getattr(feature, "names", []) or [])
 
-    def pairs(rows) -> list[tuple[str, str]]:
-        texts = _column(rows, text_column, max_items)
-        labels = _column(rows, label_column, max_items)
-        if label_names:
-            labels = [label_names[label] if isinstance(label, int) else str(label) for label in labels]
-        return [(str(text), str(label)) for text, label in zip(texts, labels)]
+    def label_string(label: Any, row: int, split: str) -> str:
+        if label_names and isinstance(label, int) and not isinstance(label, bool):
+            if not 0 <= label < len(label_names):
+                raise ValueError(
+                    f"split {split!r}, row {row}: label id {label} is outside label_names (0..{len(label_names) - 1})"
+                )
+            return label_names[label]
+        if not isinstance(label, str):
+            raise ValueError(f"split {split!r}, row {row}: column {label_column!r} holds {type(label).__name__} "
+                             f"{label!r:.40}; labels must be strings, or integer ids with label_names")
+        return label
 
-    train, test = pairs(train_rows), pairs(test_rows)
+    def pairs(rows, split: str) -> list[tuple[str, str]]:
+        texts = _strings(_column(rows, text_column, max_items), text_column, split)
+        labels = [label_string(label, row, split) for row, label in enumerate(_column(rows, label_column, max_items))]
+        return list(zip(texts, labels))
+
+    train, test = pairs(train_rows, train_split), pairs(test_rows, test_split)
     labels = list(label_names) if label_names else sorted({label for _, label in train + test})
     return ClassificationTask(name, train=train, test=test, labels=labels, template=template)
 
@@ -603,33 +622,20 @@ def _task_texts(task: Task) -> list[str]:
     return [task.prompt(text) + " " + label for text, label in list(task.train) + list(task.test)] + list(task.labels)
 
 
-def _task_from_dict(spec: Mapping[str, Any]) -> Task:
-    """A task from a config dict: with ``labels`` a ClassificationTask, otherwise a TextTask."""
+def _task_from_dict(spec: Mapping[str, Any], index: int) -> Task:
+    """Inline task ``index`` from its config dict: with ``labels`` a ClassificationTask, otherwise a TextTask."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"tasks[{index}]: expected a mapping with name, train, test (and labels), got {spec!r:.60}")
     spec = dict(spec)
     try:
         if "labels" in spec:
-            spec["train"] = [tuple(pair) for pair in spec.get("train", [])]
-            spec["test"] = [tuple(pair) for pair in spec.get("test", [])]
+            for split in ("train", "test"):  # YAML has no tuples: its pairs arrive as lists
+                if isinstance(spec.get(split), list):
+                    spec[split] = [tuple(pair) if isinstance(pair, list) else pair for pair in spec[split]]
             return ClassificationTask(**spec)
         return TextTask(**spec)
     except TypeError as error:
-        raise ValueError(f"bad inline task {spec.get('name', '?')!r}: {error}") from None
-
-
-def _resolve_callable(path: str):
-    """Import ``package.module.function`` given as a dotted path."""
-    import importlib
-
-    module_name, _, attribute = path.rpartition(".")
-    if not module_name:
-        raise ValueError(f"loader {path!r} is not a dotted path like 'package.module.function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"cannot import the module of loader {path!r}: {error}") from None
-    if not hasattr(module, attribute):
-        raise ValueError(f"module {module_name!r} has no loader {attribute!r}")
-    return getattr(module, attribute)
+        raise ValueError(f"tasks[{index}] ({spec.get('name', '?')!r}): {error}") from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -644,19 +650,29 @@ def named_tokenizer(name: str):
     return load_tokenizer(name)
 
 
-def _call_loader(path: str, arguments: Mapping[str, Any]) -> list[Task]:
-    """Call the loader at dotted ``path`` with ``arguments`` (checked against its signature first)."""
+def _checked_loader(name: str, arguments: Mapping[str, Any], key: str) -> Callable[..., list[Task]]:
+    """The registered loader ``name``, once ``arguments`` are known to fit its signature."""
     import inspect
 
-    function = _resolve_callable(path)
+    function = get_loader(name, key)
     signature = inspect.signature(function)
     try:
         signature.bind(**arguments)
     except TypeError as error:
         raise ValueError(
-            f"loader_args do not fit {path}: {error}; accepted arguments: {list(signature.parameters)}"
+            f"{key}_args do not fit {name}: {error}; accepted arguments: {list(signature.parameters)}"
         ) from None
-    return function(**arguments)
+    return function
+
+
+def _call_loader(name: str, arguments: Mapping[str, Any], key: str) -> list[Task]:
+    """Call the registered loader ``name``; its result must be a non-empty list of tasks."""
+    tasks = _checked_loader(name, arguments, key)(**arguments)
+    if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, (TextTask, ClassificationTask)) for t in tasks):
+        raise ValueError(f"{key} {name} returned {type(tasks).__name__}, not a list of TextTask / ClassificationTask")
+    if not tasks:
+        raise ValueError(f"{key} {name} returned no task (with {key}_args {dict(arguments)})")
+    return list(tasks)
 
 
 class TaskStream(pl.LightningDataModule):
@@ -668,9 +684,9 @@ class TaskStream(pl.LightningDataModule):
     per experience.
 
     Args:
-        loader: dotted path of a function returning a task list, e.g.
-            ``metakv_cl.data.synthetic.synthetic_topic_tasks`` or
-            ``metakv_cl.data.dbpedia.dbpedia_topic_tasks``. Ignored when ``tasks`` is given.
+        loader: a registered task loader (:mod:`metakv_cl.data.registry`), by name or dotted
+            path, e.g. ``synthetic_topic_tasks`` or ``metakv_cl.data.dbpedia.dbpedia_topic_tasks``.
+            Ignored when ``tasks`` is given.
         loader_args: keyword arguments of the loader (checked against its signature).
         tasks: inline tasks instead of a loader: dicts with ``name``, ``train``, ``test`` (and
             ``labels``, optionally ``template``, for classification).
@@ -684,7 +700,7 @@ class TaskStream(pl.LightningDataModule):
         overflow: ``"chunk"``, ``"truncate"`` or ``"error"`` for over-long texts.
         warmup_experiences: how many leading tasks form the warm-up stream (pre-training of a
             from-scratch model before the continual stream; not evaluated).
-        warmup_loader: dotted path of a loader whose tasks form the warm-up stream instead
+        warmup_loader: a registered loader whose tasks form the warm-up stream instead
             (e.g. ``metakv_cl.data.wikitext.wikitext_tasks``: general text before a topic
             stream); once loaded, ``warmup_experiences`` is the number of tasks it returned.
         warmup_loader_args: keyword arguments of ``warmup_loader``.
@@ -718,6 +734,19 @@ class TaskStream(pl.LightningDataModule):
                 "give either warmup_experiences (leading tasks of the stream) or warmup_loader (tasks of "
                 f"another loader) for the warm-up, not both (got {warmup_experiences} and {warmup_loader!r})"
             )
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens or null (the model's positions), got {max_length}")
+        if word_level_vocab_size is not None and word_level_vocab_size < 3:
+            raise ValueError(f"word_level_vocab_size must be at least 3 (<unk>, <eos> and a word) or null, "
+                             f"got {word_level_vocab_size}")
+        if warmup_epochs < 1 and (warmup_experiences or warmup_loader is not None):
+            raise ValueError(f"warmup_epochs must be >= 1 when a warm-up is configured, got {warmup_epochs}")
+        if tasks is None:  # refuse an unknown loader or misfit arguments before anything loads
+            _checked_loader(loader, dict(loader_args or {}), "loader")
+        elif not tasks:
+            raise ValueError("tasks: the inline task list is empty; give at least one task, or no tasks and a loader")
+        if warmup_loader is not None:
+            _checked_loader(warmup_loader, dict(warmup_loader_args or {}), "warmup_loader")
         self.loader = loader
         self.loader_args = dict(loader_args or {})
         self.inline_tasks = tasks
@@ -738,13 +767,11 @@ class TaskStream(pl.LightningDataModule):
         """Load (once) and return every task, warm-up tasks first."""
         if self._tasks is None:
             if self.inline_tasks is not None:
-                tasks = [_task_from_dict(spec) for spec in self.inline_tasks]
+                tasks = [_task_from_dict(spec, index) for index, spec in enumerate(self.inline_tasks)]
             else:
-                tasks = list(_call_loader(self.loader, self.loader_args))
+                tasks = _call_loader(self.loader, self.loader_args, "loader")
             if self.warmup_loader is not None:
-                warmup = list(_call_loader(self.warmup_loader, self.warmup_loader_args))
-                if not warmup:
-                    raise ValueError(f"the warm-up loader {self.warmup_loader} returned no task")
+                warmup = _call_loader(self.warmup_loader, self.warmup_loader_args, "warmup_loader")
                 self.warmup_experiences = len(warmup)
                 tasks = warmup + tasks
             self._tasks = tasks

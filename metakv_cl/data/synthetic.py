@@ -34,6 +34,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from metakv_cl.data.registry import register_loader
 from metakv_cl.data.tasks import TextTask
 
 __all__ = [
@@ -379,6 +380,7 @@ def _render(template: str, entity: str, value: str) -> str:
     return _capitalize(template.format(e=entity, v=value))
 
 
+@register_loader
 def synthetic_topic_tasks(
     num_experiences: int = 3,
     entities_per_topic: int = 8,

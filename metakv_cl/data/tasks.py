@@ -11,7 +11,7 @@ Avalanche benchmark.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 @dataclass
@@ -30,8 +30,13 @@ class TextTask:
     kind: str = field(default="lm", init=False)
 
     def __post_init__(self) -> None:
-        _check_nonempty(self.name, "train", self.train)
-        _check_nonempty(self.name, "test", self.test)
+        _check_name(self.name)
+        for split in ("train", "test"):
+            texts = getattr(self, split)
+            _check_nonempty(self.name, split, texts)
+            for index, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise ValueError(f"task {self.name!r}: {split}[{index}] must be a string, got {_shown(text)}")
 
 
 @dataclass
@@ -55,8 +60,16 @@ class ClassificationTask:
     kind: str = field(default="classification", init=False)
 
     def __post_init__(self) -> None:
-        _check_nonempty(self.name, "train", self.train)
-        _check_nonempty(self.name, "test", self.test)
+        _check_name(self.name)
+        if isinstance(self.labels, str) or not all(isinstance(label, str) for label in self.labels):
+            raise ValueError(f"task {self.name!r}: labels must be a list of strings, got {_shown(self.labels)}")
+        for split in ("train", "test"):
+            pairs = getattr(self, split)
+            _check_nonempty(self.name, split, pairs)
+            for index, pair in enumerate(pairs):
+                if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                    raise ValueError(f"task {self.name!r}: {split}[{index}] must be a (text, label) pair of strings, "
+                                     f"got {_shown(pair)}")
         if len(set(self.labels)) < 2:
             raise ValueError(f"task {self.name!r}: needs at least two distinct labels, got {list(self.labels)}")
         if "{text}" not in self.template:
@@ -75,6 +88,21 @@ class ClassificationTask:
 Task = TextTask | ClassificationTask
 
 
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a task name must be a non-empty string, got {_shown(name)}")
+
+
+def _shown(value: object) -> str:
+    """A value for an error message: its type and a short repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
 def _check_nonempty(task_name: str, split: str, items: Sequence) -> None:
+    # a string is a sequence of characters: as a split it would train on one-character texts
+    indexable = hasattr(items, "__len__") and hasattr(items, "__getitem__")  # lists, tuples, arrays
+    if isinstance(items, (str, bytes, Mapping)) or not indexable:
+        raise ValueError(f"task {task_name!r}: {split} must be a list, got {_shown(items)}")
     if len(items) == 0:
         raise ValueError(f"task {task_name!r}: the {split} split is empty (an experience needs data)")

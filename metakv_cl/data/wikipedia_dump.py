@@ -2,7 +2,7 @@
 
 Users bring their own dump (``*-pages-articles*.xml`` or ``.xml.bz2`` from
 dumps.wikimedia.org). The dump is parsed as a stream (``xml.etree.ElementTree.iterparse``,
-elements freed as soon as a page is read), so memory stays flat for any dump size, and
+every record, page or not, freed as soon as it ends), so memory stays flat for any dump size, and
 parsing stops as soon as every task has ``max_articles_per_task`` articles.
 
 An article belongs to a task when one of its ``[[Category:...]]`` links names one of the
@@ -24,9 +24,10 @@ import re
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Mapping, Sequence
+from typing import IO, Callable, Iterator, Mapping, Sequence
 
 from metakv_cl.data.dbpedia import split_holdout
+from metakv_cl.data.registry import register_loader
 from metakv_cl.data.tasks import TextTask
 
 __all__ = ["WikiPage", "iter_wikipedia_pages", "strip_wikitext", "normalize_category", "tasks_from_wikipedia_dump"]
@@ -56,9 +57,13 @@ _TRAILING_SECTIONS = re.compile(
 )
 # Link prefixes whose link is dropped entirely rather than replaced by its label.
 _DROPPED_LINK_PREFIXES = ("file:", "image:", "media:", "category:")
-_INNERMOST_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
-_INNERMOST_TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.DOTALL)
-_INNERMOST_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
+_TEMPLATE_MARKS = re.compile(r"\{\{|\}\}")
+_TABLE_MARKS = re.compile(r"\{\||\|\}")
+_LINK_MARKS = re.compile(r"\[\[|\]\]")
+_TAG_BLOCK = re.compile(
+    r"<(ref|math|gallery|timeline|score|syntaxhighlight)\b[^<>]*>(?:[^<]|<(?!/?\1\b))*?</\1\s*>", re.IGNORECASE
+)
+_HEADING = re.compile(r"(=+)([^=](?:.*[^=])?)\1")
 _INTERWIKI = re.compile(r"^[a-z]{2,3}(?:-[a-z]+)?:")
 
 
@@ -69,16 +74,36 @@ def normalize_category(name: str) -> str:
     return re.sub(r"\s+", " ", name.replace("_", " ")).strip().lower()
 
 
-def _remove_innermost(pattern: re.Pattern[str], text: str) -> str:
-    """Remove nested constructs by deleting innermost matches until none is left."""
-    while True:
-        text, count = pattern.subn("", text)
-        if count == 0:
-            return text
+def _replace_nested(text: str, marks: re.Pattern[str], opener: str, replace: Callable[[str], str]) -> str:
+    """Replace every balanced ``opener ... closer`` span, innermost first, in one left-to-right pass.
+
+    ``marks`` matches the opener and the closer. Each span's content (its inner spans already
+    replaced) goes through ``replace``; unbalanced marks stay as text. One pass keeps deeply
+    nested templates linear: removing innermost matches until none is left costs a pass per
+    nesting level.
+    """
+    stack: list[list[str]] = [[]]
+    position = 0
+    for match in marks.finditer(text):
+        stack[-1].append(text[position : match.start()])
+        position = match.end()
+        if match.group() == opener:
+            stack.append([])
+        elif len(stack) > 1:
+            content = "".join(stack.pop())
+            stack[-1].append(replace(content))
+        else:
+            stack[-1].append(match.group())
+    stack[-1].append(text[position:])
+    return opener.join("".join(level) for level in stack)  # unclosed openers stay as text
 
 
-def _link_text(match: re.Match[str]) -> str:
-    target, _, label = match.group(1).partition("|")
+def _drop(_: str) -> str:
+    return ""
+
+
+def _link_text(content: str) -> str:
+    target, _, label = content.partition("|")
     if target.strip().lower().startswith(_DROPPED_LINK_PREFIXES) or _INTERWIKI.match(target.strip()):
         return ""
     # [[Target|label]] shows the last pipe segment; [[Target]] shows the target.
@@ -98,27 +123,26 @@ def strip_wikitext(wikitext: str) -> str:
         removed; the article is cut at its first References/Notes/External links/See also
         (and similar) section.
     """
-    text = re.sub(r"<!--.*?-->", "", wikitext, flags=re.DOTALL)
-    text = re.sub(r"<ref[^>]*/>", "", text, flags=re.IGNORECASE)
-    text = re.sub(r"<(ref|math|gallery|timeline|score|syntaxhighlight)\b[^>]*>.*?</\1\s*>", "", text,
-                  flags=re.DOTALL | re.IGNORECASE)
-    text = _remove_innermost(_INNERMOST_TEMPLATE, text)
-    text = _remove_innermost(_INNERMOST_TABLE, text)
+    # The patterns below never scan past the next opening mark, so that unclosed marks cost
+    # linear time, not a scan to the end of the text per mark.
+    # MediaWiki ends an unclosed comment at the end of the text
+    text = re.sub(r"<!--.*?(?:-->|\Z)", "", wikitext, flags=re.DOTALL)
+    text = re.sub(r"<ref[^<>]*/>", "", text, flags=re.IGNORECASE)
+    text = _TAG_BLOCK.sub("", text)
+    text = _replace_nested(text, _TEMPLATE_MARKS, "{{", _drop)
+    text = _replace_nested(text, _TABLE_MARKS, "{|", _drop)
     cut = _TRAILING_SECTIONS.search(text)
     if cut:
         text = text[: cut.start()]
-    while True:  # innermost links first, so a file caption's links go with the file
-        text, count = _INNERMOST_LINK.subn(_link_text, text)
-        if count == 0:
-            break
-    text = re.sub(r"\[(?:https?|ftp)://[^\s\]]+\s*([^\]]*)\]", r"\1", text)
+    text = _replace_nested(text, _LINK_MARKS, "[[", _link_text)  # a file caption's links go with the file
+    text = re.sub(r"\[(?:https?|ftp)://[^\s\[\]]+\s*([^\[\]]*)\]", r"\1", text)
     text = re.sub(r"'{2,}", "", text)
-    text = re.sub(r"<[^>]+>", "", text)
+    text = re.sub(r"<[^<>]+>", "", text)
     text = re.sub(r"__[A-Z]+__", "", text)
     text = html.unescape(text).replace("\xa0", " ")
     lines = []
     for line in text.splitlines():
-        heading = re.fullmatch(r"\s*(=+)\s*(.*?)\s*\1\s*", line)
+        heading = _HEADING.fullmatch(line.strip())
         if heading:
             line = heading.group(2)
         elif line.lstrip().startswith(("|", "!")):  # leftovers of malformed tables
@@ -150,27 +174,50 @@ def iter_wikipedia_pages(xml_path: str | Path) -> Iterator[WikiPage]:
 
     Raises:
         FileNotFoundError: if the file does not exist (the message names it).
-        xml.etree.ElementTree.ParseError: if the XML is malformed.
+        ValueError: if the XML is malformed or the compressed file truncated (the message names it).
     """
     path = Path(xml_path)
     if not path.is_file():
         raise FileNotFoundError(f"Wikipedia dump not found: {path}")
-    with _open_dump(path) as stream:
-        events = ElementTree.iterparse(stream, events=("start", "end"))
-        _, root = next(events)
-        for event, element in events:
-            if event != "end" or _local(element.tag) != "page":
-                continue
-            fields = {_local(child.tag): child for child in element.iter()}
-            is_article = (fields.get("ns") is not None and (fields["ns"].text or "").strip() == "0"
-                          and "redirect" not in fields)
-            if is_article and fields.get("text") is not None:
-                wikitext = fields["text"].text or ""
-                categories = frozenset(normalize_category(name) for name in _CATEGORY_LINK.findall(wikitext))
-                yield WikiPage(title=(fields["title"].text or "").strip(), wikitext=wikitext, categories=categories)
-            root.clear()  # drop finished pages: memory stays flat on multi-GB dumps
+    try:
+        with _open_dump(path) as stream:
+            yield from _pages(stream)
+    except (ElementTree.ParseError, EOFError, OSError) as error:  # malformed XML, truncated or damaged .bz2
+        raise ValueError(f"{path}: not a readable MediaWiki XML dump ({type(error).__name__}: {error})") from None
 
 
+def _pages(stream: IO[bytes]) -> Iterator[WikiPage]:
+    depth = 0
+    root = None
+    for event, element in ElementTree.iterparse(stream, events=("start", "end")):
+        if event == "start":
+            root = element if root is None else root
+            depth += 1
+            continue
+        depth -= 1
+        if depth != 1:  # only the root's children (pages, siteinfo, ...) are whole records
+            continue
+        if _local(element.tag) == "page":
+            page = _page(element)
+            if page is not None:
+                yield page
+        root.clear()  # drop every finished record, page or not: memory stays flat on multi-GB dumps
+
+
+def _page(element: ElementTree.Element) -> WikiPage | None:
+    """The article of a ``<page>`` element, or None for redirects and other namespaces."""
+    fields = {_local(child.tag): child for child in element.iter()}
+    is_article = (fields.get("ns") is not None and (fields["ns"].text or "").strip() == "0"
+                  and "redirect" not in fields)
+    if not is_article or fields.get("text") is None:
+        return None
+    wikitext = fields["text"].text or ""
+    categories = frozenset(normalize_category(name) for name in _CATEGORY_LINK.findall(wikitext))
+    title = fields["title"].text if fields.get("title") is not None else ""
+    return WikiPage(title=(title or "").strip(), wikitext=wikitext, categories=categories)
+
+
+@register_loader
 def tasks_from_wikipedia_dump(
     xml_path: str | Path,
     categories: Mapping[str, Sequence[str]],

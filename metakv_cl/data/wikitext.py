@@ -18,7 +18,9 @@ import re
 from pathlib import Path
 
 from metakv_cl.data.dbpedia import default_data_root, split_holdout
+from metakv_cl.data.registry import register_loader
 from metakv_cl.data.tasks import TextTask
+from metakv_cl.files import read_text
 
 __all__ = ["detokenize_wikitext", "wikitext_paragraphs", "wikitext_tasks"]
 
@@ -48,15 +50,14 @@ def wikitext_paragraphs(path: str | Path) -> list[str]:
         ValueError: the file has no paragraph.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"WikiText file not found: {path} (see ../shared/data/README.md)")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "WikiText file (see ../shared/data/README.md)").splitlines()
     paragraphs = [detokenize_wikitext(line) for line in lines if line.strip() and not _HEADING.match(line)]
     if not paragraphs:
         raise ValueError(f"{path}: no paragraph found")
     return paragraphs
 
 
+@register_loader
 def wikitext_tasks(
     root: str | Path | None = None,
     name: str = "WikiText-2",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from metakv_cl.files import read_json
 
 DYNAMIC_SOURCES = ("mean", "max", "attentive", "recurrent")
 SOURCES = DYNAMIC_SOURCES + ("consolidated", "hybrid")
@@ -51,21 +54,24 @@ class MetaKVConfig:
     attentive_score_bound: float = 8.0
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"unknown meta-state source {self.source!r}; choose one of {', '.join(SOURCES)}")
-        if self.hybrid_dynamic not in DYNAMIC_SOURCES:
-            raise ValueError(
-                f"unknown hybrid_dynamic source {self.hybrid_dynamic!r}; choose one of {', '.join(DYNAMIC_SOURCES)}"
-            )
-        if self.form not in FORMS:
-            raise ValueError(f"unknown modulation form {self.form!r}; choose one of {', '.join(FORMS)}")
-        if self.core not in CORES:
-            raise ValueError(f"unknown core {self.core!r}; choose one of {', '.join(CORES)}")
+        choices = (
+            ("source", "meta-state source", SOURCES),
+            ("hybrid_dynamic", "hybrid_dynamic source", DYNAMIC_SOURCES),
+            ("form", "modulation form", FORMS),
+            ("core", "core", CORES),
+        )
+        for name, what, allowed in choices:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"meta_kv.{name}: unknown {what} {value!r}; choose one of {', '.join(allowed)}")
         for name in ("rank", "state_dim", "hypernetwork_dim", "memory_slots"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.attentive_score_bound <= 0 or self.attentive_score_bound > 40:
-            raise ValueError(f"attentive_score_bound must be in (0, 40], got {self.attentive_score_bound}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"meta_kv.{name} must be an integer >= 1, got {value!r}")
+        if not (0 < self.attentive_score_bound <= 40):  # also refuses NaN
+            raise ValueError(f"meta_kv.attentive_score_bound must be in (0, 40], got {self.attentive_score_bound}")
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise ValueError(f"meta_kv.alpha must be a finite number or null (1 / rank), got {self.alpha}")
 
     @property
     def scale(self) -> float:
@@ -100,4 +106,7 @@ class MetaKVConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "MetaKVConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        values = read_json(path, "Meta-KV config")
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a JSON object of MetaKVConfig fields, got {type(values).__name__}")
+        return cls.from_dict(values)

@@ -92,8 +92,14 @@ class ContinualLMModule(pl.LightningModule):
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+        if not (0 < lr < math.inf):  # also refuses NaN
+            raise ValueError(f"lr must be a positive finite number, got {lr}")
+        if not (0 <= weight_decay < math.inf):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+        if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if isinstance(model, str):
             from metakv_cl.hub import load_causal_lm
 

@@ -116,12 +116,11 @@ def test_compact_vocabulary_keeps_the_segmentation_with_small_ids():
 
 
 def test_task_stream_validates_loader_arguments_and_model_limit():
-    stream = TaskStream(loader="metakv_cl.data.synthetic.synthetic_topic_tasks", loader_args={"topics_count": 2})
+    # both are refused when the stream is configured, before anything loads
     with pytest.raises(ValueError, match="loader_args do not fit .*topics_count.*accepted arguments"):
-        stream.tasks()
-    stream = TaskStream(loader="metakv_cl.data.nowhere.tasks")
-    with pytest.raises(ValueError, match="cannot import the module of loader"):
-        stream.tasks()
+        TaskStream(loader="metakv_cl.data.synthetic.synthetic_topic_tasks", loader_args={"topics_count": 2})
+    with pytest.raises(ValueError, match="'metakv_cl.data.nowhere.tasks' is not a registered task loader"):
+        TaskStream(loader="metakv_cl.data.nowhere.tasks")
     stream = TaskStream(tasks=[{"name": "a", "train": TEXTS, "test": TEXTS}], tokenizer="word-level", max_length=256)
     with pytest.raises(ValueError, match="max_length=256 exceeds the model's 128 positions"):
         stream.build(model_max_positions=128)

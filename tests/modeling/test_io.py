@@ -67,3 +67,22 @@ def test_load_errors_name_the_problem(tmp_path):
     save_meta_kv(randomized(tiny_gpt2(), MetaKVConfig(source="mean")), tmp_path)
     with pytest.raises(ValueError, match="differs from the model's"):
         load_meta_kv(add_meta_kv(tiny_gpt2(), MetaKVConfig(source="max")), tmp_path)
+
+
+def test_saved_config_records_checksum_and_base_model_and_old_layout_loads_with_a_warning(tmp_path):
+    import hashlib
+    import json
+
+    torch.manual_seed(0)
+    model = randomized(tiny_gpt2(), MetaKVConfig(source="mean", rank=4))
+    save_meta_kv(model, tmp_path)
+    record = json.loads((tmp_path / "meta_kv_config.json").read_text())
+    assert record["base_model"] == {"model_type": "gpt2"}
+    assert record["weights_sha256"] == hashlib.sha256((tmp_path / "meta_kv.safetensors").read_bytes()).hexdigest()
+    # a directory saved before the checksum existed holds the bare config
+    (tmp_path / "meta_kv_config.json").write_text(json.dumps(record["meta_kv"]))
+    torch.manual_seed(0)  # the same base weights
+    with pytest.warns(UserWarning, match="records no weights checksum"):
+        loaded = load_meta_kv(tiny_gpt2(), tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 6))
+    assert (loaded(ids).logits - model(ids).logits).abs().max().item() == 0.0
