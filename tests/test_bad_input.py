@@ -70,7 +70,7 @@ CONFIG_CASES = [
     ("yaml-meta-kv-rank-0", lambda c: _set(c, "model.init_args.meta_kv", {"rank": 0}), [], "fit",
      ["meta_kv.rank", "got 0"]),
     ("yaml-meta-kv-rank-above-head-dim", lambda c: _set(c, "model.init_args.meta_kv", {"rank": 9}), [], "fit",
-     ["rank 9", "head dimension 8"]),
+     ["meta_kv.rank", "rank 9", "head dimension 8"]),
     ("yaml-meta-kv-form", lambda c: _set(c, "model.init_args.meta_kv", {"form": "dense"}), [], "fit",
      ["meta_kv.form", "'dense'", "hypernetwork"]),
     ("yaml-meta-kv-alpha-nan", lambda c: _set(c, "model.init_args.meta_kv", {"alpha": NAN}), [], "fit",

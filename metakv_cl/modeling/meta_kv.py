@@ -350,7 +350,10 @@ def add_meta_kv(model: nn.Module, config: MetaKVConfig | None = None) -> nn.Modu
     adapter, sites = find_attention_sites(model)
     head_dim = sites[0].head_dim
     if config.rank > head_dim:
-        raise ValueError(f"rank {config.rank} is larger than the head dimension {head_dim} of this model allows")
+        raise ValueError(
+            f"meta_kv.rank: rank {config.rank} is larger than the head dimension {head_dim} of this model; "
+            f"give a rank from 1 to {head_dim}"
+        )
     base_parameter = next(model.parameters())
     meta_kv = MetaKV(config, adapter, sites).to(device=base_parameter.device, dtype=base_parameter.dtype)
     meta_kv.train(model.training)
