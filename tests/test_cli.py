@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from metakv_cl.cli import main
-from metakv_cl.training.testing import single_torch_thread, toy_config
+from metakv_cl.training.testing import single_torch_thread, toy_config, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -19,15 +19,9 @@ def _one_torch_thread():
         yield
 
 
-def write(tmp_path, config, name="config.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
 def test_fit_runs_the_stream_prints_the_table_and_writes_the_report(tmp_path, capsys):
     root = tmp_path / "run"
-    path = write(tmp_path, toy_config(root))
+    path = write_config(tmp_path, toy_config(root))
     main(["fit", "--config", path, "--trainer.max_epochs", "2"])
     out = capsys.readouterr().out
     assert "| method | score | average | forgetting | BWT | FWT |" in out and "| naive | loss |" in out
@@ -54,7 +48,7 @@ def test_fit_runs_the_stream_prints_the_table_and_writes_the_report(tmp_path, ca
 
 
 def test_print_config_shows_strategy_and_stream(tmp_path, capsys):
-    path = write(tmp_path, toy_config(tmp_path / "run"))
+    path = write_config(tmp_path, toy_config(tmp_path / "run"))
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", path, "--print_config"])
     assert exit_info.value.code == 0
@@ -68,7 +62,7 @@ def test_a_config_key_that_does_not_exist_is_named(tmp_path, capsys):
     config = toy_config(tmp_path / "run")
     config["trainer"]["max_epoch"] = config["trainer"].pop("max_epochs")
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", write(tmp_path, config)])
+        main(["fit", "--config", write_config(tmp_path, config)])
     assert exit_info.value.code != 0
     assert "max_epoch" in capsys.readouterr().err
 
@@ -76,19 +70,19 @@ def test_a_config_key_that_does_not_exist_is_named(tmp_path, capsys):
 def test_an_unknown_strategy_is_named(tmp_path, capsys):
     config = toy_config(tmp_path / "run", strategy={"class_path": "metakv_cl.strategies.SGD"})
     with pytest.raises(SystemExit):
-        main(["fit", "--config", write(tmp_path, config)])
+        main(["fit", "--config", write_config(tmp_path, config)])
     assert "metakv_cl.strategies.SGD" in capsys.readouterr().err
 
 
 def test_a_strategy_argument_it_does_not_take_is_named(tmp_path, capsys):
-    path = write(tmp_path, toy_config(tmp_path / "run"))
+    path = write_config(tmp_path, toy_config(tmp_path / "run"))
     with pytest.raises(SystemExit):
         main(["fit", "--config", path, "--strategy.init_args.ewc_lambda", "3"])
     assert "ewc_lambda" in capsys.readouterr().err
 
 
 def test_fit_ckpt_path_must_be_last(tmp_path, cli_error):
-    path = write(tmp_path, toy_config(tmp_path / "run"))
+    path = write_config(tmp_path, toy_config(tmp_path / "run"))
     assert "use --ckpt_path last" in cli_error(["fit", "--config", path, "--ckpt_path", "model.ckpt"])
 
 
@@ -106,7 +100,7 @@ def test_compare_runs_every_strategy_into_one_report(tmp_path, capsys):
         {"class_path": "metakv_cl.strategies.Naive"},
         {"class_path": "metakv_cl.strategies.LoRA", "init_args": {"mode": "per_experience"}},
     ])
-    main(["compare", "--config", write(tmp_path, config)])
+    main(["compare", "--config", write_config(tmp_path, config)])
     out = capsys.readouterr().out
     assert "| naive | loss |" in out and "| lora-per-experience | loss |" in out
     methods = json.loads((root / "report.json").read_text())["methods"]
@@ -120,11 +114,11 @@ def test_compare_names_the_bad_entry_before_training(tmp_path, cli_error):
         {"class_path": "metakv_cl.strategies.Naive"},
         {"class_path": "metakv_cl.strategies.LoRA", "init_args": {"rnak": 4}},
     ])
-    assert re.search(r"strategies\[1\] \(LoRA\).*rnak", cli_error(["compare", "--config", write(tmp_path, config)]))
+    assert re.search(r"strategies\[1\] \(LoRA\).*rnak", cli_error(["compare", "--config", write_config(tmp_path, config)]))
     assert not (tmp_path / "compare" / "naive").exists()
     config["strategies"][1] = {"class_path": "metakv_cl.strategies.Adam"}
     assert "strategies[1]: unknown strategy 'metakv_cl.strategies.Adam'; known" in cli_error(
-        ["compare", "--config", write(tmp_path, config)]
+        ["compare", "--config", write_config(tmp_path, config)]
     )
 
 
@@ -169,5 +163,5 @@ def test_compare_refuses_two_strategies_with_one_name_before_training(tmp_path, 
     config = compare_config(tmp_path / "compare", [
         {"class_path": "metakv_cl.strategies.Naive"}, {"class_path": "metakv_cl.strategies.Naive"},
     ])
-    assert "several strategies are named ['naive']" in cli_error(["compare", "--config", write(tmp_path, config)])
+    assert "several strategies are named ['naive']" in cli_error(["compare", "--config", write_config(tmp_path, config)])
     assert not (tmp_path / "compare" / "naive").exists()

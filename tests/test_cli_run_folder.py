@@ -10,11 +10,10 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from metakv_cl.cli import INTERRUPTED_MESSAGE, main
 from metakv_cl.runfolder import run_lock
-from metakv_cl.training.testing import single_torch_thread, toy_config
+from metakv_cl.training.testing import single_torch_thread, toy_config, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -23,16 +22,10 @@ def _one_torch_thread():
         yield
 
 
-def write(tmp_path, config, name="config.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_fit_with_a_message_and_keeps_finished_work(signum, status, tmp_path):
     root = tmp_path / "run"
-    path = write(tmp_path, {**toy_config(root, max_epochs=500), "torch_num_threads": 1})
+    path = write_config(tmp_path, {**toy_config(root, max_epochs=500), "torch_num_threads": 1})
     checkpoint = root / "experiences" / "exp_000" / "train" / "last.ckpt"
     run = subprocess.Popen(
         [sys.executable, "-m", "metakv_cl.cli", "fit", "--config", path],
@@ -56,7 +49,7 @@ def test_a_signal_stops_fit_with_a_message_and_keeps_finished_work(signum, statu
 
 def test_resume_with_changed_settings_is_refused_and_keeps_the_config(tmp_path, capsys):
     root = tmp_path / "run"
-    path = write(tmp_path, toy_config(root))
+    path = write_config(tmp_path, toy_config(root))
     main(["fit", "--config", path])
     saved = (root / "config.yaml").read_bytes()
     with pytest.raises(SystemExit) as exit_info:
@@ -75,7 +68,7 @@ def test_resume_with_changed_settings_is_refused_and_keeps_the_config(tmp_path, 
 
 def test_a_second_run_in_a_busy_folder_is_refused(tmp_path, capsys):
     root = tmp_path / "run"
-    path = write(tmp_path, toy_config(root))
+    path = write_config(tmp_path, toy_config(root))
     with run_lock(root):
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", "--config", path])
@@ -87,7 +80,7 @@ def test_a_second_run_in_a_busy_folder_is_refused(tmp_path, capsys):
 def test_validate_refuses_planted_files_without_running_them(tmp_path, capsys, planted):
     payload, marker = planted
     root = tmp_path / "run"
-    path = write(tmp_path, toy_config(root))
+    path = write_config(tmp_path, toy_config(root))
     checkpoint = tmp_path / "model.ckpt"
     torch.save({"state_dict": payload}, checkpoint)
     with pytest.raises(SystemExit) as exit_info:
@@ -111,7 +104,7 @@ def test_compare_refuses_a_strategy_name_that_leaves_the_folder(name, tmp_path, 
         {"class_path": "metakv_cl.strategies.Naive"},
         {"class_path": "metakv_cl.strategies.Naive", "init_args": {"name": name}},
     ]
-    line = cli_error(["compare", "--config", write(tmp_path, config)])
+    line = cli_error(["compare", "--config", write_config(tmp_path, config)])
     assert re.search(f"strategy name '{re.escape(name)}' cannot be a folder name: use letters", line), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compare", "config.yaml"]
     assert not [p for p in root.iterdir() if p.is_dir()]  # refused before any strategy ran

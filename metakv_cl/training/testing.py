@@ -104,6 +104,15 @@ def toy_config(root_dir: str | Path, strategy: dict[str, Any] | None = None, **t
     }
 
 
+def write_config(folder: str | Path, config: dict[str, Any], name: str = "config.yaml") -> str:
+    """Write ``config`` as YAML into ``folder``; return the file's path (for ``--config``)."""
+    import yaml
+
+    path = Path(folder) / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
 @contextlib.contextmanager
 def single_torch_thread() -> Iterator[None]:
     """Run torch on one thread inside the block: toy models are faster so, and much faster on a
