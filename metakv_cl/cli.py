@@ -38,14 +38,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import signal
 import math
+import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import metakv_cl  # noqa: F401  (torchvision import fix before Lightning/avalanche load)
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
@@ -54,7 +56,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from metakv_cl.data.stream import LMBenchmark, TaskStream
-from metakv_cl.runfolder import RunFolderError, check_settings, load_checkpoint, run_lock, safe_checkpoint_loading
+from metakv_cl.runfolder import RunFolderError, check_settings, flatten_keys, load_checkpoint, run_lock
 from metakv_cl.strategies import STRATEGIES, LightningCLStrategy
 from metakv_cl.training.module import ContinualLMModule
 from metakv_cl.training.passes import is_global_zero
@@ -223,15 +225,14 @@ class ContinualCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads a --ckpt_path file's hyper-parameters into the config here (private API)
+        # Lightning's version (a private API) merges a --ckpt_path file's hyper-parameters into
+        # the config, ``_class_path`` included: a checkpoint could then import any module and
+        # replace the user's model settings. The config comes from the user alone; the file is
+        # only checked here, so an unsafe or unreadable one fails before anything is built.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path == "last":
-            return  # the stream state, read by the subcommand
-        if ckpt_path and Path(ckpt_path).is_file():
-            load_checkpoint(ckpt_path)  # an unsafe or unreadable file fails here, in one line
-        with safe_checkpoint_loading():
-            super()._parse_ckpt_path()
+        if ckpt_path and ckpt_path != "last" and Path(ckpt_path).is_file():
+            load_checkpoint(ckpt_path)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -313,9 +314,10 @@ class ContinualCLI(LightningCLI):
                 f"{module.vocab_size}; use a matching model or data.compact_vocabulary with a from-scratch model"
             )
         root = self.root_dir()
+        # Every rank compares (a rank refused alone would leave the others waiting in a
+        # collective); rank 0 alone records. First: a refused resume keeps config.yaml.
+        check_settings(root, self.result_settings(), resume, record=is_global_zero())
         if is_global_zero():
-            root.mkdir(parents=True, exist_ok=True)
-            check_settings(root, self.result_settings(), resume)  # first: a refused resume keeps config.yaml
             parser = self._parser(self.subcommand)
             config = self.config[self.subcommand] if self.subcommand else self.config
             parser.save(config, root / "config.yaml", overwrite=True, multifile=False)
@@ -470,10 +472,26 @@ class Interrupted(BaseException):
 def _stop_on_signals():
     """Turn SIGINT and SIGTERM into :class:`Interrupted` inside the block (main thread only).
 
-    Lightning's own handling would end a fit with status 1 (Ctrl-C) or 0 (SIGTERM) and no word;
-    its SIGTERM handler still runs first (it stops DDP workers) and then calls this one.
+    Inside a Lightning fit, SIGTERM reaches this handler through Lightning's own, which stops
+    DDP workers and ends the fit at the next batch boundary (``SIGTERMException``, mapped to the
+    same exit): the handler then leaves the stop to it, so no checkpoint is cut mid-write and
+    no rank is left waiting in a collective. Processes forked inside the block (DataLoader
+    workers) keep Python's default behaviour.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    owner = os.getpid()
+
     def interrupt(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # what a worker would do without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if signal.getsignal(signum) is not interrupt:
+            return  # called by a Trainer's handler: it ends the fit at the next batch boundary
         raise Interrupted(signum)
 
     previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -491,7 +509,7 @@ def check_config_values(config: dict[str, Any]) -> None:
         ValueError: a NaN or infinite number anywhere (a NaN learning rate or penalty weight
             trains garbage without an error), or Trainer limits that train nothing.
     """
-    for key, value in _leaves(config):
+    for key, value in flatten_keys(config).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{key}: {value} is not a finite number; give a finite value")
     trainer = config.get("trainer") or {}
@@ -507,18 +525,6 @@ def check_config_values(config: dict[str, Any]) -> None:
         raise ValueError(
             f"trainer.max_steps: {max_steps} would train nothing; give steps >= 1, or -1 for no step limit"
         )
-
-
-def _leaves(value: Any, key: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every scalar in nested dicts and lists (list items as ``key[i]``)."""
-    if isinstance(value, dict):
-        for name, item in value.items():
-            yield from _leaves(item, f"{key}.{name}" if key else str(name))
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            yield from _leaves(item, f"{key}[{index}]")
-    else:
-        yield key, _as_plain(value)
 
 
 # jsonargparse and Lightning re-raise a component's error inside their own (a union's
@@ -597,7 +603,11 @@ def main(argv: Sequence[str] | None = None) -> int | None:
 
 
 def _check_config_files(arguments: list[str]) -> None:
-    """Refuse a missing or malformed ``--config`` file naming it (the parser's YAML error does not)."""
+    """Refuse a missing or malformed ``--config`` file naming it (the parser's YAML error does not).
+
+    A value that is no file and reads as inline YAML or JSON (LightningCLI accepts config text
+    in place of a path) is left to the parser.
+    """
     import yaml
 
     from metakv_cl.files import read_text
@@ -609,12 +619,21 @@ def _check_config_files(arguments: list[str]) -> None:
             path = argument.partition("=")[2]
         else:
             continue
+        if any(mark in path for mark in ("\n", "{", ": ")) and not _is_file(path):
+            continue
         try:
             yaml.safe_load(read_text(path, "config file"))
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
             raise ValueError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', None) or error}") from None
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # a name too long for the file system is config text, not a file
+        return False
 
 
 def _run_command(argv: list[str]) -> int | None:

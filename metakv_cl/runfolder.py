@@ -168,11 +168,10 @@ def load_state_file(path: str | Path) -> Any:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        document = json.loads(metadata[_STATE_KEY])
-    except Exception as error:  # OSError, safetensors' own error, a header without our JSON
+        return _decode(json.loads(metadata[_STATE_KEY]), tensors)
+    except Exception as error:  # OSError, safetensors' own error, a header without our JSON or not matching its tensors
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RunFolderError(f"{path} is not a readable state file ({reason}); was it truncated or replaced?") from None
-    return _decode(document, tensors)
 
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -210,26 +209,37 @@ class UnsafeCheckpointError(RunFolderError):
     """A checkpoint holds Python objects that loading would have to construct (it could run code)."""
 
 
+class DamagedCheckpointError(RunFolderError):
+    """A checkpoint's bytes are not a whole checkpoint (truncated by a full disk or a kill mid-write)."""
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load`` a Lightning checkpoint without running code from it.
 
+    The file is memory-mapped, so checking a large checkpoint before a resume does not hold a
+    second copy of it in memory.
+
     Raises:
         UnsafeCheckpointError: it holds objects outside tensors, plain values and the allow-list.
-        RunFolderError: it is missing, truncated or corrupt.
+        DamagedCheckpointError: its bytes are not a whole checkpoint (truncated or corrupt).
+        OSError: it cannot be read at all (missing, permissions, I/O): not a damaged file, so
+            nothing may treat it as one and overwrite it.
     """
     path = Path(path)
     try:
         with safe_checkpoint_loading():
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except OSError:
+        raise
     except pickle.UnpicklingError as error:
         found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+)", str(error))
         raise UnsafeCheckpointError(
             f"{path} was refused: it holds Python objects that loading would run "
             f"({found.group(1) if found else 'not tensors or plain values'}); only tensors and plain values are loaded"
         ) from None
-    except Exception as error:  # zip, EOF and storage errors of a truncated or corrupt file
+    except (RuntimeError, EOFError, ValueError) as error:  # zip, EOF and storage errors of damaged bytes
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RunFolderError(f"{path} is unreadable ({reason})") from None
+        raise DamagedCheckpointError(f"{path} is unreadable ({reason})") from None
 
 
 # ---------------------------------------------------------------------------- lock
@@ -275,16 +285,17 @@ def run_lock(root: str | Path) -> Iterator[None]:
 FINGERPRINT_FILE = "settings.json"
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_keys(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of every leaf of nested dicts and lists (list items as ``key[i]``)."""
     if isinstance(value, dict):
         flat: dict[str, Any] = {}
         for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+            flat.update(flatten_keys(item, f"{prefix}.{key}" if prefix else str(key)))
         return flat
     if isinstance(value, (list, tuple)) and value:
         flat = {}
         for index, item in enumerate(value):
-            flat.update(_flatten(item, f"{prefix}[{index}]"))
+            flat.update(flatten_keys(item, f"{prefix}[{index}]"))
         return flat
     return {prefix: value}
 
@@ -294,9 +305,9 @@ def _same(a: Any, b: Any) -> bool:
     return both_nan or a == b
 
 
-def check_settings(root: str | Path, settings: dict[str, Any], resume: bool) -> None:
-    """Record ``settings`` (what changes results) in ``<root>/settings.json``; on ``resume``
-    first refuse settings that differ from the recorded ones.
+def check_settings(root: str | Path, settings: dict[str, Any], resume: bool, record: bool = True) -> None:
+    """On ``resume``, refuse ``settings`` (what changes results) that differ from those recorded in
+    ``<root>/settings.json``; then, if ``record``, record them there (creating ``root``).
 
     Raises:
         RunFolderError: resuming with different settings (the differing keys are named).
@@ -308,7 +319,7 @@ def check_settings(root: str | Path, settings: dict[str, Any], resume: bool) -> 
             recorded = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise RunFolderError(f"{path} is unreadable ({error}); the run's settings cannot be checked") from None
-        old, new = _flatten(recorded), _flatten(settings)
+        old, new = flatten_keys(recorded), flatten_keys(settings)
         differing = sorted(key for key in old.keys() | new.keys() if not _same(old.get(key), new.get(key)))
         if differing:
             shown = "; ".join(
@@ -319,4 +330,5 @@ def check_settings(root: str | Path, settings: dict[str, Any], resume: bool) -> 
                 f"--ckpt_path last: {root} was run with other settings ({shown}{more}); resume with the "
                 "original settings or use a new default_root_dir"
             )
-    atomic_write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", path)
+    if record:
+        atomic_write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", path)

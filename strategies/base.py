@@ -46,8 +46,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from metakv_cl.metrics import ContinualMatrixPluginMetric
 from metakv_cl.runfolder import (
-    RunFolderError,
-    UnsafeCheckpointError,
+    DamagedCheckpointError,
     check_folder_name,
     load_checkpoint,
     safe_checkpoint_loading,
@@ -127,6 +126,11 @@ class LightningCLStrategy(BaseTemplate):
             raise TypeError(f"module must be a ContinualLMModule, got {type(module).__name__}")
         if name is not None:
             check_folder_name(name, "strategy name")
+        for key, value in (("train_mb_size", train_mb_size), ("eval_mb_size", eval_mb_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}: {value!r} is not a mini-batch size; give an integer >= 1")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers: {num_workers!r} is not a worker count; give an integer >= 0")
         super().__init__(model=module, device="cpu", plugins=plugins)
         kwargs = dict(trainer_kwargs or {})
         self.root_dir = Path(root_dir or kwargs.get("default_root_dir") or "metakv_runs")
@@ -363,15 +367,14 @@ class LightningCLStrategy(BaseTemplate):
 
         A truncated or corrupt file (a full disk, a kill while it was written) is skipped with a
         warning: the phase restarts from the weights it would have started from. One holding
-        objects that loading would have to run is refused (:class:`UnsafeCheckpointError`).
+        objects that loading would have to run is refused (:class:`UnsafeCheckpointError`), and
+        one that cannot be read at all (permissions, I/O) raises: it may be whole, so it is kept.
         """
         if not path.is_file():
             return None
         try:
             load_checkpoint(path)
-        except UnsafeCheckpointError:
-            raise
-        except RunFolderError as error:
+        except DamagedCheckpointError as error:
             _log.warning(f"{error}; restarting phase {phase!r} of {self.experience_label()} from its start")
             return None
         return str(path)

@@ -65,6 +65,10 @@ def _classification_tasks(config: dict, train) -> None:
 
 # (id, edit of the toy config or None, extra arguments, command, substrings of the error line)
 CONFIG_CASES = [
+    ("yaml-train-mb-size-0", lambda c: _set(c, "strategy.init_args.train_mb_size", 0), [], "fit",
+     ["train_mb_size", "0", "integer >= 1"]),
+    ("yaml-eval-mb-size-negative", lambda c: _set(c, "strategy.init_args.eval_mb_size", -4), [], "fit",
+     ["eval_mb_size", "-4", "integer >= 1"]),
     ("yaml-meta-kv-source", lambda c: _set(c, "model.init_args.meta_kv", {"source": "bogus"}), [], "fit",
      ["meta_kv.source", "'bogus'", "consolidated"]),
     ("yaml-meta-kv-rank-0", lambda c: _set(c, "model.init_args.meta_kv", {"rank": 0}), [], "fit",

@@ -58,6 +58,14 @@ def test_print_config_shows_strategy_and_stream(tmp_path, capsys):
     assert "vocab_size" not in printed["model"]["init_args"]  # linked from the stream
 
 
+def test_config_text_in_place_of_a_file_is_accepted(tmp_path, capsys):
+    """LightningCLI takes ``--config`` as a path or as the config's own YAML/JSON text."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", json.dumps(toy_config(tmp_path / "run")), "--print_config"])
+    assert exit_info.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["strategy"]["class_path"] == "metakv_cl.strategies.Naive"
+
+
 def test_a_config_key_that_does_not_exist_is_named(tmp_path, capsys):
     config = toy_config(tmp_path / "run")
     config["trainer"]["max_epoch"] = config["trainer"].pop("max_epochs")

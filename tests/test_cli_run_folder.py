@@ -108,3 +108,51 @@ def test_compare_refuses_a_strategy_name_that_leaves_the_folder(name, tmp_path, 
     assert re.search(f"strategy name '{re.escape(name)}' cannot be a folder name: use letters", line), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compare", "config.yaml"]
     assert not [p for p in root.iterdir() if p.is_dir()]  # refused before any strategy ran
+
+
+WORKER_SCRIPT = """
+import os, signal, threading, time
+from torch.utils.data import DataLoader, Dataset
+from metakv_cl.cli import Interrupted, _stop_on_signals
+
+class Slow(Dataset):
+    def __len__(self): return 1000
+    def __getitem__(self, i): time.sleep(0.05); return i
+
+try:
+    with _stop_on_signals():
+        batches = iter(DataLoader(Slow(), num_workers=2))
+        next(batches)
+        threading.Timer(0.3, lambda: os.killpg(os.getpgid(0), signal.SIGINT)).start()
+        for _ in batches: pass
+except Interrupted as stop:
+    print("interrupted", stop.exit_status)
+"""
+
+
+def test_ctrl_c_with_dataloader_workers_stops_the_run_without_worker_tracebacks(tmp_path):
+    """Ctrl-C reaches the whole process group: forked workers must stop quietly, not raise Interrupted."""
+    script = tmp_path / "workers.py"
+    script.write_text(WORKER_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                            start_new_session=True)
+    assert result.stdout.strip() == "interrupted 130", result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_a_checkpoint_s_hyper_parameters_cannot_import_a_module_or_change_the_config(tmp_path, monkeypatch, capsys):
+    """Lightning would merge a --ckpt_path file's hyper-parameters (its ``_class_path`` too) into the config."""
+    marker = tmp_path / "imported"
+    (tmp_path / "planted_module.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Model: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    root = tmp_path / "run"
+    path = write_config(tmp_path, {**toy_config(root), "keep_checkpoints": True})
+    main(["fit", "--config", path])
+    trained = torch.load(sorted(root.rglob("last.ckpt"))[-1], weights_only=True)
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"state_dict": trained["state_dict"],
+                "hyper_parameters": {"_class_path": "planted_module.Model", "lr": 0.5}}, checkpoint)
+    capsys.readouterr()
+    main(["validate", "--config", path, "--ckpt_path", str(checkpoint)])
+    assert not marker.exists()
+    assert "| 0: people |" in capsys.readouterr().out  # scored with the config's own model

@@ -345,6 +345,11 @@ PRESENTATION_TRAINER_KEYS = ("default_root_dir", "enable_progress_bar", "enable_
                              "log_every_n_steps")
 
 
+def _plain_attributes(obj: Any) -> dict[str, Any]:
+    return {key: value for key, value in sorted(vars(obj).items())
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))}
+
+
 def _warm_up_key(module, benchmark: LMBenchmark, epochs: int, trainer_kwargs: dict[str, Any] | None,
                  train_mb_size: int, seed: int) -> str:
     trainer = {key: value for key, value in (trainer_kwargs or {}).items() if key not in PRESENTATION_TRAINER_KEYS}
@@ -357,8 +362,10 @@ def _warm_up_key(module, benchmark: LMBenchmark, epochs: int, trainer_kwargs: di
         "train_mb_size": train_mb_size,
         "seed": seed,
         "trainer": trainer,
-        "callbacks": [type(callback).__qualname__ for callback in callbacks],  # instances have no stable repr
+        # instances have no stable repr: their class and plain settings (EarlyStopping's patience, ...)
+        "callbacks": [[type(callback).__qualname__, _plain_attributes(callback)] for callback in callbacks],
         "optimizer": [getattr(module, name, None) for name in optimizer],
+        "module": dict(getattr(module, "hparams", {})),  # attn_implementation, dtype, Meta-KV config, ...
     }
     return settings_key(settings, module.state_dict())
 
