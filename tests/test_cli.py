@@ -2,6 +2,7 @@
 
 import json
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metakv_cl.cli import main
+from metakv_cl.cli import LIGHTNING_COMMANDS, main
 from metakv_cl.training.testing import single_torch_thread, toy_config, write_config
 
 
@@ -135,6 +136,29 @@ def test_kv_commands_dispatch_to_the_kv_evaluator(command, function, monkeypatch
     status = main([command, "--model", "tiny"])
     assert calls == [(function, ["--model", "tiny"])]
     assert status == (0 if function == "main" else 3)
+
+
+HEAVY_MODULES = ("torch", "pytorch_lightning", "avalanche", "transformers", "jsonargparse")
+
+
+@pytest.mark.parametrize("argv", [["--help"], [], ["train"]], ids=["help", "no-arguments", "unknown-command"])
+def test_help_and_usage_errors_load_no_heavy_module(argv):
+    """What makes `metakv-cl --help` answer at once: none of the stack is imported for it."""
+    code = (
+        "import sys\nfrom metakv_cl.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        f"print('loaded:', sorted(set({HEAVY_MODULES!r}) & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: metakv-cl" in result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "loaded: []"
+
+
+def test_the_light_entry_point_knows_every_lightning_command():
+    from metakv_cl.lightning_cli import ContinualCLI
+
+    assert set(LIGHTNING_COMMANDS) == {*ContinualCLI.subcommands(), "compare"}
 
 
 def test_unknown_command_and_help(capsys):
