@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import math
 import signal
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from jsonargparse import ArgumentParser, Namespace
+from lightning_fabric.utilities.seed import seed_everything
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
-from metakv_cl.cli import Interrupted
+from metakv_cl.cli import Interrupted, describe_error
 from metakv_cl.data.stream import LMBenchmark, TaskStream
 from metakv_cl.runfolder import RunFolderError, check_settings, load_checkpoint, run_lock, safe_checkpoint_loading
 from metakv_cl.strategies import STRATEGIES, LightningCLStrategy
@@ -255,16 +257,19 @@ class ContinualCLI(LightningCLI):
         """The run folder's lock (rank 0 takes it: the other ranks are this run's own processes)."""
         return run_lock(self.root_dir()) if is_global_zero() else contextlib.nullcontext()
 
-    def prepare(self, module: ContinualLMModule, stream: TaskStream, resume: bool) -> LMBenchmark:
+    def prepare(self, modules: Sequence[ContinualLMModule], stream: TaskStream, resume: bool) -> LMBenchmark:
         """Build the benchmark, check vocabulary sizes and (on resume) the settings, save the
-        config and the settings, run the warm-up."""
-        benchmark = stream.build(module.max_positions)
+        config and the settings, warm up each module (once, however often it is listed)."""
+        modules = list({id(module): module for module in modules}.values())
+        positions = [module.max_positions for module in modules if module.max_positions is not None]
+        benchmark = stream.build(min(positions, default=None))
         tokenizer_size = len(stream.tokenizer())
-        if module.vocab_size is not None and tokenizer_size > module.vocab_size:
-            raise ValueError(
-                f"the stream's tokenizer has {tokenizer_size} tokens but the model's vocabulary has "
-                f"{module.vocab_size}; use a matching model or data.compact_vocabulary with a from-scratch model"
-            )
+        for module in modules:
+            if module.vocab_size is not None and tokenizer_size > module.vocab_size:
+                raise ValueError(
+                    f"the stream's tokenizer has {tokenizer_size} tokens but the model's vocabulary has "
+                    f"{module.vocab_size}; use a matching model or data.compact_vocabulary with a from-scratch model"
+                )
         root = self.root_dir()
         if is_global_zero():
             root.mkdir(parents=True, exist_ok=True)
@@ -272,16 +277,17 @@ class ContinualCLI(LightningCLI):
             parser = self._parser(self.subcommand)
             config = self.config[self.subcommand] if self.subcommand else self.config
             parser.save(config, root / "config.yaml", overwrite=True, multifile=False)
-        warm_up(
-            module,
-            benchmark,
-            root_dir=root,
-            epochs=stream.warmup_epochs if stream.warmup_experiences else 0,
-            trainer_kwargs=self.trainer_kwargs(),
-            seed=self.seed(),
-            resume=resume,
-            echo=print,
-        )
+        for module in modules:
+            warm_up(
+                module,
+                benchmark,
+                root_dir=root,
+                epochs=stream.warmup_epochs if stream.warmup_experiences else 0,
+                trainer_kwargs=self.trainer_kwargs(),
+                seed=self.seed(),
+                resume=resume,
+                echo=print,
+            )
         return benchmark
 
     def strategy(self, module: ContinualLMModule) -> LightningCLStrategy:
@@ -300,7 +306,7 @@ class ContinualCLI(LightningCLI):
         resume = _resume_requested(ckpt_path, "fit")
         started = time.perf_counter()
         with self.run_lock():
-            benchmark = self.prepare(model, datamodule, resume)
+            benchmark = self.prepare([model], datamodule, resume)
             result = run_stream(
                 self.strategy(model),
                 benchmark,
@@ -343,8 +349,20 @@ class ContinualCLI(LightningCLI):
         return dict(strategy.eval_scores)
 
 
+# The keys of one `strategies:` entry of `compare`.
+ENTRY_KEYS = ("class_path", "init_args", "model")
+
+
 class CompareCLI(ContinualCLI):
-    """``metakv-cl compare``: several strategies on one stream, one side-by-side report."""
+    """``metakv-cl compare``: several strategies on one stream, one side-by-side report.
+
+    Each strategy trains its own module: the shared ``model`` config with the entry's ``model:``
+    init args in place of the shared ones (a key's value replaces the shared value whole). A
+    strategy that does not use Meta-KV (``uses_meta_kv`` False: every baseline) runs on the plain
+    model, without the shared ``model.init_args.meta_kv``, unless its entry sets ``meta_kv``.
+    Entries whose module settings are equal share one built (and warmed-up) module; each
+    strategy trains a copy of it.
+    """
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any):
         super().__init__(args=args, run=False, **kwargs)
@@ -354,7 +372,8 @@ class CompareCLI(ContinualCLI):
             "--strategies",
             type=list[dict[str, Any]],
             required=True,
-            help="Strategies to compare: a list of {class_path, init_args}.",
+            help="Strategies to compare: a list of {class_path, init_args, model}; `model` holds init args of "
+            "the model class that replace the shared ones for that strategy (e.g. {lr: 1e-3, meta_kv: null}).",
         )
         parser.add_argument(
             "--strategy_defaults",
@@ -368,20 +387,20 @@ class CompareCLI(ContinualCLI):
         """Run every strategy, write the combined report, print the table."""
         resume = _resume_requested(self._setting("ckpt_path"), "compare")
         started = time.perf_counter()
-        module, stream = self.model, self.datamodule
         entries = self._setting("strategies")
         if not entries:
             raise ValueError("compare: `strategies` is empty; list at least one strategy")
         defaults = _as_plain(self._setting("strategy_defaults")) or {}
-        factories = [
-            _factory(entry, defaults, self.trainer_kwargs(), self.seed(), f"strategies[{index}]")
-            for index, entry in enumerate(entries)
-        ]
+        # every entry is checked before any module is built or anything trains
+        plans = [self._plan(entry, defaults, f"strategies[{index}]") for index, entry in enumerate(entries)]
+        modules = self._modules([module_config for _, _, module_config in plans])
+        trainer_kwargs, seed = self.trainer_kwargs(), self.seed()
+        factories = [_factory(cls, init_args, trainer_kwargs, seed) for cls, init_args, _ in plans]
         with self.run_lock():
-            benchmark = self.prepare(module, stream, resume)
+            benchmark = self.prepare(modules, self.datamodule, resume)
             results = compare(
                 factories,
-                module,
+                modules,
                 benchmark,
                 root_dir=self.root_dir(),
                 resume=resume,
@@ -393,10 +412,71 @@ class CompareCLI(ContinualCLI):
             print(f"total wall time: {time.perf_counter() - started:.1f}s")
         return results
 
+    def _plan(
+        self, entry: Any, defaults: dict[str, Any], where: str
+    ) -> tuple[type[LightningCLStrategy], dict[str, Any], Namespace]:
+        """(strategy class, its init args, the parsed config of its module) of one entry."""
+        entry = _as_plain(entry)
+        if isinstance(entry, dict):
+            unknown = sorted(set(entry) - set(ENTRY_KEYS))
+            if unknown:
+                raise ValueError(f"{where}: unknown key {unknown[0]!r}; an entry has {', '.join(ENTRY_KEYS)}")
+        cls, init_args = resolve_strategy_spec(entry, defaults, where)
+        override = entry.get("model") if isinstance(entry, dict) else None
+        return cls, init_args, self._module_config(cls, _as_plain(override) or {}, f"{where}.model")
 
-def _factory(entry: Any, defaults: dict[str, Any], trainer_kwargs: dict[str, Any], seed: int, where: str):
-    cls, init_args = resolve_strategy_spec(entry, defaults, where)  # a typo fails before anything trains
+    def _module_config(self, cls: type[LightningCLStrategy], override: Any, where: str) -> Namespace:
+        """The shared model config with ``override``'s init args (and baselines without Meta-KV), checked."""
+        allowed = sorted(_init_parameters(type(self.model)) - {"vocab_size"})  # the stream sets vocab_size
+        if not isinstance(override, dict):
+            raise ValueError(f"{where}: expected a mapping of init args ({', '.join(allowed)}), got {override!r}")
+        unknown = sorted(set(override) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"{where}: {type(self.model).__name__} has no init arg {unknown[0]!r}; allowed: {', '.join(allowed)}"
+            )
+        init_args = {**self._shared_module_init_args(), **override}
+        if "meta_kv" not in override and not cls.uses_meta_kv:
+            init_args["meta_kv"] = None  # a baseline runs on the plain model unless its entry says otherwise
+        return self._parse_module(init_args, where)
 
+    def _shared_module_init_args(self) -> dict[str, Any]:
+        return {**_as_plain(self.config["model"]).get("init_args", {}), "vocab_size": stream_vocab_size(self.datamodule)}
+
+    def _module_parser(self) -> ArgumentParser:
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(type(self.model), "model")
+        return parser
+
+    def _parse_module(self, init_args: dict[str, Any], where: str) -> Namespace:
+        try:
+            return self._module_parser().parse_object({"model": init_args})
+        except Exception as error:  # jsonargparse names the bad key and value
+            raise ValueError(f"{where}: {describe_error(error)}") from None
+
+    def _modules(self, configs: list[Namespace]) -> list[ContinualLMModule]:
+        """One module per entry; entries with equal configs share one, the shared model where it fits.
+
+        Each module is built right after seeding with the run's seed, as the shared model was, so
+        modules that differ only in their Meta-KV or optimiser settings start from the same base weights.
+        """
+        shared = _config_key(self._parse_module(self._shared_module_init_args(), "model"))
+        built: dict[str, ContinualLMModule] = {shared: self.model}
+        modules = []
+        for config in configs:
+            key = _config_key(config)
+            if key not in built:
+                seed_everything(self.seed(), workers=True, verbose=False)
+                built[key] = self._module_parser().instantiate_classes(config).model
+            modules.append(built[key])
+        return modules
+
+
+def _config_key(config: Namespace) -> str:
+    return json.dumps(_as_plain(config), sort_keys=True, default=str)
+
+
+def _factory(cls: type[LightningCLStrategy], init_args: dict[str, Any], trainer_kwargs: dict[str, Any], seed: int):
     def make(module: ContinualLMModule) -> LightningCLStrategy:
         return cls(**init_args, module=module, trainer_kwargs=trainer_kwargs, seed=seed)
 

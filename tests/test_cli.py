@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from metakv_cl.cli import LIGHTNING_COMMANDS, main
-from metakv_cl.training.testing import single_torch_thread, toy_config, write_config
+from metakv_cl.training.testing import TOY_MODEL_SHAPE, single_torch_thread, toy_config, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +121,66 @@ def test_compare_names_the_bad_entry_before_training(tmp_path, cli_error):
     assert "strategies[1]: unknown strategy 'metakv_cl.strategies.Adam'; known" in cli_error(
         ["compare", "--config", write_config(tmp_path, config)]
     )
+
+
+def _parameter_count(meta_kv=None):
+    """Parameters of the toy config's model (all trainable under Naive), with or without Meta-KV."""
+    from metakv_cl.data import TaskStream
+    from metakv_cl.modeling import MetaKVConfig
+    from metakv_cl.training import ContinualLMModule
+
+    data = toy_config("unused")["data"]["init_args"]
+    module = ContinualLMModule(
+        "gpt2", from_scratch=True, config_overrides=dict(TOY_MODEL_SHAPE), vocab_size=TaskStream(**data).vocab_size,
+        meta_kv=MetaKVConfig(**meta_kv) if meta_kv else None,
+    )
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_compare_entries_train_their_own_modules_and_baselines_run_on_the_plain_model(tmp_path):
+    root = tmp_path / "compare"
+    config = compare_config(root, [
+        {"class_path": "metakv_cl.strategies.Naive"},
+        {"class_path": "metakv_cl.strategies.Naive", "init_args": {"name": "naive-metakv"},
+         "model": {"lr": 0.01, "meta_kv": {"source": "consolidated", "rank": 4}}},
+    ])
+    config["model"]["init_args"]["meta_kv"] = {"source": "consolidated", "rank": 8}  # the shared model's
+    main(["compare", "--config", write_config(tmp_path, config)])
+    plain, metakv = (method["extra"] for method in json.loads((root / "report.json").read_text())["methods"])
+    assert plain["module"]["meta_kv"] is None and plain["module"]["lr"] == 3e-3
+    assert metakv["module"]["meta_kv"]["rank"] == 4 and metakv["module"]["lr"] == 0.01
+    assert plain["trainable_params"] == _parameter_count()
+    assert metakv["trainable_params"] == _parameter_count({"source": "consolidated", "rank": 4}) > _parameter_count()
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_a_meta_kv_strategy_in_compare_keeps_the_shared_meta_kv(tmp_path):
+    from metakv_cl.lightning_cli import CompareCLI
+
+    config = compare_config(tmp_path / "compare", [
+        {"class_path": "metakv_cl.strategies.MetaKVConsolidation"}, {"class_path": "metakv_cl.strategies.LoRA"},
+    ])
+    config["model"]["init_args"]["meta_kv"] = {"source": "consolidated", "rank": 8}
+    cli = CompareCLI(args=["--config", write_config(tmp_path, config)])
+    metakv, lora = (cli._plan(entry, {}, "entry")[2].model for entry in config["strategies"])
+    assert metakv.meta_kv.rank == 8 and lora.meta_kv is None
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"model": {"lrr": 0.1}},
+     "strategies[1].model: ContinualLMModule has no init arg 'lrr'; allowed: attn_implementation, betas, compile,"),
+    ({"model": {"vocab_size": 9}}, "strategies[1].model: ContinualLMModule has no init arg 'vocab_size'"),
+    ({"modle": {"lr": 0.1}}, "strategies[1]: unknown key 'modle'; an entry has class_path, init_args, model"),
+    ({"model": {"lr": "fast"}}, "strategies[1].model: model.lr: Expected a float. Got value: fast"),
+])
+def test_compare_refuses_a_bad_module_override_naming_it(tmp_path, cli_error, entry, message):
+    config = compare_config(tmp_path / "compare", [
+        {"class_path": "metakv_cl.strategies.Naive"},
+        {"class_path": "metakv_cl.strategies.EWC", **entry},
+    ])
+    error = cli_error(["compare", "--config", write_config(tmp_path, config)])
+    assert message in error
+    assert not (tmp_path / "compare" / "naive").exists()
 
 
 @pytest.mark.parametrize("command, function", [("kv-eval", "main"), ("niah", "niah_main")])
