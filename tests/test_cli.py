@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from metakv_cl.cli import LIGHTNING_COMMANDS, main
@@ -162,8 +163,12 @@ def test_a_meta_kv_strategy_in_compare_keeps_the_shared_meta_kv(tmp_path):
     ])
     config["model"]["init_args"]["meta_kv"] = {"source": "consolidated", "rank": 8}
     cli = CompareCLI(args=["--config", write_config(tmp_path, config)])
-    metakv, lora = (cli._plan(entry, {}, "entry")[2].model for entry in config["strategies"])
-    assert metakv.meta_kv.rank == 8 and lora.meta_kv is None
+    module_configs = [cli._plan(entry, {}, "entry")[2] for entry in config["strategies"]]
+    assert module_configs[0].model.meta_kv.rank == 8 and module_configs[1].model.meta_kv is None
+    metakv, plain = cli._modules(module_configs)
+    assert metakv is cli.model  # the shared model, not a rebuilt one
+    shared = metakv.state_dict()
+    assert all(torch.equal(value, shared[key]) for key, value in plain.state_dict().items())  # same base weights
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -231,6 +236,19 @@ def test_unknown_command_and_help(capsys):
 
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+FIT_CONFIGS = [path for path in CONFIGS if "strategy" in yaml.safe_load(path.read_text())]
+
+
+@pytest.mark.parametrize("path", FIT_CONFIGS, ids=lambda p: p.name)
+def test_shipped_fit_configs_give_meta_kv_to_meta_kv_strategies_only(path):
+    """As in compare, a baseline's `fit` runs on the plain model: its row matches the quickstart's."""
+    from metakv_cl.lightning_cli import resolve_strategy_spec
+
+    config = yaml.safe_load(path.read_text())
+    cls, _ = resolve_strategy_spec(config["strategy"])
+    assert ("meta_kv" in config["model"]["init_args"]) == cls.uses_meta_kv
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
