@@ -197,6 +197,10 @@ def _run_command(argv: list[str]) -> int | None:
         return None
     command, rest = argv[0], argv[1:]
     if command in ("kv-eval", "niah"):
+        from metakv_cl.kv.arguments import kv_eval_parser, niah_parser
+
+        # --help and a bad option answer here, before torch and the models load
+        (kv_eval_parser() if command == "kv-eval" else niah_parser()).parse_args(rest)
         try:
             from metakv_cl.kv import evaluate
         except ImportError as error:
@@ -219,4 +223,8 @@ def _run_command(argv: list[str]) -> int | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m metakv_cl.cli` runs a copy of this module; the imported one is the one whose
+    # Interrupted metakv_cl.lightning_cli raises
+    from metakv_cl.cli import main as imported_main
+
+    sys.exit(imported_main())

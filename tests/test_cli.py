@@ -198,15 +198,19 @@ def test_kv_commands_dispatch_to_the_kv_evaluator(command, function, monkeypatch
     import metakv_cl.kv
 
     monkeypatch.setattr(metakv_cl.kv, "evaluate", fake, raising=False)
-    status = main([command, "--model", "tiny"])
-    assert calls == [(function, ["--model", "tiny"])]
+    status = main([command, "--model", "tiny", "--out-dir", "out"])
+    assert calls == [(function, ["--model", "tiny", "--out-dir", "out"])]
     assert status == (0 if function == "main" else 3)
 
 
 HEAVY_MODULES = ("torch", "pytorch_lightning", "avalanche", "transformers", "jsonargparse")
 
 
-@pytest.mark.parametrize("argv", [["--help"], [], ["train"]], ids=["help", "no-arguments", "unknown-command"])
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], [], ["train"], ["kv-eval", "--help"], ["niah", "--help"]],
+    ids=["help", "no-arguments", "unknown-command", "kv-eval-help", "niah-help"],
+)
 def test_help_and_usage_errors_load_no_heavy_module(argv):
     """What makes `metakv-cl --help` answer at once: none of the stack is imported for it."""
     code = (
