@@ -27,10 +27,16 @@ One live ``fit``/``compare`` at a time per ``default_root_dir`` (``<default_root
 SIGTERM or Ctrl-C stops a run with "interrupted; resume with --ckpt_path last" and exit status
 143 / 130; finished experiences and the last finished epoch are kept.
 
-``compare`` takes the same config with ``strategies:`` (a list of ``class_path``/``init_args``)
-instead of ``strategy:``, plus optional ``strategy_defaults:`` (init arguments given to every
-strategy that accepts them); each strategy starts from the same initial weights and seed and
-the side-by-side report goes to ``default_root_dir``.
+``compare`` takes the same config with ``strategies:`` (a list of ``class_path``/``init_args``
+and optionally ``model:``, init arguments of the model class replacing the shared ones for that
+strategy) instead of ``strategy:``, plus optional ``strategy_defaults:`` (init arguments given to
+every strategy that accepts them); a strategy that does not use Meta-KV runs on the plain model
+unless its ``model:`` sets ``meta_kv``. Every module is built from the same seed and the
+side-by-side report goes to ``default_root_dir``.
+
+This module imports only what the chosen command needs: ``--help``, a usage error and the
+``kv-eval``/``niah`` options load no torch; fit/validate/test/compare import
+:mod:`metakv_cl.lightning_cli` (Lightning, Avalanche, the models).
 """
 
 from __future__ import annotations
