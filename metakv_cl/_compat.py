@@ -14,6 +14,8 @@ the signatures torchvision's C++ code defines) before torchvision is imported, a
 when its extension cannot be loaded. On a working install (CPU or CUDA) the extension
 loads and nothing is declared. The ops stay unimplemented: calling them raises
 ``NotImplementedError`` from the dispatcher instead of crashing every import.
+:func:`fix_torchvision_on_import` runs it at the moment torchvision is first imported, so that
+``import metakv_cl`` (and so ``metakv-cl --help``) does not pay for importing torch.
 
 :func:`silence_dependency_notices` filters the warnings that dependencies print on every run
 and that no user of this project can act on, so that a warning on screen means something.
@@ -22,12 +24,15 @@ and that no user of this project can act on, so that a warning on screen means s
 from __future__ import annotations
 
 import glob
+import importlib.abc
 import importlib.util
 import os
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # (message regex, module regex) of notices that dependencies raise on every run:
 # - Avalanche imports its GEM plugin, whose qpsolvers import warns when no QP solver is
@@ -61,6 +66,8 @@ def _torchvision_extension_path() -> str | None:
 
 
 def _op_exists(name: str) -> bool:
+    import torch
+
     try:
         getattr(torch.ops.torchvision, name)
     except (AttributeError, RuntimeError):
@@ -86,6 +93,8 @@ def ensure_torchvision_ops(load_extension=None) -> bool:
     path = _torchvision_extension_path()
     if path is None:
         return False
+    import torch
+
     load_extension = load_extension or torch.ops.load_library
     try:
         load_extension(path)
@@ -100,6 +109,25 @@ def ensure_torchvision_ops(load_extension=None) -> bool:
         library.define(schema)
     _declared_library = library
     return True
+
+
+class _TorchvisionImportFix(importlib.abc.MetaPathFinder):
+    """Runs :func:`ensure_torchvision_ops` just before the first ``import torchvision``, then leaves."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "torchvision":
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            ensure_torchvision_ops()
+        return None  # the regular finders import torchvision
+
+
+def fix_torchvision_on_import() -> None:
+    """Apply :func:`ensure_torchvision_ops` when torchvision is first imported in this process."""
+    if "torchvision" in sys.modules:
+        return  # imported before metakv_cl: too late to help, as an eager fix would be
+    if not any(isinstance(finder, _TorchvisionImportFix) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _TorchvisionImportFix())
 
 
 def silence_dependency_notices() -> None:

@@ -27,53 +27,31 @@ One live ``fit``/``compare`` at a time per ``default_root_dir`` (``<default_root
 SIGTERM or Ctrl-C stops a run with "interrupted; resume with --ckpt_path last" and exit status
 143 / 130; finished experiences and the last finished epoch are kept.
 
-``compare`` takes the same config with ``strategies:`` (a list of ``class_path``/``init_args``)
-instead of ``strategy:``, plus optional ``strategy_defaults:`` (init arguments given to every
-strategy that accepts them); each strategy starts from the same initial weights and seed and
-the side-by-side report goes to ``default_root_dir``.
+``compare`` takes the same config with ``strategies:`` (a list of ``class_path``/``init_args``
+and optionally ``model:``, init arguments of the model class replacing the shared ones for that
+strategy) instead of ``strategy:``, plus optional ``strategy_defaults:`` (init arguments given to
+every strategy that accepts them); a strategy that does not use Meta-KV runs on the plain model
+unless its ``model:`` sets ``meta_kv``. Every module is built from the same seed and the
+side-by-side report goes to ``default_root_dir``.
+
+This module imports only what the chosen command needs: ``--help``, a usage error and the
+``kv-eval``/``niah`` options load no torch; fit/validate/test/compare import
+:mod:`metakv_cl.lightning_cli` (Lightning, Avalanche, the models).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import logging
-import math
 import os
 import re
 import signal
 import sys
 import threading
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import metakv_cl  # noqa: F401  (torchvision import fix before Lightning/avalanche load)
-from jsonargparse import ArgumentError, ArgumentParser, Namespace
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.warnings import PossibleUserWarning
-
-from metakv_cl.data.stream import LMBenchmark, TaskStream
-from metakv_cl.runfolder import RunFolderError, check_settings, flatten_keys, load_checkpoint, run_lock
-from metakv_cl.strategies import STRATEGIES, LightningCLStrategy
-from metakv_cl.training.module import ContinualLMModule
-from metakv_cl.training.passes import is_global_zero
-from metakv_cl.training.runner import (
-    PRESENTATION_TRAINER_KEYS,
-    StreamState,
-    compare,
-    finish_report,
-    run_stream,
-    warm_up,
-)
-
-# Strategy arguments the CLI supplies itself (never read from the config).
-RUNTIME_ARGUMENTS = {"module", "trainer_kwargs", "plugins", "evaluator", "root_dir", "seed"}
-
-# Top-level settings that do not change what a run computes; every other one is fingerprinted.
-UNFINGERPRINTED_SETTINGS = ("config", "ckpt_path", "keep_checkpoints", "torch_num_threads")
+# The LightningCLI commands (metakv_cl.lightning_cli, imported only when one of them runs).
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "compare")
 
 INTERRUPTED_MESSAGE = "interrupted; resume with --ckpt_path last"
 
@@ -90,374 +68,6 @@ commands:
 `metakv-cl COMMAND --help` lists a command's options; `--print_config` prints the full config.
 An error is one line naming what is wrong; add --debug to see its full traceback.
 """
-
-
-def stream_vocab_size(stream: TaskStream) -> int | None:
-    """The model vocabulary a stream needs (its own compact/word-level vocabulary, else None)."""
-    return stream.vocab_size
-
-
-def _as_plain(value: Any) -> Any:
-    return value.as_dict() if isinstance(value, Namespace) else value
-
-
-def _strategy_spec_parser() -> ArgumentParser:
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LightningCLStrategy, "strategy", skip=RUNTIME_ARGUMENTS, instantiate=False, required=True)
-    return parser
-
-
-def resolve_strategy_spec(
-    spec: Any, defaults: dict[str, Any] | None = None, where: str = "strategy"
-) -> tuple[type[LightningCLStrategy], dict[str, Any]]:
-    """Check a strategy's ``class_path``/``init_args`` config and return (class, init arguments).
-
-    Args:
-        spec: ``{"class_path": ..., "init_args": {...}}`` (dict or jsonargparse Namespace), or
-            just the class path.
-        defaults: init arguments given to the strategy when its class accepts them and the
-            spec does not set them.
-        where: how the spec is named in error messages.
-
-    Raises:
-        ValueError: unknown strategy class, or init arguments it does not accept or mistypes.
-    """
-    spec = _as_plain(spec)
-    if isinstance(spec, str):
-        spec = {"class_path": spec}
-    if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ValueError(f"{where}: expected a mapping with class_path (and init_args), got {spec!r}")
-    cls = _strategy_class_from_path(spec["class_path"], where)
-    accepted = _init_parameters(cls)
-    init_args = {key: value for key, value in (defaults or {}).items() if key in accepted}
-    init_args.update(_as_plain(spec.get("init_args")) or {})
-    try:
-        parsed = _strategy_spec_parser().parse_object(
-            {"strategy": {"class_path": f"{cls.__module__}.{cls.__name__}", "init_args": init_args}}
-        )
-    except Exception as error:  # jsonargparse names the bad key or type
-        raise ValueError(f"{where} ({cls.__name__}): {error}") from None
-    return cls, _as_plain(parsed.strategy.init_args) or {}
-
-
-def build_strategy(
-    spec: Any,
-    *,
-    module: ContinualLMModule,
-    trainer_kwargs: dict[str, Any],
-    seed: int,
-    root_dir: Path | None = None,
-    defaults: dict[str, Any] | None = None,
-    where: str = "strategy",
-) -> LightningCLStrategy:
-    """Instantiate a strategy from its ``class_path``/``init_args`` config.
-
-    Args:
-        spec: see :func:`resolve_strategy_spec`.
-        module: the model to train.
-        trainer_kwargs: Lightning Trainer arguments.
-        seed: the run's seed.
-        root_dir: the strategy's run folder.
-        defaults: see :func:`resolve_strategy_spec`.
-        where: how the spec is named in error messages.
-
-    Returns:
-        The strategy.
-    """
-    cls, init_args = resolve_strategy_spec(spec, defaults, where)
-    return cls(**init_args, module=module, trainer_kwargs=trainer_kwargs, seed=seed, root_dir=root_dir)
-
-
-def _strategy_class_from_path(class_path: str, where: str) -> type[LightningCLStrategy]:
-    import importlib
-
-    known = _known_strategies()
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name or "metakv_cl.strategies"), name)
-    except (ImportError, AttributeError, ValueError):
-        raise ValueError(f"{where}: unknown strategy {class_path!r}; known strategies: {known}") from None
-    if not (isinstance(cls, type) and issubclass(cls, LightningCLStrategy)):
-        raise ValueError(f"{where}: {class_path!r} is not a LightningCLStrategy; known strategies: {known}")
-    return cls
-
-
-def _known_strategies() -> str:
-    return ", ".join(f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}" for cls in STRATEGIES.values())
-
-
-def _init_parameters(cls: type) -> set[str]:
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if klass is object or "__init__" not in vars(klass):
-            continue
-        names.update(inspect.signature(klass.__init__).parameters)
-    return names - {"self", "args", "kwargs"}
-
-
-def _resume_requested(ckpt_path: str | None, command: str) -> bool:
-    if ckpt_path is None:
-        return False
-    if ckpt_path == "last":
-        return True
-    raise ValueError(
-        f"{command} resumes a whole stream from <default_root_dir>/stream_state: use --ckpt_path last "
-        f"(got {ckpt_path!r})"
-    )
-
-
-class ContinualCLI(LightningCLI):
-    """``LightningCLI`` whose ``fit`` runs a continual-learning stream (see the module docstring)."""
-
-    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any):
-        super().__init__(
-            model_class=ContinualLMModule,
-            datamodule_class=TaskStream,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-            save_config_callback=None,
-            parser_kwargs={"exit_on_error": False},  # main() shows parse errors as one line
-            args=args,
-            run=run,
-            **kwargs,
-        )
-
-    def _parse_ckpt_path(self) -> None:
-        # Lightning's version (a private API) merges a --ckpt_path file's hyper-parameters into
-        # the config, ``_class_path`` included: a checkpoint could then import any module and
-        # replace the user's model settings. The config comes from the user alone; the file is
-        # only checked here, so an unsafe or unreadable one fails before anything is built.
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path != "last" and Path(ckpt_path).is_file():
-            load_checkpoint(ckpt_path)
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        # predict has no meaning for a stream; fit/validate/test keep Lightning's arguments
-        return {key: value for key, value in LightningCLI.subcommands().items() if key != "predict"}
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults(
-            {
-                "model": {"class_path": "metakv_cl.training.ContinualLMModule"},
-                "data": {"class_path": "metakv_cl.data.TaskStream"},
-            }
-        )
-        parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=stream_vocab_size, apply_on="instantiate")
-        parser.add_argument(
-            "--keep_checkpoints", type=bool, default=False, help="Keep every experience's per-epoch checkpoints."
-        )
-        parser.add_argument(
-            "--torch_num_threads",
-            type=int | None,
-            default=None,
-            help="CPU threads for torch (default: torch's choice). Tiny models run fastest on 1.",
-        )
-        self.add_strategy_arguments(parser)
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        check_config_values(_as_plain(config))
-        threads = self._setting("torch_num_threads")
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"torch_num_threads must be >= 1, got {threads}")
-            import torch
-
-            torch.set_num_threads(threads)
-
-    def add_strategy_arguments(self, parser: LightningArgumentParser) -> None:
-        parser.add_subclass_arguments(
-            LightningCLStrategy, "strategy", skip=RUNTIME_ARGUMENTS, instantiate=False, required=True
-        )
-
-    # ------------------------------------------------------------------ shared set-up
-
-    def _setting(self, key: str, default: Any = None) -> Any:
-        return self._get(self.config, key, default)
-
-    def trainer_kwargs(self) -> dict[str, Any]:
-        """The configured Trainer arguments (callbacks and logger instantiated)."""
-        kwargs = _as_plain(self._get(self.config_init, "trainer", default={}))
-        return dict(kwargs)
-
-    def root_dir(self) -> Path:
-        return Path(self.trainer_kwargs().get("default_root_dir") or Path.cwd())
-
-    def seed(self) -> int:
-        seed = self._setting("seed_everything", 0)
-        return 0 if seed is False else int(seed)
-
-    def result_settings(self) -> dict[str, Any]:
-        """The config without the settings that only change how or where a run is shown or saved."""
-        config = _as_plain(self.config[self.subcommand] if self.subcommand else self.config)
-        settings = {key: value for key, value in config.items() if key not in UNFINGERPRINTED_SETTINGS}
-        trainer = _as_plain(settings.get("trainer")) or {}
-        settings["trainer"] = {key: value for key, value in trainer.items() if key not in PRESENTATION_TRAINER_KEYS}
-        return settings
-
-    def run_lock(self):
-        """The run folder's lock (rank 0 takes it: the other ranks are this run's own processes)."""
-        return run_lock(self.root_dir()) if is_global_zero() else contextlib.nullcontext()
-
-    def prepare(self, module: ContinualLMModule, stream: TaskStream, resume: bool) -> LMBenchmark:
-        """Build the benchmark, check vocabulary sizes and (on resume) the settings, save the
-        config and the settings, run the warm-up."""
-        benchmark = stream.build(module.max_positions)
-        tokenizer_size = len(stream.tokenizer())
-        if module.vocab_size is not None and tokenizer_size > module.vocab_size:
-            raise ValueError(
-                f"the stream's tokenizer has {tokenizer_size} tokens but the model's vocabulary has "
-                f"{module.vocab_size}; use a matching model or data.compact_vocabulary with a from-scratch model"
-            )
-        root = self.root_dir()
-        # Every rank compares (a rank refused alone would leave the others waiting in a
-        # collective); rank 0 alone records. First: a refused resume keeps config.yaml.
-        check_settings(root, self.result_settings(), resume, record=is_global_zero())
-        if is_global_zero():
-            parser = self._parser(self.subcommand)
-            config = self.config[self.subcommand] if self.subcommand else self.config
-            parser.save(config, root / "config.yaml", overwrite=True, multifile=False)
-        warm_up(
-            module,
-            benchmark,
-            root_dir=root,
-            epochs=stream.warmup_epochs if stream.warmup_experiences else 0,
-            trainer_kwargs=self.trainer_kwargs(),
-            seed=self.seed(),
-            resume=resume,
-            echo=print,
-        )
-        return benchmark
-
-    def strategy(self, module: ContinualLMModule) -> LightningCLStrategy:
-        return build_strategy(
-            self._setting("strategy"),
-            module=module,
-            trainer_kwargs=self.trainer_kwargs(),
-            seed=self.seed(),
-            root_dir=self.root_dir(),
-        )
-
-    # ------------------------------------------------------------------ subcommands
-
-    def fit(self, model: ContinualLMModule, datamodule: TaskStream | None = None, ckpt_path: str | None = None, **_):
-        """Run the whole stream with the configured strategy; print the table, write the report."""
-        resume = _resume_requested(ckpt_path, "fit")
-        started = time.perf_counter()
-        with self.run_lock():
-            benchmark = self.prepare(model, datamodule, resume)
-            result = run_stream(
-                self.strategy(model),
-                benchmark,
-                root_dir=self.root_dir(),
-                resume=resume,
-                keep_checkpoints=self._setting("keep_checkpoints", False),
-                echo=print,
-            )
-            finish_report([result], self.root_dir())
-        if is_global_zero():
-            print(f"total wall time: {time.perf_counter() - started:.1f}s")
-
-    def validate(self, model: ContinualLMModule, datamodule: TaskStream | None = None, ckpt_path: str | None = None, **_):
-        """Score every experience of the stream with a trained model and print the scores."""
-        self.evaluate_stream(model, datamodule, ckpt_path)
-
-    def test(self, model: ContinualLMModule, datamodule: TaskStream | None = None, ckpt_path: str | None = None, **_):
-        """Same as :meth:`validate` (a stream's experiences have one held-out split)."""
-        self.evaluate_stream(model, datamodule, ckpt_path)
-
-    def evaluate_stream(self, module: ContinualLMModule, stream: TaskStream, ckpt_path: str | None) -> dict[int, float]:
-        """Evaluate ``module`` (restored from ``ckpt_path``) on every test experience."""
-        benchmark = stream.build(module.max_positions)
-        strategy = self.strategy(module)
-        strategy.experience_names = benchmark.experience_names
-        if ckpt_path == "last":
-            StreamState(self.root_dir()).load(strategy, benchmark)
-        elif ckpt_path is not None:
-            if not Path(ckpt_path).is_file():
-                raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-            checkpoint = load_checkpoint(ckpt_path)
-            module.load_state_dict(checkpoint.get("state_dict", checkpoint))
-        strategy.eval(benchmark.test_stream)
-        if is_global_zero():
-            lines = [f"| experience | {benchmark.score_name} |", "|---|---|"]
-            lines += [
-                f"| {j}: {name} | {strategy.eval_scores[j]:.4f} |" for j, name in enumerate(benchmark.experience_names)
-            ]
-            print("\n".join(lines))
-        return dict(strategy.eval_scores)
-
-
-class CompareCLI(ContinualCLI):
-    """``metakv-cl compare``: several strategies on one stream, one side-by-side report."""
-
-    def __init__(self, args: Sequence[str] | None = None, **kwargs: Any):
-        super().__init__(args=args, run=False, **kwargs)
-
-    def add_strategy_arguments(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument(
-            "--strategies",
-            type=list[dict[str, Any]],
-            required=True,
-            help="Strategies to compare: a list of {class_path, init_args}.",
-        )
-        parser.add_argument(
-            "--strategy_defaults",
-            type=dict[str, Any],
-            default={},
-            help="Init arguments for every strategy that accepts them (e.g. train_mb_size).",
-        )
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="'last' resumes an interrupted comparison.")
-
-    def run(self) -> list:
-        """Run every strategy, write the combined report, print the table."""
-        resume = _resume_requested(self._setting("ckpt_path"), "compare")
-        started = time.perf_counter()
-        module, stream = self.model, self.datamodule
-        entries = self._setting("strategies")
-        if not entries:
-            raise ValueError("compare: `strategies` is empty; list at least one strategy")
-        defaults = _as_plain(self._setting("strategy_defaults")) or {}
-        factories = [
-            _factory(entry, defaults, self.trainer_kwargs(), self.seed(), f"strategies[{index}]")
-            for index, entry in enumerate(entries)
-        ]
-        with self.run_lock():
-            benchmark = self.prepare(module, stream, resume)
-            results = compare(
-                factories,
-                module,
-                benchmark,
-                root_dir=self.root_dir(),
-                resume=resume,
-                keep_checkpoints=self._setting("keep_checkpoints", False),
-                echo=print,
-            )
-            finish_report(results, self.root_dir())
-        if is_global_zero():
-            print(f"total wall time: {time.perf_counter() - started:.1f}s")
-        return results
-
-
-def _factory(entry: Any, defaults: dict[str, Any], trainer_kwargs: dict[str, Any], seed: int, where: str):
-    cls, init_args = resolve_strategy_spec(entry, defaults, where)  # a typo fails before anything trains
-
-    def make(module: ContinualLMModule) -> LightningCLStrategy:
-        return cls(**init_args, module=module, trainer_kwargs=trainer_kwargs, seed=seed)
-
-    return make
-
-
-def _configure_output() -> None:
-    """Keep the console readable: one Trainer per phase would repeat Lightning's notices."""
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=PossibleUserWarning)
-    # main() hands LightningCLI the arguments after the command name on purpose
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
 
 class Interrupted(BaseException):
@@ -502,31 +112,6 @@ def _stop_on_signals():
             signal.signal(signum, handler)
 
 
-def check_config_values(config: dict[str, Any]) -> None:
-    """Refuse config values that every component would accept but that make a run meaningless.
-
-    Raises:
-        ValueError: a NaN or infinite number anywhere (a NaN learning rate or penalty weight
-            trains garbage without an error), or Trainer limits that train nothing.
-    """
-    for key, value in flatten_keys(config).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{key}: {value} is not a finite number; give a finite value")
-    trainer = config.get("trainer") or {}
-    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
-    if max_epochs is not None and max_epochs < 1 and not (max_epochs == -1 and max_steps not in (None, -1)):
-        raise ValueError(
-            f"trainer.max_epochs: {max_epochs} would train nothing (or forever); give epochs per experience >= 1 "
-            "(-1 only together with trainer.max_steps)"
-        )
-    if trainer.get("limit_train_batches") == 0:
-        raise ValueError("trainer.limit_train_batches: 0 would train nothing; give a share in (0, 1] or a batch count >= 1")
-    if max_steps is not None and max_steps != -1 and max_steps < 1:
-        raise ValueError(
-            f"trainer.max_steps: {max_steps} would train nothing; give steps >= 1, or -1 for no step limit"
-        )
-
-
 # jsonargparse and Lightning re-raise a component's error inside their own (a union's
 # "Does not validate ...", a link's "Call to compute_fn ..."): the user needs the component's.
 _FRAMEWORKS = ("jsonargparse", "pytorch_lightning", "lightning_fabric")
@@ -555,7 +140,9 @@ def describe_error(error: BaseException) -> str:
         if class_path_problem:
             message = f"{class_path_problem}: {message}"
             if keys and keys[-1] == "strategy":
-                message += f"; known strategies: {_known_strategies()}"
+                from metakv_cl.lightning_cli import known_strategies
+
+                message += f"; known strategies: {known_strategies()}"
     elif not isinstance(error, ValueError):
         message = f"{type(error).__name__}: {message}"
     if keys and keys[-1] not in message:
@@ -584,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
 
     Returns:
         The exit status of ``kv-eval``/``niah`` (None for the other commands). From Python,
-        ``CompareCLI(args=[...]).run()`` returns the results and raises on errors.
+        ``metakv_cl.lightning_cli.CompareCLI(args=[...]).run()`` returns the results and raises on errors.
 
     Raises:
         SystemExit: 130 / 143 after SIGINT / SIGTERM (with :data:`INTERRUPTED_MESSAGE` on
@@ -599,7 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int | None:
         if debug:
             raise
         print(f"metakv-cl: error: {describe_error(error)} (--debug shows the traceback)", file=sys.stderr)
-        raise SystemExit(2 if isinstance(error, (ArgumentError, ValueError, FileNotFoundError)) else 1) from None
+        raise SystemExit(2 if isinstance(error, _usage_errors()) else 1) from None
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "an argument, config value or input file refused" (exit status 2)."""
+    errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+    jsonargparse = sys.modules.get("jsonargparse")  # only a loaded parser can have raised its error
+    return errors + (jsonargparse.ArgumentError,) if jsonargparse is not None else errors
 
 
 def _check_config_files(arguments: list[str]) -> None:
@@ -642,34 +236,34 @@ def _run_command(argv: list[str]) -> int | None:
         return None
     command, rest = argv[0], argv[1:]
     if command in ("kv-eval", "niah"):
+        from metakv_cl.kv.arguments import kv_eval_parser, niah_parser
+
+        # --help and a bad option answer here, before torch and the models load
+        (kv_eval_parser() if command == "kv-eval" else niah_parser()).parse_args(rest)
         try:
             from metakv_cl.kv import evaluate
         except ImportError as error:
             raise SystemExit(f"metakv-cl {command}: the KV-cache evaluation module is unavailable ({error})") from None
         status = evaluate.main(rest) if command == "kv-eval" else evaluate.niah_main(rest)
         return status if isinstance(status, int) else None
-    if command != "compare" and command not in ContinualCLI.subcommands():
+    if command not in LIGHTNING_COMMANDS:
         print(f"metakv-cl: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
-    _configure_output()
     _check_config_files(rest)
     try:
         with _stop_on_signals():
-            if command == "compare":
-                CompareCLI(args=rest).run()
-            else:
-                ContinualCLI(args=argv)
+            from metakv_cl.lightning_cli import run_command  # Lightning, Avalanche, the models: seconds
+
+            run_command(command, rest)
     except Interrupted as interrupted:
         print(INTERRUPTED_MESSAGE, file=sys.stderr)
         raise SystemExit(interrupted.exit_status) from None
-    except SIGTERMException:  # Lightning's own stop after a SIGTERM that reached only its handler
-        print(INTERRUPTED_MESSAGE, file=sys.stderr)
-        raise SystemExit(128 + signal.SIGTERM) from None
-    except RunFolderError as error:  # its message is the whole story: no exception type in front
-        print(f"metakv-cl: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
     return None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m metakv_cl.cli` runs a copy of this module; the imported one is the one whose
+    # Interrupted metakv_cl.lightning_cli raises
+    from metakv_cl.cli import main as imported_main
+
+    sys.exit(imported_main())

@@ -106,6 +106,9 @@ class LightningCLStrategy(BaseTemplate):
     PLUGIN_CLASS = BaseSGDPlugin
     #: registry / report name of the strategy (subclasses refine :attr:`method_name`).
     strategy_name = "base"
+    #: whether the strategy trains Meta-KV attention; ``compare`` runs the others on the plain
+    #: model unless their entry sets ``model.meta_kv``.
+    uses_meta_kv = False
 
     def __init__(
         self,

@@ -86,6 +86,7 @@ class MetaKVConsolidation(LightningCLStrategy):
     """
 
     strategy_name = "metakv"
+    uses_meta_kv = True
 
     def __init__(
         self,

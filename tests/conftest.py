@@ -43,6 +43,12 @@ def pytest_configure(config):
     import os
     import tempfile
 
+    from metakv_cl import _compat
+
+    # pytest drops warning filters added while it collects (where `import metakv_cl` runs), and
+    # the dependencies now load later, inside tests: keep their notices out of the summary here.
+    _compat.silence_dependency_notices()
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # The offline SmolLM2 is converted once for the session, into a folder removed at its end
     # (not into the user's ~/.cache).

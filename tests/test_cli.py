@@ -2,15 +2,17 @@
 
 import json
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from metakv_cl.cli import main
-from metakv_cl.training.testing import single_torch_thread, toy_config, write_config
+from metakv_cl.cli import LIGHTNING_COMMANDS, main
+from metakv_cl.training.testing import TOY_MODEL_SHAPE, single_torch_thread, toy_config, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -130,6 +132,70 @@ def test_compare_names_the_bad_entry_before_training(tmp_path, cli_error):
     )
 
 
+def _parameter_count(meta_kv=None):
+    """Parameters of the toy config's model (all trainable under Naive), with or without Meta-KV."""
+    from metakv_cl.data import TaskStream
+    from metakv_cl.modeling import MetaKVConfig
+    from metakv_cl.training import ContinualLMModule
+
+    data = toy_config("unused")["data"]["init_args"]
+    module = ContinualLMModule(
+        "gpt2", from_scratch=True, config_overrides=dict(TOY_MODEL_SHAPE), vocab_size=TaskStream(**data).vocab_size,
+        meta_kv=MetaKVConfig(**meta_kv) if meta_kv else None,
+    )
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_compare_entries_train_their_own_modules_and_baselines_run_on_the_plain_model(tmp_path):
+    root = tmp_path / "compare"
+    config = compare_config(root, [
+        {"class_path": "metakv_cl.strategies.Naive"},
+        {"class_path": "metakv_cl.strategies.Naive", "init_args": {"name": "naive-metakv"},
+         "model": {"lr": 0.01, "meta_kv": {"source": "consolidated", "rank": 4}}},
+    ])
+    config["model"]["init_args"]["meta_kv"] = {"source": "consolidated", "rank": 8}  # the shared model's
+    main(["compare", "--config", write_config(tmp_path, config)])
+    plain, metakv = (method["extra"] for method in json.loads((root / "report.json").read_text())["methods"])
+    assert plain["module"]["meta_kv"] is None and plain["module"]["lr"] == 3e-3
+    assert metakv["module"]["meta_kv"]["rank"] == 4 and metakv["module"]["lr"] == 0.01
+    assert plain["trainable_params"] == _parameter_count()
+    assert metakv["trainable_params"] == _parameter_count({"source": "consolidated", "rank": 4}) > _parameter_count()
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_a_meta_kv_strategy_in_compare_keeps_the_shared_meta_kv(tmp_path):
+    from metakv_cl.lightning_cli import CompareCLI
+
+    config = compare_config(tmp_path / "compare", [
+        {"class_path": "metakv_cl.strategies.MetaKVConsolidation"}, {"class_path": "metakv_cl.strategies.LoRA"},
+    ])
+    config["model"]["init_args"]["meta_kv"] = {"source": "consolidated", "rank": 8}
+    cli = CompareCLI(args=["--config", write_config(tmp_path, config)])
+    module_configs = [cli._plan(entry, {}, "entry")[2] for entry in config["strategies"]]
+    assert module_configs[0].model.meta_kv.rank == 8 and module_configs[1].model.meta_kv is None
+    metakv, plain = cli._modules(module_configs)
+    assert metakv is cli.model  # the shared model, not a rebuilt one
+    shared = metakv.state_dict()
+    assert all(torch.equal(value, shared[key]) for key, value in plain.state_dict().items())  # same base weights
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"model": {"lrr": 0.1}},
+     "strategies[1].model: ContinualLMModule has no init arg 'lrr'; allowed: attn_implementation, betas, compile,"),
+    ({"model": {"vocab_size": 9}}, "strategies[1].model: ContinualLMModule has no init arg 'vocab_size'"),
+    ({"modle": {"lr": 0.1}}, "strategies[1]: unknown key 'modle'; an entry has class_path, init_args, model"),
+    ({"model": {"lr": "fast"}}, "strategies[1].model: model.lr: Expected a float. Got value: fast"),
+])
+def test_compare_refuses_a_bad_module_override_naming_it(tmp_path, cli_error, entry, message):
+    config = compare_config(tmp_path / "compare", [
+        {"class_path": "metakv_cl.strategies.Naive"},
+        {"class_path": "metakv_cl.strategies.EWC", **entry},
+    ])
+    error = cli_error(["compare", "--config", write_config(tmp_path, config)])
+    assert message in error
+    assert not (tmp_path / "compare" / "naive").exists()
+
+
 @pytest.mark.parametrize("command, function", [("kv-eval", "main"), ("niah", "niah_main")])
 def test_kv_commands_dispatch_to_the_kv_evaluator(command, function, monkeypatch):
     calls = []
@@ -140,9 +206,36 @@ def test_kv_commands_dispatch_to_the_kv_evaluator(command, function, monkeypatch
     import metakv_cl.kv
 
     monkeypatch.setattr(metakv_cl.kv, "evaluate", fake, raising=False)
-    status = main([command, "--model", "tiny"])
-    assert calls == [(function, ["--model", "tiny"])]
+    status = main([command, "--model", "tiny", "--out-dir", "out"])
+    assert calls == [(function, ["--model", "tiny", "--out-dir", "out"])]
     assert status == (0 if function == "main" else 3)
+
+
+HEAVY_MODULES = ("torch", "pytorch_lightning", "avalanche", "transformers", "jsonargparse")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], [], ["train"], ["kv-eval", "--help"], ["niah", "--help"]],
+    ids=["help", "no-arguments", "unknown-command", "kv-eval-help", "niah-help"],
+)
+def test_help_and_usage_errors_load_no_heavy_module(argv):
+    """What makes `metakv-cl --help` answer at once: none of the stack is imported for it."""
+    code = (
+        "import sys\nfrom metakv_cl.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        f"print('loaded:', sorted(set({HEAVY_MODULES!r}) & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: metakv-cl" in result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "loaded: []"
+
+
+def test_the_light_entry_point_knows_every_lightning_command():
+    from metakv_cl.lightning_cli import ContinualCLI
+
+    assert set(LIGHTNING_COMMANDS) == {*ContinualCLI.subcommands(), "compare"}
 
 
 def test_unknown_command_and_help(capsys):
@@ -155,6 +248,19 @@ def test_unknown_command_and_help(capsys):
 
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+FIT_CONFIGS = [path for path in CONFIGS if "strategy" in yaml.safe_load(path.read_text())]
+
+
+@pytest.mark.parametrize("path", FIT_CONFIGS, ids=lambda p: p.name)
+def test_shipped_fit_configs_give_meta_kv_to_meta_kv_strategies_only(path):
+    """As in compare, a baseline's `fit` runs on the plain model: its row matches the quickstart's."""
+    from metakv_cl.lightning_cli import resolve_strategy_spec
+
+    config = yaml.safe_load(path.read_text())
+    cls, _ = resolve_strategy_spec(config["strategy"])
+    assert ("meta_kv" in config["model"]["init_args"]) == cls.uses_meta_kv
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

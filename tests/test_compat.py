@@ -36,10 +36,10 @@ def test_fix_is_a_no_op_without_torchvision(monkeypatch):
 
 
 def test_fix_declares_the_schemas_exactly_when_the_extension_fails():
-    """In a fresh interpreter both ops exist after ``import metakv_cl``, and they were declared
-    by the fix if and only if torchvision's own extension cannot load."""
+    """In a fresh interpreter both ops exist after ``import metakv_cl, torchvision``, and they were
+    declared by the fix if and only if torchvision's own extension cannot load."""
     probe = (
-        "import torch, metakv_cl\n"
+        "import torch, metakv_cl, torchvision\n"
         "from metakv_cl import _compat\n"
         "ops = all(hasattr(torch.ops.torchvision, name) for name in ('nms', 'qnms'))\n"
         "print(_compat._declared_library is not None, ops)\n"
@@ -61,6 +61,14 @@ def test_declared_ops_fail_clearly_when_called():
         pytest.skip("torchvision's own extension is loaded here")
     with pytest.raises(NotImplementedError):
         torch.ops.torchvision.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
+
+
+def test_importing_metakv_cl_leaves_torch_and_torchvision_unloaded():
+    """The fix waits for torchvision's import, so the command line's --help does not load torch."""
+    code = "import sys, metakv_cl; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_help_and_the_stack_import_print_no_dependency_notice():

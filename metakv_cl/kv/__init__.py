@@ -14,33 +14,38 @@ The pieces:
 * :mod:`metakv_cl.kv.streaming`: chunked prefill past the position limit, streaming
   likelihood and ``generate`` from a compacted cache;
 * :mod:`metakv_cl.kv.evaluate`: the ``kv-eval`` (perplexity vs cache size) and ``niah``
-  (needle in a haystack) commands.
+  (needle in a haystack) commands; their options: :mod:`metakv_cl.kv.arguments`.
 """
 
-from metakv_cl.kv.attention import disable_compacted_attention, enable_compacted_attention
-from metakv_cl.kv.cache import CompactedCache, CompactedLayer
-from metakv_cl.kv.protocol import MASKED_BIAS, AttentionReceived, CompactedKV, KVCompressor, TokenSelector
-from metakv_cl.kv.quantization import KVStorage, QuantizedTensor, quantize
-from metakv_cl.kv.registry import available_methods, get_method, register_method
-from metakv_cl.kv.streaming import chunked_prefill, generate, stream_log_likelihood
+import importlib
 
-__all__ = [
-    "MASKED_BIAS",
-    "AttentionReceived",
-    "CompactedCache",
-    "CompactedKV",
-    "CompactedLayer",
-    "KVCompressor",
-    "KVStorage",
-    "QuantizedTensor",
-    "TokenSelector",
-    "available_methods",
-    "chunked_prefill",
-    "disable_compacted_attention",
-    "enable_compacted_attention",
-    "generate",
-    "get_method",
-    "quantize",
-    "register_method",
-    "stream_log_likelihood",
-]
+# Public name -> submodule, loaded on first use: `metakv-cl kv-eval --help` and `niah --help`
+# (metakv_cl.kv.arguments) need none of them, and the cache and attention code load transformers.
+_EXPORTS = {
+    "disable_compacted_attention": "attention",
+    "enable_compacted_attention": "attention",
+    "CompactedCache": "cache",
+    "CompactedLayer": "cache",
+    "MASKED_BIAS": "protocol",
+    "AttentionReceived": "protocol",
+    "CompactedKV": "protocol",
+    "KVCompressor": "protocol",
+    "TokenSelector": "protocol",
+    "KVStorage": "quantization",
+    "QuantizedTensor": "quantization",
+    "quantize": "quantization",
+    "available_methods": "registry",
+    "get_method": "registry",
+    "register_method": "registry",
+    "chunked_prefill": "streaming",
+    "generate": "streaming",
+    "stream_log_likelihood": "streaming",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"metakv_cl.kv.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'metakv_cl.kv' has no attribute {name!r}")

@@ -34,13 +34,11 @@ from typing import Any, Sequence
 
 import torch
 
+from metakv_cl.kv.arguments import SMOLLM2, TINY_RANDOM_GPT2, kv_eval_parser, niah_parser
 from metakv_cl.kv.cache import CompactedCache
 from metakv_cl.kv.registry import available_methods, get_method
 from metakv_cl.kv.streaming import chunked_prefill, default_chunk_size, generate, stream_log_likelihood
 
-TINY_RANDOM_GPT2 = "gpt2-tiny-random"
-SMOLLM2 = "smollm2"
-DEFAULT_BUDGETS = (0.5, 0.2, 0.1, 0.05, 0.02)
 ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
 
 
@@ -403,22 +401,10 @@ def plot_needle(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
 
 # --- command lines ---------------------------------------------------------------------------
-def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=SMOLLM2, help=f"{TINY_RANDOM_GPT2}, {SMOLLM2}, or a transformers name/path")
-    parser.add_argument("--meta-kv", default=None, metavar="SOURCE", help="add Meta-KV attention with this meta-state source")
-    parser.add_argument("--meta-kv-weights", default=None, metavar="DIR", help="load trained Meta-KV weights from DIR")
-    parser.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
-    parser.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                        help="a constructor argument of a method (repeatable), e.g. attention_matching.selection=omp")
-    parser.add_argument("--budgets", default=",".join(str(b) for b in DEFAULT_BUDGETS), help="cache sizes as fractions of the context")
-    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per forward call (default: an eighth of the cache)")
-    parser.add_argument("--headroom", type=float, default=0.1, help="share of the cache freed by each compaction")
-    parser.add_argument("--reference-queries", type=int, default=1024, help="reference queries kept per KV head")
-    parser.add_argument("--repeat-queries", action="store_true", help="re-read each chunk to capture extra reference queries")
-    parser.add_argument("--data-root", type=Path, default=None, help="folder holding wikitext2/valid.txt")
-    parser.add_argument("--out-dir", type=Path, required=True, help="where the JSON and PNG files go")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
 
 
 def _settings(args: argparse.Namespace) -> RunSettings:
@@ -439,12 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status (0 on success).
     """
-    parser = argparse.ArgumentParser(prog="metakv-cl kv-eval", description=main.__doc__.splitlines()[0])
-    _common_arguments(parser)
-    parser.add_argument("--articles", type=int, default=2, help="WikiText-2 articles (read as one batch)")
-    parser.add_argument("--context", type=int, default=2048, help="context tokens read through the cache")
-    parser.add_argument("--continuation", type=int, default=256, help="continuation tokens scored")
-    args = parser.parse_args(argv)
+    parser = kv_eval_parser()
+    args = _parse(parser, argv)
     try:
         methods, budgets = _methods(args.methods), _budgets(args.budgets)
         if args.articles < 1 or args.context < 1 or args.continuation < 1:
@@ -471,12 +453,8 @@ def niah_main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status (0 on success).
     """
-    parser = argparse.ArgumentParser(prog="metakv-cl niah", description=niah_main.__doc__.splitlines()[0])
-    _common_arguments(parser)
-    parser.add_argument("--lengths", default="1024,2048", help="haystack lengths in tokens (question included)")
-    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
-    parser.add_argument("--samples", type=int, default=4, help="haystacks per length and depth (one batch)")
-    args = parser.parse_args(argv)
+    parser = niah_parser()
+    args = _parse(parser, argv)
     try:
         methods, budgets = _methods(args.methods), _budgets(args.budgets)
         lengths = [int(n) for n in args.lengths.split(",")]

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Callable, Iterator, Literal
 
@@ -166,6 +167,25 @@ class ContinualLMModule(pl.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def settings(self) -> dict[str, Any]:
+        """What this module was built and trains with, for reports (plain JSON values).
+
+        The init arguments of a named model (none for a given ``nn.Module``), then the optimiser
+        settings in use and ``meta_kv``: the Meta-KV configuration of the model (``None``: plain model).
+        """
+        from metakv_cl.modeling import get_meta_kv, has_meta_kv
+
+        settings = {key: value for key, value in self.hparams.items() if key != "meta_kv"}
+        settings.update(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=list(self.betas),
+            lr_schedule=self.lr_schedule,
+            warmup_steps=self.warmup_steps,
+            meta_kv=dataclasses.asdict(get_meta_kv(self.model).config) if has_meta_kv(self.model) else None,
+        )
+        return settings
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -19,8 +19,10 @@ interrupted experience from its ``last.ckpt`` files and never redoes finished ex
 Benchmark sweeps that rerun an interrupted run from its start pass ``save_weights=False``: only
 ``result.json`` and ``progress.json`` are written (no half-gigabyte state file per experience).
 
-Every result's ``extra`` holds ``wall_time_s``, ``peak_memory_bytes`` (peak CUDA memory of this
-run when it ran on a GPU, else the process's peak resident memory), ``device``, the strategy's
+Every result's ``extra`` holds ``module`` (the settings of the module the strategy trained,
+:meth:`~metakv_cl.training.module.ContinualLMModule.settings`), ``wall_time_s``,
+``peak_memory_bytes`` (peak CUDA memory of this run when it ran on a GPU, else the process's
+peak resident memory), ``device``, the strategy's
 ``trainable_params`` and its training throughput: ``train_tokens``, ``train_seconds`` and
 ``train_tokens_per_s`` (all ranks' tokens over the training batches' time).
 """
@@ -215,7 +217,11 @@ def run_stream(
     if _cuda_in_use():
         torch.cuda.reset_peak_memory_stats()  # this run's peak, not an earlier run's in the same process
     started = time.perf_counter()
-    extra: dict[str, Any] = {"seed": strategy.seed, "strategy": type(strategy).__name__}
+    extra: dict[str, Any] = {
+        "seed": strategy.seed,
+        "strategy": type(strategy).__name__,
+        "module": strategy.module.settings(),
+    }
     resumed_at: int | None = None
     if resume and store.exists():
         state = store.load(strategy, benchmark)
@@ -380,14 +386,15 @@ def compare(
     keep_checkpoints: bool = False,
     echo: Callable[[str], None] | None = None,
 ) -> list[MethodResult]:
-    """Run several strategies on the same stream from the same initial weights.
+    """Run several strategies on the same stream, each from a fresh copy of its initial module.
 
-    Each factory receives a fresh deep copy of ``module`` and returns a strategy; its run
-    goes to ``<root_dir>/<method name>/``. The side-by-side report is written to ``root_dir``.
+    Each factory receives a deep copy of its module and returns a strategy; its run goes to
+    ``<root_dir>/<method name>/``. The side-by-side report is written to ``root_dir``.
 
     Args:
         strategy_factories: callables ``module -> strategy``.
-        module: the initial model (after any warm-up); it is copied, never trained.
+        module: the initial model (after any warm-up) of every strategy, or a list with one
+            initial model per factory (a model may be listed several times); copied, never trained.
         benchmark: the stream.
         root_dir: the comparison folder.
         resume: resume every method from its stream state (finished methods are not rerun).
@@ -398,21 +405,27 @@ def compare(
         One :class:`~metakv_cl.report.MethodResult` per strategy.
 
     Raises:
-        ValueError: two strategies share a method name, or a name is not a plain folder name
-            (checked before anything trains).
+        ValueError: two strategies share a method name, a name is not a plain folder name, or the
+            list of modules is not as long as the list of factories (checked before anything trains).
     """
     root = Path(root_dir)
+    modules = list(module) if isinstance(module, (list, tuple)) else [module] * len(strategy_factories)
+    if len(modules) != len(strategy_factories):
+        raise ValueError(f"compare: {len(modules)} modules for {len(strategy_factories)} strategies; give one per strategy")
     # names first (strategy constructors leave the model alone), so a clash fails before any training;
     # each name becomes a folder that run_stream fills and prunes, so it must stay inside root
-    names = [check_folder_name(factory(module).method_name, "strategy name") for factory in strategy_factories]
+    names = [
+        check_folder_name(factory(initial).method_name, "strategy name")
+        for factory, initial in zip(strategy_factories, modules)
+    ]
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:
         raise ValueError(f"several strategies are named {clashes}; give them distinct init_args.name values")
     results = []
-    initial_state = copy.deepcopy(module.state_dict())
-    for factory in strategy_factories:
-        candidate = copy.deepcopy(module)
-        candidate.load_state_dict(initial_state)
+    initial_states = {id(initial): copy.deepcopy(initial.state_dict()) for initial in modules}
+    for factory, initial in zip(strategy_factories, modules):
+        candidate = copy.deepcopy(initial)
+        candidate.load_state_dict(initial_states[id(initial)])
         strategy = factory(candidate)
         results.append(
             run_stream(

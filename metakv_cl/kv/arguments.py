@@ -1,0 +1,56 @@
+"""The options of ``metakv-cl kv-eval`` and ``metakv-cl niah`` (:mod:`metakv_cl.kv.evaluate`).
+
+Apart from the evaluation code, so that ``--help`` and a mistyped option answer before torch and
+the models load.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+TINY_RANDOM_GPT2 = "gpt2-tiny-random"
+SMOLLM2 = "smollm2"
+DEFAULT_BUDGETS = (0.5, 0.2, 0.1, 0.05, 0.02)
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=SMOLLM2, help=f"{TINY_RANDOM_GPT2}, {SMOLLM2}, or a transformers name/path")
+    parser.add_argument("--meta-kv", default=None, metavar="SOURCE", help="add Meta-KV attention with this meta-state source")
+    parser.add_argument("--meta-kv-weights", default=None, metavar="DIR", help="load trained Meta-KV weights from DIR")
+    parser.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
+    parser.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="a constructor argument of a method (repeatable), e.g. attention_matching.selection=omp")
+    parser.add_argument("--budgets", default=",".join(str(b) for b in DEFAULT_BUDGETS), help="cache sizes as fractions of the context")
+    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per forward call (default: an eighth of the cache)")
+    parser.add_argument("--headroom", type=float, default=0.1, help="share of the cache freed by each compaction")
+    parser.add_argument("--reference-queries", type=int, default=1024, help="reference queries kept per KV head")
+    parser.add_argument("--repeat-queries", action="store_true", help="re-read each chunk to capture extra reference queries")
+    parser.add_argument("--data-root", type=Path, default=None, help="folder holding wikitext2/valid.txt")
+    parser.add_argument("--out-dir", type=Path, required=True, help="where the JSON and PNG files go")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def kv_eval_parser() -> argparse.ArgumentParser:
+    """The options of ``metakv-cl kv-eval``."""
+    parser = argparse.ArgumentParser(
+        prog="metakv-cl kv-eval", description="perplexity of long-text continuations against cache size"
+    )
+    _common_arguments(parser)
+    parser.add_argument("--articles", type=int, default=2, help="WikiText-2 articles (read as one batch)")
+    parser.add_argument("--context", type=int, default=2048, help="context tokens read through the cache")
+    parser.add_argument("--continuation", type=int, default=256, help="continuation tokens scored")
+    return parser
+
+
+def niah_parser() -> argparse.ArgumentParser:
+    """The options of ``metakv-cl niah``."""
+    parser = argparse.ArgumentParser(
+        prog="metakv-cl niah", description="needle-in-a-haystack retrieval through compacted caches"
+    )
+    _common_arguments(parser)
+    parser.add_argument("--lengths", default="1024,2048", help="haystack lengths in tokens (question included)")
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    parser.add_argument("--samples", type=int, default=4, help="haystacks per length and depth (one batch)")
+    return parser
