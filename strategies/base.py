@@ -55,6 +55,8 @@ from metakv_cl.runfolder import (
 from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, TrainingThroughput, derived_seed, seed_all
 from metakv_cl.training.datamodule import EvaluationDataModule, TrainingDataModule, ValidatedTrainingDataModule
 from metakv_cl.training.module import ContinualLMModule
+from metakv_cl.training.packing import OPTION as PACK_OPTION
+from metakv_cl.training.packing import check_pack_length
 
 _log = logging.getLogger(__name__)
 
@@ -86,6 +88,11 @@ class LightningCLStrategy(BaseTemplate):
     Args:
         module: the :class:`ContinualLMModule` to train (also ``strategy.model``).
         train_mb_size: training mini-batch size per process.
+        train_pack_length: pack the documents of each language-modelling training mini-batch into
+            rows of this many tokens (:mod:`metakv_cl.training.packing`): the same documents per
+            step, so the same losses and gradients, without the padding. At least the longest
+            training item; None (the default): padded batches. Classification experiences keep
+            padded batches; a dynamic Meta-KV meta-state is refused.
         eval_mb_size: evaluation mini-batch size per process.
         trainer_kwargs: ``pytorch_lightning.Trainer`` arguments used for every fit
             (``max_epochs`` = epochs per experience, default 1). ``default_root_dir`` is the
@@ -113,6 +120,7 @@ class LightningCLStrategy(BaseTemplate):
         *,
         module: ContinualLMModule,
         train_mb_size: int = 8,
+        train_pack_length: int | None = None,
         eval_mb_size: int = 16,
         trainer_kwargs: dict[str, Any] | None = None,
         plugins: Sequence[BasePlugin] | None = None,
@@ -138,6 +146,8 @@ class LightningCLStrategy(BaseTemplate):
         if self.trainer_kwargs.get("max_epochs") is None and self.trainer_kwargs.get("max_steps", -1) in (-1, None):
             self.trainer_kwargs["max_epochs"] = 1  # Lightning's own default would be 1000 per experience
         self.train_mb_size, self.eval_mb_size = train_mb_size, eval_mb_size
+        check_pack_length(train_pack_length)
+        self.train_pack_length = train_pack_length
         self.seed, self.num_workers = seed, num_workers
         self._name = name
         self.verbose = verbose
@@ -193,6 +203,11 @@ class LightningCLStrategy(BaseTemplate):
     @property
     def stop_requested(self) -> bool:
         return self._stop_training
+
+    def refuse_packing(self, why: str) -> None:
+        """Refuse ``train_pack_length`` for a strategy whose training reads padded batches."""
+        if self.train_pack_length is not None:
+            raise ValueError(f"{PACK_OPTION} is not supported by {self.strategy_name}: {why}")
 
     def stop_training(self) -> None:
         """Ask the running fit to stop after the current batch (what Avalanche plugins call)."""
@@ -342,7 +357,10 @@ class LightningCLStrategy(BaseTemplate):
                 enable_checkpointing=self.checkpointing,
             )
         loading = dict(
-            batch_size=batch_size or self.train_mb_size, seed=derived_seed(self.seed, self.stage, phase), num_workers=self.num_workers
+            batch_size=batch_size or self.train_mb_size,
+            seed=derived_seed(self.seed, self.stage, phase),
+            num_workers=self.num_workers,
+            pack_length=self.train_pack_length,
         )
         if validation is None:
             datamodule = TrainingDataModule(dataset, **loading)

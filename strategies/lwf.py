@@ -34,6 +34,7 @@ class LwF(LightningCLStrategy):
         if not 0 < temperature < math.inf:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         super().__init__(**kwargs)
+        self.refuse_packing("its teacher is run on padded batches")
         self.alpha, self.temperature = alpha, temperature
         self.teacher: ParameterSnapshot | None = None
 

@@ -132,6 +132,8 @@ class MetaKVConsolidation(LightningCLStrategy):
             raise ValueError(f"patience must be >= 0, got {patience}")
         memory = ReplayMemory(buffer_size, storage_policy)
         super().__init__(**kwargs)
+        if mode == "distill":
+            self.refuse_packing("mode 'distill' runs its teachers on padded batches and reads each row's experience")
         meta_kv = _meta_kv_or_error(self.module.model)
         if "memory" in consolidate_groups and not meta_kv.config.uses_memory:
             raise ValueError(
