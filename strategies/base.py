@@ -92,7 +92,7 @@ class LightningCLStrategy(BaseTemplate):
             rows of this many tokens (:mod:`metakv_cl.training.packing`): the same documents per
             step, so the same losses and gradients, without the padding. At least the longest
             training item; None (the default): padded batches. Classification experiences keep
-            padded batches; a dynamic Meta-KV meta-state is refused.
+            padded batches.
         eval_mb_size: evaluation mini-batch size per process.
         trainer_kwargs: ``pytorch_lightning.Trainer`` arguments used for every fit
             (``max_epochs`` = epochs per experience, default 1). ``default_root_dir`` is the

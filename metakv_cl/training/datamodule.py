@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
-from metakv_cl.training.packing import OPTION, PackingCollator, check_pack_length, check_packable, is_language_modelling
+from metakv_cl.training.packing import OPTION, PackingCollator, check_pack_length, is_language_modelling
 
 
 class _ExperienceLoaders(pl.LightningDataModule):
@@ -68,8 +68,6 @@ class TrainingDataModule(_ExperienceLoaders):
     def setup(self, stage: str) -> None:
         if self.pack_length is None:
             return
-        if self.trainer is not None:
-            check_packable(self.trainer.lightning_module.model)
         longest = max(int(self.dataset[i]["input_ids"].shape[-1]) for i in range(len(self.dataset)))
         if longest > self.pack_length:
             raise ValueError(

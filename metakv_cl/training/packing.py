@@ -23,7 +23,10 @@ The model is called with ``position_ids``, *no* attention mask and ``use_cache=F
 or a KV cache switches the detection off); transformers then finds the
 documents from the restarting positions (``masking_utils.find_packed_sequence_indices``) and
 builds a block-diagonal causal mask for sdpa and eager attention (flash-attention takes the same
-boundaries as varlen sequences), so attention never crosses a document.
+boundaries as varlen sequences), so attention never crosses a document. Meta-KV finds the same
+documents: a consolidated meta-state is the same for every token, and a dynamic one (mean, max,
+attentive, recurrent, hybrid) summarises each document alone (``PackedDocuments`` in
+:mod:`metakv_cl.modeling.sources`), so both pack exactly.
 """
 
 from __future__ import annotations
@@ -31,10 +34,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from metakv_cl.data.collate import IGNORE_INDEX
-from metakv_cl.modeling import get_meta_kv, has_meta_kv
 
 OPTION = "train_pack_length"
 
@@ -152,25 +153,6 @@ def is_language_modelling(item: dict[str, torch.Tensor]) -> bool:
     """
     labels = item.get("labels")
     return labels is not None and torch.equal(labels, item["input_ids"])
-
-
-def check_packable(model: nn.Module) -> None:
-    """Refuse packing for a model whose attention reads across the documents of a row.
-
-    A consolidated Meta-KV meta-state is the same for every token, so packing stays exact; a
-    dynamic one (mean, max, attentive, recurrent, hybrid) summarises the prefix of the row, which
-    would include the earlier documents.
-
-    Raises:
-        ValueError: naming the option and the Meta-KV source.
-    """
-    if has_meta_kv(model):
-        config = get_meta_kv(model).config
-        if config.dynamic_source is not None:
-            raise ValueError(
-                f"{OPTION} needs meta_kv.source 'consolidated' (or no Meta-KV): the dynamic meta-state of "
-                f"meta_kv.source {config.source!r} would summarise across the packed documents"
-            )
 
 
 def padding_fraction(batch: dict[str, torch.Tensor]) -> float:

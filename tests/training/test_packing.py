@@ -122,9 +122,11 @@ def test_rows_without_document_boundaries_would_leak():
     assert moved and all(moved)
 
 
-def test_consolidated_meta_kv_packs_exactly():
+@pytest.mark.parametrize("source", ["consolidated", "mean", "max", "attentive", "recurrent", "hybrid"])
+def test_meta_kv_packs_exactly(source):
+    """A consolidated meta-state is constant; a dynamic one restarts at every packed document."""
     torch.manual_seed(0)
-    model = add_meta_kv(tiny_gpt2(), MetaKVConfig(source="consolidated", rank=4))
+    model = add_meta_kv(tiny_llama(), MetaKVConfig(source=source, rank=4))
     randomize_meta_kv(model)
     assert_same(*padded_and_packed(model, documents()))
 
@@ -143,14 +145,17 @@ class StepRecorder(pl.Callback):
 def toy_strategy(pack_length, meta_kv=None, **strategy_kwargs):
     torch.manual_seed(0)
     benchmark, module = toy_setup(1, meta_kv=meta_kv, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if meta_kv is not None:
+        randomize_meta_kv(module.model)
     recorder = StepRecorder()
     kwargs = toy_trainer_kwargs(".", enable_checkpointing=False, callbacks=[recorder])
     strategy = Naive(module=module, train_mb_size=8, train_pack_length=pack_length, trainer_kwargs=kwargs, **strategy_kwargs)
     return strategy, benchmark, recorder
 
 
-def test_training_step_on_a_packed_batch_gives_the_loss_and_gradients_of_the_padded_one():
-    _, module = toy_setup(1, meta_kv=MetaKVConfig(source="consolidated", rank=4), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+@pytest.mark.parametrize("source", ["consolidated", "hybrid"])
+def test_training_step_on_a_packed_batch_gives_the_loss_and_gradients_of_the_padded_one(source):
+    _, module = toy_setup(1, meta_kv=MetaKVConfig(source=source, rank=4), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     randomize_meta_kv(module.model)
     items = documents(vocab=module.vocab_size)
     results = []
@@ -166,11 +171,12 @@ def test_training_step_on_a_packed_batch_gives_the_loss_and_gradients_of_the_pad
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_engine_fit_with_packing_takes_the_same_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("meta_kv", [None, MetaKVConfig(source="hybrid", rank=4)], ids=["plain", "hybrid-meta-kv"])
+def test_engine_fit_with_packing_takes_the_same_steps(tmp_path, monkeypatch, meta_kv):
     monkeypatch.chdir(tmp_path)
     runs = []
     for pack_length in (None, 24):  # the longest toy item has 23 tokens
-        strategy, benchmark, recorder = toy_strategy(pack_length)
+        strategy, benchmark, recorder = toy_strategy(pack_length, meta_kv)
         strategy.train(benchmark.train_stream[0])
         runs.append(recorder)
     padded, packed = runs
@@ -184,13 +190,6 @@ def test_engine_fit_with_packing_takes_the_same_steps(tmp_path, monkeypatch):
     # every step's loss follows from the previous steps' updates: equal losses = the same trajectory
     assert len(set(padded.losses)) == 6
     assert packed.losses == pytest.approx(padded.losses, rel=1e-5)
-
-
-def test_dynamic_meta_kv_source_is_refused(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    strategy, benchmark, _ = toy_strategy(24, meta_kv=MetaKVConfig(source="hybrid", rank=4))
-    with pytest.raises(ValueError, match=r"train_pack_length needs meta_kv.source 'consolidated'.*'hybrid'"):
-        strategy.train(benchmark.train_stream[0])
 
 
 def test_a_row_shorter_than_the_longest_item_is_refused(tmp_path, monkeypatch):
