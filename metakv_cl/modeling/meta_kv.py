@@ -282,7 +282,11 @@ class _PaddingHook:
         if mask is None and self.meta_kv.config.dynamic_source is not None:
             positions = _argument(self.signature, args, kwargs, "position_ids")
             if positions is not None and passed_cache(self.signature, args, kwargs) is None:
-                segments = find_packed_sequence_indices(positions)
+                inputs = _argument(self.signature, args, kwargs, "input_ids")
+                if inputs is None:
+                    inputs = _argument(self.signature, args, kwargs, "inputs_embeds")
+                # one row of positions may stand for every row, as transformers reads it
+                segments = find_packed_sequence_indices(positions.expand(inputs.shape[0], -1))
                 self.meta_kv._documents = None if segments is None else PackedDocuments(segments)
 
 

@@ -131,6 +131,20 @@ def test_meta_kv_packs_exactly(source):
     assert_same(*padded_and_packed(model, documents()))
 
 
+def test_one_row_of_packed_positions_stands_for_every_row():
+    torch.manual_seed(0)
+    model = add_meta_kv(tiny_gpt2(), MetaKVConfig(source="mean", rank=4))
+    randomize_meta_kv(model)
+    ids = torch.randint(1, VOCAB, (3, 10))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]])
+    with torch.no_grad():
+        shared = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        expanded = model(input_ids=ids, position_ids=positions.expand(3, -1), use_cache=False).logits
+        second = model(input_ids=ids[:, 4:7], use_cache=False).logits  # the second document alone
+    torch.testing.assert_close(shared, expanded)
+    torch.testing.assert_close(shared[:, 4:7], second, rtol=1e-5, atol=1e-5)
+
+
 class StepRecorder(pl.Callback):
     """Every training batch and its loss."""
 
