@@ -55,7 +55,6 @@ from metakv_cl.runfolder import (
 from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, TrainingThroughput, derived_seed, seed_all
 from metakv_cl.training.datamodule import EvaluationDataModule, TrainingDataModule, ValidatedTrainingDataModule
 from metakv_cl.training.module import ContinualLMModule
-from metakv_cl.training.packing import OPTION as PACK_OPTION
 from metakv_cl.training.packing import check_pack_length
 
 _log = logging.getLogger(__name__)
@@ -203,11 +202,6 @@ class LightningCLStrategy(BaseTemplate):
     @property
     def stop_requested(self) -> bool:
         return self._stop_training
-
-    def refuse_packing(self, why: str) -> None:
-        """Refuse ``train_pack_length`` for a strategy whose training reads padded batches."""
-        if self.train_pack_length is not None:
-            raise ValueError(f"{PACK_OPTION} is not supported by {self.strategy_name}: {why}")
 
     def stop_training(self) -> None:
         """Ask the running fit to stop after the current batch (what Avalanche plugins call)."""

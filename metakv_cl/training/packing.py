@@ -145,6 +145,18 @@ def is_packed(batch: dict) -> bool:
     return "position_ids" in batch
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
+    """The keyword arguments of a training forward (of the model or of a teacher) on ``batch``.
+
+    A packed batch passes its ``position_ids`` and no attention mask (its mask only marks the
+    row-end padding, and a 2-D mask would stop transformers from separating the documents);
+    no KV cache either way (a cache also stops it, and training needs none).
+    """
+    if is_packed(batch):
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
 def is_language_modelling(item: dict[str, torch.Tensor]) -> bool:
     """Whether a training item is a language-modelling document (its labels are its tokens).
 

@@ -156,14 +156,14 @@ class StepRecorder(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def toy_strategy(pack_length, meta_kv=None, **strategy_kwargs):
+def toy_strategy(pack_length, meta_kv=None, strategy_cls=Naive, experiences=1):
     torch.manual_seed(0)
-    benchmark, module = toy_setup(1, meta_kv=meta_kv, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    benchmark, module = toy_setup(experiences, meta_kv=meta_kv, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if meta_kv is not None:
         randomize_meta_kv(module.model)
     recorder = StepRecorder()
     kwargs = toy_trainer_kwargs(".", enable_checkpointing=False, callbacks=[recorder])
-    strategy = Naive(module=module, train_mb_size=8, train_pack_length=pack_length, trainer_kwargs=kwargs, **strategy_kwargs)
+    strategy = strategy_cls(module=module, train_mb_size=8, train_pack_length=pack_length, trainer_kwargs=kwargs)
     return strategy, benchmark, recorder
 
 
@@ -185,24 +185,29 @@ def test_training_step_on_a_packed_batch_gives_the_loss_and_gradients_of_the_pad
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("meta_kv", [None, MetaKVConfig(source="hybrid", rank=4)], ids=["plain", "hybrid-meta-kv"])
-def test_engine_fit_with_packing_takes_the_same_steps(tmp_path, monkeypatch, meta_kv):
+@pytest.mark.parametrize(
+    "strategy_cls, meta_kv, experiences",
+    [(Naive, None, 1), (Naive, MetaKVConfig(source="hybrid", rank=4), 1), (LwF, None, 2)],
+    ids=["naive", "naive-hybrid-meta-kv", "lwf"],  # LwF's teacher runs from the second experience
+)
+def test_engine_fit_with_packing_takes_the_same_steps(tmp_path, monkeypatch, strategy_cls, meta_kv, experiences):
     monkeypatch.chdir(tmp_path)
     runs = []
-    for pack_length in (None, 24):  # the longest toy item has 23 tokens
-        strategy, benchmark, recorder = toy_strategy(pack_length, meta_kv)
-        strategy.train(benchmark.train_stream[0])
+    for pack_length in (None, 26):  # the longest item of two toy experiences has 26 tokens
+        strategy, benchmark, recorder = toy_strategy(pack_length, meta_kv, strategy_cls, experiences)
+        for experience in benchmark.train_stream:
+            strategy.train(experience)
         runs.append(recorder)
     padded, packed = runs
-    assert len(padded.batches) == len(packed.batches) == 6  # 42 items in mini-batches of 8
+    assert len(padded.batches) == len(packed.batches) == 6 * experiences  # 42 items in mini-batches of 8
     assert all("position_ids" not in b for b in padded.batches)
-    assert all("position_ids" in b and b["input_ids"].shape[1] == 24 for b in packed.batches)
+    assert all("position_ids" in b and b["input_ids"].shape[1] == 26 for b in packed.batches)
     # the same documents per step: the same scored tokens, fewer token slots
     scored = [[int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in run.batches] for run in runs]
     assert scored[0] == scored[1]
     assert sum(b["input_ids"].numel() for b in packed.batches) < sum(b["input_ids"].numel() for b in padded.batches)
     # every step's loss follows from the previous steps' updates: equal losses = the same trajectory
-    assert len(set(padded.losses)) == 6
+    assert len(set(padded.losses)) == len(padded.losses)
     assert packed.losses == pytest.approx(padded.losses, rel=1e-5)
 
 
@@ -231,12 +236,9 @@ def test_pack_length_must_be_an_integer_of_at_least_two(value):
         Naive(module=module, train_pack_length=value)
 
 
-def test_strategies_that_run_teachers_on_padded_batches_refuse_packing():
-    _, module = toy_setup(1)
-    with pytest.raises(ValueError, match=r"train_pack_length is not supported by lwf: its teacher"):
-        LwF(module=module, train_pack_length=64)
+def test_distilling_meta_kv_consolidation_refuses_packing():
     _, module = toy_setup(1, meta_kv=MetaKVConfig(source="consolidated", rank=4))
-    with pytest.raises(ValueError, match=r"train_pack_length is not supported by metakv: mode 'distill'"):
+    with pytest.raises(ValueError, match=r"train_pack_length is not supported by MetaKVConsolidation with mode 'distill'"):
         MetaKVConsolidation(module=module, mode="distill", train_pack_length=64)
     assert MetaKVConsolidation(module=module, mode="replay", train_pack_length=64).train_pack_length == 64
 
