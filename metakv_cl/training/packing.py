@@ -19,11 +19,12 @@ Layout of a packed batch (``R`` rows of ``L = pack_length`` tokens)::
 No token is added between documents: the stream's items already end with the tokenizer's EOS
 (``make_benchmark(append_eos=True)``, the default), and adding one would change the losses.
 
-The model is called with ``position_ids``, *no* attention mask and ``use_cache=False`` (a 2-D mask
-or a KV cache switches the detection off); transformers then finds the
-documents from the restarting positions (``masking_utils.find_packed_sequence_indices``) and
-builds a block-diagonal causal mask for sdpa and eager attention (flash-attention takes the same
-boundaries as varlen sequences), so attention never crosses a document. Meta-KV finds the same
+The model is called with ``position_ids``, *no* attention mask and ``use_cache=False``
+(:func:`model_inputs`; a 2-D mask or a KV cache switches the detection off); transformers then
+finds the documents from the restarting positions (``masking_utils.find_packed_sequence_indices``)
+and builds a block-diagonal causal mask for sdpa and eager attention, so attention never crosses a
+document (its flash-attention path reads the same positions as varlen boundaries; only sdpa and
+eager are tested here). Meta-KV finds the same
 documents: a consolidated meta-state is the same for every token, and a dynamic one (mean, max,
 attentive, recurrent, hybrid) summarises each document alone (``PackedDocuments`` in
 :mod:`metakv_cl.modeling.sources`), so both pack exactly.
@@ -166,8 +167,3 @@ def is_language_modelling(item: dict[str, torch.Tensor]) -> bool:
     labels = item.get("labels")
     return labels is not None and torch.equal(labels, item["input_ids"])
 
-
-def padding_fraction(batch: dict[str, torch.Tensor]) -> float:
-    """The share of the batch's token slots that hold padding."""
-    mask = batch["attention_mask"]
-    return 1.0 - float(mask.sum()) / mask.numel()
