@@ -54,6 +54,7 @@ from metakv_cl.runfolder import (
 from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, TrainingThroughput, derived_seed, seed_all
 from metakv_cl.training.datamodule import EvaluationDataModule, TrainingDataModule, ValidatedTrainingDataModule
 from metakv_cl.training.module import ContinualLMModule
+from metakv_cl.training.packing import check_pack_length
 
 _log = logging.getLogger(__name__)
 
@@ -85,6 +86,11 @@ class LightningCLStrategy(BaseTemplate):
     Args:
         module: the :class:`ContinualLMModule` to train (also ``strategy.model``).
         train_mb_size: training mini-batch size per process.
+        train_pack_length: pack the documents of each language-modelling training mini-batch into
+            rows of this many tokens (:mod:`metakv_cl.training.packing`): the same documents per
+            step, so the same losses and gradients, without the padding. At least the longest
+            training item; None (the default): padded batches. Classification experiences keep
+            padded batches.
         eval_mb_size: evaluation mini-batch size per process.
         trainer_kwargs: ``pytorch_lightning.Trainer`` arguments used for every fit
             (``max_epochs`` = epochs per experience, default 1). ``default_root_dir`` is the
@@ -115,6 +121,7 @@ class LightningCLStrategy(BaseTemplate):
         *,
         module: ContinualLMModule,
         train_mb_size: int = 8,
+        train_pack_length: int | None = None,
         eval_mb_size: int = 16,
         trainer_kwargs: dict[str, Any] | None = None,
         plugins: Sequence[BasePlugin] | None = None,
@@ -145,6 +152,8 @@ class LightningCLStrategy(BaseTemplate):
         if self.trainer_kwargs.get("max_epochs") is None and self.trainer_kwargs.get("max_steps", -1) in (-1, None):
             self.trainer_kwargs["max_epochs"] = 1  # Lightning's own default would be 1000 per experience
         self.train_mb_size, self.eval_mb_size = train_mb_size, eval_mb_size
+        check_pack_length(train_pack_length)
+        self.train_pack_length = train_pack_length
         self.seed, self.num_workers = seed, num_workers
         self._name = name
         self.verbose = verbose
@@ -349,7 +358,10 @@ class LightningCLStrategy(BaseTemplate):
                 enable_checkpointing=self.checkpointing,
             )
         loading = dict(
-            batch_size=batch_size or self.train_mb_size, seed=derived_seed(self.seed, self.stage, phase), num_workers=self.num_workers
+            batch_size=batch_size or self.train_mb_size,
+            seed=derived_seed(self.seed, self.stage, phase),
+            num_workers=self.num_workers,
+            pack_length=self.train_pack_length,
         )
         if validation is None:
             datamodule = TrainingDataModule(dataset, **loading)

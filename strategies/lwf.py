@@ -15,6 +15,7 @@ import torch
 
 from metakv_cl.strategies.base import LightningCLStrategy
 from metakv_cl.training.distillation import ParameterSnapshot, prediction_mask, token_kl
+from metakv_cl.training.packing import model_inputs
 
 
 class LwF(LightningCLStrategy):
@@ -42,7 +43,7 @@ class LwF(LightningCLStrategy):
             self.module.penalties["distillation"] = self.penalty
 
     def penalty(self, module, batch: dict, outputs: Any) -> torch.Tensor:
-        teacher = self.teacher.forward(module.model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        teacher = self.teacher.forward(module.model, **model_inputs(batch))
         kl_sum, count = token_kl(outputs.logits, teacher.logits, prediction_mask(batch["labels"]), self.temperature)
         return self.alpha * module.token_mean(kl_sum, count)
 

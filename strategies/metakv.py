@@ -133,6 +133,11 @@ class MetaKVConsolidation(LightningCLStrategy):
             raise ValueError(f"patience must be >= 0, got {patience}")
         memory = ReplayMemory(buffer_size, storage_policy)
         super().__init__(**kwargs)
+        if mode == "distill" and self.train_pack_length is not None:
+            raise ValueError(
+                "train_pack_length is not supported by MetaKVConsolidation with mode 'distill': its teachers "
+                "are chosen per row by the row's experience, and a packed row mixes experiences"
+            )
         meta_kv = _meta_kv_or_error(self.module.model)
         if "memory" in consolidate_groups and not meta_kv.config.uses_memory:
             raise ValueError(

@@ -21,11 +21,12 @@ import weakref
 
 import torch
 from torch import nn
+from transformers.masking_utils import find_packed_sequence_indices
 
 from metakv_cl.modeling.adapters import find_attention_sites
 from metakv_cl.modeling.config import MetaKVConfig
 from metakv_cl.modeling.modulation import build_modulation, delta_weights
-from metakv_cl.modeling.sources import ConsolidatedMemory, build_dynamic_source
+from metakv_cl.modeling.sources import ConsolidatedMemory, PackedDocuments, build_dynamic_source
 from metakv_cl.transformers_api import cache_argument_name, passed_cache
 
 PARAMETER_GROUPS = ("all", "memory", "generator", "source")
@@ -44,7 +45,14 @@ class MetaKVLayer(nn.Module):
         )
         self.modulation = build_modulation(config, hidden_size, kv_size)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor | None, state, memory_state: torch.Tensor | None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        real: torch.Tensor | None,
+        state,
+        memory_state: torch.Tensor | None,
+        documents: PackedDocuments | None = None,
+    ):
         """The K/V modulation of the chunk x and the new running state.
 
         A function of tensors only (no cache or hook bookkeeping), so that it can be compiled.
@@ -54,12 +62,17 @@ class MetaKVLayer(nn.Module):
             real: [batch, time] bool, False on padding, or None.
             state: the dynamic source's running state from earlier chunks, or None.
             memory_state: the consolidated C [state_dim], or None.
+            documents: the documents of packed rows (no running state then): the dynamic
+                source summarises each one alone.
 
         Returns:
             delta [batch, time, 2 * kv_size] (zero on padding) and the new state (or None).
         """
         c, new_state = None, None
-        if self.source is not None:
+        if self.source is not None and documents is not None:
+            real_split = documents.split(real if real is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+            c = documents.merge(self.source(documents.split(x), real_split, None)[0])
+        elif self.source is not None:
             c, new_state = self.source(x, real, state)
         if memory_state is not None:
             m = memory_state.to(x.dtype).view(1, 1, -1)  # broadcast: one state for every token
@@ -90,6 +103,7 @@ class MetaKV(nn.Module):
         self.memories = nn.ModuleList(ConsolidatedMemory(config.memory_slots, config.state_dim) for _ in range(memory_count))
         self.merged = False
         self._padding_mask: torch.Tensor | None = None
+        self._documents: PackedDocuments | None = None
         self._pending: list[torch.Tensor | None] = [None] * len(sites)
         # Running dynamic states per cache object and layer, dropped with the cache.
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -189,7 +203,9 @@ class MetaKV(nn.Module):
             # Run by the first K/V projection's hook, adding straight into its output.
             self._pending[layer] = _FusedModulation(fused, x, state, memory_state)
             return
-        delta, new_state = self.layers[layer](x, real, state, memory_state)
+        # packed documents (transformers masks their attention apart only without a cache)
+        documents = self._documents if cache is None else None
+        delta, new_state = self.layers[layer](x, real, state, memory_state, documents)
         if cache is not None and new_state is not None:
             if in_place:
                 for target, value in zip(state, new_state):
@@ -244,10 +260,13 @@ def _argument(signature: inspect.Signature, args, kwargs, name: str):
 
 
 class _PaddingHook:
-    """Decoder pre-hook: remember the 2-D padding mask of this call (None if absent, 4-D or all real).
+    """Decoder pre-hook: remember the 2-D padding mask of this call (None if absent, 4-D or all real)
+    and, for a dynamic source, the packed documents of its rows.
 
     An all-real mask is dropped (one host sync per call, outside compiled graphs), so that each
     layer skips its padding work: in one-token decoding that is a third of Meta-KV's kernels.
+    Documents are found exactly where transformers finds them to mask attention block-diagonally:
+    restarting ``position_ids``, no attention mask, no cache.
     """
 
     def __init__(self, meta_kv: MetaKV, decoder: nn.Module):
@@ -259,6 +278,16 @@ class _PaddingHook:
             self.meta_kv._padding_mask = None
         else:
             self.meta_kv._padding_mask = mask.bool()
+        self.meta_kv._documents = None
+        if mask is None and self.meta_kv.config.dynamic_source is not None:
+            positions = _argument(self.signature, args, kwargs, "position_ids")
+            if positions is not None and passed_cache(self.signature, args, kwargs) is None:
+                inputs = _argument(self.signature, args, kwargs, "input_ids")
+                if inputs is None:
+                    inputs = _argument(self.signature, args, kwargs, "inputs_embeds")
+                # one row of positions may stand for every row, as transformers reads it
+                segments = find_packed_sequence_indices(positions.expand(inputs.shape[0], -1))
+                self.meta_kv._documents = None if segments is None else PackedDocuments(segments)
 
 
 class _AttentionHook:

@@ -160,6 +160,41 @@ class RecurrentSource(nn.Module):
         return c, (h_n,)
 
 
+class PackedDocuments:
+    """The documents of packed rows, so that a dynamic source summarises each document alone.
+
+    Packed rows hold several documents back to back, told apart by position ids that restart
+    (transformers' ``find_packed_sequence_indices`` gives the segment ids). :meth:`split` moves
+    the tokens into one right-padded row per document, where a source runs exactly as on the
+    unpacked documents; :meth:`merge` puts its output back in the packed layout.
+
+    Args:
+        segments: [batch, time] the index of each token's document within its row (0, 0, 1, ...).
+    """
+
+    def __init__(self, segments: torch.Tensor):
+        batch, time = segments.shape
+        per_row = segments[:, -1] + 1
+        first = torch.cumsum(per_row, 0) - per_row  # global index of each row's first document
+        self.document = segments + first.unsqueeze(1)  # [batch, time]
+        steps = torch.arange(time, device=segments.device).expand(batch, time)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        start = torch.cummax(torch.where(starts, steps, 0), dim=1).values
+        self.offset = steps - start  # [batch, time] position within the document
+        self.count, self.length = int(per_row.sum()), int(self.offset.max()) + 1
+
+    def split(self, values: torch.Tensor) -> torch.Tensor:
+        """[batch, time, ...] -> [documents, longest document, ...], zero after each document."""
+        out = values.new_zeros((self.count, self.length, *values.shape[2:]))
+        out[self.document, self.offset] = values
+        return out
+
+    def merge(self, values: torch.Tensor) -> torch.Tensor:
+        """[documents, longest document, ...] -> [batch, time, ...]."""
+        return values[self.document, self.offset]
+
+
 class ConsolidatedMemory(nn.Module):
     """The consolidated state M: ``memory_slots`` learnable vectors whose mean is C.
 

@@ -6,6 +6,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
+from metakv_cl.training.packing import OPTION, PackingCollator, check_pack_length, is_language_modelling
+
 
 class _ExperienceLoaders(pl.LightningDataModule):
     """Shared loader construction: the dataset's own ``collate_fn``, this rank's share."""
@@ -21,12 +23,15 @@ class _ExperienceLoaders(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
+    def collate_fn(self):
+        return getattr(self.dataset, "collate_fn", None)
+
     def loader(self, sampler) -> DataLoader:
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            collate_fn=getattr(self.dataset, "collate_fn", None),
+            collate_fn=self.collate_fn(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -39,16 +44,42 @@ class TrainingDataModule(_ExperienceLoaders):
     epoch e depends only on (seed, e), so a fit resumed from an end-of-epoch checkpoint sees the
     same batches as an uninterrupted one, and DDP ranks take disjoint shares of one permutation.
 
+    With ``pack_length`` the documents of each mini-batch of a language-modelling dataset are
+    packed into rows of that many tokens (:mod:`metakv_cl.training.packing`): the same documents
+    per step, so the same losses and gradients, without the padding. A dataset of classification
+    items (labels on the answer only) keeps padded batches.
+
     Args:
         dataset: the items (an ``AvalancheDataset``: its ``collate_fn`` batches them).
-        batch_size: mini-batch size per process.
+        batch_size: mini-batch size (documents) per process.
         seed: shuffling seed.
         num_workers: DataLoader workers.
+        pack_length: tokens per packed row, at least the longest item; None: padded batches.
     """
 
-    def __init__(self, dataset: Dataset, *, batch_size: int = 8, seed: int = 0, num_workers: int = 0):
+    def __init__(
+        self, dataset: Dataset, *, batch_size: int = 8, seed: int = 0, num_workers: int = 0, pack_length: int | None = None
+    ):
         super().__init__(dataset, batch_size, num_workers)
+        check_pack_length(pack_length)
         self.seed = seed
+        self.pack_length = pack_length if pack_length is not None and is_language_modelling(dataset[0]) else None
+
+    def setup(self, stage: str) -> None:
+        if self.pack_length is None:
+            return
+        longest = max(int(self.dataset[i]["input_ids"].shape[-1]) for i in range(len(self.dataset)))
+        if longest > self.pack_length:
+            raise ValueError(
+                f"{OPTION}={self.pack_length} is shorter than the longest training item ({longest} tokens); "
+                f"set {OPTION} >= {longest} (documents are never split; rows may exceed the model's positions)"
+            )
+
+    def collate_fn(self):
+        padded = super().collate_fn()
+        if self.pack_length is None:
+            return padded
+        return PackingCollator(self.pack_length, getattr(padded, "pad_token_id", 0))
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self.world()
@@ -60,12 +91,21 @@ class ValidatedTrainingDataModule(TrainingDataModule):
 
     Args:
         dataset: the training items.
-        validation: the held-out items.
-        batch_size, seed, num_workers: as :class:`TrainingDataModule`.
+        validation: the held-out items (always padded batches).
+        batch_size, seed, num_workers, pack_length: as :class:`TrainingDataModule`.
     """
 
-    def __init__(self, dataset: Dataset, validation: Dataset, *, batch_size: int = 8, seed: int = 0, num_workers: int = 0):
-        super().__init__(dataset, batch_size=batch_size, seed=seed, num_workers=num_workers)
+    def __init__(
+        self,
+        dataset: Dataset,
+        validation: Dataset,
+        *,
+        batch_size: int = 8,
+        seed: int = 0,
+        num_workers: int = 0,
+        pack_length: int | None = None,
+    ):
+        super().__init__(dataset, batch_size=batch_size, seed=seed, num_workers=num_workers, pack_length=pack_length)
         self.validation = EvaluationDataModule(validation, batch_size=batch_size, num_workers=num_workers)
 
     def val_dataloader(self) -> DataLoader:

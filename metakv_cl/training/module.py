@@ -31,6 +31,7 @@ from torchmetrics.aggregation import SumMetric
 
 from metakv_cl.data.scoring import rank_choices, rank_choices_with_shared_prompt, sequence_nll
 from metakv_cl.modeling.config import MetaKVConfig
+from metakv_cl.training.packing import model_inputs
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -237,17 +238,18 @@ class ContinualLMModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
 
-    def training_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
-        """The model's training forward (no KV cache), compiled when ``compile`` was set."""
+    def training_forward(self, **inputs: Any) -> Any:
+        """The model's training forward on :func:`~metakv_cl.training.packing.model_inputs` of a
+        batch (padded or packed, no KV cache), compiled when ``compile`` was set."""
         model = self.model
         if self.compile_training:
             if self._compiled.get("model", (None,))[0] is not model:
                 self._compiled["model"] = (model, torch.compile(model, dynamic=True))
             model = self._compiled["model"][1]
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return model(**inputs)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        outputs = self.training_forward(batch["input_ids"], batch["attention_mask"])
+        outputs = self.training_forward(**model_inputs(batch))
         lm_loss, nll_sum, tokens = self.lm_loss(batch, outputs)
         components = {"lm": lm_loss}
         loss = self.lm_loss_weight * lm_loss

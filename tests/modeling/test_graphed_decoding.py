@@ -56,8 +56,8 @@ def test_running_state_given_as_broadcast_views_is_pinned_as_dense_copies(tiny_m
     model = meta_kv_model(tiny_model_factory, "mean")
     original_forward = MetaKVLayer.forward
 
-    def broadcast_state(layer, x, real, state, memory_state):
-        delta, new_state = original_forward(layer, x, real, state, memory_state)
+    def broadcast_state(layer, x, real, state, memory_state, documents=None):
+        delta, new_state = original_forward(layer, x, real, state, memory_state, documents)
         return delta, tuple(t[:1].expand_as(t) for t in new_state)
 
     monkeypatch.setattr(MetaKVLayer, "forward", broadcast_state)

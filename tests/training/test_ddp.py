@@ -42,12 +42,14 @@ def fit_two_processes_and_one(tmp_path, config: dict) -> tuple[dict, dict]:
 
 
 @needs_linux
-def test_two_process_ddp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("pack_length", [None, 32], ids=["padded", "packed"])
+def test_two_process_ddp_matches_one_process(tmp_path, pack_length):
     # replay exercises the buffer (its sampling must agree across ranks); no dropout, so that
     # two ranks with batches of 4 take exactly the steps of one process with batches of 8
+    # (packed: each rank packs its own 4 documents, the single process its 8)
     config = toy_config(tmp_path / "unused", strategy={
         "class_path": "metakv_cl.strategies.Replay",
-        "init_args": {"buffer_size": 8, "train_mb_size": 4, "eval_mb_size": 4},
+        "init_args": {"buffer_size": 8, "train_mb_size": 4, "eval_mb_size": 4, "train_pack_length": pack_length},
     })
     config["model"]["init_args"]["config_overrides"].update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     distributed_result, single_result = fit_two_processes_and_one(tmp_path, config)

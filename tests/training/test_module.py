@@ -107,10 +107,12 @@ def test_unknown_schedule_is_refused():
         ContinualLMModule(tiny_gpt2(), lr_schedule="step")
 
 
-def test_compiled_training_forward_matches_eager_with_meta_kv():
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_compiled_training_forward_matches_eager_with_meta_kv(packed):
     import copy
 
     from metakv_cl.modeling import MetaKVConfig, add_meta_kv, meta_kv_parameters
+    from metakv_cl.training.packing import pack_items
 
     torch.manual_seed(0)
     model = add_meta_kv(tiny_gpt2(), MetaKVConfig(source="mean", rank=4, state_dim=16))
@@ -121,6 +123,9 @@ def test_compiled_training_forward_matches_eager_with_meta_kv():
     compiled = ContinualLMModule(copy.deepcopy(model), compile=True)
     ids = torch.randint(1, 90, (3, 12))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    if packed:  # documents of 12, 7 and 5 tokens in rows of 12 (a packed row of two)
+        lengths = (12, 7, 5)
+        batch = pack_items([{"input_ids": row[:n], "labels": row[:n]} for row, n in zip(ids, lengths)], 12)[0]
     losses = []
     for module in (eager, compiled):
         loss = module.training_step(batch, 0)

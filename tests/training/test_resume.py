@@ -42,6 +42,8 @@ CASES = {
     "metakv": (MetaKVConsolidation, {"mode": "distill", "buffer_size": 8}, KillAt("exp_001", "consolidate", epoch=1, batch=2)),
     # replay: killed in the second epoch of the first experience
     "replay": (Replay, {"buffer_size": 8}, KillAt("exp_000", "train", epoch=1, batch=1)),
+    # the same with packed training batches (rows of 32 tokens: the longest toy item fits)
+    "replay-packed": (Replay, {"buffer_size": 8, "train_pack_length": 32}, KillAt("exp_000", "train", epoch=1, batch=1)),
 }
 
 
