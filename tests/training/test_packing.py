@@ -4,7 +4,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from metakv_cl.cli import build_strategy
+from metakv_cl.lightning_cli import build_strategy
 from metakv_cl.data.collate import IGNORE_INDEX, PadCollator
 from metakv_cl.data.scoring import sequence_nll
 from metakv_cl.data.stream import make_benchmark, word_level_tokenizer
