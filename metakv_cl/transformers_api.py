@@ -10,8 +10,11 @@ and never silently reads ``None`` where a cache was passed.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
+
+from transformers import Cache
 
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")  # the current name first
 
@@ -35,6 +38,7 @@ def cache_argument_name(function: Callable) -> str:
     )
 
 
+@functools.cache
 def _installed_cache_name() -> str:
     """The cache keyword that the installed transformers' own causal-LM forwards declare."""
     from transformers import GPT2Model
@@ -63,8 +67,6 @@ def passed_cache(signature: inspect.Signature, args: tuple, kwargs: dict[str, An
     Raises:
         TypeError: a Cache was passed under an argument name that is not a known cache name.
     """
-    from transformers import Cache
-
     for name in CACHE_ARGUMENT_NAMES:
         if kwargs.get(name) is not None:
             return kwargs[name]
