@@ -121,7 +121,10 @@ class Slow(Dataset):
 
 try:
     with _stop_on_signals():
-        batches = iter(DataLoader(Slow(), num_workers=2))
+        # plain lists, not tensors: a tensor crosses through a file descriptor served by a
+        # thread in the worker, which prints a ConnectionResetError of its own when the main
+        # process stops mid-transfer; that race is multiprocessing's, not this handler's
+        batches = iter(DataLoader(Slow(), num_workers=2, collate_fn=list))
         next(batches)
         threading.Timer(0.3, lambda: os.killpg(os.getpgid(0), signal.SIGINT)).start()
         for _ in batches: pass
