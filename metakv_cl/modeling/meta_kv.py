@@ -91,6 +91,8 @@ class MetaKV(nn.Module):
         layers: one :class:`MetaKVLayer` per self-attention layer.
         memories: the consolidated state M (one per layer, or one shared), empty if unused.
         merged: whether the consolidated modulation is currently folded into the base weights.
+        enabled: whether the modulation is applied; off, the model computes its base model
+            (``MetaKVModel.disable_meta_kv``).
     """
 
     def __init__(self, config: MetaKVConfig, adapter, sites):
@@ -102,6 +104,7 @@ class MetaKV(nn.Module):
         memory_count = (1 if config.share_memory else len(sites)) if config.uses_memory else 0
         self.memories = nn.ModuleList(ConsolidatedMemory(config.memory_slots, config.state_dim) for _ in range(memory_count))
         self.merged = False
+        self.enabled = True
         self._padding_mask: torch.Tensor | None = None
         self._documents: PackedDocuments | None = None
         self._pending: list[torch.Tensor | None] = [None] * len(sites)
@@ -182,6 +185,9 @@ class MetaKV(nn.Module):
         if self.merged:
             if torch.is_grad_enabled() and self.training:
                 raise RuntimeError("Meta-KV is merged into the base weights: call unmerge_meta_kv(model) before training")
+            self._pending[layer] = None
+            return
+        if not self.enabled:
             self._pending[layer] = None
             return
         real = None
@@ -396,12 +402,33 @@ def remove_meta_kv(model: nn.Module) -> nn.Module:
     meta_kv = get_meta_kv(model)
     if meta_kv.merged:
         meta_kv.set_merged(False)
+    _detach(model, meta_kv)
+    return model
+
+
+def merge_and_remove_meta_kv(model: nn.Module) -> nn.Module:
+    """Fold the consolidated modulation into the K/V projection weights for good and remove Meta-KV.
+
+    Returns:
+        The same model, now a plain transformers model whose K/V projections compute what the
+        Meta-KV model computed.
+
+    Raises:
+        ValueError: the meta-state is not purely consolidated (a dynamic one depends on the input).
+    """
+    meta_kv = get_meta_kv(model)
+    if not meta_kv.merged:
+        meta_kv.set_merged(True)
+    _detach(model, meta_kv)
+    return model
+
+
+def _detach(model: nn.Module, meta_kv: MetaKV) -> None:
     meta_kv.remove_hooks()
     for module in model.modules():
         for name, child in list(module.named_children()):
             if child is meta_kv:
                 delattr(module, name)
-    return model
 
 
 def merge_meta_kv(model: nn.Module) -> nn.Module:
