@@ -26,7 +26,7 @@ from metakv_cl.modeling.adapters import find_attention_sites
 from metakv_cl.modeling.cache_state import running_states
 from metakv_cl.modeling.config import MetaKVConfig
 from metakv_cl.modeling.modulation import build_modulation, delta_weights
-from metakv_cl.modeling.sources import ConsolidatedMemory, PackedDocuments, build_dynamic_source
+from metakv_cl.modeling.sources import AddressedMemory, ConsolidatedMemory, PackedDocuments, build_dynamic_source
 from metakv_cl.transformers_api import cache_argument_name, passed_cache
 
 PARAMETER_GROUPS = ("all", "memory", "generator", "source")
@@ -43,6 +43,7 @@ class MetaKVLayer(nn.Module):
             if dynamic is not None
             else None
         )
+        self.bank = AddressedMemory(config.memory_slots, config.state_dim) if config.uses_bank else None
         self.modulation = build_modulation(config, hidden_size, kv_size)
 
     def forward(
@@ -74,6 +75,8 @@ class MetaKVLayer(nn.Module):
             c = documents.merge(self.source(documents.split(x), real_split, None)[0])
         elif self.source is not None:
             c, new_state = self.source(x, real, state)
+        if self.bank is not None:
+            c = self.bank(c)  # the summary addresses the bank
         if memory_state is not None:
             m = memory_state.to(x.dtype).view(1, 1, -1)  # broadcast: one state for every token
             c = m if c is None else c + m
@@ -464,7 +467,7 @@ def meta_kv_parameters(model: nn.Module, group: str = "all") -> list[nn.Paramete
     """The Meta-KV parameters of one group.
 
     Args:
-        group: ``"memory"`` (the consolidated state M), ``"generator"`` (A, B and the
+        group: ``"memory"`` (the consolidated state M or the addressed banks), ``"generator"`` (A, B and the
             generators that map C to them), ``"source"`` (the dynamic source) or ``"all"``.
     """
     if group not in PARAMETER_GROUPS:
@@ -472,8 +475,9 @@ def meta_kv_parameters(model: nn.Module, group: str = "all") -> list[nn.Paramete
     meta_kv = get_meta_kv(model)
     if group == "all":
         return list(meta_kv.parameters())
-    if group == "memory":
-        return list(meta_kv.memories.parameters())
+    if group == "memory":  # M, or the addressed banks
+        return list(meta_kv.memories.parameters()) + [p for layer in meta_kv.layers if layer.bank is not None
+                                                      for p in layer.bank.parameters()]
     part = "modulation" if group == "generator" else "source"
     return [p for layer in meta_kv.layers if getattr(layer, part) is not None for p in getattr(layer, part).parameters()]
 

@@ -43,7 +43,7 @@ def prefill(model, ids, mask):
     return output_cache(model(ids, attention_mask=mask, position_ids=positions, use_cache=True))
 
 
-@pytest.mark.parametrize("source", DYNAMIC_SOURCES)
+@pytest.mark.parametrize("source", DYNAMIC_SOURCES + ("addressed",))
 def test_beam_search_equals_beam_search_on_full_forwards(tiny_model_factory, source):
     model = meta_kv_model(tiny_model_factory, source)
     ids, mask, _ = left_padded_batch(batch=2, length=8)

@@ -25,10 +25,13 @@ def randomized(model, config):
     return model
 
 
+@pytest.mark.parametrize("config", [
+    MetaKVConfig(source="hybrid", hybrid_dynamic="recurrent", form="hypernetwork", rank=4),
+    MetaKVConfig(source="addressed", addressed_summary="attentive", memory_slots=6, rank=4),
+], ids=["hybrid", "addressed"])
 @pytest.mark.parametrize("factory", [tiny_gpt2, tiny_llama])
-def test_save_pretrained_round_trip(tmp_path, factory):
+def test_save_pretrained_round_trip(tmp_path, factory, config):
     torch.manual_seed(0)
-    config = MetaKVConfig(source="hybrid", hybrid_dynamic="recurrent", form="hypernetwork", rank=4)
     model = randomized(factory(), config)
     ids = torch.randint(0, VOCAB, (2, 10))
     expected = model(ids).logits
