@@ -8,8 +8,8 @@
   (the sum over its tokens, end-of-text included, so a label that is a prefix of another one is
   not favoured), and the best candidate is the prediction (:func:`rank_choices`). The prompt is
   shared by all candidates of an example, so by default it is run once and its KV cache is
-  continued with each candidate (:func:`rank_choices_with_shared_prompt`); models whose attention
-  keeps a running state of its own (a dynamic Meta-KV meta-state) score full rows instead.
+  continued with each candidate (:func:`rank_choices_with_shared_prompt`); a dynamic Meta-KV
+  meta-state travels with the repeated cache.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def rank_choices_with_shared_prompt(
     example holds the same prompt, then its candidate). The prompts run once, right-padded, with
     ``use_cache=True``; the cache is repeated for the C candidates, and the candidates run on it
     with their true positions (prompt length + offset) and a mask that hides the prompt padding.
-    For a model without a running attention state this gives the full rows' scores (up to
-    floating-point rounding) at the cost of one prompt plus the label tokens, instead of C prompts.
+    This gives the full rows' scores (up to floating-point rounding) at the cost of one prompt
+    plus the label tokens, instead of C prompts.
 
     Args:
         forward: the causal LM; called with ``input_ids``, ``attention_mask`` and ``use_cache``,

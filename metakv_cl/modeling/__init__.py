@@ -1,7 +1,7 @@
 """Meta-KV models: K/V projections modulated by a meta-state, for transformers causal LMs."""
 
 from metakv_cl.modeling.config import DYNAMIC_SOURCES, FORMS, SOURCES, MetaKVConfig
-from metakv_cl.modeling.io import from_pretrained, load_meta_kv, save_meta_kv, save_pretrained
+from metakv_cl.modeling.io import load_meta_kv, save_meta_kv
 from metakv_cl.modeling.meta_kv import (
     MetaKV,
     add_meta_kv,
@@ -9,11 +9,13 @@ from metakv_cl.modeling.meta_kv import (
     freeze_base,
     get_meta_kv,
     has_meta_kv,
+    merge_and_remove_meta_kv,
     merge_meta_kv,
     meta_kv_parameters,
     remove_meta_kv,
     unmerge_meta_kv,
 )
+from metakv_cl.modeling.model import MetaKVModel, get_meta_kv_model, load_meta_kv_model
 
 __all__ = [
     "DYNAMIC_SOURCES",
@@ -21,17 +23,19 @@ __all__ = [
     "SOURCES",
     "MetaKV",
     "MetaKVConfig",
+    "MetaKVModel",
     "add_meta_kv",
     "compile_meta_kv",
     "freeze_base",
-    "from_pretrained",
     "get_meta_kv",
+    "get_meta_kv_model",
     "has_meta_kv",
     "load_meta_kv",
+    "load_meta_kv_model",
+    "merge_and_remove_meta_kv",
     "merge_meta_kv",
     "meta_kv_parameters",
     "remove_meta_kv",
     "save_meta_kv",
-    "save_pretrained",
     "unmerge_meta_kv",
 ]

@@ -438,11 +438,13 @@ class FusedDecodeStep:
     @staticmethod
     def supports(layer: nn.Module) -> bool:
         """Whether the fused kernel computes this layer: factorized modulation, a mean, attentive or
-        max source or none (the hypernetwork form and the recurrent source stay on the torch path),
+        max source or none (the hypernetwork form, the recurrent source and the addressed bank stay on
+        the torch path),
         and all parameters in one dtype."""
         return (
             isinstance(layer.modulation, FactorizedModulation)
             and (layer.source is None or type(layer.source) in SOURCE_KINDS)
+            and layer.bank is None
             and len({parameter.dtype for parameter in layer.parameters()}) == 1
         )
 

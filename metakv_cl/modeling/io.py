@@ -1,14 +1,16 @@
 """Saving and loading Meta-KV parameters next to (or together with) a base model.
 
 Layout of a Meta-KV directory:
-    meta_kv_config.json      ``{"meta_kv": <the MetaKVConfig>, "base_model": {"model_type": ...},
+    meta_kv_config.json      ``{"meta_kv": <the MetaKVConfig>, "base_model": {"model_type": ...,
+                             "architecture": ..., "name_or_path": ...},
                              "weights_sha256": <sha256 of meta_kv.safetensors>}``
     meta_kv.safetensors      every Meta-KV parameter (keys as in ``model.meta_kv.state_dict()``)
-and, when written by :func:`save_pretrained`, the base model's own files (config.json,
-model.safetensors, tokenizer files if given) without any Meta-KV keys.
+and, when :meth:`MetaKVModel.save_pretrained` is asked to, the base model's own files
+(config.json, model.safetensors, tokenizer files if given) without any Meta-KV keys.
 
-Loading verifies the checksum (a changed or damaged weights file is refused, not loaded) and
-the base model type (Meta-KV weights of a GPT-2 do not load into a Llama of the same shape).
+Loading verifies the checksum (a changed or damaged weights file is refused, not loaded), the
+base model type and its architecture class (Meta-KV weights of a GPT-2 do not load into a Llama
+of the same shape).
 A config written before these records existed (the bare MetaKVConfig) still loads, with a
 warning that nothing could be verified.
 """
@@ -44,7 +46,7 @@ def save_meta_kv(model: nn.Module, directory: str | Path) -> Path:
     save_file(tensors, str(directory / WEIGHTS_FILE))
     record = {
         "meta_kv": meta_kv.config.to_dict(),
-        "base_model": {"model_type": _model_type(model)},
+        "base_model": base_model_record(model),
         "weights_sha256": _sha256(directory / WEIGHTS_FILE),
     }
     (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -53,6 +55,21 @@ def save_meta_kv(model: nn.Module, directory: str | Path) -> Path:
 
 def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def base_model_record(model: nn.Module) -> dict[str, str | None]:
+    """What a Meta-KV save records of its base model: type, architecture class and origin."""
+    return {
+        "model_type": _model_type(model),
+        "architecture": type(model).__name__,
+        "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+    }
+
+
+def read_base_model_record(directory: str | Path) -> dict[str, str | None]:
+    """The base-model record of a Meta-KV directory (empty for a directory saved without one)."""
+    record = read_json(Path(directory) / CONFIG_FILE, "Meta-KV config")
+    return dict(record.get("base_model") or {}) if isinstance(record, dict) and "meta_kv" in record else {}
 
 
 def _sha256(path: Path) -> str:
@@ -78,10 +95,14 @@ def _read_record(directory: Path, model: nn.Module) -> MetaKVConfig:
         raise ValueError(
             f"{path}: unexpected layout (keys {sorted(record)}); expected meta_kv, base_model, weights_sha256"
         )
-    saved_type = (record.get("base_model") or {}).get("model_type")
+    base = record.get("base_model") or {}
+    saved_type, saved_architecture = base.get("model_type"), base.get("architecture")
     if saved_type is not None and saved_type != _model_type(model):
         raise ValueError(f"{directory}: Meta-KV weights of a {saved_type!r} model cannot load into a "
                          f"{_model_type(model)!r} model; load them into a {saved_type!r} base model")
+    if saved_architecture is not None and saved_architecture != type(model).__name__:
+        raise ValueError(f"{directory}: Meta-KV weights of a {saved_architecture} cannot load into a "
+                         f"{type(model).__name__}; load them into a {saved_architecture}")
     actual = _sha256(directory / WEIGHTS_FILE)
     if actual != record.get("weights_sha256"):
         raise ValueError(f"{directory / WEIGHTS_FILE}: sha256 {actual[:16]}... differs from the "
@@ -126,44 +147,3 @@ def load_meta_kv(model: nn.Module, directory: str | Path) -> nn.Module:
         if was_merged:
             meta_kv.set_merged(True)
     return model
-
-
-def save_pretrained(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
-    """Save the base model (transformers format, no Meta-KV keys) and its Meta-KV parameters.
-
-    A merged model is saved unmerged, so the base weights on disk are the original ones.
-    """
-    directory = Path(directory)
-    meta_kv = get_meta_kv(model)
-    was_merged = meta_kv.merged
-    if was_merged:
-        meta_kv.set_merged(False)
-    try:
-        base_state = {k: v for k, v in model.state_dict().items() if not k.startswith("meta_kv.")}
-        model.save_pretrained(directory, state_dict=base_state)
-        save_meta_kv(model, directory)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-    finally:
-        if was_merged:
-            meta_kv.set_merged(True)
-    return directory
-
-
-def from_pretrained(name_or_path: str | Path, meta_kv_config: MetaKVConfig | None = None, **load_kwargs) -> nn.Module:
-    """Load a causal LM with Meta-KV.
-
-    Args:
-        name_or_path: a directory written by :func:`save_pretrained` (base model plus Meta-KV
-            files), or any model :func:`metakv_cl.hub.load_causal_lm` loads (hub name, local
-            directory, GGUF via ``gguf_file=``, ``"smollm2-135m"``), which then gets a fresh
-            Meta-KV with ``meta_kv_config``.
-        meta_kv_config: config for a fresh Meta-KV; ignored when the directory holds one.
-        **load_kwargs: passed to :func:`metakv_cl.hub.load_causal_lm`.
-    """
-    from metakv_cl.hub import load_causal_lm
-
-    model = load_causal_lm(str(name_or_path), **load_kwargs)
-    if (Path(name_or_path) / CONFIG_FILE).is_file():
-        return load_meta_kv(model, name_or_path)
-    return add_meta_kv(model, meta_kv_config or MetaKVConfig())

@@ -5,7 +5,7 @@
 
 1. a pre-hook on the decoder (``model.base_model``) records the 2-D padding mask of the call;
 2. a pre-hook on each attention module computes the meta-state C of the chunk from the
-   attention input x (continuing the running state kept beside the KV cache when decoding)
+   attention input x (continuing the running state the KV cache carries when decoding)
    and the modulation ``delta = alpha * (x A(C)) B(C)`` for K and V;
 3. hooks on the K/V projections add delta to their outputs.
 
@@ -17,16 +17,16 @@ base model keep their names (Meta-KV parameters live under ``meta_kv.``).
 from __future__ import annotations
 
 import inspect
-import weakref
 
 import torch
 from torch import nn
 from transformers.masking_utils import find_packed_sequence_indices
 
 from metakv_cl.modeling.adapters import find_attention_sites
+from metakv_cl.modeling.cache_state import running_states
 from metakv_cl.modeling.config import MetaKVConfig
 from metakv_cl.modeling.modulation import build_modulation, delta_weights
-from metakv_cl.modeling.sources import ConsolidatedMemory, PackedDocuments, build_dynamic_source
+from metakv_cl.modeling.sources import AddressedMemory, ConsolidatedMemory, PackedDocuments, build_dynamic_source
 from metakv_cl.transformers_api import cache_argument_name, passed_cache
 
 PARAMETER_GROUPS = ("all", "memory", "generator", "source")
@@ -43,6 +43,7 @@ class MetaKVLayer(nn.Module):
             if dynamic is not None
             else None
         )
+        self.bank = AddressedMemory(config.memory_slots, config.state_dim) if config.uses_bank else None
         self.modulation = build_modulation(config, hidden_size, kv_size)
 
     def forward(
@@ -74,6 +75,8 @@ class MetaKVLayer(nn.Module):
             c = documents.merge(self.source(documents.split(x), real_split, None)[0])
         elif self.source is not None:
             c, new_state = self.source(x, real, state)
+        if self.bank is not None:
+            c = self.bank(c)  # the summary addresses the bank
         if memory_state is not None:
             m = memory_state.to(x.dtype).view(1, 1, -1)  # broadcast: one state for every token
             c = m if c is None else c + m
@@ -91,6 +94,8 @@ class MetaKV(nn.Module):
         layers: one :class:`MetaKVLayer` per self-attention layer.
         memories: the consolidated state M (one per layer, or one shared), empty if unused.
         merged: whether the consolidated modulation is currently folded into the base weights.
+        enabled: whether the modulation is applied; off, the model computes its base model
+            (``MetaKVModel.disable_meta_kv``).
     """
 
     def __init__(self, config: MetaKVConfig, adapter, sites):
@@ -102,28 +107,19 @@ class MetaKV(nn.Module):
         memory_count = (1 if config.share_memory else len(sites)) if config.uses_memory else 0
         self.memories = nn.ModuleList(ConsolidatedMemory(config.memory_slots, config.state_dim) for _ in range(memory_count))
         self.merged = False
+        self.enabled = True
         self._padding_mask: torch.Tensor | None = None
         self._documents: PackedDocuments | None = None
         self._pending: list[torch.Tensor | None] = [None] * len(sites)
-        # Running dynamic states per cache object and layer, dropped with the cache.
-        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        # Caches whose states stay at fixed addresses (updated in place), for CUDA graphs.
-        self._pinned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._fused_steps: list | None = None
         self._hooks: list = []
 
     def __getstate__(self):
-        # Running states belong to caches of this process: a pickled copy (ddp_spawn, a
-        # multiprocessing worker) starts with none, like a fresh model.
+        # packed kernel weights belong to this process's device: a pickled copy (ddp_spawn)
+        # packs its own
         state = self.__dict__.copy()
-        del state["_states"], state["_pinned"]
         state["_fused_steps"] = None
         return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._states = weakref.WeakKeyDictionary()
-        self._pinned = weakref.WeakKeyDictionary()
 
     def memory_for(self, layer: int) -> ConsolidatedMemory | None:
         if not self.config.uses_memory:
@@ -131,37 +127,19 @@ class MetaKV(nn.Module):
         return self.memories[0 if self.config.share_memory else layer]
 
     def running_state(self, cache, layer: int):
-        """The dynamic state stored beside ``cache`` for ``layer`` (None for a new sequence)."""
-        if cache is None:
-            return None
-        return self._states.get(cache, {}).get(layer)
+        """The dynamic state ``cache`` carries for ``layer`` (None for a new sequence)."""
+        return None if cache is None else running_states(cache).get(layer)
 
     def reset_running_state(self, cache) -> None:
         """Start a new sequence on ``cache``: its next chunk sees no earlier state."""
-        self._states.pop(cache, None)
+        running_states(cache).reset()
 
     def pin_running_state(self, cache) -> None:
-        """Keep the running states of ``cache`` at fixed addresses from now on.
+        """Keep the running states of ``cache`` at fixed addresses from now on (for CUDA graphs).
 
-        Later chunks on ``cache`` update the state tensors in place, so a CUDA graph that
-        recorded a decoding step keeps reading and writing the live state. Called after each
-        prefill: the first call pins dense copies of the prefill's tensors (a compiled layer may
-        return broadcast views, which cannot be written in place), later calls copy a new
-        prefill's states into the pinned ones (the batch size must not change).
+        Called after each prefill; see :meth:`RunningStates.pin`.
         """
-        states = self._states.get(cache, {})
-        pinned = self._pinned.get(cache)
-        if pinned is None:
-            pinned = {layer: tuple(t.clone(memory_format=torch.contiguous_format) for t in state)
-                      for layer, state in states.items()}
-            self._pinned[cache] = self._states[cache] = pinned
-            return
-        for layer, state in states.items():
-            for target, value in zip(pinned[layer], state):
-                if target.shape != value.shape:
-                    raise ValueError(f"the pinned state has shape {tuple(target.shape)}, the new prefill {tuple(value.shape)}")
-                target.copy_(value)
-        self._states[cache] = pinned
+        running_states(cache).pin()
 
     def enable_fused_decoding(self) -> list:
         """Decode single tokens of pinned caches through the fused kernel where a layer supports it.
@@ -184,34 +162,36 @@ class MetaKV(nn.Module):
                 raise RuntimeError("Meta-KV is merged into the base weights: call unmerge_meta_kv(model) before training")
             self._pending[layer] = None
             return
+        if not self.enabled:
+            self._pending[layer] = None
+            return
         real = None
         if self._padding_mask is not None:
             real = self._padding_mask[:, -x.shape[1] :]
             if real.shape[0] != x.shape[0]:
                 raise ValueError(f"attention_mask has batch {real.shape[0]} but the input has batch {x.shape[0]}")
-        state = self.running_state(cache, layer)
+        states = None if cache is None else running_states(cache)
+        state = None if states is None else states.get(layer)
         if state is not None and state[0].shape[0] != x.shape[0]:
             raise RuntimeError(
-                "the batch changed between cached decoding steps (beam search or cache reordering); "
-                "the dynamic meta-state cannot follow that: use greedy or sampling decoding"
+                f"the cache carries a Meta-KV state for {state[0].shape[0]} rows but the input has {x.shape[0]}; "
+                "change a cache's rows through its own methods (reorder_cache, batch_select_indices, "
+                "batch_repeat_interleave), which move the state too"
             )
         memory = self.memory_for(layer)
         memory_state = None if memory is None else memory.state()
-        in_place = cache is not None and cache in self._pinned and (state is not None or self.layers[layer].source is None)
+        in_place = states is not None and states.pinned is not None and (state is not None or self.layers[layer].source is None)
         fused = self._fused_steps[layer] if self._fused_steps is not None else None
         if in_place and fused is not None and real is None and x.shape[1] == 1 and not torch.is_grad_enabled():
             # Run by the first K/V projection's hook, adding straight into its output.
             self._pending[layer] = _FusedModulation(fused, x, state, memory_state)
+            states.advance(layer, 1, None, in_place=True)  # the kernel writes the state itself
             return
         # packed documents (transformers masks their attention apart only without a cache)
         documents = self._documents if cache is None else None
         delta, new_state = self.layers[layer](x, real, state, memory_state, documents)
-        if cache is not None and new_state is not None:
-            if in_place:
-                for target, value in zip(state, new_state):
-                    target.copy_(value)
-            else:
-                self._states.setdefault(cache, {})[layer] = new_state
+        if states is not None and new_state is not None:
+            states.advance(layer, x.shape[1], new_state, in_place)
         self._pending[layer] = delta
 
     def hook(self, model: nn.Module) -> None:
@@ -259,6 +239,27 @@ def _argument(signature: inspect.Signature, args, kwargs, name: str):
     return signature.bind_partial(*args, **kwargs).arguments.get(name)
 
 
+def real_queries(mask: torch.Tensor, past: int) -> torch.Tensor:
+    """Which queries of a 4-D attention mask are real tokens, as a ``[batch, queries]`` bool mask.
+
+    Query t sits at key slot ``past + t``. A real token attends to itself and to no later slot;
+    a padding token attends to nothing, or (where transformers lets a fully masked row attend
+    everywhere, to keep SDPA finite) to later slots too.
+
+    Args:
+        mask: ``[batch, 1 or heads, queries, keys]``, bool (True = attend) or additive float (0 = attend).
+        past: tokens already in the cache before these queries.
+    """
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    queries, keys = allowed.shape[-2:]
+    if past + queries > keys:
+        raise ValueError(f"a 4-D attention mask with {keys} key slots cannot cover {past} cached and {queries} new tokens")
+    slots = torch.arange(past, past + queries, device=mask.device)
+    itself = allowed[:, torch.arange(queries, device=mask.device), slots]
+    later = (allowed & (torch.arange(keys, device=mask.device) > slots[:, None])).any(-1)
+    return itself & ~later
+
+
 class _PaddingHook:
     """Decoder pre-hook: remember the 2-D padding mask of this call (None if absent, 4-D or all real)
     and, for a dynamic source, the packed documents of its rows.
@@ -274,7 +275,13 @@ class _PaddingHook:
 
     def __call__(self, module, args, kwargs):
         mask = _argument(self.signature, args, kwargs, "attention_mask")
-        if mask is None or mask.dim() != 2 or (not torch.compiler.is_compiling() and bool(mask.all())):
+        if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1:
+            # generate() with a static cache passes a 4-D mask already; a decoded token
+            # (one query) is never padding, so only a prefill needs reading it
+            cache = passed_cache(self.signature, args, kwargs)
+            past = 0 if cache is None else int(cache.get_seq_length())
+            self.meta_kv._padding_mask = real_queries(mask, past)
+        elif mask is None or mask.dim() != 2 or (not torch.compiler.is_compiling() and bool(mask.all())):
             self.meta_kv._padding_mask = None
         else:
             self.meta_kv._padding_mask = mask.bool()
@@ -396,12 +403,33 @@ def remove_meta_kv(model: nn.Module) -> nn.Module:
     meta_kv = get_meta_kv(model)
     if meta_kv.merged:
         meta_kv.set_merged(False)
+    _detach(model, meta_kv)
+    return model
+
+
+def merge_and_remove_meta_kv(model: nn.Module) -> nn.Module:
+    """Fold the consolidated modulation into the K/V projection weights for good and remove Meta-KV.
+
+    Returns:
+        The same model, now a plain transformers model whose K/V projections compute what the
+        Meta-KV model computed.
+
+    Raises:
+        ValueError: the meta-state is not purely consolidated (a dynamic one depends on the input).
+    """
+    meta_kv = get_meta_kv(model)
+    if not meta_kv.merged:
+        meta_kv.set_merged(True)
+    _detach(model, meta_kv)
+    return model
+
+
+def _detach(model: nn.Module, meta_kv: MetaKV) -> None:
     meta_kv.remove_hooks()
     for module in model.modules():
         for name, child in list(module.named_children()):
             if child is meta_kv:
                 delattr(module, name)
-    return model
 
 
 def merge_meta_kv(model: nn.Module) -> nn.Module:
@@ -439,7 +467,7 @@ def meta_kv_parameters(model: nn.Module, group: str = "all") -> list[nn.Paramete
     """The Meta-KV parameters of one group.
 
     Args:
-        group: ``"memory"`` (the consolidated state M), ``"generator"`` (A, B and the
+        group: ``"memory"`` (the consolidated state M or the addressed banks), ``"generator"`` (A, B and the
             generators that map C to them), ``"source"`` (the dynamic source) or ``"all"``.
     """
     if group not in PARAMETER_GROUPS:
@@ -447,8 +475,9 @@ def meta_kv_parameters(model: nn.Module, group: str = "all") -> list[nn.Paramete
     meta_kv = get_meta_kv(model)
     if group == "all":
         return list(meta_kv.parameters())
-    if group == "memory":
-        return list(meta_kv.memories.parameters())
+    if group == "memory":  # M, or the addressed banks
+        return list(meta_kv.memories.parameters()) + [p for layer in meta_kv.layers if layer.bank is not None
+                                                      for p in layer.bank.parameters()]
     part = "modulation" if group == "generator" else "source"
     return [p for layer in meta_kv.layers if getattr(layer, part) is not None for p in getattr(layer, part).parameters()]
 

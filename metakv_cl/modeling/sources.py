@@ -211,6 +211,50 @@ class ConsolidatedMemory(nn.Module):
         return self.slots.mean(dim=0)
 
 
+class AddressedMemory(nn.Module):
+    """A bank of slots that each token reads by content: C_t = sum_j softmax_j(q(s_t) . k_j / sqrt(d)) v_j.
+
+    s_t is a causal summary of the context (a dynamic source's output), so each input selects
+    its own mixture of slots without a task id, and C_t stays causal with no state of its own.
+    Only open slots are read: consolidation opens a group of slots per experience
+    (:meth:`open_slots`) and may freeze earlier ones, while the bank's shape, and so its
+    checkpoints, stays fixed.
+
+    Args:
+        slots: the bank's capacity.
+        state_dim: dimension of s_t, of the slot keys and values, and of C.
+    """
+
+    def __init__(self, slots: int, state_dim: int):
+        super().__init__()
+        self.query = nn.Linear(state_dim, state_dim, bias=False)
+        self.keys = nn.Parameter(torch.randn(slots, state_dim) / math.sqrt(state_dim))
+        self.values = nn.Parameter(torch.randn(slots, state_dim) / math.sqrt(state_dim))
+        nn.init.normal_(self.query.weight, std=1.0 / math.sqrt(state_dim))
+        self.register_buffer("open", torch.ones(slots, dtype=torch.bool))
+
+    def open_slots(self, count: int) -> None:
+        """Make the first ``count`` slots readable and the rest not.
+
+        Raises:
+            ValueError: ``count`` is not between 1 and the bank's capacity.
+        """
+        if not 1 <= count <= self.open.numel():
+            raise ValueError(f"open slots must be between 1 and the bank's {self.open.numel()} slots, got {count}")
+        self.open.copy_(torch.arange(self.open.numel(), device=self.open.device) < count)
+
+    def read_weights(self, summary: torch.Tensor) -> torch.Tensor:
+        """Each token's weights over the slots, [batch, time, slots] (zero on closed slots)."""
+        with torch.autocast(device_type=summary.device.type, enabled=False):
+            scores = F.linear(summary.float(), self.query.weight.float()) @ self.keys.float().T
+            scores = (scores / math.sqrt(self.keys.shape[-1])).masked_fill(~self.open, float("-inf"))
+            return torch.softmax(scores, dim=-1)
+
+    def forward(self, summary: torch.Tensor) -> torch.Tensor:
+        """C [batch, time, state_dim] read with the summaries s [batch, time, state_dim]."""
+        return (self.read_weights(summary) @ self.values.float()).to(summary.dtype)
+
+
 def build_dynamic_source(name: str, hidden_size: int, state_dim: int, score_bound: float) -> nn.Module:
     """The dynamic source called ``name`` ("mean", "max", "attentive" or "recurrent")."""
     if name == "mean":

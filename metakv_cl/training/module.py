@@ -10,7 +10,7 @@
   step and every loss component;
 * validation = the score of one experience: token-weighted mean loss for language modelling,
   label-likelihood accuracy for classification (each prompt run once and its KV cache continued
-  with every candidate, unless the model keeps a dynamic Meta-KV state), accumulated in
+  with every candidate), accumulated in
   torchmetrics ``SumMetric`` states so that DDP ranks (each seeing a shard) agree on the result
   (:attr:`eval_result`).
 """
@@ -64,8 +64,8 @@ class ContinualLMModule(pl.LightningModule):
         warmup_steps: linear warm-up steps of each fit.
         attn_implementation: ``"sdpa"`` or ``"eager"``.
         shared_prompt_scoring: score classification candidates on one shared prompt run
-            (:func:`~metakv_cl.data.scoring.rank_choices_with_shared_prompt`) when the model
-            allows it; False always scores full rows.
+            (:func:`~metakv_cl.data.scoring.rank_choices_with_shared_prompt`); False scores
+            full rows.
         compile: run the training forward through ``torch.compile`` (dynamic shapes; the Meta-KV
             hooks are traced with the model). On a GPU this removes the host-side cost that
             makes eager Meta-KV training 0.6-0.85 x plain (benchmarks/results/perf.md).
@@ -301,14 +301,9 @@ class ContinualLMModule(pl.LightningModule):
     def scores_on_shared_prompt(self) -> bool:
         """Whether classification candidates are scored on one shared prompt run.
 
-        Not with a dynamic Meta-KV meta-state: its running state would also read the padding
-        between a short prompt and its candidates.
+        Dynamic Meta-KV models too: the prompt's meta-state travels with the repeated cache.
         """
-        from metakv_cl.modeling import get_meta_kv, has_meta_kv
-
-        if not self.shared_prompt_scoring:
-            return False
-        return not has_meta_kv(self.model) or get_meta_kv(self.model).config.dynamic_source is None
+        return self.shared_prompt_scoring
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if "choice_input_ids" in batch:

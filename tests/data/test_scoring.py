@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from metakv_cl import MetaKVConfig, add_meta_kv
+from metakv_cl.modeling import SOURCES
 from metakv_cl.data import ClassificationTask, IGNORE_INDEX, make_benchmark, word_level_tokenizer
 from metakv_cl.data.scoring import rank_choices, rank_choices_with_shared_prompt, sequence_nll
 from metakv_cl.strategies.lora import add_lora_adapter, make_lora_config
-from metakv_cl.testing import tiny_gpt2, tiny_llama
+from metakv_cl.testing import randomize_meta_kv, tiny_gpt2, tiny_llama
 from metakv_cl.training import ContinualLMModule
 
 
@@ -48,20 +49,22 @@ def lora_wrapped(model):
     return holder.model
 
 
-def with_consolidated_meta_kv(model):
-    add_meta_kv(model, MetaKVConfig(source="consolidated", rank=4))
-    for name, parameter in model.named_parameters():
-        if name.endswith(".B"):  # B starts at zero: make the modulation act
-            torch.nn.init.normal_(parameter, std=0.5)
-    return model
+def with_meta_kv(source):
+    def add(model):
+        add_meta_kv(model, MetaKVConfig(source=source, rank=4, state_dim=16))
+        randomize_meta_kv(model)  # B starts at zero: make the modulation act
+        return model
+
+    return add
 
 
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
-@pytest.mark.parametrize("variant", ["plain", "meta-kv", "lora"])
+@pytest.mark.parametrize("variant", ["plain", "lora", *SOURCES])
 def test_shared_prompt_scores_equal_full_rows(make, variant):
+    """Dynamic sources included: the repeated prompt cache carries the prompt's meta-state."""
     torch.manual_seed(0)
     model = make(vocab_size=64)
-    model = {"plain": lambda m: m, "meta-kv": with_consolidated_meta_kv, "lora": lora_wrapped}[variant](model)
+    model = {"plain": lambda m: m, "lora": lora_wrapped}.get(variant, with_meta_kv(variant))(model)
     batch = choice_batch()
     inputs = (batch["choice_input_ids"], batch["choice_labels"], batch["choice_attention_mask"])
     with torch.no_grad():
@@ -81,10 +84,7 @@ def test_shared_prompt_refuses_rows_with_different_prompts():
                                         batch["choice_attention_mask"])
 
 
-def test_dynamic_meta_state_scores_full_rows():
-    plain = ContinualLMModule(tiny_gpt2(vocab_size=64))
-    dynamic = ContinualLMModule(tiny_gpt2(vocab_size=64), meta_kv=MetaKVConfig(source="mean", rank=4))
-    consolidated = ContinualLMModule(tiny_gpt2(vocab_size=64), meta_kv=MetaKVConfig(source="consolidated", rank=4))
-    assert plain.scores_on_shared_prompt() and consolidated.scores_on_shared_prompt()
-    assert not dynamic.scores_on_shared_prompt()
+def test_every_model_scores_on_a_shared_prompt_unless_told_not_to():
+    for meta_kv in (None, MetaKVConfig(source="mean", rank=4), MetaKVConfig(source="consolidated", rank=4)):
+        assert ContinualLMModule(tiny_gpt2(vocab_size=64), meta_kv=meta_kv).scores_on_shared_prompt()
     assert not ContinualLMModule(tiny_gpt2(vocab_size=64), shared_prompt_scoring=False).scores_on_shared_prompt()

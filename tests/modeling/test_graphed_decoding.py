@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from metakv_cl.modeling import DYNAMIC_SOURCES, MetaKVConfig, add_meta_kv, get_meta_kv
+from metakv_cl.modeling import DYNAMIC_SOURCES, MetaKVConfig, add_meta_kv
 from metakv_cl.modeling.graphed_decoding import GraphedDecoder
 from metakv_cl.modeling.meta_kv import MetaKVLayer
 from metakv_cl.testing import left_padded_batch, randomize_meta_kv, tiny_gpt2
@@ -42,11 +42,11 @@ def test_decoder_is_reusable_and_keeps_the_state_in_place(tiny_model_factory):
     decoder = GraphedDecoder(model, batch_size=3, max_cache_len=32)
     first_ids, first_mask, _ = left_padded_batch(length=8, seed=1)
     decoder.generate(first_ids, attention_mask=first_mask, max_new_tokens=NEW_TOKENS)
-    state = get_meta_kv(model)._states[decoder.cache]
+    state = decoder.cache.meta_kv_states.states
     addresses = {layer: [t.data_ptr() for t in tensors] for layer, tensors in state.items()}
     ids, mask, _ = left_padded_batch(length=10, seed=2)  # a longer prompt on the same buffers
     assert torch.equal(decoder.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS), reference_tokens(model, ids, mask))
-    state = get_meta_kv(model)._states[decoder.cache]
+    state = decoder.cache.meta_kv_states.states
     assert {layer: [t.data_ptr() for t in tensors] for layer, tensors in state.items()} == addresses
 
 

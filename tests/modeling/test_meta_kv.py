@@ -61,7 +61,7 @@ def stepwise_logits(model, ids, mask, positions, prefill: int):
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("source", DYNAMIC_SOURCES + ("hybrid",))
+@pytest.mark.parametrize("source", DYNAMIC_SOURCES + ("hybrid", "addressed"))
 def test_cached_decoding_equals_full_forward(tiny_model_factory, source, form):
     model = tiny_model_factory()
     add_meta_kv(model, MetaKVConfig(source=source, form=form, rank=4, state_dim=16))
@@ -74,7 +74,7 @@ def test_cached_decoding_equals_full_forward(tiny_model_factory, source, form):
         assert difference <= 1e-4, f"prefill {prefill}: {difference}"
 
 
-@pytest.mark.parametrize("source", DYNAMIC_SOURCES)
+@pytest.mark.parametrize("source", DYNAMIC_SOURCES + ("addressed",))
 def test_generate_equals_full_forward(tiny_model_factory, source):
     model = tiny_model_factory()
     add_meta_kv(model, MetaKVConfig(source=source, rank=4, state_dim=16))

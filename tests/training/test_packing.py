@@ -122,7 +122,7 @@ def test_rows_without_document_boundaries_would_leak():
     assert moved and all(moved)
 
 
-@pytest.mark.parametrize("source", ["consolidated", "mean", "max", "attentive", "recurrent", "hybrid"])
+@pytest.mark.parametrize("source", ["consolidated", "mean", "max", "attentive", "recurrent", "hybrid", "addressed"])
 def test_meta_kv_packs_exactly(source):
     """A consolidated meta-state is constant; a dynamic one restarts at every packed document."""
     torch.manual_seed(0)
