@@ -144,10 +144,6 @@ class Datastore:
         scores, ids = self.index.search(matrix, min(k, len(self)))
         return SearchResult(torch.from_numpy(scores), torch.from_numpy(ids))
 
-    def reconstruct(self, ids: torch.Tensor) -> torch.Tensor:
-        """The stored vectors of ``ids`` [n] as a [n, dim] float32 tensor."""
-        return torch.from_numpy(np.stack([self.index.reconstruct(int(i)) for i in ids.tolist()]))
-
     def save(self, directory: str | Path) -> Path:
         """Write the index and its settings to ``directory`` (created); returns it."""
         directory = Path(directory)
