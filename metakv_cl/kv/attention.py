@@ -17,6 +17,8 @@ wrapper, called right after with that very key tensor, finds the layer and
   model's causal/padding block;
 * hands the layer what it asked for: the (scaled, post-RoPE) queries as reference queries,
   and the attention each entry received.
+* hands the readout, with the mask it built, to a layer that has a ``memory_attention``
+  (the kNN memory of :mod:`metakv_cl.kv.retrieval.knn_attention`, which adds retrieved entries).
 
 Attention over any other cache (or none) goes straight to the stock function, so enabling the
 wrappers changes nothing for ordinary use; with no bias and no compaction the stock function
