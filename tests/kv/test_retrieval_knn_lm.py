@@ -7,6 +7,7 @@ from transformers import LogitsProcessorList
 pytest.importorskip("faiss", reason="faiss-cpu is not installed (the 'retrieval' extra)")
 
 from kv_helpers import build, token_ids  # noqa: E402
+from metakv_cl.testing import tiny_gpt2  # noqa: E402
 from metakv_cl.kv import CompactedCache, stream_log_likelihood  # noqa: E402
 from metakv_cl.kv.retrieval.datastore import Datastore  # noqa: E402
 from metakv_cl.kv.retrieval.knn_lm import KNNLM, FinalHiddenStates, knn_lm_log_likelihood  # noqa: E402
@@ -104,3 +105,17 @@ def test_bad_settings_raise(tmp_path):
         KNNLM.from_corpus(model, [torch.tensor([1])])
     with pytest.raises(FileNotFoundError, match="next_tokens.safetensors is missing"):
         KNNLM.load(tmp_path)
+
+
+def test_a_new_experience_adds_to_the_store_without_forgetting_the_first():
+    model, corpus, knn_lm = corpus_knn_lm("llama", k=1)
+    second = token_ids(1, 30, seed=6)[0]
+    assert knn_lm.add_corpus(model, [second], window=16) == 29
+    assert len(knn_lm.datastore) == knn_lm.next_tokens.shape[0] == 68
+    for sequence, position in ((corpus, 10), (second, 10)):
+        with FinalHiddenStates(model) as captured, torch.no_grad():
+            model(input_ids=sequence[:position].unsqueeze(0))
+        knn = knn_lm.knn_log_probs(captured.latest[:, -1], model.config.vocab_size).exp()
+        assert int(knn.argmax()) == int(sequence[position])
+    with pytest.raises(ValueError, match=r"vectors must be \[n, 64\] \(the datastore's dimension\), got \(29, 32\)"):
+        knn_lm.add_corpus(tiny_gpt2(n_embd=32), [second], window=16)

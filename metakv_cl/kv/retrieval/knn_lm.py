@@ -97,7 +97,6 @@ class KNNLM:
         self.interpolation, self.temperature, self.k = float(interpolation), float(temperature), k
 
     @classmethod
-    @torch.no_grad()
     def from_corpus(cls, model: torch.nn.Module, sequences: Iterable[torch.Tensor], *, window: int = 512,
                     index: str = "flat", seed: int = 0, **settings) -> KNNLM:
         """Build the datastore from token sequences: every context with its next token.
@@ -107,31 +106,34 @@ class KNNLM:
             sequences: 1-D token tensors; each is read in windows of ``window`` tokens.
             window: tokens per forward call (within the model's position limit; the first
                 contexts of a window see only that window, as in the paper's fixed-length blocks).
-            index: datastore index kind (``flat``, ``ivf`` or ``hnsw``; IVF trains on the whole corpus).
+            index: datastore index kind (``flat``, ``ivf`` or ``hnsw``; IVF trains on this corpus).
             seed: datastore seed.
             **settings: ``interpolation``, ``temperature``, ``k``.
 
         Raises:
             ValueError: no sequence with at least two tokens, or a bad window.
         """
-        if window < 2:
-            raise ValueError(f"window must be >= 2 (a context and its next token), got {window}")
-        hidden_rows, token_rows = [], []
-        with FinalHiddenStates(model) as captured:
-            for sequence in sequences:
-                sequence = sequence.reshape(-1)
-                # Windows overlap by one token, so every token but the first is a stored next token.
-                for start in range(0, max(sequence.shape[0] - 1, 0), window - 1):
-                    part = sequence[start : start + window]
-                    model(input_ids=part.unsqueeze(0).to(model.device), use_cache=False)
-                    hidden_rows.append(captured.latest[0, :-1].float().cpu())
-                    token_rows.append(part[1:].cpu())
-        if not hidden_rows:
-            raise ValueError("from_corpus needs at least one sequence of two or more tokens")
-        hidden = torch.cat(hidden_rows)
+        hidden, next_tokens = corpus_contexts(model, sequences, window)
         store = Datastore(hidden.shape[-1], metric="l2", index=index, seed=seed)
         store.add(hidden)
-        return cls(store, torch.cat(token_rows), **settings)
+        return cls(store, next_tokens, **settings)
+
+    def add_corpus(self, model: torch.nn.Module, sequences: Iterable[torch.Tensor], *, window: int = 512) -> int:
+        """Add every context of more token sequences (a new experience's data): nothing stored is ever overwritten.
+
+        Args: as :meth:`from_corpus`.
+
+        Returns:
+            The number of contexts added.
+
+        Raises:
+            ValueError: no sequence with at least two tokens, a bad window, or hidden states
+                of another size than the stored ones (another model).
+        """
+        hidden, next_tokens = corpus_contexts(model, sequences, window)
+        self.datastore.add(hidden)
+        self.next_tokens = torch.cat([self.next_tokens, next_tokens])
+        return next_tokens.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -199,6 +201,32 @@ class KNNLM:
                 raise FileNotFoundError(f"{directory / name} is missing: not a directory written by KNNLM.save")
         tokens = load_file(str(directory / TOKENS_FILE))["next_tokens"]
         return cls(Datastore.load(directory / STORE_DIRECTORY), tokens, **json.loads((directory / SETTINGS_FILE).read_text()))
+
+
+@torch.no_grad()
+def corpus_contexts(model: torch.nn.Module, sequences: Iterable[torch.Tensor], window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every context of ``sequences`` as (final hidden states [n, hidden] float32, next tokens [n]), on the CPU.
+
+    Each 1-D sequence is read in windows of ``window`` tokens that overlap by one, so every token
+    but a sequence's first is the next token of one stored context.
+
+    Raises:
+        ValueError: a window below 2, or no sequence with at least two tokens.
+    """
+    if window < 2:
+        raise ValueError(f"window must be >= 2 (a context and its next token), got {window}")
+    hidden_rows, token_rows = [], []
+    with FinalHiddenStates(model) as captured:
+        for sequence in sequences:
+            sequence = sequence.reshape(-1)
+            for start in range(0, max(sequence.shape[0] - 1, 0), window - 1):
+                part = sequence[start : start + window]
+                model(input_ids=part.unsqueeze(0).to(model.device), use_cache=False)
+                hidden_rows.append(captured.latest[0, :-1].float().cpu())
+                token_rows.append(part[1:].cpu())
+    if not hidden_rows:
+        raise ValueError("a kNN-LM corpus needs at least one sequence of two or more tokens")
+    return torch.cat(hidden_rows), torch.cat(token_rows).long()
 
 
 class KNNLMLogitsProcessor(LogitsProcessor):
