@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import metakv_cl  # noqa: F401  (the torchvision import fix must run before transformers' models)
 import torch
@@ -88,12 +88,11 @@ def measure(name: str, family: str, score: Callable[[], tuple[float, int]], byte
             "seconds_per_token": seconds / tokens}
 
 
-def article_rows(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace, token_bytes: int) -> list[dict[str, Any]]:
-    """Every method's row on one article (``ids`` [tokens])."""
+def article_rows(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace, token_bytes: int) -> Iterator[dict[str, Any]]:
+    """Every method's row on one article (``ids`` [tokens]), each as soon as it is measured."""
     device, config = args.device, model.config
     text = ids.unsqueeze(0).to(device)
     score_from = ids.shape[0] - args.score_tokens
-    rows = []
 
     def streamed(cache: CompactedCache) -> Callable[[], tuple[float, int]]:
         def score():
@@ -102,33 +101,32 @@ def article_rows(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
         return score
 
     full = CompactedCache("full", config=config)
-    rows.append(measure("full", "reference", streamed(full), lambda: {"kv_bytes": full.peak_bytes, "store_bytes": 0}, len(ids)))
+    yield measure("full", "reference", streamed(full), lambda: {"kv_bytes": full.peak_bytes, "store_bytes": 0}, len(ids))
     for method in args.methods.split(","):
         cache = CompactedCache(method, args.budget, config=config)
-        rows.append(measure(method, "compacted cache", streamed(cache),
-                            lambda cache=cache: {"kv_bytes": cache.peak_bytes, "store_bytes": 0}, len(ids)))
+        yield measure(method, "compacted cache", streamed(cache),
+                      lambda cache=cache: {"kv_bytes": cache.peak_bytes, "store_bytes": 0}, len(ids))
 
     memory_layers = None if args.knn_layers == "all" else [int(i) for i in args.knn_layers.split(",")]
     knn_cache = KNNMemoryCache(args.knn_method, args.budget, config=config, top_k=args.knn_top_k, memory_layers=memory_layers)
     row = measure("knn_attention", "retrieval", streamed(knn_cache),
                   lambda: {"kv_bytes": knn_cache.peak_bytes, "store_bytes": knn_cache.memory_nbytes}, len(ids))
-    rows.append({**row, "retrieval_seconds": knn_cache.stats()["retrieval_seconds"]})
+    yield {**row, "retrieval_seconds": knn_cache.stats()["retrieval_seconds"]}
 
     knn_lm = KNNLM.from_corpus(model, [ids[:score_from].to(device)], window=args.budget, interpolation=args.knn_lm_lambda,
                                temperature=args.knn_lm_temperature, k=args.knn_lm_k)
     lm_cache = CompactedCache(args.knn_method, args.budget, config=config)
-    rows.append(measure(
+    yield measure(
         "knn_lm", "retrieval",
         lambda: knn_lm_log_likelihood(model, knn_lm, text, cache=lm_cache, chunk_size=args.chunk, score_from=score_from),
-        lambda: {"kv_bytes": lm_cache.peak_bytes, "store_bytes": knn_lm.nbytes}, len(ids)))
+        lambda: {"kv_bytes": lm_cache.peak_bytes, "store_bytes": knn_lm.nbytes}, len(ids))
 
     local_tokens = args.budget - args.rag_top_k * args.rag_chunk
     retriever = ChunkRetriever(MeanPooledEmbedder(model), chunk_size=args.rag_chunk, top_k=args.rag_top_k)
-    rows.append(measure(
+    yield measure(
         "rag", "retrieval",
         lambda: rag_log_likelihood(model, text, retriever, local_tokens=local_tokens, stride=args.chunk, score_from=score_from),
-        lambda: {"kv_bytes": (args.budget + args.chunk) * token_bytes, "store_bytes": retriever.nbytes}, len(ids)))
-    return rows
+        lambda: {"kv_bytes": (args.budget + args.chunk) * token_bytes, "store_bytes": retriever.nbytes}, len(ids))
 
 
 def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -180,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    meta = run_metadata(argv, args)  # before the run: the commit recorded is the code that runs
+    meta["command"] = shlex.join(["python", "benchmarks/retrieval_memory.py", *argv])
     torch.manual_seed(0)
     model, encode = load_base(args.model, args.device)
     articles = held_out_articles(read_articles(args), encode, args.tokens, args.articles)
@@ -190,8 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append({"article": index, **row})
             print(f"article {index} {row['method']:>20}: perplexity {row['perplexity']:.3f}, memory {row['memory_bytes']} bytes, "
                   f"{row['seconds_per_token'] * 1e3:.1f} ms/token", flush=True)
-    meta = run_metadata(argv, args)
-    meta["command"] = shlex.join(["python", "benchmarks/retrieval_memory.py", *argv])
     report = {**meta, "kv_bytes_per_token": token_bytes, "summary": summary(rows), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
