@@ -19,7 +19,8 @@ The two readouts:
 
 * ``combine="softmax"``: local and retrieved entries share one softmax. With ``top_k`` at least
   the memory's size and a method that drops tokens unchanged (sliding window, sinks, H2O), this
-  is exactly the attention of the full cache (tested on GPT-2 and Llama);
+  is exactly the attention of the full cache (tested on GPT-2 and Llama; GPT-2 under
+  ``position_policy="seen"``, which numbers positions as the full cache does);
 * ``combine="gate"``: two softmaxes mixed by a gate g per query head,
   ``g * local + (1 - g) * memory``. g is a fixed number or a tensor [attention heads] in [0, 1]
   (pass ``torch.sigmoid(parameter)`` to learn it, as the paper's per-head gate).
