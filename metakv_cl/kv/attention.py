@@ -17,6 +17,8 @@ wrapper, called right after with that very key tensor, finds the layer and
   model's causal/padding block;
 * hands the layer what it asked for: the (scaled, post-RoPE) queries as reference queries,
   and the attention each entry received.
+* hands the readout, with the mask it built, to a layer that has a ``memory_attention``
+  (the kNN memory of :mod:`metakv_cl.kv.retrieval.knn_attention`, which adds retrieved entries).
 
 Attention over any other cache (or none) goes straight to the stock function, so enabling the
 wrappers changes nothing for ordinary use; with no bias and no compaction the stock function
@@ -138,7 +140,8 @@ def compacted_attention(
         layer.add_reference_queries((query * scale) if real is None else query * scale * real, groups)
 
     bias = layer.attention_bias(cached)
-    if bias is None and not stale and not layer.tracks_attention:
+    memory = getattr(layer, "memory_attention", None)  # a kNN memory layer (metakv_cl.kv.retrieval) retrieves too
+    if bias is None and not stale and not layer.tracks_attention and memory is None:
         return base_function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     # Additive mask over [cached entries | new tokens]: the layer's bias, then the new-token block.
@@ -150,6 +153,8 @@ def compacted_attention(
         cached_part = bias.to(query.dtype).repeat_interleave(groups, dim=1).unsqueeze(2)
     heads = cached_part.shape[1]  # 1 (shared by all heads) or one row per query head
     mask = torch.cat([cached_part.expand(batch, heads, queries, cached), new_block.expand(batch, heads, queries, queries)], dim=-1)
+    if memory is not None:
+        return memory(module, query, key, value, mask, scale, dropout, validity)
     if not layer.tracks_attention:
         return base_function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
