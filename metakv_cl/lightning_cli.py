@@ -26,7 +26,7 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from metakv_cl.cli import Interrupted, describe_error
 from metakv_cl.data.stream import LMBenchmark, TaskStream
 from metakv_cl.runfolder import RunFolderError, check_settings, flatten_keys, load_checkpoint, run_lock
-from metakv_cl.strategies import STRATEGIES, LightningCLStrategy
+from metakv_cl.strategies import STRATEGIES, ContinualStrategy
 from metakv_cl.training.module import ContinualLMModule
 from metakv_cl.training.passes import is_global_zero
 from metakv_cl.training.runner import (
@@ -56,13 +56,13 @@ def _as_plain(value: Any) -> Any:
 
 def _strategy_spec_parser() -> ArgumentParser:
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LightningCLStrategy, "strategy", skip=RUNTIME_ARGUMENTS, instantiate=False, required=True)
+    parser.add_subclass_arguments(ContinualStrategy, "strategy", skip=RUNTIME_ARGUMENTS, instantiate=False, required=True)
     return parser
 
 
 def resolve_strategy_spec(
     spec: Any, defaults: dict[str, Any] | None = None, where: str = "strategy"
-) -> tuple[type[LightningCLStrategy], dict[str, Any]]:
+) -> tuple[type[ContinualStrategy], dict[str, Any]]:
     """Check a strategy's ``class_path``/``init_args`` config and return (class, init arguments).
 
     Args:
@@ -102,7 +102,7 @@ def build_strategy(
     root_dir: Path | None = None,
     defaults: dict[str, Any] | None = None,
     where: str = "strategy",
-) -> LightningCLStrategy:
+) -> ContinualStrategy:
     """Instantiate a strategy from its ``class_path``/``init_args`` config.
 
     Args:
@@ -121,7 +121,7 @@ def build_strategy(
     return cls(**init_args, module=module, trainer_kwargs=trainer_kwargs, seed=seed, root_dir=root_dir)
 
 
-def _strategy_class_from_path(class_path: str, where: str) -> type[LightningCLStrategy]:
+def _strategy_class_from_path(class_path: str, where: str) -> type[ContinualStrategy]:
     import importlib
 
     known = known_strategies()
@@ -130,8 +130,8 @@ def _strategy_class_from_path(class_path: str, where: str) -> type[LightningCLSt
         cls = getattr(importlib.import_module(module_name or "metakv_cl.strategies"), name)
     except (ImportError, AttributeError, ValueError):
         raise ValueError(f"{where}: unknown strategy {class_path!r}; known strategies: {known}") from None
-    if not (isinstance(cls, type) and issubclass(cls, LightningCLStrategy)):
-        raise ValueError(f"{where}: {class_path!r} is not a LightningCLStrategy; known strategies: {known}")
+    if not (isinstance(cls, type) and issubclass(cls, ContinualStrategy)):
+        raise ValueError(f"{where}: {class_path!r} is not a ContinualStrategy; known strategies: {known}")
     return cls
 
 
@@ -224,7 +224,7 @@ class ContinualCLI(LightningCLI):
 
     def add_strategy_arguments(self, parser: LightningArgumentParser) -> None:
         parser.add_subclass_arguments(
-            LightningCLStrategy, "strategy", skip=RUNTIME_ARGUMENTS, instantiate=False, required=True
+            ContinualStrategy, "strategy", skip=RUNTIME_ARGUMENTS, instantiate=False, required=True
         )
 
     # ------------------------------------------------------------------ shared set-up
@@ -290,7 +290,7 @@ class ContinualCLI(LightningCLI):
             )
         return benchmark
 
-    def strategy(self, module: ContinualLMModule) -> LightningCLStrategy:
+    def strategy(self, module: ContinualLMModule) -> ContinualStrategy:
         return build_strategy(
             self._setting("strategy"),
             module=module,
@@ -414,7 +414,7 @@ class CompareCLI(ContinualCLI):
 
     def _plan(
         self, entry: Any, defaults: dict[str, Any], where: str
-    ) -> tuple[type[LightningCLStrategy], dict[str, Any], Namespace]:
+    ) -> tuple[type[ContinualStrategy], dict[str, Any], Namespace]:
         """(strategy class, its init args, the parsed config of its module) of one entry."""
         entry = _as_plain(entry)
         if isinstance(entry, dict):
@@ -425,7 +425,7 @@ class CompareCLI(ContinualCLI):
         override = entry.get("model") if isinstance(entry, dict) else None
         return cls, init_args, self._module_config(cls, _as_plain(override) or {}, f"{where}.model")
 
-    def _module_config(self, cls: type[LightningCLStrategy], override: Any, where: str) -> Namespace:
+    def _module_config(self, cls: type[ContinualStrategy], override: Any, where: str) -> Namespace:
         """The shared model config with ``override``'s init args (and baselines without Meta-KV), checked."""
         allowed = sorted(_init_parameters(type(self.model)) - {"vocab_size"})  # the stream sets vocab_size
         if not isinstance(override, dict):
@@ -476,8 +476,8 @@ def _config_key(config: Namespace) -> str:
     return json.dumps(_as_plain(config), sort_keys=True, default=str)
 
 
-def _factory(cls: type[LightningCLStrategy], init_args: dict[str, Any], trainer_kwargs: dict[str, Any], seed: int):
-    def make(module: ContinualLMModule) -> LightningCLStrategy:
+def _factory(cls: type[ContinualStrategy], init_args: dict[str, Any], trainer_kwargs: dict[str, Any], seed: int):
+    def make(module: ContinualLMModule) -> ContinualStrategy:
         return cls(**init_args, module=module, trainer_kwargs=trainer_kwargs, seed=seed)
 
     return make
