@@ -57,6 +57,7 @@ from metakv_cl.runfolder import (
     load_checkpoint,
     safe_checkpoint_loading,
 )
+from metakv_cl.data.collate import positional
 from metakv_cl.data.scoring import sequence_nll
 from metakv_cl.strategies.plugins.base import MethodPlugin, PhaseFit, check_conflicts, check_supported
 from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, TrainingThroughput, derived_seed, seed_all
@@ -274,23 +275,18 @@ class ContinualStrategy(BaseTemplate):
 
     @property
     def mb_x(self) -> torch.Tensor | None:
-        """The mini-batch's token ids (``input_ids``; ``choice_input_ids`` of a classification test batch)."""
-        if self.mbatch is None:
-            return None
-        return self.mbatch["input_ids"] if "input_ids" in self.mbatch else self.mbatch["choice_input_ids"]
+        """The mini-batch's token ids (:func:`~metakv_cl.data.collate.positional` 0)."""
+        return None if self.mbatch is None else positional(self.mbatch, 0)
 
     @property
     def mb_y(self) -> torch.Tensor | None:
         """The mini-batch's targets: next-token ``labels``, or the gold choice of a classification test batch."""
-        if self.mbatch is None:
-            return None
-        return self.mbatch["labels"] if "labels" in self.mbatch else self.mbatch["target"]
+        return None if self.mbatch is None else positional(self.mbatch, 1)
 
     @property
     def mb_task_id(self) -> torch.Tensor | None:
         """Task labels of the mini-batch: all 0 (the model is single-headed and gets no task identity)."""
-        x = self.mb_x
-        return None if x is None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return None if self.mbatch is None else positional(self.mbatch, -1)
 
     @property
     def stop_requested(self) -> bool:

@@ -31,9 +31,13 @@ from metakv_cl.strategies import plugins as methods
 from metakv_cl.strategies.base import ContinualStrategy
 
 
-def _with(method_plugins: list[BasePlugin], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The strategy arguments with the preset's plugins first, then any the caller gave."""
-    return {**kwargs, "plugins": [*method_plugins, *(kwargs.get("plugins") or [])]}
+def _put_first(method_plugins: list[BasePlugin], kwargs: dict[str, Any]) -> None:
+    """Put the preset's plugins in the strategy arguments ``kwargs``, before any the caller gave.
+
+    (Presets then call ``super().__init__(**kwargs)`` as written, which is how jsonargparse
+    finds the strategy's own arguments of a preset.)
+    """
+    kwargs["plugins"] = [*method_plugins, *(kwargs.get("plugins") or [])]
 
 
 class Naive(ContinualStrategy):
@@ -65,7 +69,8 @@ class EWC(ContinualStrategy):
         **kwargs: Any,
     ):
         method = methods.EWC(ewc_lambda=ewc_lambda, mode=mode, decay_factor=decay_factor, fisher_batches=fisher_batches)
-        super().__init__(**_with([method], kwargs))
+        _put_first([method], kwargs)
+        super().__init__(**kwargs)
 
 
 class LwF(ContinualStrategy):
@@ -79,7 +84,8 @@ class LwF(ContinualStrategy):
     strategy_name = "lwf"
 
     def __init__(self, *, alpha: float = 1.0, temperature: float = 2.0, **kwargs: Any):
-        super().__init__(**_with([methods.LwF(alpha=alpha, temperature=temperature)], kwargs))
+        _put_first([methods.LwF(alpha=alpha, temperature=temperature)], kwargs)
+        super().__init__(**kwargs)
 
 
 class LoRA(ContinualStrategy):
@@ -108,7 +114,8 @@ class LoRA(ContinualStrategy):
             mode=mode, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
             route_by_experience=route_by_experience,
         )
-        super().__init__(**_with([method], kwargs))
+        _put_first([method], kwargs)
+        super().__init__(**kwargs)
 
 
 class Replay(ContinualStrategy):
@@ -128,7 +135,8 @@ class Replay(ContinualStrategy):
         storage_policy: Literal["experience_balanced", "reservoir"] = "experience_balanced",
         **kwargs: Any,
     ):
-        super().__init__(**_with([methods.Replay(buffer_size=buffer_size, storage_policy=storage_policy)], kwargs))
+        _put_first([methods.Replay(buffer_size=buffer_size, storage_policy=storage_policy)], kwargs)
+        super().__init__(**kwargs)
 
 
 class MetaKVConsolidation(ContinualStrategy):
@@ -178,7 +186,8 @@ class MetaKVConsolidation(ContinualStrategy):
         chosen = [methods.Replay(buffer_size=buffer_size, storage_policy=storage_policy), self.consolidation]
         if validation_fraction != 0:
             chosen.append(methods.Validated(validation_fraction, patience, phases=["consolidate"]))
-        super().__init__(**_with(chosen, kwargs))
+        _put_first(chosen, kwargs)
+        super().__init__(**kwargs)
 
     def default_method_name(self) -> str:
         return self.consolidation.method_name  # its buffer and schedule are part of the method
