@@ -390,8 +390,9 @@ class CompareCLI(ContinualCLI):
 
     Each strategy trains its own module: the shared ``model`` config with the entry's ``model:``
     init args in place of the shared ones (a key's value replaces the shared value whole). A
-    strategy that does not use Meta-KV (``uses_meta_kv`` False: every baseline) runs on the plain
-    model, without the shared ``model.init_args.meta_kv``, unless its entry sets ``meta_kv``.
+    strategy that does not train Meta-KV (neither the ``MetaKVConsolidation`` preset nor its plugin:
+    every baseline) runs on the plain model, without the shared ``model.init_args.meta_kv``,
+    unless its entry sets ``meta_kv``.
     Entries whose module settings are equal share one built (and warmed-up) module; each
     strategy trains a copy of it.
     """

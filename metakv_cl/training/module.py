@@ -137,10 +137,6 @@ class ContinualLMModule(pl.LightningModule):
         self.loss_hook: Callable[[dict, Any, torch.Tensor], torch.Tensor] | None = None
         self.lm_loss_weight = 1.0
         self.experience_label = "(no experience)"
-        # the last training step, for the Avalanche plugin bridge
-        self.current_batch: dict | None = None
-        self.current_outputs: Any = None
-        self.current_loss: torch.Tensor | None = None
         # evaluation sums (synchronised across ranks by torchmetrics)
         self.eval_nll = SumMetric()
         self.eval_tokens = SumMetric()
@@ -274,12 +270,7 @@ class ContinualLMModule(pl.LightningModule):
         for name, value in components.items():
             if name != "lm":
                 self.log(f"train/{name}", value.detach(), batch_size=batch_size)
-        self.current_batch, self.current_outputs, self.current_loss = batch, outputs, loss
         return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # callbacks (the Avalanche bridge) have seen the step; drop the graph and the logits
-        self.current_batch = self.current_outputs = self.current_loss = None
 
     def configure_optimizers(self):
         parameters = self.trainable_parameters()

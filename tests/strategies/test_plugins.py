@@ -106,6 +106,17 @@ def test_conflicting_plugins_are_refused_naming_both(first, second, resource, tm
         make(tmp_path, [a, b], meta_kv=META_KV)
 
 
+def test_a_saved_state_restores_only_into_the_same_plugins(tmp_path):
+    saved, benchmark = make(tmp_path, [plugins.Replay(buffer_size=8), plugins.EWC()])
+    saved.train(benchmark.train_stream[0])
+    same, _ = make(tmp_path, [plugins.Replay(buffer_size=8), plugins.EWC()])
+    same.load_state_dict(saved.state_dict())
+    assert len(same.plugin(plugins.Replay).memory) == 8 and len(same.plugin(plugins.EWC).importances) == 1
+    other, _ = make(tmp_path, [plugins.EWC(), plugins.Replay(buffer_size=8)])
+    with pytest.raises(ValueError, match=r"holds the plugins \['Replay', 'EWC'\], this strategy has \['EWC', 'Replay'\]"):
+        other.load_state_dict(saved.state_dict())
+
+
 def test_a_classifier_plugin_is_refused_with_its_reason(tmp_path):
     with pytest.raises(UnsupportedPluginError, match=r"plugins\[0\] LwFPlugin cannot train a language model: .*class units"):
         make(tmp_path, [LwFPlugin()])
