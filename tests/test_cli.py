@@ -178,8 +178,8 @@ def test_a_meta_kv_strategy_in_compare_keeps_the_shared_meta_kv(tmp_path):
     module_configs = [cli._plan(entry, {}, "entry")[2] for entry in config["strategies"]]
     assert module_configs[0].model.meta_kv.rank == 8 and module_configs[1].model.meta_kv is None
     assert module_configs[2].model.meta_kv.rank == 8  # the Meta-KV plugin keeps it too
-    metakv, plain = cli._modules(module_configs)
-    assert metakv is cli.model  # the shared model, not a rebuilt one
+    metakv, plain, composed = cli._modules(module_configs)
+    assert metakv is cli.model is composed  # the shared model, not a rebuilt one
     shared = metakv.state_dict()
     assert all(torch.equal(value, shared[key]) for key, value in plain.state_dict().items())  # same base weights
 
