@@ -40,7 +40,8 @@ import torch
 
 from metakv_cl.modeling import get_meta_kv, meta_kv_parameters
 from metakv_cl.runfolder import atomic_torch_save
-from metakv_cl.strategies.plugins.base import MethodPlugin
+from metakv_cl.strategies.plugins.base import MethodPlugin, PluginConflictError
+from metakv_cl.strategies.plugins.ewc import EWC
 from metakv_cl.strategies.plugins.lora import add_lora_adapter, make_lora_config, remove_lora
 from metakv_cl.training.distillation import ParameterSnapshot, prediction_mask, token_kl
 from metakv_cl.training.passes import is_global_zero
@@ -137,6 +138,14 @@ class MetaKVConsolidation(MethodPlugin):
         return prefix if groups == "memory+generator" else f"{prefix}-{groups}"
 
     def attach(self, strategy) -> None:
+        ewc = next((index for index, plugin in enumerate(strategy.plugins) if isinstance(plugin, EWC)), None)
+        if ewc is not None:
+            first, second = sorted((ewc, strategy.plugins.index(self)))
+            raise PluginConflictError(
+                f"plugins[{first}] {type(strategy.plugins[first]).__name__} and plugins[{second}] "
+                f"{type(strategy.plugins[second]).__name__} cannot be combined: consolidation freezes every "
+                "parameter once its experience is trained, so EWC would find none to estimate its Fisher on"
+            )
         if self.mode == "distill" and strategy.train_pack_length is not None:
             raise ValueError(
                 "train_pack_length is not supported by MetaKVConsolidation with mode 'distill': its teachers "

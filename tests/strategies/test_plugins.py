@@ -106,6 +106,13 @@ def test_conflicting_plugins_are_refused_naming_both(first, second, resource, tm
         make(tmp_path, [a, b], meta_kv=META_KV)
 
 
+def test_ewc_is_refused_next_to_meta_kv_consolidation(tmp_path):
+    with pytest.raises(PluginConflictError, match=(
+        r"plugins\[0\] MetaKVConsolidation and plugins\[1\] EWC cannot be combined: consolidation freezes"
+    )):
+        make(tmp_path, [plugins.MetaKVConsolidation(), plugins.EWC()], meta_kv=META_KV)
+
+
 def test_a_saved_state_restores_only_into_the_same_plugins(tmp_path):
     saved, benchmark = make(tmp_path, [plugins.Replay(buffer_size=8), plugins.EWC()])
     saved.train(benchmark.train_stream[0])
