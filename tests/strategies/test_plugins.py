@@ -189,6 +189,17 @@ def test_avalanche_replay_plugin_puts_replayed_items_in_the_training_batches(tmp
     assert recorder.seen[1].count(0) > 0 and recorder.seen[1].count(1) == len(benchmark.train_stream[1].dataset)
 
 
+def test_a_dataset_a_plugin_adapts_is_the_one_trained_on(tmp_path):
+    class FirstFour:
+        def after_train_dataset_adaptation(self, strategy, **kwargs):
+            strategy.adapted_dataset = strategy.adapted_dataset.subset(range(4))
+
+    recorder = BatchExperiences()
+    strategy, benchmark = make(tmp_path, [FirstFour(), recorder], num_experiences=1, epochs=2)
+    strategy.train(benchmark.train_stream[0])
+    assert len(recorder.seen[0]) == 2 * 4
+
+
 class LossProbe:
     """Placed before and after a plugin: the loss and its gradient as that plugin found and left them,
     and the gradient the step actually took."""
