@@ -5,6 +5,8 @@ A method plugin reacts to Avalanche's events like any ``SupervisedPlugin`` (``be
 ``after_training_exp``, ...) and may implement the hooks below, which the strategy calls in plugin
 order:
 
+* :meth:`MethodPlugin.attach` when the strategy is built (the plugin checks the model and the
+  other plugins, and refuses what cannot work);
 * :meth:`MethodPlugin.adapt_train_dataset` while the experience's dataset is adapted (replay adds
   its buffer);
 * :meth:`MethodPlugin.train_experience`, for the one plugin that owns the experience's fits
