@@ -198,6 +198,17 @@ def test_a_dataset_a_plugin_adapts_is_the_one_trained_on(tmp_path):
     assert len(recorder.seen[0]) == 2 * 4
 
 
+def test_a_plugins_dataloader_is_refused_under_ddp():
+    from types import SimpleNamespace
+
+    from metakv_cl.training.datamodule import GivenTrainingLoader
+
+    datamodule = GivenTrainingLoader([{"input_ids": torch.ones(1, 2)}])
+    datamodule.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match="replaced strategy.dataloader with list, which is not split across the 2 DDP"):
+        datamodule.train_dataloader()
+
+
 class LossProbe:
     """Placed before and after a plugin: the loss and its gradient as that plugin found and left them,
     and the gradient the step actually took."""
