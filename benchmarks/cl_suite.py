@@ -92,6 +92,7 @@ import yaml  # noqa: E402
 
 from metakv_cl.report import MethodResult, write_seed_report  # noqa: E402
 from metakv_cl.runfolder import atomic_write_text  # noqa: E402
+from metakv_cl.strategies.plugins import Replay  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the suite config
@@ -350,7 +351,7 @@ class Workbench:
             "model": cell.model,
             "stream": cell.stream,
             "method_spec": method,
-            "buffer_size": getattr(getattr(strategy, "memory", None), "buffer_size", None),
+            "buffer_size": next((p.memory.buffer_size for p in strategy.plugins if isinstance(p, Replay)), None),
             "learning_rate": module.lr,
             "concurrency": self.concurrency,
             "call": self.call_id,

@@ -2,7 +2,7 @@
 
 The penalty ``sum F (theta - theta*)^2`` over every parameter tensor of a model, computed as
 per-tensor autograd expressions (the textbook form, about ten kernel launches per tensor and
-step) against :class:`~metakv_cl.strategies.ewc.QuadraticPenalty` (multi-tensor kernels in both
+step) against :class:`~metakv_cl.strategies.plugins.ewc.QuadraticPenalty` (multi-tensor kernels in both
 directions). On SmolLM2-135M's 272 tensors::
 
     python benchmarks/ewc_penalty.py --model smollm2-135m --device cuda
@@ -18,7 +18,7 @@ import time
 import torch
 
 from metakv_cl.hub import load_causal_lm
-from metakv_cl.strategies.ewc import QuadraticPenalty
+from metakv_cl.strategies.plugins.ewc import QuadraticPenalty
 
 
 def per_tensor(anchors, fisher, parameters) -> torch.Tensor:

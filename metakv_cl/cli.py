@@ -14,7 +14,7 @@ Trainer arguments, used for every fit of the stream; ``max_epochs`` = epochs per
 ``default_root_dir`` = where the report, the stream state and the checkpoints go), ``model``
 (:class:`~metakv_cl.training.module.ContinualLMModule`), ``data`` (the stream,
 :class:`~metakv_cl.data.stream.TaskStream`), ``strategy`` (``class_path``/``init_args`` of any
-:class:`~metakv_cl.strategies.base.LightningCLStrategy`) and ``seed_everything``. ``fit`` runs
+:class:`~metakv_cl.strategies.base.ContinualStrategy`) and ``seed_everything``. ``fit`` runs
 the whole stream, prints the table and writes ``report.{json,md}`` and plots;
 ``--ckpt_path last`` resumes an interrupted run from ``<default_root_dir>/stream_state`` and the
 interrupted experience's ``last.ckpt``; it is refused when a setting that changes results

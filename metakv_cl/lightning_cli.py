@@ -26,7 +26,7 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from metakv_cl.cli import Interrupted, describe_error
 from metakv_cl.data.stream import LMBenchmark, TaskStream
 from metakv_cl.runfolder import RunFolderError, check_settings, flatten_keys, load_checkpoint, run_lock
-from metakv_cl.strategies import STRATEGIES, LightningCLStrategy
+from metakv_cl.strategies import STRATEGIES, ContinualStrategy
 from metakv_cl.training.module import ContinualLMModule
 from metakv_cl.training.passes import is_global_zero
 from metakv_cl.training.runner import (
@@ -39,7 +39,7 @@ from metakv_cl.training.runner import (
 )
 
 # Strategy arguments the CLI supplies itself (never read from the config).
-RUNTIME_ARGUMENTS = {"module", "trainer_kwargs", "plugins", "evaluator", "root_dir", "seed"}
+RUNTIME_ARGUMENTS = {"module", "trainer_kwargs", "evaluator", "root_dir", "seed"}
 
 # Top-level settings that do not change what a run computes; every other one is fingerprinted.
 UNFINGERPRINTED_SETTINGS = ("config", "ckpt_path", "keep_checkpoints", "torch_num_threads")
@@ -56,13 +56,13 @@ def _as_plain(value: Any) -> Any:
 
 def _strategy_spec_parser() -> ArgumentParser:
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LightningCLStrategy, "strategy", skip=RUNTIME_ARGUMENTS, instantiate=False, required=True)
+    parser.add_subclass_arguments(ContinualStrategy, "strategy", skip=RUNTIME_ARGUMENTS, instantiate=False, required=True)
     return parser
 
 
 def resolve_strategy_spec(
     spec: Any, defaults: dict[str, Any] | None = None, where: str = "strategy"
-) -> tuple[type[LightningCLStrategy], dict[str, Any]]:
+) -> tuple[type[ContinualStrategy], dict[str, Any]]:
     """Check a strategy's ``class_path``/``init_args`` config and return (class, init arguments).
 
     Args:
@@ -102,7 +102,7 @@ def build_strategy(
     root_dir: Path | None = None,
     defaults: dict[str, Any] | None = None,
     where: str = "strategy",
-) -> LightningCLStrategy:
+) -> ContinualStrategy:
     """Instantiate a strategy from its ``class_path``/``init_args`` config.
 
     Args:
@@ -118,10 +118,41 @@ def build_strategy(
         The strategy.
     """
     cls, init_args = resolve_strategy_spec(spec, defaults, where)
-    return cls(**init_args, module=module, trainer_kwargs=trainer_kwargs, seed=seed, root_dir=root_dir)
+    return _factory(cls, init_args, trainer_kwargs, seed, where)(module, root_dir)
 
 
-def _strategy_class_from_path(class_path: str, where: str) -> type[LightningCLStrategy]:
+def instantiate_plugins(specs: Sequence[Any] | None, where: str = "strategy") -> list:
+    """New plugin objects from their ``class_path``/``init_args`` configs.
+
+    Plugins hold state (a buffer, a Fisher), so every strategy gets its own.
+
+    Raises:
+        ValueError: a spec that does not name a plugin class or that its class refuses.
+    """
+    from avalanche.core import BasePlugin
+
+    if not specs:
+        return []
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--plugins", type=list[BasePlugin])
+    try:
+        return parser.instantiate_classes(parser.parse_object({"plugins": [_as_plain(spec) for spec in specs]})).plugins
+    except Exception as error:  # jsonargparse names the bad key or type; a plugin its bad value
+        raise ValueError(f"{where}.plugins: {describe_error(error)}") from None
+
+
+def plugin_classes(specs: Sequence[Any] | None) -> list[type]:
+    """The classes named by plugin configs (resolved after :func:`resolve_strategy_spec` checked them)."""
+    import importlib
+
+    classes = []
+    for spec in specs or []:
+        module_name, _, name = _as_plain(spec)["class_path"].rpartition(".")
+        classes.append(getattr(importlib.import_module(module_name), name))
+    return classes
+
+
+def _strategy_class_from_path(class_path: str, where: str) -> type[ContinualStrategy]:
     import importlib
 
     known = known_strategies()
@@ -130,13 +161,14 @@ def _strategy_class_from_path(class_path: str, where: str) -> type[LightningCLSt
         cls = getattr(importlib.import_module(module_name or "metakv_cl.strategies"), name)
     except (ImportError, AttributeError, ValueError):
         raise ValueError(f"{where}: unknown strategy {class_path!r}; known strategies: {known}") from None
-    if not (isinstance(cls, type) and issubclass(cls, LightningCLStrategy)):
-        raise ValueError(f"{where}: {class_path!r} is not a LightningCLStrategy; known strategies: {known}")
+    if not (isinstance(cls, type) and issubclass(cls, ContinualStrategy)):
+        raise ValueError(f"{where}: {class_path!r} is not a ContinualStrategy; known strategies: {known}")
     return cls
 
 
 def known_strategies() -> str:
-    return ", ".join(f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}" for cls in STRATEGIES.values())
+    presets = ", ".join(f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}" for cls in STRATEGIES.values())
+    return f"metakv_cl.strategies.ContinualStrategy (with plugins), {presets}"
 
 
 def _init_parameters(cls: type) -> set[str]:
@@ -224,7 +256,7 @@ class ContinualCLI(LightningCLI):
 
     def add_strategy_arguments(self, parser: LightningArgumentParser) -> None:
         parser.add_subclass_arguments(
-            LightningCLStrategy, "strategy", skip=RUNTIME_ARGUMENTS, instantiate=False, required=True
+            ContinualStrategy, "strategy", skip=RUNTIME_ARGUMENTS, instantiate=False, required=True
         )
 
     # ------------------------------------------------------------------ shared set-up
@@ -290,7 +322,7 @@ class ContinualCLI(LightningCLI):
             )
         return benchmark
 
-    def strategy(self, module: ContinualLMModule) -> LightningCLStrategy:
+    def strategy(self, module: ContinualLMModule) -> ContinualStrategy:
         return build_strategy(
             self._setting("strategy"),
             module=module,
@@ -358,8 +390,9 @@ class CompareCLI(ContinualCLI):
 
     Each strategy trains its own module: the shared ``model`` config with the entry's ``model:``
     init args in place of the shared ones (a key's value replaces the shared value whole). A
-    strategy that does not use Meta-KV (``uses_meta_kv`` False: every baseline) runs on the plain
-    model, without the shared ``model.init_args.meta_kv``, unless its entry sets ``meta_kv``.
+    strategy that does not train Meta-KV (neither the ``MetaKVConsolidation`` preset nor its plugin:
+    every baseline) runs on the plain model, without the shared ``model.init_args.meta_kv``,
+    unless its entry sets ``meta_kv``.
     Entries whose module settings are equal share one built (and warmed-up) module; each
     strategy trains a copy of it.
     """
@@ -395,7 +428,10 @@ class CompareCLI(ContinualCLI):
         plans = [self._plan(entry, defaults, f"strategies[{index}]") for index, entry in enumerate(entries)]
         modules = self._modules([module_config for _, _, module_config in plans])
         trainer_kwargs, seed = self.trainer_kwargs(), self.seed()
-        factories = [_factory(cls, init_args, trainer_kwargs, seed) for cls, init_args, _ in plans]
+        factories = [
+            _factory(cls, init_args, trainer_kwargs, seed, f"strategies[{index}]")
+            for index, (cls, init_args, _) in enumerate(plans)
+        ]
         with self.run_lock():
             benchmark = self.prepare(modules, self.datamodule, resume)
             results = compare(
@@ -414,7 +450,7 @@ class CompareCLI(ContinualCLI):
 
     def _plan(
         self, entry: Any, defaults: dict[str, Any], where: str
-    ) -> tuple[type[LightningCLStrategy], dict[str, Any], Namespace]:
+    ) -> tuple[type[ContinualStrategy], dict[str, Any], Namespace]:
         """(strategy class, its init args, the parsed config of its module) of one entry."""
         entry = _as_plain(entry)
         if isinstance(entry, dict):
@@ -423,9 +459,11 @@ class CompareCLI(ContinualCLI):
                 raise ValueError(f"{where}: unknown key {unknown[0]!r}; an entry has {', '.join(ENTRY_KEYS)}")
         cls, init_args = resolve_strategy_spec(entry, defaults, where)
         override = entry.get("model") if isinstance(entry, dict) else None
-        return cls, init_args, self._module_config(cls, _as_plain(override) or {}, f"{where}.model")
+        return cls, init_args, self._module_config(cls, init_args, _as_plain(override) or {}, f"{where}.model")
 
-    def _module_config(self, cls: type[LightningCLStrategy], override: Any, where: str) -> Namespace:
+    def _module_config(
+        self, cls: type[ContinualStrategy], strategy_args: dict[str, Any], override: Any, where: str
+    ) -> Namespace:
         """The shared model config with ``override``'s init args (and baselines without Meta-KV), checked."""
         allowed = sorted(_init_parameters(type(self.model)) - {"vocab_size"})  # the stream sets vocab_size
         if not isinstance(override, dict):
@@ -436,7 +474,7 @@ class CompareCLI(ContinualCLI):
                 f"{where}: {type(self.model).__name__} has no init arg {unknown[0]!r}; allowed: {', '.join(allowed)}"
             )
         init_args = {**self._shared_module_init_args(), **override}
-        if "meta_kv" not in override and not cls.uses_meta_kv:
+        if "meta_kv" not in override and not cls.trains_meta_kv(plugin_classes(strategy_args.get("plugins"))):
             init_args["meta_kv"] = None  # a baseline runs on the plain model unless its entry says otherwise
         return self._parse_module(init_args, where)
 
@@ -476,9 +514,19 @@ def _config_key(config: Namespace) -> str:
     return json.dumps(_as_plain(config), sort_keys=True, default=str)
 
 
-def _factory(cls: type[LightningCLStrategy], init_args: dict[str, Any], trainer_kwargs: dict[str, Any], seed: int):
-    def make(module: ContinualLMModule) -> LightningCLStrategy:
-        return cls(**init_args, module=module, trainer_kwargs=trainer_kwargs, seed=seed)
+def _factory(
+    cls: type[ContinualStrategy], init_args: dict[str, Any], trainer_kwargs: dict[str, Any], seed: int, where: str
+):
+    """``(module, root_dir=None) -> strategy``, with new plugin objects for every strategy it makes."""
+
+    def make(module: ContinualLMModule, root_dir: Path | None = None) -> ContinualStrategy:
+        arguments = dict(init_args)
+        if "plugins" in arguments:
+            arguments["plugins"] = instantiate_plugins(arguments["plugins"], where)
+        try:
+            return cls(**arguments, module=module, trainer_kwargs=trainer_kwargs, seed=seed, root_dir=root_dir)
+        except ValueError as error:  # a plugin combination or a value the strategy refuses
+            raise ValueError(f"{where} ({cls.__name__}): {error}") from None
 
     return make
 

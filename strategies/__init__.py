@@ -1,26 +1,23 @@
-"""Continual-learning strategies: Avalanche templates whose training runs on Lightning.
+"""Continual-learning strategies: one Avalanche template whose training runs on Lightning, and
+methods as plugins of it.
 
-Installed as ``metakv_cl.strategies``. Every strategy is a
-:class:`~metakv_cl.strategies.base.LightningCLStrategy` (call ``strategy.train(experience)`` and
-``strategy.eval(stream)``); :data:`STRATEGIES` maps the short names used by configs and reports
-to the classes.
+Installed as ``metakv_cl.strategies``. :class:`ContinualStrategy` takes ``plugins=[...]``
+(method plugins from :mod:`metakv_cl.strategies.plugins` and Avalanche's own); call
+``strategy.train(experience)`` and ``strategy.eval(stream)``. The named methods (:data:`STRATEGIES`:
+the short names used by configs and reports) are presets that build fixed plugin lists
+(:mod:`metakv_cl.strategies.presets`); :class:`JointTraining` is its own template, as in Avalanche.
 """
 
-from metakv_cl.strategies.base import LightningCLStrategy
-from metakv_cl.strategies.ewc import EWC
+from metakv_cl.strategies.base import ContinualStrategy
 from metakv_cl.strategies.joint import JointTraining
-from metakv_cl.strategies.lora import LoRA
-from metakv_cl.strategies.lwf import LwF
-from metakv_cl.strategies.metakv import MetaKVConsolidation
-from metakv_cl.strategies.naive import Naive
-from metakv_cl.strategies.replay import Replay, ReplayMemory
+from metakv_cl.strategies.presets import EWC, LoRA, LwF, MetaKVConsolidation, Naive, Replay
 
-STRATEGIES: dict[str, type[LightningCLStrategy]] = {
+STRATEGIES: dict[str, type[ContinualStrategy]] = {
     cls.strategy_name: cls for cls in (Naive, EWC, LoRA, Replay, LwF, JointTraining, MetaKVConsolidation)
 }
 
 
-def strategy_class(name: str) -> type[LightningCLStrategy]:
+def strategy_class(name: str) -> type[ContinualStrategy]:
     """The strategy class registered as ``name`` (e.g. ``"ewc"``).
 
     Raises:
@@ -34,14 +31,13 @@ def strategy_class(name: str) -> type[LightningCLStrategy]:
 
 __all__ = [
     "EWC",
+    "ContinualStrategy",
     "JointTraining",
-    "LightningCLStrategy",
     "LoRA",
     "LwF",
     "MetaKVConsolidation",
     "Naive",
     "Replay",
-    "ReplayMemory",
     "STRATEGIES",
     "strategy_class",
 ]

@@ -1,26 +1,32 @@
-"""The Avalanche template whose training runs on Lightning: the base of every strategy.
+"""The continual-learning strategy: Avalanche's template, Lightning's loops, methods as plugins.
 
 Users drive it the Avalanche way::
 
-    strategy = Naive(module=ContinualLMModule("gpt2", from_scratch=True, ...),
-                     trainer_kwargs=dict(max_epochs=2, accelerator="cpu"))
+    strategy = ContinualStrategy(
+        module=ContinualLMModule("gpt2", from_scratch=True, ...),
+        plugins=[Replay(buffer_size=64), EWC(mode="online")],
+        trainer_kwargs=dict(max_epochs=2, accelerator="cpu"),
+    )
     for experience in benchmark.train_stream:
         strategy.train(experience)
         strategy.eval(benchmark.test_stream)   # fills strategy.eval_scores
 
-and every ``strategy.train(experience)`` is a Lightning ``Trainer.fit`` (one per *phase*: most
-strategies have one phase, ``"train"``; Meta-KV consolidation has ``"fast"`` and
-``"consolidate"``), so DDP, precision, gradient accumulation, loggers and progress bars come
-from the ``trainer_kwargs``; each phase checkpoints ``last.ckpt`` at every epoch end under
-``<root_dir>/experiences/<stage>/<phase>/``. Avalanche plugins keep working: the template fires
-``before/after_training_exp`` and ``before/after_eval_exp`` itself and
-:class:`~metakv_cl.training.callbacks.AvalancheBridge` fires the epoch and iteration events
-from inside Lightning.
+A method is a list of plugins (:mod:`metakv_cl.strategies.plugins`); the named methods of
+configs and reports (``naive``, ``ewc``, ``replay``, ...) are presets that build such lists
+(:mod:`metakv_cl.strategies.presets`). Every ``strategy.train(experience)`` is one or more
+Lightning ``Trainer.fit`` (one per *phase*: most methods have one phase, ``"train"``; Meta-KV
+consolidation has ``"fast"`` and ``"consolidate"``), so DDP, precision, gradient accumulation,
+loggers and progress bars come from the ``trainer_kwargs``; each phase checkpoints ``last.ckpt``
+at every epoch end under ``<root_dir>/experiences/<stage>/<phase>/``.
 
-Subclasses customise three hooks: :meth:`before_experience` (model adaptation, e.g. adding a
-LoRA adapter), :meth:`train_experience` (the fits of the experience) and
-:meth:`after_experience` (e.g. computing a Fisher matrix), plus :meth:`train_dataset_adaptation`
-(replay) and :meth:`state_dict` / :meth:`load_state_dict` for what must survive a restart.
+Avalanche's contract: at each event the strategy holds what Avalanche's SGD templates hold
+(``model``, ``optimizer``, ``device``, ``experience``, ``adapted_dataset``, ``dataloader``,
+``mbatch``, ``mb_x`` / ``mb_y`` / ``mb_task_id``, ``mb_output``, ``loss``, ``_criterion``,
+``clock``, ``is_training``); the template fires the experience events, and
+:class:`~metakv_cl.training.callbacks.AvalancheBridge` the epoch and iteration events from inside
+Lightning. The training step uses what plugins change: ``strategy.loss`` after
+``before_backward`` (a penalty added there is trained), a ``strategy.dataloader`` replaced in
+``before_training_exp`` (Avalanche's ``ReplayPlugin``) and ``stop_training()``.
 """
 
 from __future__ import annotations
@@ -51,10 +57,19 @@ from metakv_cl.runfolder import (
     load_checkpoint,
     safe_checkpoint_loading,
 )
+from metakv_cl.data.collate import positional
+from metakv_cl.data.scoring import sequence_nll
+from metakv_cl.strategies.plugins.base import MethodPlugin, PhaseFit, check_conflicts, check_supported
 from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, TrainingThroughput, derived_seed, seed_all
-from metakv_cl.training.datamodule import EvaluationDataModule, TrainingDataModule, ValidatedTrainingDataModule
+from metakv_cl.training.datamodule import (
+    EvaluationDataModule,
+    GivenTrainingLoader,
+    TrainingDataModule,
+    ValidatedTrainingDataModule,
+)
 from metakv_cl.training.module import ContinualLMModule
 from metakv_cl.training.packing import check_pack_length
+from metakv_cl.training.passes import compute_device
 
 _log = logging.getLogger(__name__)
 
@@ -80,8 +95,20 @@ def quiet_lightning(enabled: bool = True):
 _MANAGED_TRAINER_KEYS = ("default_root_dir", "callbacks", "logger", "enable_checkpointing")
 
 
-class LightningCLStrategy(BaseTemplate):
-    """Base continual-learning strategy: Avalanche's template, Lightning's loops.
+def lm_criterion(output: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Avalanche's ``strategy._criterion`` for a causal LM: mean next-token NLL over the label tokens.
+
+    Args:
+        output: the model's output (with ``logits``) or the logits ``[batch, length, vocab]``.
+        labels: ``[batch, length]`` token ids, ``-100`` where no loss is taken.
+    """
+    logits = getattr(output, "logits", output)
+    nll, count = sequence_nll(logits, labels)
+    return nll.sum() / count.sum().clamp_min(1)
+
+
+class ContinualStrategy(BaseTemplate):
+    """The continual-learning strategy: Avalanche's template, Lightning's loops, methods as plugins.
 
     Args:
         module: the :class:`ContinualLMModule` to train (also ``strategy.model``).
@@ -96,24 +123,31 @@ class LightningCLStrategy(BaseTemplate):
             (``max_epochs`` = epochs per experience, default 1). ``default_root_dir`` is the
             run folder; ``callbacks`` and ``logger`` are shared by all fits;
             ``enable_checkpointing=False`` turns the per-epoch ``last.ckpt`` off.
-        plugins: Avalanche plugins.
+        plugins: method plugins (:mod:`metakv_cl.strategies.plugins`) and Avalanche plugins, in
+            the order their events fire; none: naive fine-tuning.
         evaluator: an Avalanche ``EvaluationPlugin``; default: one with
             :class:`~metakv_cl.metrics.ContinualMatrixPluginMetric` and no loggers.
         seed: seed of shuffling and of every batch's random numbers.
         num_workers: DataLoader workers.
         name: method name in reports and folder name of its logs and of its run in a comparison
-            (default: the strategy's own, e.g. ``"ewc-online"``): letters, digits, ``.``, ``_``,
-            ``+`` and ``-``.
+            (default: the method plugins' names joined by ``+``, e.g. ``"replay+ewc-online"``, or
+            ``"naive"``): letters, digits, ``.``, ``_``, ``+`` and ``-``.
         root_dir: run folder (overrides ``trainer_kwargs["default_root_dir"]``).
         verbose: show Lightning's informational messages for every fit (off: one Trainer per
             phase would repeat them).
+
+    Raises:
+        TypeError: ``module`` is not a ContinualLMModule.
+        ValueError: a bad size, name or option; two plugins that hold the same resource
+            (:class:`~metakv_cl.strategies.plugins.base.PluginConflictError`), or an Avalanche
+            plugin that needs a classifier
+            (:class:`~metakv_cl.strategies.plugins.base.UnsupportedPluginError`).
     """
 
     PLUGIN_CLASS = BaseSGDPlugin
-    #: registry / report name of the strategy (subclasses refine :attr:`method_name`).
-    strategy_name = "base"
-    #: whether the strategy trains Meta-KV attention; ``compare`` runs the others on the plain
-    #: model unless their entry sets ``model.meta_kv``.
+    #: registry / report name of the strategy when no method plugin names it.
+    strategy_name = "naive"
+    #: whether the strategy trains Meta-KV attention whatever its plugins (see :meth:`trains_meta_kv`).
     uses_meta_kv = False
 
     def __init__(
@@ -141,8 +175,11 @@ class LightningCLStrategy(BaseTemplate):
                 raise ValueError(f"{key}: {value!r} is not a mini-batch size; give an integer >= 1")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers: {num_workers!r} is not a worker count; give an integer >= 0")
-        super().__init__(model=module, device="cpu", plugins=plugins)
+        plugins = list(plugins or [])
+        check_supported(plugins)
+        check_conflicts(plugins)
         kwargs = dict(trainer_kwargs or {})
+        super().__init__(model=module, device=compute_device(kwargs), plugins=plugins)
         self.root_dir = Path(root_dir or kwargs.get("default_root_dir") or "metakv_runs")
         callbacks = kwargs.get("callbacks") or []
         self.user_callbacks: list[pl.Callback] = list(callbacks) if isinstance(callbacks, Iterable) else [callbacks]
@@ -157,6 +194,9 @@ class LightningCLStrategy(BaseTemplate):
         self.seed, self.num_workers = seed, num_workers
         self._name = name
         self.verbose = verbose
+        self.train_epochs = self.trainer_kwargs.get("max_epochs")
+        self.eval_every = -1  # no evaluation inside an experience's fits (Avalanche's periodic eval)
+        self.method_plugins: list[MethodPlugin] = [p for p in self.plugins if isinstance(p, MethodPlugin)]
 
         if evaluator is None:
             with warnings.catch_warnings():
@@ -182,6 +222,10 @@ class LightningCLStrategy(BaseTemplate):
         self.mbatch: Any = None
         self.mb_output: Any = None
         self.loss: torch.Tensor | None = None
+        self.optimizer: torch.optim.Optimizer | None = None  # the running fit's (Lightning builds one per fit)
+        self._criterion = lm_criterion
+        self._default_loader: Any = None  # the training loader a plugin may replace
+        self._plugin_loader: Any = None
         self.stage = "unstarted"
         self.experience_index: int | None = None
         self.resume_phases = False
@@ -191,6 +235,8 @@ class LightningCLStrategy(BaseTemplate):
         self._eval_data: EvaluationDataModule | None = None
         self.trainable_counts: dict[str, int] = {}
         self.throughput = TrainingThroughput()  # shared by every fit
+        for plugin in self.method_plugins:
+            plugin.attach(self)
 
     # ------------------------------------------------------------------ names and helpers
 
@@ -204,7 +250,43 @@ class LightningCLStrategy(BaseTemplate):
         return self._name or self.default_method_name()
 
     def default_method_name(self) -> str:
-        return self.strategy_name
+        """The method plugins' names joined by ``+``; :attr:`strategy_name` when none has one."""
+        return "+".join(p.method_name for p in self.method_plugins if p.method_name) or self.strategy_name
+
+    def plugin(self, cls: type) -> Any:
+        """The plugin of type ``cls`` of this strategy.
+
+        Raises:
+            LookupError: the strategy has no such plugin.
+        """
+        found = [p for p in self.plugins if isinstance(p, cls)]
+        if not found:
+            names = ", ".join(type(p).__name__ for p in self.plugins)
+            raise LookupError(f"{self.method_name} has no {cls.__name__} plugin; its plugins: {names}")
+        return found[0]
+
+    @classmethod
+    def trains_meta_kv(cls, plugin_classes: Sequence[type] = ()) -> bool:
+        """Whether this strategy, with plugins of ``plugin_classes``, trains Meta-KV attention
+        (``compare`` runs the others on the plain model unless their entry sets ``model.meta_kv``)."""
+        return cls.uses_meta_kv or any(getattr(p, "uses_meta_kv", False) for p in plugin_classes)
+
+    # ------------------------------------------------------------------ Avalanche's mini-batch view
+
+    @property
+    def mb_x(self) -> torch.Tensor | None:
+        """The mini-batch's token ids (:func:`~metakv_cl.data.collate.positional` 0)."""
+        return None if self.mbatch is None else positional(self.mbatch, 0)
+
+    @property
+    def mb_y(self) -> torch.Tensor | None:
+        """The mini-batch's targets: next-token ``labels``, or the gold choice of a classification test batch."""
+        return None if self.mbatch is None else positional(self.mbatch, 1)
+
+    @property
+    def mb_task_id(self) -> torch.Tensor | None:
+        """Task labels of the mini-batch: all 0 (the model is single-headed and gets no task identity)."""
+        return None if self.mbatch is None else positional(self.mbatch, -1)
 
     @property
     def stop_requested(self) -> bool:
@@ -257,21 +339,33 @@ class LightningCLStrategy(BaseTemplate):
         self.trigger("after_train_dataset_adaptation", **kwargs)
         if self.adapted_dataset is None or len(self.adapted_dataset) == 0:
             raise ValueError(f"{self.experience_label()}: the training dataset is empty (an experience needs data)")
-        self.before_experience()
+        # what Avalanche's templates hold at before_training_exp: a plugin may replace it
+        self.dataloader = self._default_loader = TrainingDataModule(
+            self.adapted_dataset, batch_size=self.train_mb_size, seed=derived_seed(self.seed, self.stage, "train"),
+            num_workers=self.num_workers, pack_length=self.train_pack_length,
+        ).train_dataloader()
         super()._before_training_exp(**kwargs)
+        self._plugin_loader = self.dataloader if self.dataloader is not self._default_loader else None
 
     def train_dataset_adaptation(self) -> None:
-        """Set :attr:`adapted_dataset` (default: the experience's data; replay adds its buffer)."""
-        self.adapted_dataset = self.experience.dataset
+        """Set :attr:`adapted_dataset`: the experience's data as the method plugins adapt it
+        (replay adds its buffer)."""
+        dataset = self.experience.dataset
+        for plugin in self.method_plugins:
+            dataset = plugin.adapt_train_dataset(self, dataset)
+        self.adapted_dataset = dataset
 
     def _train_exp(self, experience, eval_streams=None, **kwargs: Any) -> None:
-        self.train_experience()
+        owner = next((p for p in self.method_plugins if p.owns_training), None)
+        if owner is not None:
+            owner.train_experience(self)
+        else:
+            self.fit_phase("train", self.adapted_dataset)
 
     def _after_training_exp(self, **kwargs: Any) -> None:
         # random draws after the fits (buffer sampling, ...) must not depend on whether the
         # fits ran here or were restored from checkpoints
         seed_all(derived_seed(self.seed, self.stage, "after"))
-        self.after_experience()
         self.trained_experiences += 1
         super()._after_training_exp(**kwargs)
 
@@ -279,20 +373,32 @@ class LightningCLStrategy(BaseTemplate):
         super()._train_cleanup()
         # keep the strategy light to pickle and free the data references
         self.adapted_dataset, self.mbatch, self.mb_output, self.loss = None, None, None, None
+        self.dataloader, self._default_loader, self._plugin_loader = [], None, None
 
     def _eval_cleanup(self) -> None:
         super()._eval_cleanup()
         self.mbatch, self._eval_data, self.dataloader = None, None, []
 
-    def before_experience(self) -> None:
-        """Adapt the model before the experience's first fit (default: nothing)."""
+    def step_loss(self, batch: dict, outputs: Any, loss: torch.Tensor) -> torch.Tensor:
+        """The training step's loss after Avalanche's ``after_forward`` and ``before_backward``
+        (the module calls this inside its ``training_step``; a plugin may add to ``strategy.loss``)."""
+        self.mbatch, self.mb_output, self.loss = batch, getattr(outputs, "logits", outputs), loss
+        self.trigger("after_forward")
+        self.trigger("before_backward")
+        return self.loss
 
-    def train_experience(self) -> None:
-        """The fits of one experience (default: one phase on :attr:`adapted_dataset`)."""
-        self.fit_phase("train", self.adapted_dataset)
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``optimizer`` (the one Lightning built for the running fit) :attr:`optimizer`, and
+        point Avalanche's ``LRSchedulerPlugin`` schedulers at it (they were built on the user's)."""
+        from avalanche.training.plugins import LRSchedulerPlugin
 
-    def after_experience(self) -> None:
-        """Work after the experience's fits, before the plugins' ``after_training_exp``."""
+        self.optimizer = optimizer
+        for plugin in self.plugins:
+            if isinstance(plugin, LRSchedulerPlugin) and plugin.scheduler.optimizer is not optimizer:
+                for group in optimizer.param_groups:
+                    group.setdefault("initial_lr", group["lr"])
+                plugin.scheduler.optimizer = optimizer
+                plugin.scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
 
     def fit_phase(
         self,
@@ -302,12 +408,12 @@ class LightningCLStrategy(BaseTemplate):
         max_epochs: int | None = None,
         callbacks: Sequence[pl.Callback] = (),
         batch_size: int | None = None,
-        validation=None,
-    ) -> pl.Trainer:
-        """Run one ``Trainer.fit`` of the current stage.
+    ) -> PhaseFit:
+        """Run one ``Trainer.fit`` of the current stage, as the method plugins configure it.
 
         On a resumed stage the fit restarts from the phase's ``last.ckpt`` (a finished phase
-        then only reloads its final weights).
+        then only reloads its final weights). A fit on :attr:`adapted_dataset` reads its batches
+        from a dataloader a plugin put in :attr:`dataloader` at ``before_training_exp``, if any.
 
         Args:
             phase: phase name (its checkpoint folder).
@@ -315,21 +421,31 @@ class LightningCLStrategy(BaseTemplate):
             max_epochs: epochs of this phase (default: ``trainer_kwargs["max_epochs"]``).
             callbacks: extra callbacks for this fit.
             batch_size: mini-batch size (default :attr:`train_mb_size`).
-            validation: held-out items validated after every epoch (model selection by
-                ``callbacks`` such as ``EarlyStopping``), or None for a training-only fit.
 
         Returns:
-            The finished Trainer.
+            The finished fit (its ``trainer`` and ``epochs_used``).
+
+        Raises:
+            ValueError: nothing to train on.
         """
         if dataset is None or len(dataset) == 0:
             raise ValueError(f"{self.experience_label()}: nothing to train on in phase {phase!r} (empty dataset)")
+        fit = PhaseFit(phase, dataset, max_epochs=max_epochs, callbacks=list(callbacks))
+        plugin_loader = self._plugin_loader if dataset is self.adapted_dataset else None
+        for plugin in self.method_plugins:
+            plugin.configure_fit(self, fit)
+        if plugin_loader is not None and fit.validation is not None:
+            raise ValueError(
+                f"phase {phase!r}: a plugin replaced the training dataloader and another holds items out of the "
+                "same data for validation; combine replay by dataloader with validation in separate strategies"
+            )
         phase_dir = self.stage_dir() / phase
         all_callbacks = [
             *self.user_callbacks,
             AvalancheBridge(self),
             BatchSeeding(self.seed, (self.stage, phase)),
             self.throughput,
-            *callbacks,
+            *fit.callbacks,
         ]
         if self.checkpointing:
             all_callbacks.append(
@@ -344,9 +460,9 @@ class LightningCLStrategy(BaseTemplate):
                 )
             )
         kwargs = dict(self.trainer_kwargs)
-        if max_epochs is not None:
-            kwargs["max_epochs"] = max_epochs
-        if validation is not None:
+        if fit.max_epochs is not None:
+            kwargs["max_epochs"] = fit.max_epochs
+        if fit.validation is not None:
             kwargs.update(check_val_every_n_epoch=1, num_sanity_val_steps=0, limit_val_batches=1.0)
         self.trainable_counts[phase] = trainable_parameter_count(self.module)
         with quiet_lightning(not self.verbose):
@@ -363,10 +479,12 @@ class LightningCLStrategy(BaseTemplate):
             num_workers=self.num_workers,
             pack_length=self.train_pack_length,
         )
-        if validation is None:
-            datamodule = TrainingDataModule(dataset, **loading)
+        if plugin_loader is not None:
+            datamodule = GivenTrainingLoader(plugin_loader)
+        elif fit.validation is None:
+            datamodule = TrainingDataModule(fit.dataset, **loading)
         else:
-            datamodule = ValidatedTrainingDataModule(dataset, validation, **loading)
+            datamodule = ValidatedTrainingDataModule(fit.dataset, fit.validation, **loading)
         ckpt_path = self._resumable_checkpoint(phase_dir / "last.ckpt", phase) if self.resume_phases else None
         self.module.train()  # Lightning keeps the mode it finds; models load in eval mode
         with quiet_lightning(not self.verbose), warnings.catch_warnings(), safe_checkpoint_loading():
@@ -374,8 +492,15 @@ class LightningCLStrategy(BaseTemplate):
             warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
             # the phase folder holds this phase's own last.ckpt when resuming
             warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-            trainer.fit(self.module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        return trainer
+            self.module.loss_hook = self.step_loss
+            try:
+                trainer.fit(self.module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            finally:
+                self.module.loss_hook = None
+        fit.trainer, fit.epochs_used = trainer, trainer.current_epoch
+        for plugin in self.method_plugins:
+            plugin.finish_fit(self, fit)
+        return fit
 
     def _resumable_checkpoint(self, path: Path, phase: str) -> str | None:
         """``path`` if it holds a checkpoint to resume ``phase`` from, else None.
@@ -446,7 +571,7 @@ class LightningCLStrategy(BaseTemplate):
             "train_tokens": self.throughput.tokens,
             "train_seconds": self.throughput.seconds,
             "train_tokens_per_s": self.throughput.tokens_per_second,
-        }
+        } | {key: value for plugin in self.method_plugins for key, value in plugin.report_extra(self).items()}
 
     # ------------------------------------------------------------------ state
 
@@ -454,13 +579,14 @@ class LightningCLStrategy(BaseTemplate):
         """What this strategy must keep across a restart (model weights are saved separately).
 
         Returns:
-            A picklable dict; subclasses add their own entries.
+            A picklable dict: counters, metrics and every method plugin's state.
         """
         return {
             "trained_experiences": self.trained_experiences,
             "clock": copy.deepcopy(vars(self.clock)),
             "matrix_metric": copy.deepcopy(vars(self.matrix_metric)) if self.matrix_metric is not None else None,
             "throughput": self.throughput.state_dict(),
+            "plugins": [{"type": type(p).__name__, "state": p.state_dict()} for p in self.method_plugins],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -471,6 +597,12 @@ class LightningCLStrategy(BaseTemplate):
             vars(self.matrix_metric).update(state["matrix_metric"])
         if "throughput" in state:  # absent from streams saved before it was measured
             self.throughput.load_state_dict(state["throughput"])
+        saved = [entry["type"] for entry in state["plugins"]]
+        ours = [type(p).__name__ for p in self.method_plugins]
+        if saved != ours:
+            raise ValueError(f"the saved state holds the plugins {saved}, this strategy has {ours}; use the same plugins")
+        for plugin, entry in zip(self.method_plugins, state["plugins"]):
+            plugin.load_state_dict(entry["state"])
 
 
 def trainable_parameter_count(module: torch.nn.Module) -> int:

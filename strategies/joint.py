@@ -14,13 +14,13 @@ import metakv_cl  # noqa: F401  (torchvision import fix before avalanche loads)
 from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience
 
 from metakv_cl.data.stream import concat_experience_datasets
-from metakv_cl.strategies.base import LightningCLStrategy
+from metakv_cl.strategies.base import ContinualStrategy
 
 
-class JointTraining(LightningCLStrategy):
+class JointTraining(ContinualStrategy):
     """Train on all experiences together (call :meth:`train_jointly`, or ``train`` with a list).
 
-    Takes the arguments of :class:`~metakv_cl.strategies.base.LightningCLStrategy`.
+    Takes the arguments of :class:`~metakv_cl.strategies.base.ContinualStrategy` (its plugins included).
     """
 
     strategy_name = "joint"

@@ -166,15 +166,20 @@ def test_compare_entries_train_their_own_modules_and_baselines_run_on_the_plain_
 def test_a_meta_kv_strategy_in_compare_keeps_the_shared_meta_kv(tmp_path):
     from metakv_cl.lightning_cli import CompareCLI
 
+    composed = {"class_path": "metakv_cl.strategies.ContinualStrategy", "init_args": {"plugins": [
+        {"class_path": "metakv_cl.strategies.plugins.Replay"},
+        {"class_path": "metakv_cl.strategies.plugins.MetaKVConsolidation"},
+    ]}}
     config = compare_config(tmp_path / "compare", [
-        {"class_path": "metakv_cl.strategies.MetaKVConsolidation"}, {"class_path": "metakv_cl.strategies.LoRA"},
+        {"class_path": "metakv_cl.strategies.MetaKVConsolidation"}, {"class_path": "metakv_cl.strategies.LoRA"}, composed,
     ])
     config["model"]["init_args"]["meta_kv"] = {"source": "consolidated", "rank": 8}
     cli = CompareCLI(args=["--config", write_config(tmp_path, config)])
     module_configs = [cli._plan(entry, {}, "entry")[2] for entry in config["strategies"]]
     assert module_configs[0].model.meta_kv.rank == 8 and module_configs[1].model.meta_kv is None
-    metakv, plain = cli._modules(module_configs)
-    assert metakv is cli.model  # the shared model, not a rebuilt one
+    assert module_configs[2].model.meta_kv.rank == 8  # the Meta-KV plugin keeps it too
+    metakv, plain, composed = cli._modules(module_configs)
+    assert metakv is cli.model is composed  # the shared model, not a rebuilt one
     shared = metakv.state_dict()
     assert all(torch.equal(value, shared[key]) for key, value in plain.state_dict().items())  # same base weights
 

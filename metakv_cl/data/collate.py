@@ -8,12 +8,13 @@ Two item layouts come out of :func:`metakv_cl.data.stream.make_benchmark`:
   per candidate label string), the scalar ``target`` (index of the gold label) and ``experience``.
 
 :class:`PadCollator` pads every sequence key on the right to the longest sequence in the batch
-and adds the matching attention mask, so both layouts go through the same collator.
+and adds the matching attention mask, so both layouts go through the same collator. Its batches
+are :class:`TokenBatch` dicts, which Avalanche code that unpacks ``(x, y, task)`` batches can read.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -27,6 +28,36 @@ _MASK_KEYS = frozenset(_TOKEN_KEYS.values())
 _LABEL_KEYS = ("labels", "choice_labels")
 
 
+def positional(batch: Mapping[str, torch.Tensor], position: int) -> torch.Tensor:
+    """Avalanche's positional view of a batch dict, whose plugins read a batch as ``(x, y, ..., t)``.
+
+    Args:
+        batch: a collated (padded or packed) batch.
+        position: 0 for the token ids (``input_ids``, or ``choice_input_ids`` of a classification
+            test batch), 1 for the targets (``labels``, or ``target``), -1 for the task labels:
+            all 0 (the model is single-headed and gets no task identity).
+
+    Raises:
+        IndexError: another position.
+    """
+    x = batch["input_ids"] if "input_ids" in batch else batch["choice_input_ids"]
+    if position == 0:
+        return x
+    if position == 1:
+        return batch["labels"] if "labels" in batch else batch["target"]
+    if position == -1:
+        return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    raise IndexError(f"a batch has positions 0 (x), 1 (y) and -1 (task labels), not {position}")
+
+
+class TokenBatch(dict):
+    """A batch dict whose integer positions are :func:`positional`'s view (string keys work as in
+    any dict), so Avalanche code that unpacks ``batch[0], batch[1], batch[-1]`` reads it."""
+
+    def __getitem__(self, key):
+        return positional(self, key) if isinstance(key, int) else super().__getitem__(key)
+
+
 class PadCollator:
     """Collate a list of item dicts into one batch dict, right-padding sequences.
 
@@ -37,11 +68,11 @@ class PadCollator:
     def __init__(self, pad_token_id: int = 0):
         self.pad_token_id = int(pad_token_id)
 
-    def __call__(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: Sequence[dict[str, torch.Tensor]]) -> TokenBatch:
         if len(items) == 0:
             raise ValueError("cannot collate an empty list of items")
         keys = items[0].keys()
-        batch: dict[str, torch.Tensor] = {}
+        batch = TokenBatch()
         for key in keys:
             values = [item[key] for item in items]
             if key in _TOKEN_KEYS:

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
 
 if TYPE_CHECKING:
-    from metakv_cl.strategies.base import LightningCLStrategy
+    from metakv_cl.strategies.base import ContinualStrategy
 
 
 class AvalancheBridge(pl.Callback):
@@ -27,7 +27,9 @@ class AvalancheBridge(pl.Callback):
     ============================  ==========================================================
     ``on_train_epoch_start``      ``before_training_epoch``
     ``on_train_batch_start``      ``before_training_iteration``, ``before_forward``
-    ``on_before_backward``        ``after_forward``, ``before_backward``
+    ``training_step``             ``after_forward``, ``before_backward`` (the module's
+                                  ``loss_hook``: the step trains ``strategy.loss`` as the
+                                  plugins left it)
     ``on_after_backward``         ``after_backward``
     ``on_before_optimizer_step``  ``before_update``
     ``on_train_batch_end``        ``after_update`` (when a step was taken), ``after_training_iteration``
@@ -38,54 +40,54 @@ class AvalancheBridge(pl.Callback):
 
     ``before/after_training_exp`` and ``before/after_eval_exp`` are fired by the template
     itself around each ``Trainer.fit`` / ``Trainer.validate``. The strategy's ``mbatch``,
-    ``mb_output`` (logits) and ``loss`` are set before the events that read them, and a plugin
-    calling ``strategy.stop_training()`` stops the fit after the current batch.
+    ``mb_output`` (logits) and ``loss`` (in evaluation: the batch's mean NLL) are set before the
+    events that read them; ``optimizer`` and ``device`` are the running fit's. A plugin calling
+    ``strategy.stop_training()`` stops the fit at once: after the current batch, or before the
+    epoch's first batch when called at ``before_training_epoch``.
 
     Args:
         strategy: the Avalanche strategy whose plugins are called.
     """
 
-    def __init__(self, strategy: "LightningCLStrategy"):
+    def __init__(self, strategy: "ContinualStrategy"):
         self.strategy = strategy
         self._stepped = False
 
-    def _fire(self, *events: str) -> None:
+    def _fire(self, trainer: pl.Trainer, *events: str) -> None:
         for event in events:
             self.strategy.trigger(event)
+        if self.strategy.stop_requested:
+            trainer.should_stop = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.strategy.device = trainer.strategy.root_device
+        self.strategy.bind_optimizer(trainer.optimizers[0])
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.strategy.dataloader = trainer.train_dataloader  # Avalanche loggers size their bars by it
-        self._fire("before_training_epoch")
+        self._fire(trainer, "before_training_epoch")
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         self.strategy.mbatch = batch
         self._stepped = False
-        self._fire("before_training_iteration", "before_forward")
-
-    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        outputs = getattr(pl_module, "current_outputs", None)
-        self.strategy.mb_output = getattr(outputs, "logits", outputs)
-        self.strategy.loss = loss
-        self._fire("after_forward", "before_backward")
+        self._fire(trainer, "before_training_iteration", "before_forward")
 
     def on_after_backward(self, trainer, pl_module) -> None:
-        self._fire("after_backward")
+        self._fire(trainer, "after_backward")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self._stepped = True
-        self._fire("before_update")
+        self._fire(trainer, "before_update")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         if self._stepped:
-            self._fire("after_update")
-        self._fire("after_training_iteration")
+            self._fire(trainer, "after_update")
+        self._fire(trainer, "after_training_iteration")
         # drop the step's logits and graph (they can be large) once the plugins have seen them
         self.strategy.mb_output = self.strategy.loss = None
-        if self.strategy.stop_requested:
-            trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._fire("after_training_epoch")
+        self._fire(trainer, "after_training_epoch")
 
     # Validation inside a fit selects the model on held-out training items; only the strategy's
     # own evaluation (Trainer.validate) is an Avalanche evaluation.
@@ -95,19 +97,22 @@ class AvalancheBridge(pl.Callback):
             return
         loaders = trainer.val_dataloaders
         self.strategy.dataloader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        self.strategy.device = trainer.strategy.root_device
 
     def on_validation_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             return
         self.strategy.mbatch = batch
-        self._fire("before_eval_iteration", "before_eval_forward")
+        self._fire(trainer, "before_eval_iteration", "before_eval_forward")
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             return
-        self._fire("after_eval_forward", "after_eval_iteration")
+        self.strategy.loss = outputs  # the module's validation_step returns the batch's loss
+        self._fire(trainer, "after_eval_forward", "after_eval_iteration")
+        self.strategy.loss = None
 
 
 class TrainingThroughput(pl.Callback):

@@ -131,3 +131,27 @@ class EvaluationDataModule(_ExperienceLoaders):
         if world > 1:
             return self.loader(UnrepeatedDistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=False))
         return self.loader(SequentialSampler(self.dataset))
+
+
+class GivenTrainingLoader(pl.LightningDataModule):
+    """Training batches from a loader a plugin built (Avalanche's ``ReplayPlugin`` sets
+    ``strategy.dataloader`` to its ``ReplayDataLoader``), used as it is.
+
+    Args:
+        loader: any iterable of collated batches with a length.
+
+    Raises:
+        ValueError: (when the fit starts) under DDP: the loader is not split across processes.
+    """
+
+    def __init__(self, loader):
+        super().__init__()
+        self.given = loader
+
+    def train_dataloader(self):
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise ValueError(
+                f"a plugin replaced strategy.dataloader with {type(self.given).__name__}, which is not split across "
+                f"the {self.trainer.world_size} DDP processes; run such plugins on one process"
+            )
+        return self.given

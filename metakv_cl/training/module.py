@@ -132,12 +132,11 @@ class ContinualLMModule(pl.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.penalties: dict[str, Penalty] = {}
+        # (batch, outputs, loss) -> the loss to train: the strategy fires Avalanche's
+        # after_forward / before_backward there, where plugins may add to the loss
+        self.loss_hook: Callable[[dict, Any, torch.Tensor], torch.Tensor] | None = None
         self.lm_loss_weight = 1.0
         self.experience_label = "(no experience)"
-        # the last training step, for the Avalanche plugin bridge
-        self.current_batch: dict | None = None
-        self.current_outputs: Any = None
-        self.current_loss: torch.Tensor | None = None
         # evaluation sums (synchronised across ranks by torchmetrics)
         self.eval_nll = SumMetric()
         self.eval_tokens = SumMetric()
@@ -257,6 +256,8 @@ class ContinualLMModule(pl.LightningModule):
             value = penalty(self, batch, outputs)
             components[name] = value
             loss = loss + value
+        if self.loss_hook is not None:
+            loss = self.loss_hook(batch, outputs, loss)
         if not torch.isfinite(loss):
             details = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in components.items())
             raise NonFiniteLossError(
@@ -269,12 +270,7 @@ class ContinualLMModule(pl.LightningModule):
         for name, value in components.items():
             if name != "lm":
                 self.log(f"train/{name}", value.detach(), batch_size=batch_size)
-        self.current_batch, self.current_outputs, self.current_loss = batch, outputs, loss
         return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # callbacks (the Avalanche bridge) have seen the step; drop the graph and the logits
-        self.current_batch = self.current_outputs = self.current_loss = None
 
     def configure_optimizers(self):
         parameters = self.trainable_parameters()
@@ -305,7 +301,8 @@ class ContinualLMModule(pl.LightningModule):
         """
         return self.shared_prompt_scoring
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Accumulate the batch's scores; returns its mean NLL per label token (Avalanche's eval ``loss``)."""
         if "choice_input_ids" in batch:
             self._evaluating_classification = True
             log_likelihoods, predictions = self._rank_choices(
@@ -318,12 +315,14 @@ class ContinualLMModule(pl.LightningModule):
             self.eval_tokens.update((labels[:, 1:] != -100).sum())
             self.eval_correct.update((predictions == gold).sum())
             self.eval_examples.update(torch.tensor(float(gold.shape[0])))
+            return -gold_ll.sum() / (labels[:, 1:] != -100).sum().clamp_min(1)
         else:
             outputs = self(batch["input_ids"], batch["attention_mask"])
             nll, count = sequence_nll(outputs.logits, batch["labels"])
             self.eval_nll.update(nll.sum())
             self.eval_tokens.update(count.sum())
             self.eval_examples.update(torch.tensor(float(nll.shape[0])))
+            return nll.sum() / count.sum().clamp_min(1)
 
     def on_validation_epoch_end(self) -> None:
         tokens = float(self.eval_tokens.compute())

@@ -195,7 +195,7 @@ def run_stream(
     """Train and evaluate ``strategy`` on the whole stream, checkpointing after every experience.
 
     Args:
-        strategy: a :class:`~metakv_cl.strategies.base.LightningCLStrategy`.
+        strategy: a :class:`~metakv_cl.strategies.base.ContinualStrategy`.
         benchmark: the :class:`~metakv_cl.data.stream.LMBenchmark`.
         root_dir: the method's run folder (default: ``strategy.root_dir``).
         resume: continue from ``<root_dir>/stream_state`` and the interrupted experience's
@@ -319,7 +319,7 @@ def warm_up(
     Returns:
         True if warm-up weights are in place (trained or loaded), False if there is no warm-up.
     """
-    from metakv_cl.strategies.naive import Naive
+    from metakv_cl.strategies.base import ContinualStrategy
 
     echo = echo or log.info
     if epochs <= 0 or "warmup" not in benchmark.streams:
@@ -330,7 +330,7 @@ def warm_up(
         module.load_state_dict(load_state_file(weights))
         return True
     kwargs = {**(trainer_kwargs or {}), "default_root_dir": str(folder)}
-    trainer = Naive(
+    trainer = ContinualStrategy(
         module=module, trainer_kwargs=kwargs, train_mb_size=train_mb_size, seed=seed, name="warmup", root_dir=folder
     )
     trainer.stage = "warmup"

@@ -8,7 +8,7 @@ from metakv_cl import MetaKVConfig, add_meta_kv
 from metakv_cl.modeling import SOURCES
 from metakv_cl.data import ClassificationTask, IGNORE_INDEX, make_benchmark, word_level_tokenizer
 from metakv_cl.data.scoring import rank_choices, rank_choices_with_shared_prompt, sequence_nll
-from metakv_cl.strategies.lora import add_lora_adapter, make_lora_config
+from metakv_cl.strategies.plugins.lora import add_lora_adapter, make_lora_config
 from metakv_cl.testing import randomize_meta_kv, tiny_gpt2, tiny_llama
 from metakv_cl.training import ContinualLMModule
 

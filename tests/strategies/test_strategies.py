@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from metakv_cl.modeling import MetaKVConfig, meta_kv_parameters
+from metakv_cl.strategies import plugins
 from metakv_cl.strategies import (
     EWC,
     STRATEGIES,
@@ -185,8 +186,9 @@ def test_ewc_fisher_per_mode_and_anchor_holds_weights(mode, expected_pairs, tmp_
         anchor = parameters(strategy.module)
         strategy.train(benchmark.train_stream[1])
         moves[name] = distance(parameters(strategy.module), anchor)
-    assert len(ewc.importances) == expected_pairs
-    fisher = ewc.importances[-1][1]
+    importances = ewc.plugin(plugins.EWC).importances
+    assert len(importances) == expected_pairs
+    fisher = importances[-1][1]
     values = torch.cat([f.flatten() for f in fisher.values()])
     assert torch.isfinite(values).all() and (values >= 0).all() and values.max() > 0
     assert "ewc" in ewc.module.penalties
@@ -195,19 +197,20 @@ def test_ewc_fisher_per_mode_and_anchor_holds_weights(mode, expected_pairs, tmp_
 
 def test_ewc_penalty_and_its_gradient_are_the_textbook_sum(tmp_path):
     strategy, benchmark = make(EWC, tmp_path, mode="separate", ewc_lambda=3.0)
+    ewc = strategy.plugin(plugins.EWC)
     module = strategy.module
     named = dict(module.model.named_parameters())
     generator = torch.Generator().manual_seed(0)
     # two stored importances; the second anchored at the current weights (zero difference: no NaN gradient)
     moved = {n: p.detach() + torch.randn(p.shape, generator=generator) for n, p in named.items()}
-    strategy.importances = [
+    ewc.importances = [
         (moved, {n: torch.rand(p.shape, generator=generator) for n, p in named.items()}),
         ({n: p.detach().clone() for n, p in named.items()}, {n: torch.rand(p.shape, generator=generator) for n, p in named.items()}),
     ]
-    penalty = strategy.penalty(module, {}, None)
+    penalty = ewc.penalty(module, {}, None)
     gradients = torch.autograd.grad(penalty, list(named.values()), retain_graph=True)
     assert all(torch.equal(a, b) for a, b in zip(gradients, torch.autograd.grad(penalty, list(named.values()))))
-    expected = 3.0 * sum((fisher[n] * (p - anchors[n]) ** 2).sum() for anchors, fisher in strategy.importances
+    expected = 3.0 * sum((fisher[n] * (p - anchors[n]) ** 2).sum() for anchors, fisher in ewc.importances
                          for n, p in named.items())
     expected_gradients = torch.autograd.grad(expected, list(named.values()))
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -227,7 +230,7 @@ def test_lora_trains_only_adapters(tmp_path):
     strategy.train(benchmark.train_stream[1])
     after = {n.replace("model.", "", 1): p for n, p in parameters(strategy.module).items()}
     lora = [n for n in after if "lora_" in n]
-    assert lora and strategy.adapters == ["shared"]
+    assert lora and strategy.plugin(plugins.LoRA).adapters == ["shared"]
     for name, value in base_before.items():
         key = name if name in after else name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         assert torch.equal(after[key], value), name
@@ -235,7 +238,7 @@ def test_lora_trains_only_adapters(tmp_path):
 
 def test_lora_per_experience_routed_isolates_experiences(tmp_path):
     strategy, result = run(LoRA, tmp_path, mode="per_experience", route_by_experience=True)
-    assert strategy.adapters == ["exp_0", "exp_1"]
+    assert strategy.plugin(plugins.LoRA).adapters == ["exp_0", "exp_1"]
     assert strategy.method_name == "lora-per-experience-routed"
     # experience 0 is scored with its own frozen adapter: training experience 1 cannot touch it
     assert result.matrix[2][0] == pytest.approx(result.matrix[1][0], abs=1e-9)
@@ -247,11 +250,11 @@ def test_replay_buffer_respects_budget_and_mixes_old_items(tmp_path):
     strategy, benchmark = make(Replay, tmp_path, num_experiences=3, buffer_size=10)
     for k in range(3):
         strategy.train(benchmark.train_stream[k])
-        experiences = [int(item["experience"]) for item in strategy.memory.dataset]
+        experiences = [int(item["experience"]) for item in strategy.plugin(plugins.Replay).memory.dataset]
         assert len(experiences) == 10
         assert sorted(set(experiences)) == list(range(k + 1))  # balanced over the experiences seen
     assert len(strategy.adapted_dataset or []) == 0  # cleaned after training
-    sizes = [len(benchmark.train_stream[2].dataset), len(strategy.memory)]
+    sizes = [len(benchmark.train_stream[2].dataset), len(strategy.plugin(plugins.Replay).memory)]
     strategy.experience = benchmark.train_stream[2]
     strategy.train_dataset_adaptation()
     assert len(strategy.adapted_dataset) == sum(sizes)
@@ -266,7 +269,7 @@ def test_lwf_keeps_the_previous_models_outputs_on_new_data(tmp_path):
         strategy.train(benchmark.train_stream[0])
         previous = ParameterSnapshot(strategy.module.model)
         if name == "lwf":
-            assert strategy.teacher is not None
+            assert strategy.plugin(plugins.LwF).teacher is not None
         strategy.train(benchmark.train_stream[1])
         assert ("distillation" in strategy.module.penalties) == (name == "lwf")
         dataset = benchmark.train_stream[1].dataset
@@ -322,8 +325,9 @@ def test_consolidation_changes_only_the_consolidated_groups(groups, tmp_path):
             assert names & memory, "M did not change during consolidation"
             assert names <= allowed, names - allowed
     assert not any("lora_" in n for n, _ in strategy.module.model.named_parameters())  # fast weights reset
-    assert len(strategy.memory_history) == 2
-    assert not torch.equal(next(iter(strategy.memory_history[0].values())), next(iter(strategy.memory_history[1].values())))
+    history = strategy.plugin(plugins.MetaKVConsolidation).memory_history
+    assert len(history) == 2
+    assert not torch.equal(next(iter(history[0].values())), next(iter(history[1].values())))
     assert (tmp_path / "memory_history.pt").is_file()
 
 
@@ -403,7 +407,7 @@ def test_validated_consolidation_stops_early_on_its_best_epoch(tmp_path):
     report = run_stream(strategy, benchmark)
     validated = [losses for losses in recorder.losses if losses]
     assert len(validated) == 2  # one consolidation per experience; the warm-up fit has no validation
-    epochs = strategy.consolidation_epochs_used
+    epochs = strategy.plugin(plugins.MetaKVConsolidation).consolidation_epochs_used
     assert report.extra["consolidation_epochs_per_experience"] == epochs
     for losses, used in zip(validated, epochs):
         best = min(range(len(losses)), key=losses.__getitem__)

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from metakv_cl.cli import main
-from metakv_cl.strategies import EWC
+from metakv_cl.strategies import EWC, plugins
 from metakv_cl.training.testing import toy_config, toy_setup, toy_trainer_kwargs
 
 needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the gloo tests run on Linux CI")
@@ -85,7 +85,7 @@ def toy_fisher(root: Path) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     benchmark, module = toy_setup(2)
     strategy = EWC(module=module, trainer_kwargs=toy_trainer_kwargs(root, enable_checkpointing=False), train_mb_size=1)
-    return strategy.estimate_fisher(benchmark.train_stream[0].dataset)
+    return strategy.plugin(plugins.EWC).estimate_fisher(strategy, benchmark.train_stream[0].dataset)
 
 
 def fisher_on_rank(rank: int, world: int, root: str) -> None:

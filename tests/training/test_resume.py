@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from metakv_cl.modeling import MetaKVConfig
-from metakv_cl.strategies import MetaKVConsolidation, Replay
+from metakv_cl.strategies import MetaKVConsolidation, Replay, plugins
 from metakv_cl.training.runner import StreamState, run_stream, warm_up
 from metakv_cl.training.testing import toy_setup, toy_trainer_kwargs
 
@@ -118,11 +118,12 @@ def test_a_finished_run_restores_weights_and_strategy_state(name, tmp_path):
     strategy.eval(benchmark.test_stream)  # the restored model scores what the finished one did
     assert [strategy.eval_scores[j] for j in range(2)] == finished.matrix[-1]
     if name == "lora":
-        assert strategy.adapters == ["exp_0", "exp_1"]
+        assert strategy.plugin(plugins.LoRA).adapters == ["exp_0", "exp_1"]
     if name == "ewc":
-        assert len(strategy.importances) == 2
+        assert len(strategy.plugin(plugins.EWC).importances) == 2
     if name == "metakv":
-        assert len(strategy.memory_history) == 2 and len(strategy.memory) == 8
+        assert len(strategy.plugin(plugins.MetaKVConsolidation).memory_history) == 2
+        assert len(strategy.plugin(plugins.Replay).memory) == 8
 
 
 def kill_during_first_experience(root):

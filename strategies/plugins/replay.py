@@ -1,7 +1,7 @@
 """Experience replay with Avalanche storage policies.
 
 The replay budget means the same thing for every replaying method of this package (this
-strategy and Meta-KV consolidation): ``buffer_size`` is the total number of *training items*
+plugin, and Meta-KV consolidation, which trains on its buffer): ``buffer_size`` is the total number of *training items*
 kept from earlier experiences; after each experience the storage policy is updated with that
 experience's own items (never with replayed ones). Policies:
 
@@ -22,7 +22,7 @@ from avalanche.training.storage_policy import ExemplarsBuffer, ExperienceBalance
 
 from metakv_cl.data.collate import PadCollator
 from metakv_cl.data.stream import TokenizedItems, concat_experience_datasets
-from metakv_cl.strategies.base import LightningCLStrategy
+from metakv_cl.strategies.plugins.base import MethodPlugin
 
 STORAGE_POLICIES = ("experience_balanced", "reservoir")
 
@@ -104,39 +104,39 @@ class ReplayMemory:
             self.policy._num_exps = int(state["experiences_seen"])
 
 
-class Replay(LightningCLStrategy):
+class Replay(MethodPlugin):
     """Experience replay: train on the new experience plus a buffer of earlier items.
 
     Args:
         buffer_size: replay budget in training items.
         storage_policy: ``"experience_balanced"`` or ``"reservoir"``.
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.LightningCLStrategy`.
+
+    Raises:
+        ValueError: a negative budget or an unknown policy.
     """
 
-    strategy_name = "replay"
+    exclusive = ("replay buffer",)
 
     def __init__(
         self,
-        *,
         buffer_size: int = 64,
         storage_policy: Literal["experience_balanced", "reservoir"] = "experience_balanced",
-        **kwargs: Any,
     ):
-        memory = ReplayMemory(buffer_size, storage_policy)
-        super().__init__(**kwargs)
-        self.memory = memory
+        super().__init__()
+        self.memory = ReplayMemory(buffer_size, storage_policy)
 
-    def train_dataset_adaptation(self) -> None:
-        self.adapted_dataset = self.memory.with_replay(self.experience.dataset)
+    @property
+    def method_name(self) -> str:
+        return "replay"
 
-    def after_experience(self) -> None:
-        self.memory.update(self, self.experience)
+    def adapt_train_dataset(self, strategy, dataset):
+        return self.memory.with_replay(dataset)
+
+    def after_training_exp(self, strategy, **kwargs: Any) -> None:
+        self.memory.update(strategy, strategy.experience)
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["memory"] = self.memory.state_dict()
-        return state
+        return {"memory": self.memory.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
         self.memory.load_state_dict(state["memory"])

@@ -1,4 +1,4 @@
-"""LoRA baselines with peft: one shared adapter, or a new adapter per experience.
+"""LoRA adapters with peft: one shared adapter, or a new adapter per experience.
 
 The base model is frozen; only LoRA matrices train (peft's ``LoraModel``).
 
@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 import metakv_cl  # noqa: F401  (torchvision import fix before peft loads)
 from peft import LoraConfig, LoraModel
 
-from metakv_cl.strategies.base import LightningCLStrategy
+from metakv_cl.strategies.plugins.base import MethodPlugin
 
 LORA_MODES = ("shared", "per_experience")
 
@@ -71,7 +71,7 @@ def remove_lora(module) -> None:
         module.model = module.model.unload()
 
 
-class LoRA(LightningCLStrategy):
+class LoRA(MethodPlugin):
     """LoRA fine-tuning, shared or per experience.
 
     Args:
@@ -81,46 +81,53 @@ class LoRA(LightningCLStrategy):
         dropout: LoRA dropout.
         target_modules: module name suffixes to adapt (default: peft's choice, e.g. GPT-2's ``c_attn``).
         route_by_experience: per-experience mode only: score experience j with adapter j alone.
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.LightningCLStrategy`.
+
+    Raises:
+        ValueError: an unknown mode, routing without per-experience adapters, or a rank < 1.
     """
 
-    strategy_name = "lora"
+    exclusive = ("peft adapters",)
 
     def __init__(
         self,
-        *,
         mode: Literal["shared", "per_experience"] = "shared",
         rank: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.0,
         target_modules: list[str] | None = None,
         route_by_experience: bool = False,
-        **kwargs: Any,
     ):
         if mode not in LORA_MODES:
             raise ValueError(f"unknown LoRA mode {mode!r}; choose one of {', '.join(LORA_MODES)}")
         if route_by_experience and mode != "per_experience":
             raise ValueError("route_by_experience needs mode='per_experience' (one adapter per experience)")
-        super().__init__(**kwargs)
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        super().__init__()
         self.mode, self.rank, self.alpha, self.dropout = mode, rank, alpha, dropout
         self.target_modules = target_modules
         self.route_by_experience = route_by_experience
         self.adapters: list[str] = []
-        make_lora_config(self.module.model, rank, alpha, dropout, target_modules)  # validate early
+        self._module = None
 
-    def default_method_name(self) -> str:
+    @property
+    def method_name(self) -> str:
         name = f"lora-{self.mode.replace('_', '-')}"
         return name + "-routed" if self.route_by_experience else name
 
+    def attach(self, strategy) -> None:
+        self._module = strategy.module  # load_state_dict rebuilds the adapters on it
+        make_lora_config(strategy.module.model, self.rank, self.alpha, self.dropout, self.target_modules)
+
     def _add(self, name: str) -> None:
-        config = make_lora_config(self.module.model, self.rank, self.alpha, self.dropout, self.target_modules)
-        add_lora_adapter(self.module, name, config)
+        config = make_lora_config(self._module.model, self.rank, self.alpha, self.dropout, self.target_modules)
+        add_lora_adapter(self._module, name, config)
         self.adapters.append(name)
 
-    def before_experience(self) -> None:
+    def before_training_exp(self, strategy, **kwargs: Any) -> None:
         if self.mode == "per_experience" or not self.adapters:
-            self._add(f"exp_{self.experience_index}" if self.mode == "per_experience" else "shared")
-        model = self.module.model
+            self._add(f"exp_{strategy.experience_index}" if self.mode == "per_experience" else "shared")
+        model = strategy.module.model
         if self.route_by_experience:
             model.set_adapter([self.adapters[-1]])  # trained alone, as it will be used at test time
             return
@@ -128,26 +135,21 @@ class LoRA(LightningCLStrategy):
         if self.mode == "per_experience":
             model.set_requires_grad(self.adapters[:-1], requires_grad=False)
 
-    def _eval_exp(self, **kwargs: Any) -> None:
-        index = int(self.experience.current_experience)
-        if not (self.route_by_experience and index < len(self.adapters)):
-            return super()._eval_exp(**kwargs)
-        model = self.module.model
-        model.set_adapter([self.adapters[index]], inference_mode=True)
-        try:
-            super()._eval_exp(**kwargs)
-        finally:
-            model.set_adapter(list(self.adapters), inference_mode=True)
+    def before_eval_exp(self, strategy, **kwargs: Any) -> None:
+        index = int(strategy.experience.current_experience)
+        if self.route_by_experience and index < len(self.adapters):
+            strategy.module.model.set_adapter([self.adapters[index]], inference_mode=True)
+
+    def after_eval_exp(self, strategy, **kwargs: Any) -> None:
+        if self.route_by_experience and self.adapters:
+            strategy.module.model.set_adapter(list(self.adapters), inference_mode=True)
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["adapters"] = list(self.adapters)
-        return state
+        return {"adapters": list(self.adapters)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
         for name in state["adapters"]:
             if name not in self.adapters:
                 self._add(name)
         if self.adapters:
-            self.module.model.set_adapter(list(self.adapters), inference_mode=True)
+            self._module.model.set_adapter(list(self.adapters), inference_mode=True)

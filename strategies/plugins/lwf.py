@@ -13,49 +13,53 @@ from typing import Any
 
 import torch
 
-from metakv_cl.strategies.base import LightningCLStrategy
+from metakv_cl.strategies.plugins.base import MethodPlugin
 from metakv_cl.training.distillation import ParameterSnapshot, prediction_mask, token_kl
 from metakv_cl.training.packing import model_inputs
 
 
-class LwF(LightningCLStrategy):
+class LwF(MethodPlugin):
     """LwF with KL distillation of the previous model's next-token distributions.
 
     Args:
         alpha: weight of the distillation term.
         temperature: softening temperature T.
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.LightningCLStrategy`.
+
+    Raises:
+        ValueError: ``alpha`` or ``temperature`` out of range.
     """
 
-    strategy_name = "lwf"
+    exclusive = ("LwF teacher",)
 
-    def __init__(self, *, alpha: float = 1.0, temperature: float = 2.0, **kwargs: Any):
+    def __init__(self, alpha: float = 1.0, temperature: float = 2.0):
         if not 0 <= alpha < math.inf:  # also refuses NaN
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
         if not 0 < temperature < math.inf:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-        super().__init__(**kwargs)
+        super().__init__()
         self.alpha, self.temperature = alpha, temperature
         self.teacher: ParameterSnapshot | None = None
 
-    def before_experience(self) -> None:
+    @property
+    def method_name(self) -> str:
+        return "lwf"
+
+    def before_training_exp(self, strategy, **kwargs: Any) -> None:
         if self.teacher is not None:
-            self.module.penalties["distillation"] = self.penalty
+            strategy.module.penalties["distillation"] = self.penalty
 
     def penalty(self, module, batch: dict, outputs: Any) -> torch.Tensor:
+        """``alpha`` x the token-mean KL from the previous model to the current one on ``batch``."""
         teacher = self.teacher.forward(module.model, **model_inputs(batch))
         kl_sum, count = token_kl(outputs.logits, teacher.logits, prediction_mask(batch["labels"]), self.temperature)
         return self.alpha * module.token_mean(kl_sum, count)
 
-    def after_experience(self) -> None:
-        self.teacher = ParameterSnapshot(self.module.model)
+    def after_training_exp(self, strategy, **kwargs: Any) -> None:
+        self.teacher = ParameterSnapshot(strategy.module.model)
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["teacher"] = self.teacher.state_dict() if self.teacher is not None else None
-        return state
+        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
         teacher = state.get("teacher")
         self.teacher = ParameterSnapshot.from_state_dict(teacher) if teacher is not None else None

@@ -15,10 +15,12 @@ modulation, ``"source"``) change between experiences. Two modes:
   consolidation); token-level KL at ``temperature``, plus ``lm_loss_weight`` x the LM loss.
   Then the fast weights are reset (the adapter is removed).
 
-After each experience M's value is appended to :attr:`MetaKVConsolidation.memory_history`
-(also written to ``<root>/memory_history.pt``). The replay buffer follows the package's
-replay-budget semantics (:class:`~metakv_cl.strategies.replay.ReplayMemory`: ``buffer_size``
-training items in total).
+Consolidation trains on the experience's adapted dataset: with a
+:class:`~metakv_cl.strategies.plugins.replay.Replay` plugin that is the new items plus its buffer
+(the ``metakv`` preset always adds one), with a
+:class:`~metakv_cl.strategies.plugins.validated.Validated` plugin the consolidation fit selects its
+best epoch on held-out items. After each experience M's value is appended to
+:attr:`MetaKVConsolidation.memory_history` (also written to ``<root>/memory_history.pt``).
 
 How the defaults were chosen (``configs/metakv_ablation.yaml``: tiny GPT-2, warm-up topic + 3
 synthetic topics, 3 epochs, buffer 48; final mean test loss, lower is better, seeds 0 / 1):
@@ -35,14 +37,12 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-from pytorch_lightning.callbacks import EarlyStopping
 
 from metakv_cl.modeling import get_meta_kv, meta_kv_parameters
 from metakv_cl.runfolder import atomic_torch_save
-from metakv_cl.strategies.base import LightningCLStrategy
-from metakv_cl.strategies.lora import add_lora_adapter, make_lora_config, remove_lora
-from metakv_cl.strategies.replay import ReplayMemory
-from metakv_cl.training.callbacks import BestWeights, derived_seed
+from metakv_cl.strategies.plugins.base import MethodPlugin, PluginConflictError
+from metakv_cl.strategies.plugins.ewc import EWC
+from metakv_cl.strategies.plugins.lora import add_lora_adapter, make_lora_config, remove_lora
 from metakv_cl.training.distillation import ParameterSnapshot, prediction_mask, token_kl
 from metakv_cl.training.passes import is_global_zero
 
@@ -50,10 +50,9 @@ CONSOLIDATION_MODES = ("distill", "replay")
 FAST_WEIGHTS = ("lora", "none")
 CONSOLIDATION_GROUPS = ("memory", "generator", "source")
 FAST_ADAPTER = "fast"
-VALIDATION_METRIC = "eval/loss"  # logged by ContinualLMModule's validation
 
 
-class MetaKVConsolidation(LightningCLStrategy):
+class MetaKVConsolidation(MethodPlugin):
     """Fast weights per experience, consolidated into the Meta-KV state M between experiences.
 
     Args:
@@ -70,27 +69,22 @@ class MetaKVConsolidation(LightningCLStrategy):
         fast_lr: learning rate of the fast phase (default: the module's).
         consolidation_epochs: epochs of the consolidation (default: ``max_epochs``).
         consolidation_lr: learning rate of the consolidation (default: the module's).
-        validation_fraction: if > 0, this share of the consolidation items (new and replayed) is
-            held out, the loss on it is validated after every consolidation epoch, the
-            consolidation stops once it has not improved for ``patience`` epochs
-            (``EarlyStopping``) and ends on its best epoch (:class:`BestWeights`). The number of
-            consolidation epochs (up to ``consolidation_epochs``) is then chosen per experience,
-            from training data only.
-        patience: epochs without improvement before the consolidation stops.
         temperature: distillation temperature.
         lm_loss_weight: weight of the LM loss during consolidation (default 1; the KL term
             of distill mode comes on top).
-        buffer_size: replay budget in training items.
-        storage_policy: ``"experience_balanced"`` or ``"reservoir"``.
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.LightningCLStrategy`.
+
+    Raises:
+        ValueError: an unknown mode, fast-weight kind or group, a mode that does not fit the
+            fast weights, or a number out of range; on attaching, a model without Meta-KV (or
+            without M when ``"memory"`` is consolidated) or packed batches in distill mode.
     """
 
-    strategy_name = "metakv"
+    exclusive = ("peft adapters",)  # the fast adapter is removed with every adapter after each experience
+    owns_training = True
     uses_meta_kv = True
 
     def __init__(
         self,
-        *,
         mode: Literal["replay", "distill"] = "replay",
         fast_weights: Literal["lora", "none"] | None = None,
         consolidate_groups: Sequence[str] = ("memory", "generator"),
@@ -101,13 +95,8 @@ class MetaKVConsolidation(LightningCLStrategy):
         fast_lr: float | None = None,
         consolidation_epochs: int | None = None,
         consolidation_lr: float | None = None,
-        validation_fraction: float = 0.0,
-        patience: int = 1,
         temperature: float = 1.0,
         lm_loss_weight: float = 1.0,
-        buffer_size: int = 64,
-        storage_policy: Literal["experience_balanced", "reservoir"] = "experience_balanced",
-        **kwargs: Any,
     ):
         if mode not in CONSOLIDATION_MODES:
             raise ValueError(f"unknown consolidation mode {mode!r}; choose one of {', '.join(CONSOLIDATION_MODES)}")
@@ -127,104 +116,108 @@ class MetaKVConsolidation(LightningCLStrategy):
         for name, lr in (("fast_lr", fast_lr), ("consolidation_lr", consolidation_lr)):
             if lr is not None and not 0 < lr < math.inf:
                 raise ValueError(f"{name} must be a finite number > 0 or null (the model's lr), got {lr}")
-        if not 0.0 <= validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-        if patience < 0:
-            raise ValueError(f"patience must be >= 0, got {patience}")
-        memory = ReplayMemory(buffer_size, storage_policy)
-        super().__init__(**kwargs)
-        if mode == "distill" and self.train_pack_length is not None:
-            raise ValueError(
-                "train_pack_length is not supported by MetaKVConsolidation with mode 'distill': its teachers "
-                "are chosen per row by the row's experience, and a packed row mixes experiences"
-            )
-        meta_kv = _meta_kv_or_error(self.module.model)
-        if "memory" in consolidate_groups and not meta_kv.config.uses_memory:
-            raise ValueError(
-                f"consolidating 'memory' needs a Meta-KV meta-state with the consolidated state M "
-                f"(source 'consolidated' or 'hybrid'); this model's source is {meta_kv.config.source!r}"
-            )
+        if not 0 <= lm_loss_weight < math.inf:
+            raise ValueError(f"lm_loss_weight must be a finite number >= 0, got {lm_loss_weight}")
+        super().__init__()
         self.mode, self.fast_weights = mode, fast_weights
         self.consolidate_groups = tuple(consolidate_groups)
         self.fast_rank, self.fast_alpha, self.fast_target_modules = fast_rank, fast_alpha, fast_target_modules
         self.fast_epochs, self.fast_lr = fast_epochs, fast_lr
         self.consolidation_epochs, self.consolidation_lr = consolidation_epochs, consolidation_lr
-        self.validation_fraction, self.patience = validation_fraction, patience
+        self.temperature, self.lm_loss_weight = temperature, lm_loss_weight
         self.consolidation_epochs_used: list[int] = []
-        self.temperature = temperature
-        if not 0 <= lm_loss_weight < math.inf:
-            raise ValueError(f"lm_loss_weight must be a finite number >= 0, got {lm_loss_weight}")
-        self.lm_loss_weight = lm_loss_weight
-        self.memory = memory
         self.initial_memory: dict[str, torch.Tensor] | None = None
         self.memory_history: list[dict[str, torch.Tensor]] = []
         self._teacher: ParameterSnapshot | None = None
+        self._experience_index: int | None = None
 
-    def default_method_name(self) -> str:
+    @property
+    def method_name(self) -> str:
         groups = "+".join(self.consolidate_groups)
         prefix = "metakv-fast-distill" if self.mode == "distill" else "metakv-replay"
         return prefix if groups == "memory+generator" else f"{prefix}-{groups}"
 
+    def attach(self, strategy) -> None:
+        ewc = next((index for index, plugin in enumerate(strategy.plugins) if isinstance(plugin, EWC)), None)
+        if ewc is not None:
+            first, second = sorted((ewc, strategy.plugins.index(self)))
+            raise PluginConflictError(
+                f"plugins[{first}] {type(strategy.plugins[first]).__name__} and plugins[{second}] "
+                f"{type(strategy.plugins[second]).__name__} cannot be combined: consolidation freezes every "
+                "parameter once its experience is trained, so EWC would find none to estimate its Fisher on"
+            )
+        if self.mode == "distill" and strategy.train_pack_length is not None:
+            raise ValueError(
+                "train_pack_length is not supported by MetaKVConsolidation with mode 'distill': its teachers "
+                "are chosen per row by the row's experience, and a packed row mixes experiences"
+            )
+        meta_kv = _meta_kv_or_error(strategy.module.model)
+        if "memory" in self.consolidate_groups and not (meta_kv.config.uses_memory or meta_kv.config.uses_bank):
+            raise ValueError(
+                f"consolidating 'memory' needs a Meta-KV meta-state with a memory: the consolidated state M "
+                f"(source 'consolidated' or 'hybrid') or the addressed bank (source 'addressed'); "
+                f"this model's source is {meta_kv.config.source!r}"
+            )
+
     # ------------------------------------------------------------------ parameters
 
-    def consolidated_names(self) -> list[str]:
-        """Names (in ``module.model``) of the parameters consolidation trains."""
-        wanted = {id(p) for group in self.consolidate_groups for p in meta_kv_parameters(self.module.model, group)}
-        return [name for name, p in self.module.model.named_parameters() if id(p) in wanted]
+    def consolidated_names(self, model) -> list[str]:
+        """Names (in ``model``) of the parameters consolidation trains."""
+        wanted = {id(p) for group in self.consolidate_groups for p in meta_kv_parameters(model, group)}
+        return [name for name, p in model.named_parameters() if id(p) in wanted]
 
-    def memory_state(self) -> dict[str, torch.Tensor]:
-        """The current M (every parameter of the "memory" group), detached on the CPU."""
-        memory = {id(p) for p in meta_kv_parameters(self.module.model, "memory")}
-        return {n: p.detach().cpu().clone() for n, p in self.module.model.named_parameters() if id(p) in memory}
+    @staticmethod
+    def memory_state(model) -> dict[str, torch.Tensor]:
+        """The current M of ``model`` (every parameter of the "memory" group), detached on the CPU."""
+        memory = {id(p) for p in meta_kv_parameters(model, "memory")}
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if id(p) in memory}
 
-    def _train_only(self, names: Sequence[str]) -> None:
+    @staticmethod
+    def _train_only(model, names: Sequence[str]) -> None:
         selected = set(names)
-        for name, parameter in self.module.model.named_parameters():
+        for name, parameter in model.named_parameters():
             parameter.requires_grad_(name in selected)
 
     # ------------------------------------------------------------------ the experience
 
-    def before_experience(self) -> None:
+    def before_training_exp(self, strategy, **kwargs: Any) -> None:
         if self.initial_memory is None:
-            self.initial_memory = self.memory_state()
+            self.initial_memory = self.memory_state(strategy.module.model)
 
-    def train_experience(self) -> None:
-        new_data = self.experience.dataset
-        self._train_only(())
+    def train_experience(self, strategy) -> None:
+        module = strategy.module
+        self._train_only(module.model, ())
         if self.fast_weights == "lora":
-            config = make_lora_config(self.module.model, self.fast_rank, self.fast_alpha, 0.0, self.fast_target_modules)
-            add_lora_adapter(self.module, FAST_ADAPTER, config)  # trainable; everything else frozen
-            with self.module.phase(lr=self.fast_lr):
-                self.fit_phase("fast", new_data, max_epochs=self.fast_epochs)
-        self.consolidate(self.memory.with_replay(new_data))
-        remove_lora(self.module)  # reset the fast weights
+            config = make_lora_config(module.model, self.fast_rank, self.fast_alpha, 0.0, self.fast_target_modules)
+            add_lora_adapter(module, FAST_ADAPTER, config)  # trainable; everything else frozen
+            with module.phase(lr=self.fast_lr):
+                strategy.fit_phase("fast", strategy.experience.dataset, max_epochs=self.fast_epochs)
+        self.consolidate(strategy, strategy.adapted_dataset)
+        remove_lora(module)  # reset the fast weights
 
-    def consolidate(self, dataset) -> None:
+    def consolidate(self, strategy, dataset) -> None:
         """Train the consolidated Meta-KV groups on ``dataset`` (new items + replayed items)."""
-        names = self.consolidated_names()
-        self._train_only(names)
+        module = strategy.module
+        names = self.consolidated_names(module.model)
+        self._train_only(module.model, names)
         penalties = {}
         if self.mode == "distill":
-            self._teacher = ParameterSnapshot(self.module.model, names)  # M (and generator) before consolidation
-            self.module.model.disable_adapter_layers()  # the student has no fast weights
+            self._teacher = ParameterSnapshot(module.model, names)  # M (and generator) before consolidation
+            self._experience_index = strategy.experience_index
+            module.model.disable_adapter_layers()  # the student has no fast weights
             penalties["consolidation"] = self.distillation_penalty
-        callbacks, held_out = [], None
-        if self.validation_fraction > 0:
-            dataset, held_out = held_out_split(dataset, self.validation_fraction, derived_seed(self.seed, self.stage, "held-out"))
-            best = BestWeights(VALIDATION_METRIC, names)
-            callbacks = [EarlyStopping(VALIDATION_METRIC, patience=self.patience, mode="min"), best]
         try:
-            with self.module.phase(lr=self.consolidation_lr, lm_loss_weight=self.lm_loss_weight, penalties=penalties):
-                trainer = self.fit_phase("consolidate", dataset, max_epochs=self.consolidation_epochs, callbacks=callbacks, validation=held_out)
-            self.consolidation_epochs_used.append(trainer.current_epoch if held_out is None else best.best_epoch + 1)
+            with module.phase(lr=self.consolidation_lr, lm_loss_weight=self.lm_loss_weight, penalties=penalties):
+                fit = strategy.fit_phase("consolidate", dataset, max_epochs=self.consolidation_epochs)
+            self.consolidation_epochs_used.append(fit.epochs_used)
         finally:
             self._teacher = None
-            self._train_only(())
+            self._train_only(module.model, ())
 
     def distillation_penalty(self, module, batch: dict, outputs: Any) -> torch.Tensor:
         """KL to the fast model on new items and to the previous consolidated model on replayed ones."""
         model = module.model
-        is_new = batch["experience"] == self.experience_index
+        is_new = batch["experience"] == self._experience_index
         teacher_logits = torch.empty_like(outputs.logits)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if bool(is_new.any()):
@@ -240,54 +233,38 @@ class MetaKVConsolidation(LightningCLStrategy):
         kl_sum, count = token_kl(outputs.logits, teacher_logits, prediction_mask(batch["labels"]), self.temperature)
         return module.token_mean(kl_sum, count)
 
-    def after_experience(self) -> None:
-        self.memory.update(self, self.experience)
-        self.memory_history.append(self.memory_state())
+    def after_training_exp(self, strategy, **kwargs: Any) -> None:
+        self.memory_history.append(self.memory_state(strategy.module.model))
         if is_global_zero():
             atomic_torch_save(
                 {"initial": self.initial_memory, "after_experience": self.memory_history},
-                Path(self.root_dir) / "memory_history.pt",
+                Path(strategy.root_dir) / "memory_history.pt",
             )
 
-    def report_extra(self) -> dict[str, Any]:
-        extra = super().report_extra()
+    def report_extra(self, strategy) -> dict[str, Any]:
         previous = self.initial_memory
         drift = []
         for state in self.memory_history:
             drift.append(float(sum(((state[n] - previous[n]) ** 2).sum() for n in state) ** 0.5))
             previous = state
-        extra["memory_drift_per_experience"] = drift
-        extra["consolidation_epochs_per_experience"] = list(self.consolidation_epochs_used)
-        return extra
+        return {
+            "memory_drift_per_experience": drift,
+            "consolidation_epochs_per_experience": list(self.consolidation_epochs_used),
+        }
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(memory=self.memory.state_dict(), initial_memory=self.initial_memory,
-                     memory_history=self.memory_history, consolidation_epochs_used=self.consolidation_epochs_used)
-        return state
+        return {
+            "initial_memory": self.initial_memory,
+            "memory_history": self.memory_history,
+            "consolidation_epochs_used": self.consolidation_epochs_used,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.memory.load_state_dict(state["memory"])
         self.initial_memory = state["initial_memory"]
         self.memory_history = list(state["memory_history"])
         self.consolidation_epochs_used = list(state.get("consolidation_epochs_used", []))
-
-
-def held_out_split(dataset, fraction: float, seed: int):
-    """Split an Avalanche dataset into (training items, held-out items), a seeded random share held out.
-
-    Raises:
-        ValueError: if either part would be empty.
-    """
-    size = len(dataset)
-    held = max(1, round(fraction * size))
-    if size - held < 1:
-        raise ValueError(f"cannot hold out {fraction:.0%} of {size} consolidation item(s) and still train on some")
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
-    return dataset.subset(sorted(order[held:])), dataset.subset(sorted(order[:held]))
 
 
 def _meta_kv_or_error(model):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from metakv_cl.data.scoring import sequence_nll
-from metakv_cl.strategies.base import LightningCLStrategy
+from metakv_cl.strategies.plugins.base import MethodPlugin
 from metakv_cl.training.passes import all_reduce_sum, compute_device, on_device, shard_loader, to_device
 
 EWC_MODES = ("separate", "online")
@@ -48,7 +48,7 @@ class QuadraticPenalty(torch.autograd.Function):
         return (None, None, *torch._foreach_mul(list(ctx.saved_tensors), 2.0 * grad_output))
 
 
-class EWC(LightningCLStrategy):
+class EWC(MethodPlugin):
     """EWC with the Fisher information of the language-modelling loss.
 
     Args:
@@ -59,19 +59,19 @@ class EWC(LightningCLStrategy):
         decay_factor: online mode: how much of the old Fisher is kept at each experience.
         fisher_batches: estimate the Fisher on at most this many mini-batches per rank
             (default: the whole experience).
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.LightningCLStrategy`.
+
+    Raises:
+        ValueError: an unknown mode, or a weight or factor out of its range.
     """
 
-    strategy_name = "ewc"
+    exclusive = ("EWC penalty",)
 
     def __init__(
         self,
-        *,
         ewc_lambda: float = 1e4,
         mode: Literal["separate", "online"] = "separate",
         decay_factor: float = 0.9,
         fisher_batches: int | None = None,
-        **kwargs: Any,
     ):
         if mode not in EWC_MODES:
             raise ValueError(f"unknown EWC mode {mode!r}; choose one of {', '.join(EWC_MODES)}")
@@ -79,18 +79,19 @@ class EWC(LightningCLStrategy):
             raise ValueError(f"ewc_lambda must be a finite number >= 0, got {ewc_lambda}")
         if not 0.0 <= decay_factor <= 1.0:
             raise ValueError(f"decay_factor must be in [0, 1], got {decay_factor}")
-        super().__init__(**kwargs)
+        super().__init__()
         self.ewc_lambda, self.mode, self.decay_factor = ewc_lambda, mode, decay_factor
         self.fisher_batches = fisher_batches
         # (anchor weights, Fisher diagonal) per past experience (one pair in online mode)
         self.importances: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
 
-    def default_method_name(self) -> str:
+    @property
+    def method_name(self) -> str:
         return f"ewc-{self.mode}"
 
-    def before_experience(self) -> None:
+    def before_training_exp(self, strategy, **kwargs: Any) -> None:
         if self.importances:
-            self.module.penalties["ewc"] = self.penalty
+            strategy.module.penalties["ewc"] = self.penalty
 
     def penalty(self, module, batch: dict, outputs: Any) -> torch.Tensor:
         """``ewc_lambda * sum F (theta - theta*)^2`` over every stored importance."""
@@ -112,9 +113,9 @@ class EWC(LightningCLStrategy):
                         store[name] = tensor.to(device)
         return self.importances
 
-    def after_experience(self) -> None:
-        fisher = self.estimate_fisher(self.experience.dataset)
-        parameters = dict(self.module.model.named_parameters())
+    def after_training_exp(self, strategy, **kwargs: Any) -> None:
+        fisher = self.estimate_fisher(strategy, strategy.experience.dataset)
+        parameters = dict(strategy.module.model.named_parameters())
         anchors = {name: parameters[name].detach().clone() for name in fisher}
         if self.mode == "online" and self.importances:
             _, previous = self.importances[0]
@@ -123,27 +124,32 @@ class EWC(LightningCLStrategy):
         else:
             self.importances.append((anchors, fisher))
 
-    def estimate_fisher(self, dataset) -> dict[str, torch.Tensor]:
-        """Diagonal empirical Fisher of the LM loss on ``dataset`` (all ranks agree on it).
+    def estimate_fisher(self, strategy, dataset) -> dict[str, torch.Tensor]:
+        """Diagonal empirical Fisher of the LM loss of ``strategy``'s model on ``dataset`` (all
+        ranks agree on it).
 
         Returns:
             Parameter name -> mean squared gradient, for every trainable parameter.
+
+        Raises:
+            ValueError: the model has no trainable parameter.
         """
-        model = self.module.model
+        module = strategy.module
+        model = module.model
         parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not parameters:
-            raise ValueError(f"{self.experience_label()}: EWC found no trainable parameter")
-        device = compute_device(self.trainer_kwargs)
-        was_training = self.module.training
-        with on_device(self.module, device):
-            self.module.eval()  # no dropout: the Fisher of the deterministic model
+            raise ValueError(f"{strategy.experience_label()}: EWC found no trainable parameter")
+        device = compute_device(strategy.trainer_kwargs)
+        was_training = module.training
+        with on_device(module, device):
+            module.eval()  # no dropout: the Fisher of the deterministic model
             sums = {name: torch.zeros_like(p) for name, p in parameters.items()}
             batches = torch.zeros((), device=device)
-            for index, batch in enumerate(shard_loader(dataset, self.train_mb_size)):
+            for index, batch in enumerate(shard_loader(dataset, strategy.train_mb_size)):
                 if self.fisher_batches is not None and index >= self.fisher_batches:
                     break
                 batch = to_device(batch, device)
-                self.module.zero_grad(set_to_none=True)
+                module.zero_grad(set_to_none=True)
                 outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 nll, count = sequence_nll(outputs.logits, batch["labels"])
                 (nll.sum() / count.sum().clamp_min(1)).backward()
@@ -151,20 +157,19 @@ class EWC(LightningCLStrategy):
                     if p.grad is not None:
                         sums[name] += p.grad.detach() ** 2
                 batches += 1
-            self.module.zero_grad(set_to_none=True)
+            module.zero_grad(set_to_none=True)
             all_reduce_sum(batches)
             fisher = {name: (all_reduce_sum(total) / batches.clamp_min(1)).cpu() for name, total in sums.items()}
-        self.module.train(was_training)
+        module.train(was_training)
         return fisher
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["importances"] = [
-            ({n: t.cpu() for n, t in anchors.items()}, {n: t.cpu() for n, t in fisher.items()})
-            for anchors, fisher in self.importances
-        ]
-        return state
+        return {
+            "importances": [
+                ({n: t.cpu() for n, t in anchors.items()}, {n: t.cpu() for n, t in fisher.items()})
+                for anchors, fisher in self.importances
+            ]
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
         self.importances = [(dict(anchors), dict(fisher)) for anchors, fisher in state["importances"]]

@@ -1,0 +1,28 @@
+"""Method plugins of :class:`~metakv_cl.strategies.base.ContinualStrategy`, one file per method.
+
+They compose by list, as Avalanche's plugins do, and mix with Avalanche's own::
+
+    ContinualStrategy(module=module, plugins=[Replay(buffer_size=64), EWC(mode="online")])
+"""
+
+from metakv_cl.strategies.plugins.base import MethodPlugin, PhaseFit, PluginConflictError, UnsupportedPluginError
+from metakv_cl.strategies.plugins.ewc import EWC
+from metakv_cl.strategies.plugins.lora import LoRA
+from metakv_cl.strategies.plugins.lwf import LwF
+from metakv_cl.strategies.plugins.metakv_consolidation import MetaKVConsolidation
+from metakv_cl.strategies.plugins.replay import Replay, ReplayMemory
+from metakv_cl.strategies.plugins.validated import Validated
+
+__all__ = [
+    "EWC",
+    "LoRA",
+    "LwF",
+    "MetaKVConsolidation",
+    "MethodPlugin",
+    "PhaseFit",
+    "PluginConflictError",
+    "Replay",
+    "ReplayMemory",
+    "UnsupportedPluginError",
+    "Validated",
+]
