@@ -265,6 +265,7 @@ def build_model(args: argparse.Namespace, tokenizer_size: int) -> torch.nn.Modul
 
 def run_paths(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every path ``--rounds`` times, interleaved; return the result (see the module docstring)."""
+    commit = _commit()  # before the run: the code measured, whatever changes while it runs
     device = torch.device(args.device)
     benchmark, tokenizer_size = build_stream(args)
     longest = max(int(item["input_ids"].shape[0]) for experience in benchmark.train_stream for item in experience.dataset)
@@ -296,7 +297,7 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
     lengths = [int(item["input_ids"].shape[0]) for experience in benchmark.train_stream for item in experience.dataset]
     return {
         "command": shlex.join(["python", *sys.argv]),
-        "commit": _commit(),
+        "commit": commit,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "torch_threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

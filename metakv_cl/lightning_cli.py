@@ -529,9 +529,8 @@ def cpu_has_bf16() -> bool:
 def cpu_training_notes(trainer: dict[str, Any]) -> list[str]:
     """Settings that make training on the CPU several times slower than it could be, one line each.
 
-    Measured on a shared 2-core machine (SmolLM2-135M, 8 x 64 tokens per step): 2 torch threads
-    while other processes kept the cores busy took 3x as long per step as 1 thread, and bf16
-    autocast on a CPU without bf16 instructions 3x as long as fp32.
+    A torch thread that waits for a core other processes hold stalls every parallel region of
+    the step; bf16 without bf16 instructions converts every matmul's operands in software.
 
     Args:
         trainer: the run's Trainer arguments.
