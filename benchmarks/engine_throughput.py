@@ -47,7 +47,6 @@ import torch
 import metakv_cl  # noqa: F401  (torchvision import fix before lightning loads)
 import pytorch_lightning as pl
 import transformers
-from metakv_cl.data.scoring import sequence_nll
 from metakv_cl.data.stream import CompactVocabulary, LMBenchmark, make_benchmark
 from metakv_cl.data.tasks import TextTask
 from metakv_cl.hub import load_causal_lm, load_tokenizer
@@ -55,7 +54,7 @@ from metakv_cl.modeling import MetaKVConfig
 from metakv_cl.strategies import strategy_class
 from metakv_cl.training.callbacks import derived_seed
 from metakv_cl.training.datamodule import TrainingDataModule
-from metakv_cl.training.module import ContinualLMModule
+from metakv_cl.training.module import ContinualLMModule, token_nll
 from metakv_cl.training.packing import model_inputs
 
 # preset -> (registered strategy name, its init arguments, whether the model carries Meta-KV)
@@ -186,7 +185,7 @@ def bare_loop(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Nam
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             with autocast:
                 outputs = forward(**model_inputs(batch))
-            nll, count = sequence_nll(outputs.logits, batch["labels"])
+            nll, count = token_nll(outputs.logits, batch["labels"])  # the engine's loss
             loss = nll.sum() / count.sum().clamp_min(1)
             loss.backward()
             optimizer.step()

@@ -26,12 +26,14 @@ import math
 from typing import Any, Callable, Iterator, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import metakv_cl  # noqa: F401  (torchvision import fix before transformers' models load)
 import pytorch_lightning as pl
 from torchmetrics.aggregation import SumMetric
 
+from metakv_cl.data.collate import IGNORE_INDEX
 from metakv_cl.data.scoring import rank_choices, rank_choices_with_shared_prompt, sequence_nll
 from metakv_cl.modeling.config import MetaKVConfig
 from metakv_cl.training.packing import model_inputs
@@ -215,7 +217,7 @@ class ContinualLMModule(pl.LightningModule):
 
     def lm_loss(self, batch: dict, outputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, nll_sum, token_count) of a batch with ``labels``."""
-        nll, count = sequence_nll(outputs.logits, batch["labels"])
+        nll, count = token_nll(outputs.logits, batch["labels"])
         total, tokens = nll.sum(), count.sum()
         return self.token_mean(total, tokens), total, tokens
 
@@ -396,6 +398,26 @@ class ContinualLMModule(pl.LightningModule):
         self.log("eval/loss", result["loss"])
         if "accuracy" in result:
             self.log("eval/accuracy", result["accuracy"])
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed next-token NLL and scored-token count, as :func:`sequence_nll`, in fixed shapes.
+
+    Unscored positions are zeroed by ``ignore_index`` instead of left out by a boolean mask: a
+    mask's data-dependent size makes the host wait for the device at every training step.
+
+    Args:
+        logits: ``[N, L, V]`` model outputs.
+        labels: ``[N, L]`` token ids, ``IGNORE_INDEX`` where no loss is taken.
+
+    Returns:
+        ``(nll_sum, token_count)``, both of shape ``[N]`` (float32 and int64).
+    """
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1, :].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return nll.view(shift_labels.shape).sum(dim=-1), (shift_labels != IGNORE_INDEX).sum(dim=-1)
 
 
 def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -130,6 +130,21 @@ def test_penalties_add_to_the_loss_and_phase_restores_the_objective():
     assert module.lr == 3e-3 and module.lm_loss_weight == 1.0 and set(module.penalties) == {"constant"}
 
 
+def test_token_nll_equals_sequence_nll_in_shapes_known_before_the_values():
+    from metakv_cl.data.scoring import sequence_nll
+    from metakv_cl.training.module import token_nll
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 9, 17), torch.randint(0, 17, (3, 9))
+    labels[0, :4] = -100
+    labels[2, 6:] = -100
+    for got, want in zip(token_nll(logits, labels), sequence_nll(logits, labels)):
+        assert torch.equal(got, want)
+    # meta tensors carry no values: every shape is fixed before the device computes anything
+    nll, count = token_nll(logits.to("meta"), labels.to("meta"))
+    assert nll.shape == count.shape == (3,)
+
+
 def test_vocab_size_needs_a_from_scratch_model():
     with pytest.raises(ValueError, match="vocab_size=100 needs from_scratch=True"):
         ContinualLMModule("gpt2", vocab_size=100)
