@@ -10,7 +10,7 @@
   step and every loss component. The losses are checked in windows
   (:attr:`ContinualLMModule.nonfinite_check_interval` steps, and at every epoch's last batch and
   the end of a fit), so the host waits for the device once per window, not at every step; the
-  error still names the first non-finite step;
+  error still names the first non-finite step (the weights then hold the window's updates);
 * validation = the score of one experience: token-weighted mean loss for language modelling,
   label-likelihood accuracy for classification (each prompt run once and its KV cache continued
   with every candidate, unless the model keeps a dynamic Meta-KV state), accumulated in
