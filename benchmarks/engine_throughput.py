@@ -388,8 +388,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda"):
+    device = torch.device(args.device)
+    if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
+        if device.index is not None:
+            torch.cuda.set_device(device)  # the engine's resident strategy trains on the current device
     result = run_paths(args)
     print(render_markdown(result))
     if args.out:
