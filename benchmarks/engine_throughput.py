@@ -18,7 +18,7 @@ tables report the median tokens/s of each path and its ratio to the reference.
 
     python benchmarks/engine_throughput.py --out benchmarks/results/engine_throughput_cpu        # CPU, ~2 min
     python benchmarks/engine_throughput.py --model smollm2-135m --data dbpedia --layout padded \\
-        --presets naive --batch-size 8 --max-length 64 --out benchmarks/results/engine_throughput_cpu_smollm2
+        --presets naive --batch-size 8 --max-length 64 --documents 24 --threads 1 --out benchmarks/results/engine_throughput_cpu_smollm2
     python benchmarks/engine_throughput.py --device cuda --model smollm2-shape --vocab-size 50304 \\
         --data dbpedia --precision bf16 --batch-size 16 --compile --documents 150 --experiences 2 \\
         --pack-length 1024 --skip-steps 3 --out benchmarks/results/engine_throughput
