@@ -253,6 +253,9 @@ class ContinualCLI(LightningCLI):
             import torch
 
             torch.set_num_threads(threads)
+        if is_global_zero():
+            for note in cpu_training_notes(_as_plain(config.get("trainer")) or {}):
+                print(f"metakv-cl: note: {note}", file=sys.stderr)
 
     def add_strategy_arguments(self, parser: LightningArgumentParser) -> None:
         parser.add_subclass_arguments(
@@ -558,6 +561,52 @@ def _configure_output() -> None:
     # main() hands LightningCLI the arguments after the command name on purpose
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
+
+
+# Precisions whose matmuls a CPU without bf16 instructions emulates.
+BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    import torch
+
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def cpu_training_notes(trainer: dict[str, Any]) -> list[str]:
+    """Settings that make training on the CPU several times slower than it could be, one line each.
+
+    A torch thread that waits for a core other processes hold stalls every parallel region of
+    the step; bf16 without bf16 instructions converts every matmul's operands in software.
+
+    Args:
+        trainer: the run's Trainer arguments.
+
+    Returns:
+        The notes; none when the run trains on a GPU.
+    """
+    import os
+
+    import torch
+
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.is_available()):
+        return []
+    notes = []
+    precision = str(trainer.get("precision"))
+    if precision in BF16_PRECISIONS and not cpu_has_bf16():
+        notes.append(
+            f"precision {precision} on a CPU without bf16 instructions (AVX512-BF16, AMX) emulates every matmul; "
+            "precision 32-true trains several times faster here"
+        )
+    threads, cores, load = torch.get_num_threads(), os.cpu_count() or 1, os.getloadavg()[0]
+    if threads > 1 and threads > cores - load + 0.5:
+        notes.append(
+            f"{threads} torch threads on {cores} cores with a load average of {load:.1f}: threads that wait for busy "
+            "cores slow every step several-fold; set torch_num_threads (1 on a busy machine)"
+        )
+    return notes
 
 
 def check_config_values(config: dict[str, Any]) -> None:

@@ -7,7 +7,10 @@
   same step as one process seeing the union of the ranks' batches) + the *penalty terms* that
   strategies register (EWC's quadratic anchor, LwF's distillation, consolidation objectives);
 * a non-finite loss stops training with :class:`NonFiniteLossError` naming the experience, the
-  step and every loss component;
+  step and every loss component. The losses are checked in windows
+  (:attr:`ContinualLMModule.nonfinite_check_interval` steps, and at every epoch's last batch and
+  the end of a fit), so the host waits for the device once per window, not at every step; the
+  error still names the first non-finite step (the weights then hold the window's updates);
 * validation = the score of one experience: token-weighted mean loss for language modelling,
   label-likelihood accuracy for classification (each prompt run once and its KV cache continued
   with every candidate), accumulated in
@@ -23,12 +26,14 @@ import math
 from typing import Any, Callable, Iterator, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import metakv_cl  # noqa: F401  (torchvision import fix before transformers' models load)
 import pytorch_lightning as pl
 from torchmetrics.aggregation import SumMetric
 
+from metakv_cl.data.collate import IGNORE_INDEX
 from metakv_cl.data.scoring import rank_choices, rank_choices_with_shared_prompt, sequence_nll
 from metakv_cl.modeling.config import MetaKVConfig
 from metakv_cl.training.packing import model_inputs
@@ -71,6 +76,10 @@ class ContinualLMModule(pl.LightningModule):
             makes eager Meta-KV training 0.6-0.85 x plain (benchmarks/results/perf.md).
             Evaluation stays eager. A model swapped in later (a peft wrapper) is recompiled.
     """
+
+    #: training steps whose losses are queued on the device between two non-finite checks (each
+    #: check waits for the device); an epoch's last batch and a fit's last step are always checked.
+    nonfinite_check_interval: int = 32
 
     def __init__(
         self,
@@ -148,6 +157,8 @@ class ContinualLMModule(pl.LightningModule):
         self._rank_choices = rank_choices
         self.compile_training = compile
         self._compiled: dict[str, tuple[nn.Module, Callable]] = {}  # a dict, so not a registered submodule
+        # (global step, epoch, batch), component names, [loss, *components] of the unchecked steps
+        self._loss_window: list[tuple[tuple[int | None, int | None, int], tuple[str, ...], torch.Tensor]] = []
 
     # ------------------------------------------------------------------ model access
 
@@ -205,7 +216,7 @@ class ContinualLMModule(pl.LightningModule):
 
     def lm_loss(self, batch: dict, outputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, nll_sum, token_count) of a batch with ``labels``."""
-        nll, count = sequence_nll(outputs.logits, batch["labels"])
+        nll, count = token_nll(outputs.logits, batch["labels"])
         total, tokens = nll.sum(), count.sum()
         return self.token_mean(total, tokens), total, tokens
 
@@ -258,12 +269,7 @@ class ContinualLMModule(pl.LightningModule):
             loss = loss + value
         if self.loss_hook is not None:
             loss = self.loss_hook(batch, outputs, loss)
-        if not torch.isfinite(loss):
-            details = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in components.items())
-            raise NonFiniteLossError(
-                f"non-finite training loss ({float(loss.detach())}) in {self.experience_label} at global step "
-                f"{self.trainer.global_step} (epoch {self.current_epoch}, batch {batch_idx}); components: {details}"
-            )
+        self._watch_loss(loss, components, batch_idx)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         self.log("train/lm_loss", (nll_sum / tokens.clamp_min(1)).detach(), batch_size=batch_size)
@@ -272,6 +278,56 @@ class ContinualLMModule(pl.LightningModule):
                 self.log(f"train/{name}", value.detach(), batch_size=batch_size)
         return loss
 
+    def _watch_loss(self, loss: torch.Tensor, components: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Queue this step's loss and components for the non-finite check; check when one is due.
+
+        Due after :attr:`nonfinite_check_interval` queued steps, at the epoch's last batch and at the
+        fit's last step (so no NaN reaches an end-of-epoch checkpoint), and at every step outside a
+        Trainer.
+        """
+        values = torch.stack([loss.detach().float().reshape(())] + [
+            torch.as_tensor(value).detach().float().reshape(()).to(loss.device) for value in components.values()
+        ])
+        trainer = self._trainer
+        position = (trainer.global_step, self.current_epoch, batch_idx) if trainer is not None else (None, None, batch_idx)
+        self._loss_window.append((position, tuple(components), values))
+        due = (
+            trainer is None
+            or len(self._loss_window) >= self.nonfinite_check_interval
+            or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            or 0 < trainer.max_steps <= trainer.global_step + 1
+        )
+        if due:
+            self.check_losses()
+
+    def check_losses(self) -> None:
+        """Raise :class:`NonFiniteLossError` for the first non-finite loss queued since the last check.
+
+        One host-device synchronisation for the whole window.
+        """
+        window, self._loss_window = self._loss_window, []
+        if not window:
+            return
+        finite = torch.isfinite(torch.stack([values[0] for _, _, values in window])).tolist()
+        if all(finite):
+            return
+        (step, epoch, batch_idx), names, values = window[finite.index(False)]
+        loss, *parts = values.tolist()
+        details = ", ".join(f"{name}={value:.4g}" for name, value in zip(names, parts))
+        where = f"global step {step} (epoch {epoch}, batch {batch_idx})" if step is not None else f"batch {batch_idx}"
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss}) in {self.experience_label} at {where}; components: {details}"
+        )
+
+    def on_train_start(self) -> None:
+        self._loss_window = []  # what an interrupted earlier fit left unchecked is not this fit's
+
+    def on_train_epoch_end(self) -> None:
+        self.check_losses()
+
+    def on_train_end(self) -> None:
+        self.check_losses()
+
     def configure_optimizers(self):
         parameters = self.trainable_parameters()
         if not parameters:
@@ -279,7 +335,9 @@ class ContinualLMModule(pl.LightningModule):
         decay = [p for p in parameters if p.dim() >= 2]
         no_decay = [p for p in parameters if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
+        # fused: one kernel for the whole update on a GPU; CPU keeps torch's default implementation
+        fused = all(p.is_cuda for p in parameters)
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas, fused=fused)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return optimizer
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -334,6 +392,26 @@ class ContinualLMModule(pl.LightningModule):
         self.log("eval/loss", result["loss"])
         if "accuracy" in result:
             self.log("eval/accuracy", result["accuracy"])
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed next-token NLL and scored-token count, as :func:`sequence_nll`, in fixed shapes.
+
+    Unscored positions are zeroed by ``ignore_index`` instead of left out by a boolean mask: a
+    mask's data-dependent size makes the host wait for the device at every training step.
+
+    Args:
+        logits: ``[N, L, V]`` model outputs.
+        labels: ``[N, L]`` token ids, ``IGNORE_INDEX`` where no loss is taken.
+
+    Returns:
+        ``(nll_sum, token_count)``, both of shape ``[N]`` (float32 and int64).
+    """
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1, :].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return nll.view(shift_labels.shape).sum(dim=-1), (shift_labels != IGNORE_INDEX).sum(dim=-1)
 
 
 def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -86,6 +86,39 @@ def test_nan_loss_stops_with_the_experience_and_step_named(tmp_path):
         strategy.train(benchmark.train_stream[0], eval_streams=[])
 
 
+def explode_at_step(step):
+    """A penalty that is NaN at training step ``step`` (0-based) and 0 elsewhere; its calls count the steps."""
+    calls = []
+
+    def penalty(module, batch, outputs):
+        calls.append(1)
+        return torch.tensor(float("nan") if len(calls) == step + 1 else 0.0)
+
+    return penalty, calls
+
+
+def test_nan_loss_is_found_once_per_window_and_named_by_its_own_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(ContinualLMModule, "nonfinite_check_interval", 4)
+    torch.manual_seed(0)
+    benchmark, module = toy_setup(1)  # 42 items: 6 batches of 8 per epoch
+    strategy = Naive(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path), train_mb_size=8)
+    strategy.experience_names = benchmark.experience_names
+    module.penalties["explode"], calls = explode_at_step(1)
+    with pytest.raises(NonFiniteLossError, match=r"at global step 1 \(epoch 0, batch 1\); components: .*explode=nan"):
+        strategy.train(benchmark.train_stream[0], eval_streams=[])
+    assert len(calls) == 4  # the host looked at the losses once, after the window of 4 steps
+
+
+def test_nan_loss_in_an_epochs_last_batch_stops_before_its_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    benchmark, module = toy_setup(1)
+    strategy = Naive(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path, max_epochs=2), train_mb_size=8)
+    module.penalties["explode"], calls = explode_at_step(5)
+    with pytest.raises(NonFiniteLossError, match=r"at global step 5 \(epoch 0, batch 5\)"):
+        strategy.train(benchmark.train_stream[0], eval_streams=[])
+    assert len(calls) == 6 and not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_penalties_add_to_the_loss_and_phase_restores_the_objective():
     torch.manual_seed(0)
     benchmark, module = toy_setup(1)
@@ -95,6 +128,21 @@ def test_penalties_add_to_the_loss_and_phase_restores_the_objective():
         assert module.lr == 0.5 and set(module.penalties) == {"constant", "extra"}
         assert float(module.training_step(batch, 0)) == pytest.approx(3.5)
     assert module.lr == 3e-3 and module.lm_loss_weight == 1.0 and set(module.penalties) == {"constant"}
+
+
+def test_token_nll_equals_sequence_nll_in_shapes_known_before_the_values():
+    from metakv_cl.data.scoring import sequence_nll
+    from metakv_cl.training.module import token_nll
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 9, 17), torch.randint(0, 17, (3, 9))
+    labels[0, :4] = -100
+    labels[2, 6:] = -100
+    for got, want in zip(token_nll(logits, labels), sequence_nll(logits, labels)):
+        assert torch.equal(got, want)
+    # meta tensors carry no values: every shape is fixed before the device computes anything
+    nll, count = token_nll(logits.to("meta"), labels.to("meta"))
+    assert nll.shape == count.shape == (3,)
 
 
 def test_vocab_size_needs_a_from_scratch_model():

@@ -1,0 +1,407 @@
+"""Training throughput of the engine against a bare PyTorch loop: same model, same batches, one process.
+
+Paths, each training the same stream of language-modelling experiences from the same initial
+weights on the same mini-batches of documents (the engine's own loader and seeds):
+
+* ``bare padded``: a plain loop (forward, token-mean cross-entropy, backward, AdamW) over padded
+  batches, eager;
+* ``bare packed``: the same loop over the same documents packed into rows of ``--pack-length``
+  tokens (:mod:`metakv_cl.training.packing`), through ``torch.compile`` with ``--compile``;
+* ``engine <preset>``: ``metakv-cl``'s strategies (``strategy.train(experience)``, Lightning
+  underneath), one per preset of :data:`PRESETS`, in the ``--layout`` of the reference.
+
+The reference is the bare loop in the engine's layout (``bare packed`` by default). Every path is
+timed by the same clock: from the start of a fit's ``--skip-steps + 1``-th batch to the end of its
+last (the device synchronised at both ends; Lightning's set-up, checkpoints and validation fall
+outside), over the documents' tokens (no padding). Paths run interleaved, ``--rounds`` times;
+tables report the median tokens/s of each path and its ratio to the reference.
+
+    python benchmarks/engine_throughput.py --out benchmarks/results/engine_throughput_cpu        # CPU, ~2 min
+    python benchmarks/engine_throughput.py --model smollm2-135m --data dbpedia --layout padded \\
+        --presets naive --batch-size 8 --max-length 64 --documents 24 --threads 1 --out benchmarks/results/engine_throughput_cpu_smollm2
+    python benchmarks/engine_throughput.py --device cuda --model smollm2-shape --vocab-size 50304 \\
+        --data dbpedia --precision bf16 --batch-size 16 --compile --documents 150 --experiences 2 \\
+        --pack-length 1024 --skip-steps 3 --out benchmarks/results/engine_throughput
+
+``--out STEM`` writes ``STEM.json`` (the command, commit, device, library versions, settings and
+every round) and ``STEM.md``, rendered from that JSON by :func:`render_markdown`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+import metakv_cl  # noqa: F401  (torchvision import fix before lightning loads)
+import pytorch_lightning as pl
+import transformers
+from metakv_cl.data.stream import CompactVocabulary, LMBenchmark, make_benchmark
+from metakv_cl.data.tasks import TextTask
+from metakv_cl.hub import load_causal_lm, load_tokenizer
+from metakv_cl.modeling import MetaKVConfig
+from metakv_cl.strategies import strategy_class
+from metakv_cl.training.callbacks import derived_seed
+from metakv_cl.training.datamodule import TrainingDataModule
+from metakv_cl.training.module import ContinualLMModule, token_nll
+from metakv_cl.training.packing import model_inputs
+
+# preset -> (registered strategy name, its init arguments, whether the model carries Meta-KV)
+PRESETS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "naive": ("naive", {}, False),
+    "ewc": ("ewc", {"mode": "online", "ewc_lambda": 1e4, "fisher_batches": 2}, False),
+    "replay": ("replay", {"buffer_size": 16}, False),
+    "lora": ("lora", {"mode": "shared"}, False),
+    "metakv": ("metakv", {"mode": "replay", "buffer_size": 16, "validation_fraction": 0.2}, True),
+}
+META_KV = MetaKVConfig(source="consolidated", rank=8)
+
+# name -> (architecture, config overrides, tokenizer); "smollm2-135m" is the pretrained model.
+MODELS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "tiny": ("gpt2", {"n_layer": 2, "n_embd": 128, "n_head": 4, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                      "attn_pdrop": 0.0}, "gpt2"),
+    "smollm2-shape": ("llama", {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                                "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+                                "tie_word_embeddings": True}, "gpt2"),
+    "smollm2-135m": ("smollm2-135m", {}, "smollm2-135m"),
+}
+BARE_PADDED, BARE_PACKED = "bare padded", "bare packed"
+
+
+class Stopwatch:
+    """Seconds and tokens of the timed stretches of training, the device synchronised at each edge.
+
+    Tokens accumulate on the device and are read once, in :attr:`token_count`, so timing adds no
+    host synchronisation inside a stretch.
+
+    Args:
+        device: the device the steps run on.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+        self._tokens: torch.Tensor | int = 0
+        self._since: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._since is not None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        if self._since is None:
+            self._since = self._now()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self.seconds += self._now() - self._since
+            self._since = None
+
+    def count(self, batch: dict[str, torch.Tensor]) -> None:
+        """Add a timed batch's document tokens."""
+        self._tokens = self._tokens + batch["attention_mask"].sum()
+
+    @property
+    def token_count(self) -> int:
+        return int(self._tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        if self.seconds <= 0:
+            raise ValueError("no timed step: give more documents per experience than --skip-steps batches")
+        return self.token_count / self.seconds
+
+
+class EngineClock(pl.Callback):
+    """A :class:`Stopwatch` over the engine's training batches, skipping each fit's first ``skip``.
+
+    Args:
+        stopwatch: the stopwatch to run.
+        skip: untimed batches at the start of every fit (compilation, first allocations).
+    """
+
+    def __init__(self, stopwatch: Stopwatch, skip: int):
+        self.stopwatch, self.skip = stopwatch, skip
+        self._batches = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._batches >= self.skip:
+            self.stopwatch.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.stopwatch.running:
+            self.stopwatch.count(batch)
+        self._batches += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.stopwatch.stop()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.stopwatch.stop()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.stopwatch.stop()
+
+
+def training_batches(dataset, args: argparse.Namespace, experience: int, packed: bool) -> Iterable[dict]:
+    """The batches the engine's single ``"train"`` fit of ``experience`` draws (same loader, same seed)."""
+    stage = f"exp_{experience:03d}"  # LightningCLStrategy.stage_for
+    data = TrainingDataModule(dataset, batch_size=args.batch_size, seed=derived_seed(args.seed, stage, "train"),
+                              pack_length=args.pack_length if packed else None)
+    return data.train_dataloader()
+
+
+def bare_loop(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Namespace, packed: bool,
+              stopwatch: Stopwatch) -> None:
+    """Train ``model`` on every experience with a plain PyTorch loop, timed like the engine."""
+    device = stopwatch.device
+    model.to(device).train()
+    forward = torch.compile(model, dynamic=True) if args.compile and packed else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    for index, experience in enumerate(benchmark.train_stream):
+        for step, batch in enumerate(training_batches(experience.dataset, args, index, packed)):
+            if step >= args.skip_steps:
+                stopwatch.start()
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            with autocast:
+                outputs = forward(**model_inputs(batch))
+            nll, count = token_nll(outputs.logits, batch["labels"])  # the engine's loss
+            loss = nll.sum() / count.sum().clamp_min(1)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if stopwatch.running:
+                stopwatch.count(batch)
+        stopwatch.stop()
+
+
+def engine_run(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Namespace, preset: str,
+               stopwatch: Stopwatch, root: Path) -> None:
+    """Train ``model`` on every experience through the engine's strategy ``preset``."""
+    name, init_args, uses_meta_kv = PRESETS[preset]
+    module = ContinualLMModule(model, lr=args.lr, compile=args.compile, meta_kv=META_KV if uses_meta_kv else None)
+    trainer_kwargs = dict(
+        accelerator="gpu" if stopwatch.device.type == "cuda" else "cpu",
+        devices=1,
+        strategy="single_device_resident",
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+        max_epochs=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        callbacks=[EngineClock(stopwatch, args.skip_steps)],
+    )
+    strategy = strategy_class(name)(
+        **init_args,
+        module=module,
+        train_mb_size=args.batch_size,
+        train_pack_length=args.pack_length if args.layout == "packed" else None,
+        seed=args.seed,
+        trainer_kwargs=trainer_kwargs,
+        root_dir=root / preset,
+    )
+    for experience in benchmark.train_stream:
+        strategy.train(experience, eval_streams=[])
+
+
+def build_stream(args: argparse.Namespace) -> tuple[LMBenchmark, int]:
+    """(the benchmark, the vocabulary size a from-scratch model needs) of ``--data``."""
+    texts: list[list[str]]
+    if args.data == "dbpedia":
+        from metakv_cl.data.dbpedia import dbpedia_topic_tasks
+
+        tasks = dbpedia_topic_tasks(topics_per_experience=1, max_train_per_topic=args.documents, max_test_per_topic=2)
+        texts = [list(task.train) for task in tasks[: args.experiences]]
+    else:
+        from metakv_cl.data.synthetic import synthetic_topic_tasks
+
+        tasks = synthetic_topic_tasks(num_experiences=args.experiences, entities_per_topic=16, seed=args.seed)
+        texts = [list(task.train)[: args.documents] for task in tasks]
+    if len(texts) < args.experiences or any(len(group) < args.documents for group in texts):
+        raise ValueError(f"--data {args.data} has fewer than {args.experiences} experiences of {args.documents} documents")
+    tokenizer = load_tokenizer(MODELS[args.model][2])
+    if args.model == "tiny":  # a tiny model's compute would go to an output layer of unused tokens
+        tokenizer = CompactVocabulary(tokenizer, [text for group in texts for text in group])
+    stream = [TextTask(f"topic{k}", train=group, test=group[:2]) for k, group in enumerate(texts)]
+    benchmark = make_benchmark(stream, tokenizer, max_length=args.max_length, overflow="truncate")
+    return benchmark, len(tokenizer)
+
+
+def build_model(args: argparse.Namespace, tokenizer_size: int) -> torch.nn.Module:
+    """The initial model of every path (fp32 weights; bf16 runs autocast)."""
+    architecture, overrides, _ = MODELS[args.model]
+    if args.model == "smollm2-135m":
+        return load_causal_lm(architecture)
+    vocab_size = args.vocab_size or tokenizer_size
+    if vocab_size < tokenizer_size:
+        raise ValueError(f"--vocab-size {vocab_size} is smaller than the tokenizer's {tokenizer_size} tokens")
+    overrides = {**overrides, "vocab_size": vocab_size}
+    if architecture == "gpt2":
+        overrides["n_positions"] = max(args.max_length, args.pack_length)
+    return load_causal_lm(architecture, from_scratch=True, config_overrides=overrides)
+
+
+def run_paths(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every path ``--rounds`` times, interleaved; return the result (see the module docstring)."""
+    commit = _commit()  # before the run: the code measured, whatever changes while it runs
+    device = torch.device(args.device)
+    benchmark, tokenizer_size = build_stream(args)
+    longest = max(int(item["input_ids"].shape[0]) for experience in benchmark.train_stream for item in experience.dataset)
+    if args.pack_length < longest:
+        raise ValueError(f"--pack-length {args.pack_length} is shorter than the longest document ({longest} tokens)")
+    torch.manual_seed(args.seed)
+    initial = build_model(args, tokenizer_size)
+    paths: dict[str, Callable[[torch.nn.Module, Stopwatch, Path], None]] = {
+        BARE_PADDED: lambda model, watch, root: bare_loop(model, benchmark, args, False, watch),
+        BARE_PACKED: lambda model, watch, root: bare_loop(model, benchmark, args, True, watch),
+    }
+    for preset in args.presets:
+        paths[f"engine {preset}"] = lambda model, watch, root, preset=preset: engine_run(
+            model, benchmark, args, preset, watch, root
+        )
+    speeds: dict[str, list[float]] = {name: [] for name in paths}
+    tokens: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for round_index in range(args.rounds):
+            for name, run in paths.items():
+                torch.manual_seed(args.seed)
+                stopwatch = Stopwatch(device)
+                run(copy.deepcopy(initial), stopwatch, Path(folder) / f"round{round_index}")
+                speeds[name].append(stopwatch.tokens_per_second)
+                tokens[name] = stopwatch.token_count
+                print(f"round {round_index + 1}/{args.rounds}  {name:16s} {speeds[name][-1]:12,.1f} tokens/s", flush=True)
+    reference = BARE_PACKED if args.layout == "packed" else BARE_PADDED
+    medians = {name: statistics.median(values) for name, values in speeds.items()}
+    lengths = [int(item["input_ids"].shape[0]) for experience in benchmark.train_stream for item in experience.dataset]
+    return {
+        "command": shlex.join(["python", *sys.argv]),
+        "commit": commit,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "pytorch_lightning": pl.__version__},
+        "settings": {key: value for key, value in vars(args).items() if key != "out"},
+        "model_parameters": sum(p.numel() for p in initial.parameters()),
+        "documents": len(lengths),
+        "document_tokens": {"mean": statistics.mean(lengths), "min": min(lengths), "max": max(lengths)},
+        "reference": reference,
+        "paths": {
+            name: {"tokens_per_s": medians[name], "ratio": medians[name] / medians[reference],
+                   "timed_tokens": tokens[name], "tokens_per_s_rounds": speeds[name]}
+            for name in paths
+        },
+    }
+
+
+def _commit() -> str:
+    """The checked-out commit, with ``+dirty`` when tracked files differ from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The results page of one run, from its JSON."""
+    settings = result["settings"]
+    lines = [
+        "# Engine training throughput against a bare PyTorch loop",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Commit: `{result['commit']}`; device: {result['device']} ({result['torch_threads']} torch threads); "
+        + ", ".join(f"{name} {version}" for name, version in result["versions"].items()),
+        "",
+        f"Model: `{settings['model']}` ({result['model_parameters']:,} parameters), precision {settings['precision']}"
+        f"{', torch.compile' if settings['compile'] else ''}. Data: `{settings['data']}`, {settings['experiences']} "
+        f"experiences, {result['documents']} training documents of {result['document_tokens']['mean']:.0f} tokens on "
+        f"average ({result['document_tokens']['min']}-{result['document_tokens']['max']}), batches of "
+        f"{settings['batch_size']} documents, packed rows of {settings['pack_length']} tokens; engine layout "
+        f"{settings['layout']}. Each fit's first {settings['skip_steps']} batch(es) untimed; median of "
+        f"{settings['rounds']} interleaved rounds.",
+        "",
+        f"| path | tokens/s | x {result['reference']} | timed tokens | tokens/s per round |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, row in result["paths"].items():
+        rounds = ", ".join(f"{value:,.0f}" for value in row["tokens_per_s_rounds"])
+        lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['ratio']:.2f} | {row['timed_tokens']:,} | {rounds} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--vocab-size", type=int, help="vocabulary of a from-scratch model (default: the tokenizer's)")
+    parser.add_argument("--data", choices=("synthetic", "dbpedia"), default="synthetic",
+                        help="synthetic topics (embedded) or DBpedia abstracts (../shared/data/dbpedia14)")
+    parser.add_argument("--experiences", type=int, default=2)
+    parser.add_argument("--documents", type=int, default=48, help="training documents per experience")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per document (longer ones are cut)")
+    parser.add_argument("--batch-size", type=int, default=8, help="documents per mini-batch")
+    parser.add_argument("--pack-length", type=int, default=128, help="tokens per packed row")
+    parser.add_argument("--layout", choices=("padded", "packed"), default="packed", help="the engine's batches")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, fp32 weights")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the engine and the packed bare loop")
+    parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=list(PRESETS))
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--skip-steps", type=int, default=1, help="untimed batches at the start of each fit")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    for name in ("experiences", "documents", "batch_size", "rounds", "lr"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.skip_steps < 0:
+        parser.error(f"--skip-steps must be >= 0, got {args.skip_steps}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        if device.index is not None:
+            torch.cuda.set_device(device)  # the engine's resident strategy trains on the current device
+    result = run_paths(args)
+    print(render_markdown(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        json_path = args.out.with_suffix(".json")
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(render_markdown(json.loads(json_path.read_text())))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""``ContinualLMModule(compile=True)`` in the engine: one graph per shape family, no recompilation storm."""
+
+import functools
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from metakv_cl.strategies import Naive
+from metakv_cl.training.testing import toy_setup, toy_trainer_kwargs
+
+
+class BatchShapes(pl.Callback):
+    def __init__(self):
+        self.shapes: list[tuple[int, ...]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.shapes.append(tuple(batch["input_ids"].shape))
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch):
+    """Every graph the engine's ``torch.compile`` hands to its backend (run eagerly: dynamo's
+    guards and recompilations are the backend's, the graphs need no code generation here)."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+    yield graphs
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("pack_length", "most_graphs"), [(None, 1), (64, 2)], ids=["padded", "packed"])
+def test_varying_batch_shapes_compile_a_bounded_number_of_graphs(tmp_path, compiled_graphs, pack_length, most_graphs):
+    torch.manual_seed(0)
+    benchmark, module = toy_setup(1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    module.compile_training = True
+    shapes = BatchShapes()
+    kwargs = toy_trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=False, callbacks=[shapes])
+    strategy = Naive(module=module, trainer_kwargs=kwargs, train_mb_size=8, train_pack_length=pack_length)
+    strategy.train(benchmark.train_stream[0], eval_streams=[])
+    assert len(set(shapes.shapes)) >= 2  # the shapes did vary: padded lengths, or 2 rows and 1 row packed
+    # padded: one dynamic graph; packed: one more for a batch of a single row (dynamo specialises size 1)
+    assert 1 <= len(compiled_graphs) <= most_graphs, f"{len(compiled_graphs)} graphs for shapes {sorted(set(shapes.shapes))}"
