@@ -250,7 +250,8 @@ def test_dynamic_precision_relevance_is_an_ema_of_max_pooled_attention():
     method = get_method("dynamic_precision", decay=0.5)
     start = method.initial_importance(torch.zeros(1, 1, 3, 4))
     assert torch.equal(start, torch.ones(1, 1, 3))
-    received = AttentionReceived(total=torch.tensor([[[3.0, 0.0, 1.0]]]), peak=torch.tensor([[[0.8, 0.0, 0.4]]]))
+    received = AttentionReceived(total=torch.tensor([[[3.0, 0.0, 1.0]]]), peak=torch.tensor([[[0.8, 0.0, 0.4]]]),
+                                 latest=torch.tensor([[[0.5, 0.0, 0.5]]]))
     assert torch.allclose(method.update_importance(start, received), torch.tensor([[[0.9, 0.5, 0.7]]]))
     h2o = get_method("h2o")
     assert torch.allclose(h2o.update_importance(torch.zeros(1, 1, 3), received), received.total)

@@ -92,7 +92,7 @@ class AttentionGuidedPrecision(KVCompressor):
             levels[0] = 1  # keep at least the most relevant token
         return levels
 
-    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries, query_groups) -> CompactedKV:
         tokens = keys.shape[-2]
         costs, distortions = self._level_costs(keys.shape[-1], values.shape[-1], keys.element_size())
         relevance = importance if importance is not None else torch.linspace(0, 1, tokens, device=keys.device).expand(keys.shape[:3])
