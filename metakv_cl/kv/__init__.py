@@ -13,6 +13,7 @@ The pieces:
   capture reference queries (:func:`enable_compacted_attention`);
 * :mod:`metakv_cl.kv.streaming`: chunked prefill past the position limit, streaming
   likelihood and ``generate`` from a compacted cache;
+* :mod:`metakv_cl.kv.oneshot`: one-shot compaction, ``with compaction(model, method, budget):``;
 * :mod:`metakv_cl.kv.evaluate`: the ``kv-eval`` (perplexity vs cache size) and ``niah``
   (needle in a haystack) commands; their options: :mod:`metakv_cl.kv.arguments`.
 """
@@ -37,7 +38,9 @@ _EXPORTS = {
     "available_methods": "registry",
     "get_method": "registry",
     "register_method": "registry",
+    "compaction": "oneshot",
     "chunked_prefill": "streaming",
+    "continuation_log_likelihood": "streaming",
     "generate": "streaming",
     "stream_log_likelihood": "streaming",
 }

@@ -195,7 +195,8 @@ class CompactedLayer(DynamicLayer):
         if cache.method.unbounded or cache.max_tokens is None or cache.is_probing or held == 0:
             return
         token_bytes = self.full_token_bytes
-        capacity = cache.max_tokens * token_bytes * cache.method.layer_share(self.layer_idx, cache.layer_count())
+        kept_share = min(1.0, cache.max_tokens / max(1, cache.seen_tokens))  # of the tokens read so far
+        capacity = cache.max_tokens * token_bytes * cache.method.layer_share(self.layer_idx, cache.layer_count(), kept_share)
         incoming_bytes = incoming * token_bytes
         fraction = 1.0
         if self.nbytes + incoming_bytes > capacity:
@@ -532,8 +533,8 @@ class CompactedCache(Cache):
         """Compact every layer now, to ``budget`` of its held full-precision size (one-shot compaction).
 
         Args:
-            budget: fraction in (0, 1] kept (times the method's :meth:`~KVCompressor.layer_share`
-                of each layer, at most 1).
+            budget: fraction in (0, 1] kept (times the method's
+                :meth:`~metakv_cl.kv.protocol.KVCompressor.layer_share` of each layer).
             method: compact with this method (a name or an instance) instead of the cache's own:
                 one prefill can be compacted by every method (see
                 :meth:`CompactedLayer.compaction_inputs` for methods that track attention).
@@ -548,7 +549,7 @@ class CompactedCache(Cache):
         method = self.method if method is None else get_method(method) if isinstance(method, str) else method
         batches: dict[Any, list[tuple[CompactedLayer, dict[str, Any]]]] = {}
         for layer in self.layers:
-            layer_budget = min(1.0, budget * method.layer_share(layer.layer_idx, self.layer_count()))
+            layer_budget = min(1.0, budget * method.layer_share(layer.layer_idx, self.layer_count(), budget))
             if layer.get_seq_length() == 0 or layer_budget >= 1.0:
                 continue
             if not (batch_layers and method.rows_independent):

@@ -313,11 +313,18 @@ class KVCompressor(ABC):
         """Fold one forward call's attention into the importance (accumulated attention by default)."""
         return importance + received.total
 
-    def layer_share(self, layer: int, layers: int) -> float:
-        """Layer ``layer``'s share of the per-layer budget among ``layers`` layers (1: every layer alike).
+    def layer_share(self, layer: int, layers: int, budget: float) -> float:
+        """Layer ``layer``'s share of the mean per-layer budget among ``layers`` layers (1: every layer alike).
 
-        A method with layer-wise budgets returns shares whose mean over the layers is 1; the
-        cache multiplies the budget (and a layer's capacity) by it.
+        A method with layer-wise budgets returns shares whose mean over the layers is 1 and
+        with ``budget * share <= 1`` (so at ``budget == 1`` every share is 1 and nothing
+        changes). The cache multiplies the budget of a one-shot compaction, and the capacity of
+        each layer of a cache that compacts as it reads, by it.
+
+        Args:
+            layer: the layer's index; layers: the model's layer count.
+            budget: the mean fraction kept: of the context (one-shot compaction), or of the
+                tokens read so far (a cache that compacts as it reads).
         """
         return 1.0
 
