@@ -267,7 +267,7 @@ class AttentionMatching(KVCompressor):
         """
         valid = prior > MASKED_BIAS / 2
         # exp(s_ij) / Z(q_i): the block's attention, and the design of the mass fit (target: all ones).
-        attention = torch.softmax(queries @ key_block.transpose(1, 2) + prior.unsqueeze(1), dim=-1)  # [flat, n, tokens]
+        attention = torch.softmax(torch.baddbmm(prior.unsqueeze(1), queries, key_block.transpose(1, 2)), dim=-1)  # [flat, n, tokens]
 
         counts = self._head_counts(attention, valid, count, batch, max_count)
         # Uniform budgets need no look at the counts; the adaptive split's largest share must reach the host.
@@ -314,7 +314,7 @@ class AttentionMatching(KVCompressor):
         elif self.score == "mean":
             key_scores = attention.mean(dim=1)
         else:
-            key_scores = attention.square().mean(dim=1).sqrt()
+            key_scores = torch.linalg.vector_norm(attention, dim=1) / math.sqrt(attention.shape[1])  # no squared copy
         return key_scores.masked_fill(~valid, -1.0).topk(slots, dim=-1).indices
 
     def _omp(self, attention: torch.Tensor, valid: torch.Tensor, slots: int) -> torch.Tensor:
