@@ -5,8 +5,9 @@ The pieces:
 * :mod:`metakv_cl.kv.protocol`: the compaction protocol
   ``compact(keys, values, queries, budget) -> (keys, values, bias)`` and shared helpers;
 * :mod:`metakv_cl.kv.methods`: the methods (Attention Matching, attention-guided mixed
-  precision, H2O, StreamingLLM sinks, sliding window, random, KIVI int8/int4, moving and
-  cumulative averages, compressive memory, full), selectable by name with :func:`get_method`;
+  precision, H2O, SnapKV, PyramidKV, TOVA, StreamingLLM sinks, sliding window, random, KIVI
+  int8/int4, moving and cumulative averages, compressive memory, full), selectable by name
+  with :func:`get_method`;
 * :mod:`metakv_cl.kv.cache`: :class:`CompactedCache`, a transformers ``Cache`` that compacts
   itself under a byte budget;
 * :mod:`metakv_cl.kv.attention`: the attention functions that add the per-entry bias and

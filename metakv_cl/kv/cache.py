@@ -14,7 +14,10 @@ the layer compacts what it holds, before appending the new tokens, down to
 fraction of the held tokens' full-precision size. The headroom batches compactions (one every
 ``headroom * max_tokens`` decoded tokens instead of one per token). A forward call with more new
 tokens than the capacity leaves room for (a prompt longer than the cache) exceeds it while
-that call runs.
+that call runs. With ``max_tokens=None`` the cache never compacts on its own: it compacts all
+layers when :meth:`CompactedCache.compact` is called (one-shot compaction, see
+:mod:`metakv_cl.kv.oneshot`). A method's :meth:`~metakv_cl.kv.protocol.KVCompressor.layer_share`
+scales each layer's capacity (PyramidKV's layer budgets).
 
 Positions (``position_policy``):
 
