@@ -296,3 +296,44 @@ def test_dynamic_precision_measures_two_bits_as_worse_than_eviction_on_outlier_k
     distortion = get_method("dynamic_precision", bits=(8, 4, 2)).distortions(keys, values, reference).mean(dim=(0, 1, 2))
     evicted, two, four, eight, full = distortion.tolist()
     assert evicted == 1.0 and full == 0.0 and two > evicted and eight < four < two
+
+
+def test_snapkv_keeps_its_window_and_what_the_window_attends_to():
+    keys, values, _, _ = block(batch=1, heads=2, tokens=40)
+    queries = torch.zeros(1, 2, 8 * 2, 16)  # the last 8 tokens, 2 query heads each
+    queries[..., :] = 20.0 * keys[:, :, 5:6] / keys[:, :, 5:6].norm(dim=-1, keepdim=True)  # everyone looks at token 5
+    method = get_method("snapkv", window=8, kernel_size=1)
+    result = method.compact(keys, values, queries, 0.25, query_groups=2)  # 10 kept: 8 window + 2 chosen
+    for head in range(2):
+        kept = result.kept[0, head].tolist()
+        assert kept[-8:] == list(range(32, 40)) and 5 in kept[:2]
+    pooled = get_method("snapkv", window=8, kernel_size=3).token_scores(keys, queries, None, 2)
+    assert pooled[0, 0, 4] > 0 and pooled[0, 0, 6] > 0  # pooling spreads the score to the neighbours
+    with pytest.raises(ValueError, match="queries of the last tokens"):
+        method.compact(keys, values, None, 0.25)
+    with pytest.raises(ValueError, match="kernel_size"):
+        get_method("snapkv", kernel_size=4)
+
+
+def test_pyramidkv_budgets_shrink_with_depth_keep_the_mean_and_are_whole_at_full_budget():
+    method = get_method("pyramidkv", beta=20)
+    for budget in (0.02, 0.1, 0.5, 0.8):
+        shares = [method.layer_share(layer, 30, budget) for layer in range(30)]
+        assert shares == sorted(shares, reverse=True) and math.isclose(sum(shares) / 30, 1.0)
+        assert max(shares) * budget <= 1.0 + 1e-9
+    assert math.isclose(method.layer_share(29, 30, 0.1), 1 / 20)
+    assert all(method.layer_share(layer, 30, 1.0) == 1.0 for layer in range(30))
+    with pytest.raises(ValueError, match="beta"):
+        get_method("pyramidkv", beta=1.0)
+
+
+def test_tova_ranks_by_the_latest_query_averaged_over_heads():
+    keys, values, _, _ = block(batch=1, heads=2, tokens=10)
+    method = get_method("tova")
+    latest = torch.zeros(1, 2, 10)
+    latest[0, 0, 3], latest[0, 1, 7] = 0.9, 0.5  # head averages: token 3 first, then token 7
+    received = AttentionReceived(total=torch.ones(1, 2, 10), peak=torch.ones(1, 2, 10), latest=latest)
+    importance = method.update_importance(torch.full((1, 2, 10), 5.0), received)
+    assert torch.equal(importance, latest)  # replaced, not accumulated
+    result = method.compact(keys, values, None, 0.2, importance=importance)
+    assert result.kept[0, 0].tolist() == result.kept[0, 1].tolist() == [3, 7]
