@@ -4,11 +4,14 @@ For every method (``--methods``):
 
 * **compaction**: a ``--context``-token input (real WikiText-2 text when the shared data and the
   tokenizer are there, else random ids) is read into a :class:`~metakv_cl.kv.CompactedCache`
-  large enough to hold all of it, capturing the method's reference queries or attention
-  statistics; then every layer and KV head is compacted to ``--budget`` of it at once
-  (``cache.compact``). Timed with the device synchronised around the call, after one warm-up,
-  as the median of ``--repeats`` runs, each on a fresh copy of the prefilled cache (copied
-  outside the timed region). On CUDA the host synchronisations of one compaction are counted
+  that never compacts on its own (``max_tokens=None``), capturing the method's reference
+  queries or attention statistics; then every layer and KV head is compacted to ``--budget``
+  of it at once (``cache.compact``: layers of equal shapes stacked into one call where the
+  method allows) and, side by side in the same run, layer by layer
+  (``cache.compact(batch_layers=False)``: a Python loop over layers, how the cache compacted
+  before). Timed with the device synchronised around the call, after one warm-up, as the
+  median of ``--repeats`` runs, each on a fresh copy of the prefilled cache (copied outside
+  the timed region). On CUDA the host synchronisations of one compaction are counted
   too (``torch.cuda.set_sync_debug_mode``).
 * **chunked prefill**: ``--prefill-tokens`` tokens read in ``--prefill-chunk``-token chunks into
   a cache of ``--prefill-max-tokens``, compacting whenever it is full; tokens per second, after
@@ -23,6 +26,8 @@ Shapes: ``smollm2`` (SmolLM2-135M from ``metakv_cl.hub``: the hub or the offline
 (a 2-layer Llama for smoke tests). bf16 on CUDA, fp32 on CPU. ::
 
     python benchmarks/compaction_speed.py --shape random-smollm2 --context 2048 --repeats 2   # CPU
+    python benchmarks/compaction_speed.py --shape smollm2 --device cpu --context 2048 --repeats 1 --prefill-tokens 0 \
+        --out benchmarks/results/compaction_speed_cpu_2048.json    # the committed CPU measurement
     python benchmarks/compaction_speed.py --shape smollm2 --device cuda --out compaction_speed.json
 """
 
@@ -176,7 +181,7 @@ def profile_table(device: str, run: Callable[[], Any], rows: int = 25) -> str:
 
 def prefilled_cache(model, spec: MethodSpec, ids: torch.Tensor, reference_queries: int, chunk: int) -> CompactedCache:
     """A cache of ``spec`` holding all of ``ids`` (never compacted), with its queries or attention statistics."""
-    cache = CompactedCache(spec.build(), ids.shape[1], config=model.config, reference_queries=reference_queries)
+    cache = CompactedCache(spec.build(), None, config=model.config, reference_queries=reference_queries)
     chunked_prefill(model, cache, ids, chunk_size=chunk)
     return cache
 
@@ -185,13 +190,14 @@ def compaction_speed(model, spec: MethodSpec, ids: torch.Tensor, args: argparse.
     """Time compacting every layer of a prefilled cache to ``args.budget`` (see the module docstring)."""
     prefilled = prefilled_cache(model, spec, ids, args.reference_queries, args.chunk)
 
-    def compact_a_copy() -> tuple[float, int | None, int | None, CompactedCache]:
+    def compact_a_copy(batch_layers: bool = True) -> tuple[float, int | None, int | None, CompactedCache]:
         cache = copy.deepcopy(prefilled)  # outside the timed region
-        return (*measured(args.device, lambda: cache.compact(args.budget)), cache)
+        return (*measured(args.device, lambda: cache.compact(args.budget, batch_layers=batch_layers)), cache)
 
     compact_a_copy()  # warm-up
     runs = [compact_a_copy() for _ in range(args.repeats)]
     seconds = [run[0] for run in runs]
+    layer_loop = [compact_a_copy(batch_layers=False)[0] for _ in range(args.repeats)]
     compacted = runs[-1][3]
     fresh = copy.deepcopy(prefilled)
     row: dict[str, Any] = {
@@ -205,6 +211,8 @@ def compaction_speed(model, spec: MethodSpec, ids: torch.Tensor, args: argparse.
         "compaction_seconds": statistics.median(seconds),
         "compaction_seconds_min": min(seconds),
         "compaction_seconds_all": seconds,
+        "layer_loop_seconds": statistics.median(layer_loop),
+        "layer_loop_seconds_all": layer_loop,
         "compaction_peak_bytes": runs[-1][1],
         "compaction_extra_peak_bytes": runs[-1][2],
         "compaction_host_syncs": host_syncs(args.device, lambda: fresh.compact(args.budget)),
@@ -270,9 +278,9 @@ def _mib(value: int | None) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per method: compaction time (median, per layer), host syncs, peak memory, prefill speed."""
     lines = [
-        "| method | compaction s (median) | min s | ms / layer | host syncs | compaction peak MiB (+extra) "
-        "| prefill tok/s | prefill compactions | prefill peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | compaction s (median) | min s | layer by layer s | ms / layer | host syncs "
+        "| compaction peak MiB (+extra) | prefill tok/s | prefill compactions | prefill peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         syncs = "-" if row["compaction_host_syncs"] is None else str(row["compaction_host_syncs"])
@@ -280,6 +288,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
                    f"{_mib(row['prefill_peak_bytes'])}") if "prefill_seconds" in row else "- | - | -"
         lines.append(
             f"| {row['method']} | {row['compaction_seconds']:.4f} | {row['compaction_seconds_min']:.4f} | "
+            f"{row['layer_loop_seconds']:.4f} | "
             f"{1000 * row['compaction_seconds'] / row['layers']:.2f} | {syncs} | "
             f"{_mib(row['compaction_peak_bytes'])} (+{_mib(row['compaction_extra_peak_bytes'])}) | {prefill} |"
         )
@@ -335,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out is not None:  # after every method, so that a run cut short keeps what it measured
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2))
-        print(f"{spec.label}: compaction {row['compaction_seconds']:.4f} s", flush=True)
+        print(f"{spec.label}: compaction {row['compaction_seconds']:.4f} s, layer by layer {row['layer_loop_seconds']:.4f} s",
+              flush=True)
     print(markdown_table(report["results"]))
     return 0
 

@@ -5,14 +5,16 @@ The pieces:
 * :mod:`metakv_cl.kv.protocol`: the compaction protocol
   ``compact(keys, values, queries, budget) -> (keys, values, bias)`` and shared helpers;
 * :mod:`metakv_cl.kv.methods`: the methods (Attention Matching, attention-guided mixed
-  precision, H2O, StreamingLLM sinks, sliding window, random, KIVI int8/int4, moving and
-  cumulative averages, compressive memory, full), selectable by name with :func:`get_method`;
+  precision, H2O, SnapKV, PyramidKV, TOVA, StreamingLLM sinks, sliding window, random, KIVI
+  int8/int4, moving and cumulative averages, compressive memory, full), selectable by name
+  with :func:`get_method`;
 * :mod:`metakv_cl.kv.cache`: :class:`CompactedCache`, a transformers ``Cache`` that compacts
   itself under a byte budget;
 * :mod:`metakv_cl.kv.attention`: the attention functions that add the per-entry bias and
   capture reference queries (:func:`enable_compacted_attention`);
 * :mod:`metakv_cl.kv.streaming`: chunked prefill past the position limit, streaming
   likelihood and ``generate`` from a compacted cache;
+* :mod:`metakv_cl.kv.oneshot`: one-shot compaction, ``with compaction(model, method, budget):``;
 * :mod:`metakv_cl.kv.evaluate`: the ``kv-eval`` (perplexity vs cache size) and ``niah``
   (needle in a haystack) commands; their options: :mod:`metakv_cl.kv.arguments`.
 """
@@ -37,7 +39,9 @@ _EXPORTS = {
     "available_methods": "registry",
     "get_method": "registry",
     "register_method": "registry",
+    "compaction": "oneshot",
     "chunked_prefill": "streaming",
+    "continuation_log_likelihood": "streaming",
     "generate": "streaming",
     "stream_log_likelihood": "streaming",
 }

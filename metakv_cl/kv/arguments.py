@@ -12,6 +12,7 @@ from pathlib import Path
 TINY_RANDOM_GPT2 = "gpt2-tiny-random"
 SMOLLM2 = "smollm2"
 DEFAULT_BUDGETS = (0.5, 0.2, 0.1, 0.05, 0.02)
+PROTOCOLS = ("streaming", "oneshot")
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,9 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headroom", type=float, default=0.1, help="share of the cache freed by each compaction")
     parser.add_argument("--reference-queries", type=int, default=1024, help="reference queries kept per KV head")
     parser.add_argument("--repeat-queries", action="store_true", help="re-read each chunk to capture extra reference queries")
-    parser.add_argument("--data-root", type=Path, default=None, help="folder holding wikitext2/valid.txt")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="a text file (WikiText titles split it into articles), a folder of .txt articles, or a folder "
+                             "holding wikitext2/valid.txt (default: the shared data folder)")
     parser.add_argument("--out-dir", type=Path, required=True, help="where the JSON and PNG files go")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0)
@@ -38,9 +41,12 @@ def kv_eval_parser() -> argparse.ArgumentParser:
         prog="metakv-cl kv-eval", description="perplexity of long-text continuations against cache size"
     )
     _common_arguments(parser)
-    parser.add_argument("--articles", type=int, default=2, help="WikiText-2 articles (read as one batch)")
+    parser.add_argument("--articles", type=int, default=2, help="articles read (as one batch)")
     parser.add_argument("--context", type=int, default=2048, help="context tokens read through the cache")
     parser.add_argument("--continuation", type=int, default=256, help="continuation tokens scored")
+    parser.add_argument("--protocol", default="streaming",
+                        help="streaming (compact as the context streams in), oneshot (read the context, compact once, "
+                             "score the continuation) or both, comma-separated: oneshot,streaming")
     return parser
 
 

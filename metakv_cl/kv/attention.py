@@ -165,7 +165,8 @@ def compacted_attention(
     if validity is not None:
         weights = weights * validity[:, None, :, None]  # padding queries give no attention
     grouped = weights.reshape(batch, key.shape[1], groups * queries, entries)
-    layer.receive_attention(AttentionReceived(total=grouped.sum(dim=2), peak=grouped.amax(dim=2)))
+    latest = weights[:, :, -1].reshape(batch, key.shape[1], groups, entries).mean(dim=2)
+    layer.receive_attention(AttentionReceived(total=grouped.sum(dim=2), peak=grouped.amax(dim=2), latest=latest))
     weights = torch.nn.functional.dropout(weights.to(query.dtype), p=dropout, training=module.training)
     output = (weights @ values_full).transpose(1, 2).contiguous()
     return output, weights

@@ -14,7 +14,10 @@ the layer compacts what it holds, before appending the new tokens, down to
 fraction of the held tokens' full-precision size. The headroom batches compactions (one every
 ``headroom * max_tokens`` decoded tokens instead of one per token). A forward call with more new
 tokens than the capacity leaves room for (a prompt longer than the cache) exceeds it while
-that call runs.
+that call runs. With ``max_tokens=None`` the cache never compacts on its own: it compacts all
+layers when :meth:`CompactedCache.compact` is called (one-shot compaction, see
+:mod:`metakv_cl.kv.oneshot`). A method's :meth:`~metakv_cl.kv.protocol.KVCompressor.layer_share`
+scales each layer's capacity (PyramidKV's layer budgets).
 
 Positions (``position_policy``):
 
@@ -46,7 +49,16 @@ from typing import Any, Iterator
 import torch
 
 from metakv_cl.kv.attention import bind_keys
-from metakv_cl.kv.protocol import MASKED_BIAS, AttentionReceived, KVCompressor, float32_math, gather_tokens, validate_budget
+from metakv_cl.kv.protocol import (
+    MASKED_BIAS,
+    AttentionReceived,
+    CompactedKV,
+    KVCompressor,
+    attention_from_queries,
+    float32_math,
+    gather_tokens,
+    validate_budget,
+)
 from metakv_cl.kv.quantization import KVStorage, owned
 from metakv_cl.kv.registry import get_method
 from transformers.cache_utils import Cache, DynamicLayer
@@ -66,8 +78,10 @@ class CompactedLayer(DynamicLayer):
         key_storage, value_storage: :class:`~metakv_cl.kv.quantization.KVStorage`.
         bias: per-entry additive attention bias [batch, kv_heads, entries] (float32), or None.
         importance: the method's per-entry attention statistic, when it tracks attention.
-        reference_queries: the latest queries (pre-scaled, grouped per KV head), when the
-            method needs them [batch, kv_heads, n, head_dim].
+        reference_queries: captured queries (pre-scaled, grouped per KV head, token-major), when
+            the method needs them [batch, kv_heads, n, head_dim]: the latest ones or a sample
+            spread over everything read (the method's ``query_sampling``).
+        query_groups: query heads per KV head (rows of ``reference_queries`` per token).
         compactions, compaction_seconds, peak_bytes: statistics.
     """
 
@@ -86,6 +100,9 @@ class CompactedLayer(DynamicLayer):
         self.bias: torch.Tensor | None = None
         self.importance: torch.Tensor | None = None
         self.reference_queries: torch.Tensor | None = None
+        self.query_groups = 1
+        self._query_tokens_read = 0  # tokens whose queries were offered, for evenly spread sampling
+        self._query_stride = 1
         self.compactions = 0
         self.compaction_seconds = 0.0
         self.peak_bytes = 0
@@ -178,10 +195,11 @@ class CompactedLayer(DynamicLayer):
     def _maybe_compact(self, incoming: int) -> None:
         cache = self.cache
         held = self.get_seq_length()
-        if cache.method.unbounded or cache.is_probing or held == 0:
+        if cache.method.unbounded or cache.max_tokens is None or cache.is_probing or held == 0:
             return
         token_bytes = self.full_token_bytes
-        capacity = cache.max_tokens * token_bytes
+        kept_share = min(1.0, cache.max_tokens / max(1, cache.seen_tokens))  # of the tokens read so far
+        capacity = cache.max_tokens * token_bytes * cache.method.layer_share(self.layer_idx, cache.layer_count(), kept_share)
         incoming_bytes = incoming * token_bytes
         fraction = 1.0
         if self.nbytes + incoming_bytes > capacity:
@@ -193,8 +211,14 @@ class CompactedLayer(DynamicLayer):
         if fraction < 1.0 or max_entries is not None:
             self.compact(fraction, max_entries)
 
-    def compact(self, budget: float, max_entries: int | None = None) -> None:
+    def compact(self, budget: float, max_entries: int | None = None, method: KVCompressor | None = None) -> None:
         """Compact this layer to ``budget`` of its held tokens' full-precision size (and at most ``max_entries`` entries).
+
+        Args:
+            budget: fraction in (0, 1] of the held tokens' full-precision size to keep.
+            max_entries: a cap on the entries kept, or None.
+            method: the method to compact with (default: the cache's own); see
+                :meth:`compaction_inputs` for what a method that tracks attention receives.
 
         Raises:
             ValueError: budget outside (0, 1], or a method result of the wrong shape.
@@ -202,20 +226,42 @@ class CompactedLayer(DynamicLayer):
         budget = validate_budget(budget)
         if self.get_seq_length() == 0:
             return
-        method = self.cache.method
-        keys, values = self.key_storage.to_float(), self.value_storage.to_float()
+        method = self.cache.method if method is None else method
+        inputs = self.compaction_inputs(method)
         started = time.perf_counter()
-        with float32_math(keys.device):  # compaction runs inside the model's forward, under its autocast
-            result = method.compact(
-                keys, values, self.reference_queries, budget, bias=self.bias, importance=self.importance, max_entries=max_entries
-            )
+        with float32_math(inputs["keys"].device):  # compaction runs inside the model's forward, under its autocast
+            result = method.compact(budget=budget, max_entries=max_entries, **inputs)
         self.compaction_seconds += time.perf_counter() - started
-        if result.keys is keys and result.values is values:
+        self.apply_compaction(result, inputs)
+
+    def compaction_inputs(self, method: KVCompressor) -> dict[str, Any]:
+        """The keyword arguments of ``method.compact`` for this layer, all but the budget and the cap.
+
+        A method that tracks attention gets the layer's own statistic when it is the cache's
+        method; another one gets the attention of the captured reference queries
+        (:func:`~metakv_cl.kv.protocol.attention_from_queries`), or None when there are none.
+        """
+        keys, values = self.key_storage.to_float(), self.value_storage.to_float()
+        importance = self.importance if method is self.cache.method else None
+        if method.tracks_attention and importance is None and self.reference_queries is not None:
+            received = attention_from_queries(keys, self.reference_queries, self.bias, self.query_groups)
+            importance = method.update_importance(method.initial_importance(keys), received)
+        return {"keys": keys, "values": values, "queries": self.reference_queries, "bias": self.bias,
+                "importance": importance, "query_groups": self.query_groups}
+
+    def apply_compaction(self, result: CompactedKV, inputs: dict[str, Any]) -> None:
+        """Hold ``result``, the compaction of ``inputs`` (from :meth:`compaction_inputs`).
+
+        Raises:
+            ValueError: keys, values and bias of different lengths.
+        """
+        method = self.cache.method
+        if result.keys is inputs["keys"] and result.values is inputs["values"]:
             return  # nothing changed
         key_storage, value_storage = KVStorage.wrap(result.keys), KVStorage.wrap(result.values)
         entries = key_storage.seq_len
         if value_storage.seq_len != entries or (result.bias is not None and result.bias.shape[-1] != entries):
-            raise ValueError(f"{type(method).__name__} returned keys, values and bias of different lengths")
+            raise ValueError("a compaction returned keys, values and bias of different lengths")
         self.key_storage, self.value_storage = key_storage, value_storage
         bias = None if result.bias is None else owned(result.bias.float())
         # Entries that carried a bias in may carry an all-zero one out (padding dropped): drop it, so
@@ -291,13 +337,30 @@ class CompactedLayer(DynamicLayer):
         self.bias[..., -new:] = torch.where(valid, 0.0, MASKED_BIAS).unsqueeze(1).to(self.bias.dtype)
 
     def add_reference_queries(self, queries: torch.Tensor, groups: int) -> None:
-        """Keep the latest ``cache.reference_queries`` query vectors per KV head (queries [b, heads, q, d], scaled)."""
+        """Keep up to ``cache.reference_queries`` query vectors per KV head (queries [b, heads, q, d], scaled).
+
+        Whole tokens are kept (all ``groups`` query heads of a KV head): the latest ones, or,
+        for methods whose ``query_sampling`` is ``"spread"``, the tokens whose index is a
+        multiple of a stride that doubles whenever the sample outgrows its room, so the sample
+        stays evenly spread over everything read.
+        """
         batch, heads, count, dim = queries.shape
-        # Token-major order, so that dropping the oldest rows drops the oldest tokens.
-        grouped = queries.reshape(batch, heads // groups, groups, count, dim).transpose(2, 3).reshape(batch, heads // groups, -1, dim)
-        grouped = grouped.detach().float()
-        stacked = grouped if self.reference_queries is None else torch.cat([self.reference_queries, grouped], dim=2)
-        self.reference_queries = stacked[:, :, -self.cache.reference_queries :]
+        kv_heads = heads // groups
+        per_token = queries.reshape(batch, kv_heads, groups, count, dim).transpose(2, 3).detach().float()
+        held = None if self.reference_queries is None else self.reference_queries.reshape(batch, kv_heads, -1, groups, dim)
+        room = max(1, self.cache.reference_queries // groups)
+        if self.cache.method.query_sampling == "spread":
+            first = (-self._query_tokens_read) % self._query_stride  # the first new token on the stride
+            fresh = per_token[:, :, first :: self._query_stride]
+            stacked = fresh if held is None else torch.cat([held, fresh], dim=2)
+            while stacked.shape[2] > room:
+                stacked = stacked[:, :, ::2]  # tokens 0, s, 2s, ... become 0, 2s, 4s, ...
+                self._query_stride *= 2
+        else:
+            stacked = (per_token if held is None else torch.cat([held, per_token], dim=2))[:, :, -room:]
+        self._query_tokens_read += count
+        self.query_groups = groups
+        self.reference_queries = stacked.reshape(batch, kv_heads, -1, dim).contiguous()
 
     def receive_attention(self, received: AttentionReceived) -> None:
         self.importance = self.cache.method.update_importance(self.importance, received)
@@ -318,13 +381,21 @@ class CompactedLayer(DynamicLayer):
         return self.key_storage.tensors() + self.value_storage.tensors() + ([] if self.bias is None else [self.bias])
 
 
+def _stacking_signature(inputs: dict[str, Any]) -> tuple:
+    """What layers must share to be compacted in one stacked call: shapes, dtypes and which inputs exist."""
+    return tuple((name, None if value is None else (tuple(value.shape), value.dtype, value.device))
+                 if isinstance(value, torch.Tensor) or value is None else (name, value)
+                 for name, value in sorted(inputs.items()))
+
+
 class CompactedCache(Cache):
     """A ``Cache`` whose layers compact themselves with a compaction method (see the module docstring).
 
     Args:
         method: a registered method name (see :func:`~metakv_cl.kv.registry.available_methods`)
             or a method instance.
-        max_tokens: capacity in full-precision tokens (required unless the method is ``full``).
+        max_tokens: capacity in full-precision tokens, or None: the cache then never compacts on
+            its own, only when :meth:`compact` is called (one-shot compaction).
         config: the model config (picks the position policy and the position limit).
         headroom: share of the capacity freed by each compaction beyond the incoming tokens,
             in [0, 1).
@@ -353,8 +424,6 @@ class CompactedCache(Cache):
             raise ValueError("method keyword arguments are only accepted with a method name")
         if not isinstance(method, KVCompressor):
             raise ValueError(f"{type(method).__name__} is not a KVCompressor (the compaction protocol of metakv_cl.kv)")
-        if max_tokens is None and not method.unbounded:
-            raise ValueError(f"max_tokens is required for {type(method).__name__} (only the full cache is unbounded)")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if not 0.0 <= headroom < 1.0:
@@ -375,6 +444,7 @@ class CompactedCache(Cache):
         # Under the "kept" policy positions count entries, so entries are capped as well as bytes
         # (a quantized cache would otherwise hold more entries than the position table).
         self.entry_limit = max_tokens if self.position_policy == "kept" and self.position_limit is not None else None
+        self.configured_layers = None if config is None else getattr(config, "num_hidden_layers", None)
         self.seen_tokens = 0
         self._probing = False
 
@@ -458,11 +528,57 @@ class CompactedCache(Cache):
             for layer, length in zip(self.layers, lengths):
                 layer.truncate(layer.get_seq_length() - length)
 
-    def compact(self, budget: float) -> None:
-        """Compact every layer now, to ``budget`` (in (0, 1]) of its held full-precision size."""
+    def layer_count(self) -> int:
+        """Layers of the model (from its config), or the layers created so far when no config was given."""
+        return self.configured_layers or len(self.layers)
+
+    def compact(self, budget: float, *, method: str | KVCompressor | None = None, batch_layers: bool = True) -> None:
+        """Compact every layer now, to ``budget`` of its held full-precision size (one-shot compaction).
+
+        Args:
+            budget: fraction in (0, 1] kept (times the method's
+                :meth:`~metakv_cl.kv.protocol.KVCompressor.layer_share` of each layer).
+            method: compact with this method (a name or an instance) instead of the cache's own:
+                one prefill can be compacted by every method (see
+                :meth:`CompactedLayer.compaction_inputs` for methods that track attention).
+            batch_layers: for methods whose ``rows_independent`` is set, stack the layers that
+                share shapes and budget along the batch axis and compact them in one call (the
+                same result as layer by layer, without a Python loop over layers).
+
+        Raises:
+            ValueError: budget outside (0, 1], or an unknown method.
+        """
         budget = validate_budget(budget)
+        method = self.method if method is None else get_method(method) if isinstance(method, str) else method
+        batches: dict[Any, list[tuple[CompactedLayer, dict[str, Any]]]] = {}
         for layer in self.layers:
-            layer.compact(budget)
+            layer_budget = min(1.0, budget * method.layer_share(layer.layer_idx, self.layer_count(), budget))
+            if layer.get_seq_length() == 0 or layer_budget >= 1.0:
+                continue
+            if not (batch_layers and method.rows_independent):
+                layer.compact(layer_budget, method=method)
+                continue
+            inputs = layer.compaction_inputs(method)
+            batches.setdefault((layer_budget, _stacking_signature(inputs)), []).append((layer, inputs))
+        for (layer_budget, _), members in batches.items():
+            self._compact_stacked(method, layer_budget, members)
+
+    @staticmethod
+    def _compact_stacked(method: KVCompressor, budget: float, members: list[tuple[CompactedLayer, dict[str, Any]]]) -> None:
+        """Compact layers of equal shapes in one call, stacked along the batch axis, and hand each its part."""
+        first = members[0][1]
+        stacked = {name: torch.cat([inputs[name] for _, inputs in members]) if isinstance(value, torch.Tensor) else value
+                   for name, value in first.items()}
+        started = time.perf_counter()
+        with float32_math(first["keys"].device):
+            result = method.compact(budget=budget, **stacked)
+        seconds = (time.perf_counter() - started) / len(members)
+        rows = first["keys"].shape[0]
+        for index, (layer, inputs) in enumerate(members):
+            part = slice(index * rows, (index + 1) * rows)
+            layer.apply_compaction(CompactedKV(*(None if t is None else owned(t[part])
+                                                 for t in (result.keys, result.values, result.bias, result.kept))), inputs)
+            layer.compaction_seconds += seconds
 
     # --- accounting ------------------------------------------------------------------------
     @property

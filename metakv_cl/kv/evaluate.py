@@ -1,12 +1,21 @@
 """Evaluation of compacted KV caches: ``metakv-cl kv-eval`` and ``metakv-cl niah``.
 
-``kv-eval``: perplexity of the continuation of long WikiText-2 articles, read through a cache
-compacted to a budget (a fraction of the context), for every method and budget, with the
-cache's peak bytes, compaction time and throughput, to ``kv_eval.json`` and a plot of
-perplexity against cache size, ``kv_eval.png``::
+``kv-eval``: perplexity of the continuation of long articles (WikiText-2 by default, or
+``--data-root``: any text file or folder of ``.txt`` articles), read through a cache compacted
+to a budget (a fraction of the context), for every method and budget, with the cache's bytes,
+compaction time and throughput, to ``kv_eval.json`` and a plot of perplexity against cache
+size, ``kv_eval.png``. Two protocols (``--protocol``, one or both):
+
+* ``streaming``: the cache holds the budget from the start and compacts as the context
+  streams in, chunk by chunk (re-compacting what it compacted before);
+* ``oneshot``: the context is read with a full cache, compacted once to the budget, and the
+  continuation is scored through the compacted cache (the protocol of Attention Matching and
+  kvpress; one prefill per method serves every budget).
+
+::
 
     metakv-cl kv-eval --model smollm2 --articles 2 --context 2048 --continuation 256 \\
-        --budgets 0.5,0.2,0.1,0.05,0.02 --out-dir results/kv
+        --budgets 0.5,0.2,0.1,0.05,0.02 --protocol oneshot,streaming --out-dir results/kv
 
 ``niah``: needle in a haystack. A passcode sentence is placed at chosen depths of WikiText
 haystacks of chosen lengths; the model reads the haystack through the compacted cache and
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import json
 import math
 import re
@@ -34,10 +44,17 @@ from typing import Any, Sequence
 
 import torch
 
-from metakv_cl.kv.arguments import SMOLLM2, TINY_RANDOM_GPT2, kv_eval_parser, niah_parser
+from metakv_cl.files import read_text
+from metakv_cl.kv.arguments import PROTOCOLS, SMOLLM2, TINY_RANDOM_GPT2, kv_eval_parser, niah_parser
 from metakv_cl.kv.cache import CompactedCache
 from metakv_cl.kv.registry import available_methods, get_method
-from metakv_cl.kv.streaming import chunked_prefill, default_chunk_size, generate, stream_log_likelihood
+from metakv_cl.kv.streaming import (
+    chunked_prefill,
+    continuation_log_likelihood,
+    default_chunk_size,
+    generate,
+    stream_log_likelihood,
+)
 
 ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
 
@@ -105,13 +122,48 @@ def wikitext_articles(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"WikiText file not found: {path} (see ../shared/data/README.md, or pass --data-root)")
+    return split_at_titles(read_text(path, "WikiText file"))
+
+
+def split_at_titles(text: str) -> list[str]:
+    """The articles of a WikiText-formatted text (each starts at a `` = Title = `` line); [] if it has no titles."""
     articles: list[list[str]] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         if ARTICLE_HEADING.match(line):
             articles.append([])
         if articles:
             articles[-1].append(line)
     return ["\n".join(lines) for lines in articles]
+
+
+def long_articles(source: str | Path | None) -> list[str]:
+    """The articles of ``--data-root``: a text file, a folder of ``.txt`` articles, or the shared data folder.
+
+    Args:
+        source: a text file (split at WikiText `` = Title = `` lines when it has them, else one
+            article); a folder holding ``wikitext2/valid.txt`` (the shared data, also the
+            default when None); or any other folder, whose ``.txt`` files (sorted by name) are
+            one article each.
+
+    Returns:
+        The articles' texts.
+
+    Raises:
+        FileNotFoundError: the path does not exist, or a folder holds no ``.txt`` file.
+        ValueError: a file is not UTF-8 text.
+    """
+    path = Path(source) if source is not None else default_data_root()
+    if path.is_file():
+        text = read_text(path, "article file")
+        return split_at_titles(text) or [text]
+    if (path / "wikitext2" / "valid.txt").is_file():
+        return wikitext_articles(path / "wikitext2" / "valid.txt")
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no .txt articles (and no wikitext2/valid.txt); pass a text file or a folder of .txt files")
+        return [read_text(file, "article file") for file in files]
+    raise FileNotFoundError(f"--data-root {path} is neither a text file nor a folder (see ../shared/data/README.md)")
 
 
 def article_windows(tokenizer, articles: Sequence[str], length: int, count: int) -> torch.Tensor:
@@ -155,6 +207,16 @@ def _methods(spec: str) -> list[str]:
     for name in names:
         get_method(name)  # unknown names fail here, listing the known ones
     return names
+
+
+def _protocols(spec: str) -> list[str]:
+    protocols = [p.strip() for p in spec.split(",") if p.strip()]
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r} in --protocol; choose from {', '.join(PROTOCOLS)} (comma-separated)")
+    if not protocols:
+        raise ValueError(f"--protocol needs at least one of {', '.join(PROTOCOLS)}")
+    return protocols
 
 
 def _budgets(spec: str) -> list[float]:
@@ -201,8 +263,8 @@ def _skip_reason(cache: CompactedCache, chunk: int, total: int) -> str | None:
 
 # --- perplexity ----------------------------------------------------------------------------
 def perplexity_sweep(model, token_windows: torch.Tensor, context: int, methods: Sequence[str], budgets: Sequence[float],
-                     settings: RunSettings, log=None, on_row=None) -> list[dict[str, Any]]:
-    """Continuation perplexity for every method and budget.
+                     settings: RunSettings, log=None, on_row=None, protocol: str = "streaming") -> list[dict[str, Any]]:
+    """Continuation perplexity for every method and budget, under one protocol.
 
     Args:
         model: the causal LM.
@@ -212,10 +274,19 @@ def perplexity_sweep(model, token_windows: torch.Tensor, context: int, methods: 
         settings: shared run settings.
         log: progress printer (default: tqdm.write).
         on_row: called with the rows so far after each run (to save partial results).
+        protocol: ``"streaming"`` or ``"oneshot"`` (see the module docstring).
 
     Returns:
-        One dict per run (see the module docstring); skipped runs carry ``skipped``.
+        One dict per run (see the module docstring), each with its ``protocol``; skipped runs
+        carry ``skipped``.
+
+    Raises:
+        ValueError: an unknown protocol.
     """
+    if protocol == "oneshot":
+        return oneshot_sweep(model, token_windows, context, methods, budgets, settings, log, on_row)
+    if protocol != "streaming":
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     from tqdm.auto import tqdm
 
     log = log or tqdm.write
@@ -227,7 +298,8 @@ def perplexity_sweep(model, token_windows: torch.Tensor, context: int, methods: 
     for method, budget in tqdm(runs, desc="kv-eval", unit="run"):
         cache = settings.cache(model, method, budget, context)
         chunk = default_chunk_size(cache, settings.chunk_size)
-        row: dict[str, Any] = {"method": method, "budget": budget, "max_tokens": cache.max_tokens, "chunk_size": chunk}
+        row: dict[str, Any] = {"protocol": "streaming", "method": method, "budget": budget, "max_tokens": cache.max_tokens,
+                               "chunk_size": chunk}
         reason = _skip_reason(cache, 2 * chunk if settings.repeat_queries else chunk, total)
         if reason is not None:
             rows.append({**row, "skipped": reason})
@@ -264,8 +336,61 @@ def perplexity_sweep(model, token_windows: torch.Tensor, context: int, methods: 
     return rows
 
 
+def oneshot_sweep(model, token_windows: torch.Tensor, context: int, methods: Sequence[str], budgets: Sequence[float],
+                  settings: RunSettings, log=None, on_row=None) -> list[dict[str, Any]]:
+    """Continuation perplexity after one compaction of the whole context, for every method and budget.
+
+    Per method, the context is read once with a full cache that captures what the method needs
+    (:mod:`metakv_cl.kv.oneshot`); each budget compacts a copy of it (all layers at once) and
+    scores the continuation through it. Arguments and rows as :func:`perplexity_sweep`; a row's
+    ``cache_bytes`` is the compacted cache's size and ``compaction_seconds`` the compaction's time.
+    """
+    from tqdm.auto import tqdm
+
+    log = log or tqdm.write
+    rows: list[dict[str, Any]] = []
+    device = next(model.parameters()).device
+    ids = token_windows.to(device)
+    for method in tqdm(methods, desc="kv-eval oneshot", unit="method"):
+        compressor = get_method(method, **settings.method_options.get(method, {}))
+        prefilled = CompactedCache(compressor, None, config=model.config, reference_queries=settings.reference_queries)
+        chunk = default_chunk_size(prefilled, settings.chunk_size)
+        method_budgets = [1.0] if compressor.unbounded else budgets
+        reason = _skip_reason(prefilled, chunk, ids.shape[1])
+        if reason is not None:
+            rows.extend({"protocol": "oneshot", "method": method, "budget": b, "skipped": reason} for b in method_budgets)
+            log(f"skip {method}: {reason}")
+            continue
+        started = time.perf_counter()
+        last_logits = chunked_prefill(model, prefilled, ids[:, :context], chunk_size=chunk)
+        prefill_seconds = time.perf_counter() - started
+        full_bytes = prefilled.nbytes
+        for budget in method_budgets:
+            cache = copy.deepcopy(prefilled)
+            started = time.perf_counter()
+            cache.compact(budget)
+            compaction_seconds = time.perf_counter() - started
+            cache_bytes = cache.nbytes
+            nll, scored = continuation_log_likelihood(model, cache, last_logits, ids[:, context:], chunk_size=chunk)
+            row = {
+                "protocol": "oneshot", "method": method, "budget": budget, "chunk_size": chunk,
+                "perplexity": math.exp(nll / scored), "nll_per_token": nll / scored, "scored_tokens": scored,
+                "cache_bytes": cache_bytes, "context_full_bytes": full_bytes, "cache_fraction_of_full": cache_bytes / full_bytes,
+                "compaction_seconds": compaction_seconds, "prefill_seconds": prefill_seconds,
+            }
+            rows.append(row)
+            log(f"{method:>20} @ {budget:<5g} one-shot ppl {row['perplexity']:9.3f}  cache {cache_bytes / 2**20:8.2f} MiB  "
+                f"compaction {compaction_seconds:7.2f} s")
+            if on_row is not None:
+                on_row(rows)
+    return rows
+
+
 def plot_perplexity(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Perplexity against peak cache size (MiB, log scale), one line per method."""
+    """Perplexity against cache size (MiB, log scale), one line per method and protocol.
+
+    The size is the peak while streaming, and the compacted cache's size one-shot.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,17 +399,21 @@ def plot_perplexity(rows: Sequence[dict[str, Any]], path: Path, title: str) -> N
     figure, axis = plt.subplots(figsize=(8, 5.5))
     done = [r for r in rows if "skipped" not in r]
     colors, markers = plt.get_cmap("tab20").colors, "os^vD<>ph*Xd"
-    for index, method in enumerate(sorted({r["method"] for r in done})):
-        points = sorted((r["peak_bytes"] / 2**20, r["perplexity"]) for r in done if r["method"] == method)
+    protocols = {r["protocol"] for r in done}
+    for index, (method, protocol) in enumerate(sorted({(r["method"], r["protocol"]) for r in done})):
+        points = sorted((r.get("cache_bytes", r.get("peak_bytes")) / 2**20, r["perplexity"]) for r in done
+                        if (r["method"], r["protocol"]) == (method, protocol))
         xs, ys = zip(*points)
-        style = {"color": colors[2 * index % 20 + index // 10], "label": method}
+        label = method if len(protocols) == 1 else f"{method} ({protocol})"
+        style = {"color": colors[2 * index % 20 + index // 10], "label": label,
+                 "linestyle": "--" if protocol == "oneshot" and len(protocols) > 1 else "-"}
         if len(points) == 1:
             axis.scatter(xs, ys, marker="*", s=160, zorder=3, **style)
         else:
             axis.plot(xs, ys, marker=markers[index % len(markers)], **style)
     axis.set_xscale("log")
     axis.set_yscale("log")
-    axis.set_xlabel("peak KV cache size (MiB, all layers)")
+    axis.set_xlabel("KV cache size (MiB, all layers; streaming: peak, one-shot: compacted)")
     axis.set_ylabel("continuation perplexity")
     axis.set_title(title)
     axis.grid(True, which="both", alpha=0.3)
@@ -433,15 +562,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--articles, --context and --continuation must be >= 1")
         model, tokenizer = load_model(args.model, meta_kv=args.meta_kv, meta_kv_weights=args.meta_kv_weights,
                                       seed=args.seed, device=args.device)
-        articles = wikitext_articles((args.data_root or default_data_root()) / "wikitext2" / "valid.txt")
+        protocols = _protocols(args.protocol)
+        articles = long_articles(args.data_root)
         windows = article_windows(tokenizer, articles, args.context + args.continuation, args.articles)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    config = {**vars(args), "methods": methods, "budgets": budgets, "model_class": type(model).__name__}
-    rows = perplexity_sweep(model, windows, args.context, methods, budgets, _settings(args),
-                            on_row=lambda partial: _write(args.out_dir, "kv_eval", config, partial))
+    config = {**vars(args), "methods": methods, "budgets": budgets, "protocols": protocols,
+              "model_class": type(model).__name__}
+    rows: list[dict[str, Any]] = []
+    for protocol in protocols:
+        done = list(rows)
+        rows = done + perplexity_sweep(
+            model, windows, args.context, methods, budgets, _settings(args), protocol=protocol,
+            on_row=lambda partial: _write(args.out_dir, "kv_eval", config, done + partial),
+        )
     path = _write(args.out_dir, "kv_eval", config, rows)
-    title = f"{args.model}: {args.articles} WikiText-2 articles, {args.context}-token context"
+    source = "WikiText-2" if args.data_root is None else Path(args.data_root).name
+    title = f"{args.model}: {args.articles} {source} articles, {args.context}-token context, {' and '.join(protocols)}"
     plot_perplexity(rows, args.out_dir / "kv_eval.png", title)
     print(f"wrote {path} and {args.out_dir / 'kv_eval.png'}")
     return 0
@@ -463,7 +600,7 @@ def niah_main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("depths must be in [0, 1], lengths >= 8 and samples >= 1")
         model, tokenizer = load_model(args.model, meta_kv=args.meta_kv, meta_kv_weights=args.meta_kv_weights,
                                       seed=args.seed, device=args.device)
-        articles = wikitext_articles((args.data_root or default_data_root()) / "wikitext2" / "valid.txt")
+        articles = long_articles(args.data_root)
         haystack = tokenizer("\n".join(articles), add_special_tokens=False)["input_ids"]
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))

@@ -29,6 +29,9 @@ Conventions:
   KV head (grouped-query attention) are stacked along n.
 * ``bias`` on input is the bias the entries already carry (from an earlier compaction, or
   :data:`MASKED_BIAS` for padding); methods must account for it.
+* ``query_groups`` is the number of query heads per KV head: the rows of ``queries`` are
+  token-major, ``query_groups`` consecutive rows per token (so the last ``w * query_groups``
+  rows are the queries of the last ``w`` tokens when the queries are the most recent ones).
 * ``importance`` is the per-entry attention statistic the cache tracks for methods that set
   ``tracks_attention`` (see :meth:`KVCompressor.update_importance`).
 * Entries stay in chronological order (merged entries take the place of their block), except
@@ -82,10 +85,40 @@ class AttentionReceived:
         total: summed over the call's queries and the query heads of each KV head
             [batch, kv_heads, entries].
         peak: the maximum over the same queries and heads [batch, kv_heads, entries].
+        latest: the attention of the call's last query, averaged over the query heads of each
+            KV head [batch, kv_heads, entries] (what TOVA ranks by).
     """
 
     total: torch.Tensor
     peak: torch.Tensor
+    latest: torch.Tensor
+
+
+def attention_from_queries(keys: torch.Tensor, queries: torch.Tensor, bias: torch.Tensor | None,
+                           query_groups: int) -> AttentionReceived:
+    """The attention that reference queries give the entries, as if they had been tracked during the reads.
+
+    Lets a method that tracks attention compact a cache that was read without tracking (one
+    prefill, then any method). The queries attend to every entry, later ones included (the
+    captured queries carry no positions); for queries of the last tokens, as in one-shot
+    compaction, only the queries inside that window see entries after them.
+
+    Args:
+        keys: [batch, kv_heads, entries, head_dim]; queries: [batch, kv_heads, n, head_dim],
+            pre-scaled, token-major with ``query_groups`` rows per token; bias: [batch, kv_heads,
+            entries] or None.
+        query_groups: query heads per KV head.
+
+    Returns:
+        :class:`AttentionReceived` of the queries.
+    """
+    with float32_math(keys.device):
+        scores = queries.float() @ keys.float().transpose(-1, -2)
+        if bias is not None:
+            scores = scores + bias.float().unsqueeze(-2)
+        weights = torch.softmax(scores, dim=-1)
+    latest = weights[:, :, -query_groups:].mean(dim=2)
+    return AttentionReceived(total=weights.sum(dim=2), peak=weights.amax(dim=2), latest=latest)
 
 
 def float32_math(device: torch.device) -> torch.autocast:
@@ -208,11 +241,19 @@ class KVCompressor(ABC):
         needs_queries: the cache captures reference queries for :meth:`compact`.
         unbounded: the method never drops anything (the full cache); the cache ignores its
             capacity.
+        query_sampling: which reference queries the cache keeps when it captures more than it
+            may hold: ``"recent"`` (the latest ones) or ``"spread"`` (evenly spaced over
+            everything read so far).
+        rows_independent: the method compacts every (batch row, KV head) on its own, with no
+            state carried between calls, so the cache may stack layers along the batch axis
+            and compact a whole model in one call (same result as layer by layer).
     """
 
     tracks_attention: ClassVar[bool] = False
     needs_queries: ClassVar[bool] = False
     unbounded: ClassVar[bool] = False
+    query_sampling: ClassVar[str] = "recent"
+    rows_independent: ClassVar[bool] = False
 
     def compact(
         self,
@@ -224,6 +265,7 @@ class KVCompressor(ABC):
         bias: torch.Tensor | None = None,
         importance: torch.Tensor | None = None,
         max_entries: int | None = None,
+        query_groups: int = 1,
     ) -> CompactedKV:
         """Compact one layer's cache to ``budget`` of its full-precision size.
 
@@ -236,25 +278,31 @@ class KVCompressor(ABC):
             importance: the cache's per-entry attention statistic [batch, kv_heads, tokens].
             max_entries: a cap on the number of entries, beside the byte budget (models with
                 learned positions cannot hold more entries than their position table).
+            query_groups: query heads per KV head (rows of ``queries`` per token).
 
         Returns:
             :class:`CompactedKV` (unpacks as ``keys, values, bias``).
 
         Raises:
-            ValueError: a budget outside (0, 1], a cap below 1 or inconsistent shapes.
+            ValueError: a budget outside (0, 1], a cap below 1, query groups that do not divide
+                the queries, or inconsistent shapes.
         """
         budget = validate_budget(budget)
         validate_inputs(keys, values, queries, bias, importance)
         if max_entries is not None and max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        if query_groups < 1 or (queries is not None and queries.shape[-2] % query_groups):
+            rows = None if queries is None else queries.shape[-2]
+            raise ValueError(f"query_groups must be >= 1 and divide the {rows} query rows, got {query_groups}")
         tokens = keys.shape[-2]
         if budget >= 1.0 and (max_entries is None or tokens <= max_entries):
             kept = torch.arange(tokens, device=keys.device).expand(*keys.shape[:2], tokens)
             return CompactedKV(keys, values, bias, kept)
-        return self._compact(keys, values, queries, budget, bias=bias, importance=importance, max_entries=max_entries)
+        return self._compact(keys, values, queries, budget, bias=bias, importance=importance, max_entries=max_entries,
+                             query_groups=query_groups)
 
     @abstractmethod
-    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries, query_groups) -> CompactedKV:
         """Compact validated inputs (``budget < 1``, or more entries than ``max_entries``); arguments as :meth:`compact`."""
 
     def initial_importance(self, like: torch.Tensor) -> torch.Tensor:
@@ -265,13 +313,30 @@ class KVCompressor(ABC):
         """Fold one forward call's attention into the importance (accumulated attention by default)."""
         return importance + received.total
 
+    def layer_share(self, layer: int, layers: int, budget: float) -> float:
+        """Layer ``layer``'s share of the mean per-layer budget among ``layers`` layers (1: every layer alike).
+
+        A method with layer-wise budgets returns shares whose mean over the layers is 1 and
+        with ``budget * share <= 1`` (so at ``budget == 1`` every share is 1 and nothing
+        changes). The cache multiplies the budget of a one-shot compaction, and the capacity of
+        each layer of a cache that compacts as it reads, by it.
+
+        Args:
+            layer: the layer's index; layers: the model's layer count.
+            budget: the mean fraction kept: of the context (one-shot compaction), or of the
+                tokens read so far (a cache that compacts as it reads).
+        """
+        return 1.0
+
 
 class TokenSelector(KVCompressor):
     """Score-and-keep methods: choose ``count`` input tokens per (batch, head); the rest are dropped."""
 
-    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
+    rows_independent: ClassVar[bool] = True
+
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries, query_groups) -> CompactedKV:
         count = entries_for_budget(keys.shape[-2], budget, max_entries)
-        kept = self.select(keys, values, queries, count, bias=bias, importance=importance)
+        kept = self.select(keys, values, queries, count, bias=bias, importance=importance, query_groups=query_groups)
         kept, _ = kept.sort(dim=-1)  # chronological order
         return CompactedKV(
             gather_tokens(keys, kept),
@@ -281,7 +346,7 @@ class TokenSelector(KVCompressor):
         )
 
     @abstractmethod
-    def select(self, keys, values, queries, count: int, *, bias, importance) -> torch.Tensor:
+    def select(self, keys, values, queries, count: int, *, bias, importance, query_groups) -> torch.Tensor:
         """Indices [batch, kv_heads, count] of the tokens to keep (any order); other arguments as :meth:`compact`."""
 
 

@@ -147,6 +147,34 @@ def chunked_prefill(
     return logits
 
 
+@torch.no_grad()
+def continuation_log_likelihood(
+    model: torch.nn.Module,
+    cache: CompactedCache,
+    last_logits: torch.Tensor,
+    continuation: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[float, int]:
+    """Score ``continuation`` read after what ``cache`` holds (for example a context compacted once).
+
+    Args:
+        model: the causal LM.
+        cache: a filled :class:`CompactedCache`.
+        last_logits: logits of the context's last token [batch, vocab] (what
+            :func:`chunked_prefill` returns), which predict the continuation's first token.
+        continuation: [batch, tokens] ids, every one of them scored.
+        chunk_size: tokens per forward call (default :func:`default_chunk_size`).
+
+    Returns:
+        (summed negative log-likelihood, number of scored tokens).
+    """
+    continuation = _check_ids(continuation)
+    first = torch.log_softmax(last_logits.float(), dim=-1).gather(-1, continuation[:, :1].to(last_logits.device))
+    nll, scored, _ = stream_log_likelihood(model, cache, continuation, score_from=1, chunk_size=chunk_size)
+    return nll - float(first.sum()), scored + continuation.shape[0]
+
+
 def generate(
     model: torch.nn.Module,
     cache: CompactedCache,

@@ -127,7 +127,10 @@ def test_reported_bytes_are_the_bytes_held(architecture, method):
     cache = CompactedCache(method, capacity, config=model.config)
     chunked_prefill(model, cache, token_ids(2, 240), chunk_size=chunk)
     assert cache.stats()["compactions"] > 0
+    kept_share = capacity / cache.seen_tokens
     for layer in cache.layers:
+        # Layer-wise budgets (PyramidKV): a layer whose share grows as the cache reads holds its final share.
+        capacity = 96 * max(1.0, cache.method.layer_share(layer.layer_idx, cache.layer_count(), kept_share))
         held = layer.tensors()
         # Each tensor owns its storage (no slice keeps a larger base alive) and none is shared.
         assert sum(t.untyped_storage().nbytes() for t in held) == layer.nbytes
@@ -238,8 +241,6 @@ def test_a_model_without_the_attention_wrapper_is_refused():
 def test_bad_cache_arguments_are_rejected():
     with pytest.raises(ValueError, match="unknown KV compaction method"):
         CompactedCache("nope", 10)
-    with pytest.raises(ValueError, match="max_tokens is required"):
-        CompactedCache("h2o")
     with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
         CompactedCache("h2o", 0)
     with pytest.raises(ValueError, match="headroom"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kv_helpers import DATA_ROOT, WIKITEXT
-from metakv_cl.kv.evaluate import main, needle_samples, niah_main, parse_method_options, wikitext_articles
+from metakv_cl.kv.evaluate import long_articles, main, needle_samples, niah_main, parse_method_options, wikitext_articles
 
 needs_wikitext = pytest.mark.skipif(not WIKITEXT.is_file(), reason="../shared/data/wikitext2/valid.txt is absent")
 
@@ -24,6 +24,24 @@ def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit):
         main(["--model", "gpt2-tiny-random", "--data-root", str(tmp_path), "--out-dir", str(tmp_path)])
 
+
+def test_data_root_takes_a_text_file_or_a_folder_of_articles(tmp_path):
+    folder = tmp_path / "articles"
+    folder.mkdir()
+    (folder / "b.txt").write_text("second article")
+    (folder / "a.txt").write_text("first article")
+    assert long_articles(folder) == ["first article", "second article"]
+    plain = tmp_path / "one.txt"
+    plain.write_text("a single long article\nwith two lines")
+    assert long_articles(plain) == ["a single long article\nwith two lines"]
+    titled = tmp_path / "wiki.txt"
+    titled.write_text(" = First = \n text one\n = = Section = = \n more\n = Second = \n text two\n")
+    assert long_articles(titled) == [" = First = \n text one\n = = Section = = \n more", " = Second = \n text two"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no .txt articles"):
+        long_articles(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="neither a text file nor a folder"):
+        long_articles(tmp_path / "missing")
 
 def test_bad_options_are_command_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -91,3 +109,31 @@ def test_niah_writes_accuracy_and_a_heatmap(tmp_path):
     assert (tmp_path / "niah.png").stat().st_size > 10_000
     assert torch.tensor([r["peak_bytes"] for r in report["results"] if r["method"] == "h2o"]).max() < min(
         r["peak_bytes"] for r in report["results"] if r["method"] == "full")
+
+
+def test_kv_eval_reports_both_protocols_on_a_folder_of_articles(tmp_path):
+    from metakv_cl import hub
+
+    hub.offline_gpt2_tokenizer()  # the tiny model's tokenizer; skips below if absent
+    folder = tmp_path / "articles"
+    folder.mkdir()
+    for index in range(2):
+        (folder / f"{index}.txt").write_text(" ".join(f"word{(index * 7 + i) % 50}" for i in range(400)))
+    status = main([
+        "--model", "gpt2-tiny-random", "--data-root", str(folder), "--out-dir", str(tmp_path / "out"),
+        "--articles", "2", "--context", "96", "--continuation", "24", "--budgets", "0.25",
+        "--methods", "full,h2o", "--chunk-size", "32", "--protocol", "oneshot,streaming", "--device", "cpu",
+    ])
+    assert status == 0
+    rows = json.loads((tmp_path / "out" / "kv_eval.json").read_text())["results"]
+    runs = {(r["protocol"], r["method"], r["budget"]) for r in rows}
+    assert runs == {(p, m, b) for p in ("oneshot", "streaming") for m, b in (("full", 1.0), ("h2o", 0.25))}
+    oneshot = {(r["method"], r["budget"]): r for r in rows if r["protocol"] == "oneshot"}
+    assert all(r["scored_tokens"] == 2 * 24 and r["perplexity"] > 1 for r in rows)
+    assert oneshot[("full", 1.0)]["cache_fraction_of_full"] == 1.0
+    assert oneshot[("h2o", 0.25)]["cache_fraction_of_full"] <= 0.25 * (96 + 24) / 96
+    # The full cache scores the same continuation alike under both protocols.
+    streaming_full = next(r for r in rows if r["protocol"] == "streaming" and r["method"] == "full")
+    assert abs(oneshot[("full", 1.0)]["nll_per_token"] - streaming_full["nll_per_token"]) < 1e-4
+    with pytest.raises(SystemExit):
+        main(["--protocol", "batch", "--out-dir", str(tmp_path)])

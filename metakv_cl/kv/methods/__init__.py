@@ -8,9 +8,12 @@ from metakv_cl.kv.methods.full import FullCache
 from metakv_cl.kv.methods.h2o import H2O
 from metakv_cl.kv.methods.kivi import KIVIQuantization
 from metakv_cl.kv.methods.moving_average import MovingAverageSummary
+from metakv_cl.kv.methods.pyramidkv import PyramidKV
 from metakv_cl.kv.methods.random_eviction import RandomEviction
 from metakv_cl.kv.methods.sliding_window import SlidingWindow
+from metakv_cl.kv.methods.snapkv import SnapKV
 from metakv_cl.kv.methods.streaming_llm import SinksWindow
+from metakv_cl.kv.methods.tova import TOVA
 
 __all__ = [
     "AttentionGuidedPrecision",
@@ -21,7 +24,10 @@ __all__ = [
     "H2O",
     "KIVIQuantization",
     "MovingAverageSummary",
+    "PyramidKV",
     "RandomEviction",
     "SinksWindow",
     "SlidingWindow",
+    "SnapKV",
+    "TOVA",
 ]

@@ -40,7 +40,7 @@ class CompressiveMemory(KVCompressor):
         if not 0.0 < self.memory_fraction < 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1), got {self.memory_fraction}")
 
-    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries, query_groups) -> CompactedKV:
         tokens = keys.shape[-2]
         count = entries_for_budget(tokens, budget, max_entries)
         fifo = count - math.floor(count * self.memory_fraction)

@@ -21,5 +21,5 @@ class FullCache(KVCompressor):
 
     unbounded: ClassVar[bool] = True
 
-    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries, query_groups) -> CompactedKV:
         return CompactedKV(keys, values, bias)

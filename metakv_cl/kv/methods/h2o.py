@@ -33,7 +33,7 @@ class H2O(TokenSelector):
         if not 0.0 <= self.recent_fraction <= 1.0:
             raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction}")
 
-    def select(self, keys, values, queries, count, *, bias, importance):
+    def select(self, keys, values, queries, count, *, bias, importance, query_groups):
         tokens = keys.shape[-2]
         recent = min(count, max(1, round(count * self.recent_fraction)))
         heavy = count - recent

@@ -48,7 +48,7 @@ class KIVIQuantization(KVCompressor):
         if self.group_size < 1 or self.residual < 0:
             raise ValueError(f"group_size must be >= 1 and residual >= 0, got {self.group_size} and {self.residual}")
 
-    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries, query_groups) -> CompactedKV:
         tokens, key_dim, value_dim = keys.shape[-2], keys.shape[-1], values.shape[-1]
         itemsize = keys.element_size()
         full = (key_dim + value_dim) * itemsize  # bytes of one token of one head

@@ -36,7 +36,7 @@ class MovingAverageSummary(KVCompressor):
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
 
-    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries, query_groups) -> CompactedKV:
         tokens = keys.shape[-2]
         window = entries_for_budget(tokens, budget, max_entries) - 1
         evicted = tokens - window

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -23,11 +24,12 @@ class RandomEviction(TokenSelector):
     """
 
     seed: int = 0
+    rows_independent: ClassVar[bool] = False  # one generator stream: stacking layers changes the draws
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._generator = torch.Generator().manual_seed(self.seed)
 
-    def select(self, keys, values, queries, count, *, bias, importance):
+    def select(self, keys, values, queries, count, *, bias, importance, query_groups):
         noise = torch.rand(keys.shape[:3], generator=self._generator).to(keys.device)
         return noise.topk(count, dim=-1).indices

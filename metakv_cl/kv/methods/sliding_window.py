@@ -18,5 +18,5 @@ class SlidingWindow(TokenSelector):
     (ICLR 2024), where it collapses once the first tokens leave the window.
     """
 
-    def select(self, keys, values, queries, count, *, bias, importance):
+    def select(self, keys, values, queries, count, *, bias, importance, query_groups):
         return recent_indices(keys.shape[-2], count, keys)

@@ -30,7 +30,7 @@ class SinksWindow(TokenSelector):
         if self.sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
 
-    def select(self, keys, values, queries, count, *, bias, importance):
+    def select(self, keys, values, queries, count, *, bias, importance, query_groups):
         tokens = keys.shape[-2]
         sinks = min(self.sinks, count // 2)
         first = torch.arange(sinks, device=keys.device).expand(*keys.shape[:2], sinks)
