@@ -164,7 +164,7 @@ class EngineClock(pl.Callback):
 
 def training_batches(dataset, args: argparse.Namespace, experience: int, packed: bool) -> Iterable[dict]:
     """The batches the engine's single ``"train"`` fit of ``experience`` draws (same loader, same seed)."""
-    stage = f"exp_{experience:03d}"  # LightningCLStrategy.stage_for
+    stage = f"exp_{experience:03d}"  # ContinualStrategy.stage_for
     data = TrainingDataModule(dataset, batch_size=args.batch_size, seed=derived_seed(args.seed, stage, "train"),
                               pack_length=args.pack_length if packed else None)
     return data.train_dataloader()

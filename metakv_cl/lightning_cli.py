@@ -529,7 +529,8 @@ def _factory(
         try:
             return cls(**arguments, module=module, trainer_kwargs=trainer_kwargs, seed=seed, root_dir=root_dir)
         except ValueError as error:  # a plugin combination or a value the strategy refuses
-            raise ValueError(f"{where} ({cls.__name__}): {error}") from None
+            error.args = (f"{where} ({cls.__name__}): {error}",)  # keeps the error's type (plugin conflicts)
+            raise error from None
 
     return make
 

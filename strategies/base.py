@@ -430,6 +430,7 @@ class ContinualStrategy(BaseTemplate):
         """
         if dataset is None or len(dataset) == 0:
             raise ValueError(f"{self.experience_label()}: nothing to train on in phase {phase!r} (empty dataset)")
+        self._stop_training = False  # a stop_training() ends the fit it was called in, not the next phase
         fit = PhaseFit(phase, dataset, max_epochs=max_epochs, callbacks=list(callbacks))
         plugin_loader = self._plugin_loader if dataset is self.adapted_dataset else None
         for plugin in self.method_plugins:
@@ -587,10 +588,23 @@ class ContinualStrategy(BaseTemplate):
             "matrix_metric": copy.deepcopy(vars(self.matrix_metric)) if self.matrix_metric is not None else None,
             "throughput": self.throughput.state_dict(),
             "plugins": [{"type": type(p).__name__, "state": p.state_dict()} for p in self.method_plugins],
+            "unsaved_plugins": [type(p).__name__ for p in self.plugins_without_saved_state()],
         }
+
+    def plugins_without_saved_state(self) -> list:
+        """Avalanche plugins whose state :meth:`state_dict` cannot save (a ``ReplayPlugin``'s buffer,
+        an ``EWCPlugin``'s importances): a resumed stream would run them from scratch."""
+        return [p for p in self.plugins if not isinstance(p, MethodPlugin) and p is not self.evaluator
+                and p is not self.clock]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; rebuilds model structure before weights load."""
+        unsaved = state.get("unsaved_plugins", [])
+        if unsaved and state["trained_experiences"] > 0:
+            raise ValueError(
+                f"cannot resume: the stream ran with Avalanche plugins whose state is not saved ({', '.join(unsaved)}), "
+                "so a resumed run would differ from an uninterrupted one; start the run again"
+            )
         self.trained_experiences = int(state["trained_experiences"])
         vars(self.clock).update(state["clock"])
         if self.matrix_metric is not None and state.get("matrix_metric") is not None:

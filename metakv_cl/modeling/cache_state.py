@@ -173,8 +173,13 @@ class MetaKVCacheMixin:
         seen = max(states.lengths.values(), default=0)
         # a positive argument is transformers < 5.18's absolute length to keep
         target = seen + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, seen)
-        states.crop_to(target)  # first: a refused crop leaves keys, values and state as they were
-        super().crop(tokens_to_remove)
+        saved = dict(states.states), dict(states.lengths), {layer: list(e) for layer, e in states.history.items()}
+        states.crop_to(target)  # first: a crop the state cannot follow leaves the keys and values alone
+        try:
+            super().crop(tokens_to_remove)
+        except Exception:  # the cache refused (transformers >= 5.18 refuses a positive argument)
+            states.states, states.lengths, states.history = saved
+            raise
 
 
 _CARRYING_CLASSES: dict[type, type] = {}

@@ -180,7 +180,10 @@ class MetaKV(nn.Module):
             )
         memory = self.memory_for(layer)
         memory_state = None if memory is None else memory.state()
-        in_place = states is not None and states.pinned is not None and (state is not None or self.layers[layer].source is None)
+        # pinned tensors (CUDA graphs) take the new state in place; a prefill after a reset, not yet
+        # pinned again, holds ordinary tensors (maybe broadcast views) that must not be written
+        in_place = states is not None and states.pinned is not None and (
+            states.is_pinned(layer) if state is not None else self.layers[layer].source is None)
         fused = self._fused_steps[layer] if self._fused_steps is not None else None
         if in_place and fused is not None and real is None and x.shape[1] == 1 and not torch.is_grad_enabled():
             # Run by the first K/V projection's hook, adding straight into its output.
@@ -261,8 +264,9 @@ def real_queries(mask: torch.Tensor, past: int) -> torch.Tensor:
 
 
 class _PaddingHook:
-    """Decoder pre-hook: remember the 2-D padding mask of this call (None if absent, 4-D or all real)
-    and, for a dynamic source, the packed documents of its rows.
+    """Decoder pre-hook: remember which tokens of this call are real (None if there is no mask, the
+    mask is all real, or a 4-D mask covers one query) and, for a dynamic source, the packed
+    documents of its rows.
 
     An all-real mask is dropped (one host sync per call, outside compiled graphs), so that each
     layer skips its padding work: in one-token decoding that is a third of Meta-KV's kernels.

@@ -117,6 +117,9 @@ class MetaKVModel(nn.Module):
     def disable_meta_kv(self) -> Iterator[None]:
         """Run the base model inside the block: the modulation is off, Meta-KV parameters kept.
 
+        A dynamic meta-state does not read the tokens run inside the block: continue a cache
+        filled inside it inside it, or start a new one after it.
+
         Raises:
             RuntimeError: the modulation is merged into the base weights (call :meth:`unmerge`).
         """

@@ -216,8 +216,8 @@ class AddressedMemory(nn.Module):
 
     s_t is a causal summary of the context (a dynamic source's output), so each input selects
     its own mixture of slots without a task id, and C_t stays causal with no state of its own.
-    Only open slots are read: consolidation opens a group of slots per experience
-    (:meth:`open_slots`) and may freeze earlier ones, while the bank's shape, and so its
+    Only open slots are read (all of them, unless :meth:`open_slots` says otherwise), so a
+    schedule can open a group of slots per experience while the bank's shape, and so its
     checkpoints, stays fixed.
 
     Args:

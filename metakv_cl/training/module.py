@@ -268,7 +268,10 @@ class ContinualLMModule(pl.LightningModule):
             components[name] = value
             loss = loss + value
         if self.loss_hook is not None:
-            loss = self.loss_hook(batch, outputs, loss)
+            hooked = self.loss_hook(batch, outputs, loss)
+            if hooked is not loss:
+                components["plugins"] = hooked - loss  # what Avalanche plugins added at before_backward
+            loss = hooked
         self._watch_loss(loss, components, batch_idx)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
@@ -323,6 +326,14 @@ class ContinualLMModule(pl.LightningModule):
         self._loss_window = []  # what an interrupted earlier fit left unchecked is not this fit's
 
     def on_train_epoch_end(self) -> None:
+        self.check_losses()
+
+    def on_validation_start(self) -> None:
+        # validation inside a fit (val_check_interval, an epoch cut short by limit_train_batches)
+        # must not score weights a queued non-finite step already spoilt
+        self.check_losses()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_losses()
 
     def on_train_end(self) -> None:

@@ -58,7 +58,7 @@ from metakv_cl.runfolder import (
 log = logging.getLogger(__name__)
 
 STATE_DIR = "stream_state"
-STATE_FORMAT = 2
+STATE_FORMAT = 3  # 3: method plugins keep their own state
 # the pickle file of format 1, never loaded: unpickling a file from a shared folder can run code
 _PICKLED_STATE = "state.pt"
 

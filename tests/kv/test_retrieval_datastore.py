@@ -81,3 +81,15 @@ def test_errors_name_the_problem(tmp_path):
         Datastore(0)
     with pytest.raises(FileNotFoundError, match="index.faiss is missing"):
         Datastore.load(tmp_path)
+
+
+def test_an_ivf_probe_with_too_few_vectors_still_returns_k_real_neighbours():
+    """FAISS fills missing neighbours with id -1 when the probed cells hold fewer than k vectors."""
+    vectors = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    store = Datastore(8, index="ivf", ivf_cells=16, ivf_probes=1)
+    store.add(vectors)
+    result = store.search(vectors[:5], k=10)
+    exact = Datastore(8)
+    exact.add(vectors)
+    assert (result.ids >= 0).all()
+    assert torch.equal(result.ids, exact.search(vectors[:5], k=10).ids)

@@ -129,3 +129,18 @@ def test_bad_settings_raise():
     cache = KNNMemoryCache("sliding_window", 16, config=model.config, combine="gate", gate=torch.full((3,), 0.5))
     with pytest.raises(ValueError, match="gate has 3 values, the model has 4 attention heads"):
         chunked_prefill(model, cache, token_ids(1, 40), chunk_size=8)
+
+
+@pytest.mark.parametrize("method", [None, "h2o", "tova"])
+def test_one_shot_compaction_keeps_what_it_drops_in_the_memory(architecture, method):
+    """``cache.compact(budget)`` with the cache's method or any other: the memory gets every departure."""
+    model = build(architecture)
+    ids = token_ids(2, 40)
+    with torch.no_grad():
+        full = model(ids).logits
+    cache = KNNMemoryCache("sinks_window", None, config=model.config, top_k=None, position_policy="seen")
+    chunked_logits(model, cache, ids[:, :32])
+    cache.compact(0.25, method=method)
+    assert cache.stats()["memory_entries"] >= 24
+    logits = chunked_logits(model, cache, ids[:, 32:])
+    torch.testing.assert_close(logits, full[:, 32:], atol=1e-4, rtol=1e-4)

@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache, StaticCache
 
 from metakv_cl.modeling import DYNAMIC_SOURCES, MetaKVConfig, add_meta_kv
@@ -111,6 +112,10 @@ def test_crop_returns_to_an_earlier_call_and_refuses_a_cut_inside_one(tiny_model
     with pytest.raises(ValueError, match="cannot crop the cache to 10 tokens: a dynamic Meta-KV state is kept only"):
         cache.crop(-2)
     assert cache.get_seq_length() == 12  # a refused crop changes nothing
+    if int(transformers.__version__.split(".")[1]) >= 18:  # a positive argument is refused there
+        with pytest.raises(ValueError):
+            cache.crop(4)
+        assert cache.get_seq_length() == 12 and max(cache.meta_kv_states.lengths.values()) == 12
     cache.crop(-3)  # back to the end of the first token's call
     assert cache.get_seq_length() == 9
     logits = continue_logits(model, cache, *seen, second)

@@ -122,6 +122,37 @@ def test_a_saved_state_restores_only_into_the_same_plugins(tmp_path):
         other.load_state_dict(saved.state_dict())
 
 
+def test_resume_is_refused_when_an_avalanche_plugin_s_state_was_not_saved(tmp_path):
+    saved, benchmark = make(tmp_path, [ReplayPlugin(mem_size=8)])
+    state = saved.state_dict()
+    assert state["unsaved_plugins"] == ["ReplayPlugin"] and saved.load_state_dict(state) is None  # nothing trained yet
+    saved.train(benchmark.train_stream[0])
+    resumed, _ = make(tmp_path, [ReplayPlugin(mem_size=8)])
+    with pytest.raises(ValueError, match=r"cannot resume: the stream ran with Avalanche plugins whose state is not "
+                                         r"saved \(ReplayPlugin\)"):
+        resumed.load_state_dict(saved.state_dict())
+
+
+class StopOnce:
+    """Calls ``stop_training()`` at the first training iteration it sees, and counts the iterations."""
+
+    def __init__(self):
+        self.iterations = 0
+
+    def before_training_iteration(self, strategy, **kwargs):
+        self.iterations += 1
+        if self.iterations == 1:
+            strategy.stop_training()
+
+
+def test_a_stop_ends_its_own_fit_not_the_next_phase(tmp_path):
+    stopper = StopOnce()
+    strategy, benchmark = make(tmp_path, [stopper], num_experiences=1, strategy_cls=MetaKVConsolidation,
+                               meta_kv=META_KV, mode="distill")
+    strategy.train(benchmark.train_stream[0])
+    assert stopper.iterations > 1  # the consolidation phase trained after the fast phase was stopped
+
+
 def test_a_classifier_plugin_is_refused_with_its_reason(tmp_path):
     with pytest.raises(UnsupportedPluginError, match=r"plugins\[0\] LwFPlugin cannot train a language model: .*class units"):
         make(tmp_path, [LwFPlugin()])
@@ -315,3 +346,18 @@ def test_avalanche_tensorboard_logger_writes_the_metrics(tmp_path):
     logger.writer.flush()
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events and sum(event.stat().st_size for event in events) > 1000
+
+
+@pytest.mark.parametrize("name", ["EWC", "LwF", "LoRA", "Replay", "MetaKVConsolidation"])
+def test_a_preset_s_defaults_are_its_plugin_s(name):
+    """Presets repeat their plugin's arguments (jsonargparse reads signatures): the defaults must not drift."""
+    import inspect
+
+    from metakv_cl import strategies
+    from metakv_cl.strategies import plugins as method_plugins
+
+    preset = inspect.signature(getattr(strategies, name).__init__).parameters
+    plugin = inspect.signature(getattr(method_plugins, name).__init__).parameters
+    shared = [key for key in plugin if key != "self" and key in preset]
+    assert shared, "the preset takes none of its plugin's arguments"
+    assert {key: preset[key].default for key in shared} == {key: plugin[key].default for key in shared}

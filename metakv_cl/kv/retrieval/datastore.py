@@ -141,8 +141,33 @@ class Datastore:
         if len(self) == 0:
             raise ValueError("cannot search an empty datastore: add vectors first")
         matrix = self._as_matrix(queries, "queries")
-        scores, ids = self.index.search(matrix, min(k, len(self)))
+        k = min(k, len(self))
+        scores, ids = self.index.search(matrix, k)
+        if (ids < 0).any():
+            scores, ids = self._search_everywhere(matrix, k)
         return SearchResult(torch.from_numpy(scores), torch.from_numpy(ids))
+
+    def _search_everywhere(self, matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search again visiting every IVF cell (or a wider HNSW beam): the probed cells held fewer than k vectors.
+
+        FAISS marks missing neighbours with id -1, which every caller would read as a real id.
+        """
+        if self.kind == "ivf":
+            self.index.nprobe = self.index.nlist
+            try:
+                scores, ids = self.index.search(matrix, k)
+            finally:
+                self.index.nprobe = self.ivf_probes
+        else:
+            beam = self.index.hnsw.efSearch
+            self.index.hnsw.efSearch = max(beam, len(self))
+            try:
+                scores, ids = self.index.search(matrix, k)
+            finally:
+                self.index.hnsw.efSearch = beam
+        if (ids < 0).any():
+            raise RuntimeError(f"the {self.kind} index found fewer than {k} of its {len(self)} vectors for a query")
+        return scores, ids
 
     def save(self, directory: str | Path) -> Path:
         """Write the index and its settings to ``directory`` (created); returns it."""

@@ -58,29 +58,39 @@ class EvictionRecorder(KVCompressor):
             reads and clears it.
     """
 
+    # one call per layer: stacked layers would hand a layer's store another layer's departures
+    rows_independent = False
+
     def __init__(self, method: KVCompressor):
         self.method = method
         self.tracks_attention = method.tracks_attention
         self.needs_queries = method.needs_queries
         self.unbounded = method.unbounded
+        self.query_sampling = method.query_sampling
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, CompactedKV] | None = None
 
     def __repr__(self) -> str:
         return f"EvictionRecorder({self.method!r})"
 
-    def compact(self, keys, values, queries, budget, *, bias=None, importance=None, max_entries=None) -> CompactedKV:
-        result = super().compact(keys, values, queries, budget, bias=bias, importance=importance, max_entries=max_entries)
+    def compact(self, keys, values, queries, budget, *, bias=None, importance=None, max_entries=None,
+                query_groups=1) -> CompactedKV:
+        result = super().compact(keys, values, queries, budget, bias=bias, importance=importance,
+                                 max_entries=max_entries, query_groups=query_groups)
         self.last = (keys, values, bias, result)
         return result
 
-    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries) -> CompactedKV:
-        return self.method._compact(keys, values, queries, budget, bias=bias, importance=importance, max_entries=max_entries)
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries, query_groups) -> CompactedKV:
+        return self.method._compact(keys, values, queries, budget, bias=bias, importance=importance,
+                                    max_entries=max_entries, query_groups=query_groups)
 
     def initial_importance(self, like: torch.Tensor) -> torch.Tensor:
         return self.method.initial_importance(like)
 
     def update_importance(self, importance: torch.Tensor, received: AttentionReceived) -> torch.Tensor:
         return self.method.update_importance(importance, received)
+
+    def layer_share(self, layer: int, layers: int, budget: float) -> float:
+        return self.method.layer_share(layer, layers, budget)
 
 
 def departed_indices(kept: torch.Tensor | None, held: int, like: torch.Tensor) -> torch.Tensor:
@@ -143,10 +153,12 @@ class KNNMemoryLayer(CompactedLayer):
         return sum(t.nbytes for t in tensors if t is not None) + sum(store.nbytes for store in self.stores)
 
     # --- filling the memory ------------------------------------------------------------------
-    def compact(self, budget: float, max_entries: int | None = None) -> None:
-        recorder = self.cache.method
+    def compact(self, budget: float, max_entries: int | None = None, method: KVCompressor | None = None) -> None:
+        # another method (one-shot compaction by name) is recorded too, so its departures are kept
+        recorder = self.cache.method if method is None else (
+            method if isinstance(method, EvictionRecorder) else EvictionRecorder(method))
         recorder.last = None
-        super().compact(budget, max_entries)
+        super().compact(budget, max_entries, method=None if method is None else recorder)
         if recorder.last is not None and self.uses_memory:
             keys, values, bias, result = recorder.last
             gone = departed_indices(result.kept, keys.shape[-2], keys)
@@ -251,7 +263,8 @@ class KNNMemoryLayer(CompactedLayer):
         if self.tracks_attention:
             received = local_weights if validity is None else local_weights * validity[:, None, :, None]
             grouped = received.reshape(batch, key.shape[1], groups * queries, key.shape[-2])
-            self.receive_attention(AttentionReceived(total=grouped.sum(dim=2), peak=grouped.amax(dim=2)))
+            latest = received[:, :, -1].reshape(batch, key.shape[1], groups, key.shape[-2]).mean(dim=2)
+            self.receive_attention(AttentionReceived(total=grouped.sum(dim=2), peak=grouped.amax(dim=2), latest=latest))
         local_weights = torch.nn.functional.dropout(local_weights, p=dropout, training=module.training)
         memory_weights = torch.nn.functional.dropout(memory_weights, p=dropout, training=module.training)
         output = local_share * (local_weights @ local_values) + memory_share * torch.einsum(
@@ -324,6 +337,10 @@ class KNNMemoryCache(CompactedCache):
         while len(self.layers) <= layer_idx:
             self.layers.append(KNNMemoryLayer(self, len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def compact(self, budget: float, *, method: str | KVCompressor | None = None, batch_layers: bool = True) -> None:
+        """One-shot compaction as :meth:`CompactedCache.compact`, layer by layer: each layer keeps what it drops."""
+        super().compact(budget, method=method, batch_layers=False)
 
     def gate_per_head(self, heads: int, device: torch.device) -> torch.Tensor:
         """The local share g as a [1, heads, 1, 1] tensor (a learned gate keeps its gradient).
