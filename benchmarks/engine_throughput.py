@@ -4,7 +4,7 @@ Paths, each training the same stream of language-modelling experiences from the 
 weights on the same mini-batches of documents (the engine's own loader and seeds):
 
 * ``bare padded``: a plain loop (forward, token-mean cross-entropy, backward, AdamW) over padded
-  batches, eager;
+  batches, eager (compiled with ``--compile --layout padded``, where it is the reference);
 * ``bare packed``: the same loop over the same documents packed into rows of ``--pack-length``
   tokens (:mod:`metakv_cl.training.packing`), through ``torch.compile`` with ``--compile``;
 * ``engine <preset>``: ``metakv-cl``'s strategies (``strategy.train(experience)``, Lightning
@@ -175,7 +175,9 @@ def bare_loop(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Nam
     """Train ``model`` on every experience with a plain PyTorch loop, timed like the engine."""
     device = stopwatch.device
     model.to(device).train()
-    forward = torch.compile(model, dynamic=True) if args.compile and packed else model
+    # the reference (the bare loop in the engine's layout) compiles whenever the engine does
+    compiled = args.compile and (packed or args.layout == "padded")
+    forward = torch.compile(model, dynamic=True) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     for index, experience in enumerate(benchmark.train_stream):
@@ -367,7 +369,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pack-length", type=int, default=128, help="tokens per packed row")
     parser.add_argument("--layout", choices=("padded", "packed"), default="packed", help="the engine's batches")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, fp32 weights")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the engine and the packed bare loop")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the engine, the packed bare loop and the bare loop in the engine's layout")
     parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=list(PRESETS))
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--skip-steps", type=int, default=1, help="untimed batches at the start of each fit")
