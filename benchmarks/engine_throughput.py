@@ -266,7 +266,7 @@ def build_model(args: argparse.Namespace, tokenizer_size: int) -> torch.nn.Modul
 
 def run_paths(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every path ``--rounds`` times, interleaved; return the result (see the module docstring)."""
-    commit = _commit()  # before the run: the code measured, whatever changes while it runs
+    commit = args.commit or _commit()  # before the run: the code measured, whatever changes while it runs
     device = torch.device(args.device)
     benchmark, tokenizer_size = build_stream(args)
     longest = max(int(item["input_ids"].shape[0]) for experience in benchmark.train_stream for item in experience.dataset)
@@ -303,7 +303,7 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "pytorch_lightning": pl.__version__},
-        "settings": {key: value for key, value in vars(args).items() if key != "out"},
+        "settings": {key: value for key, value in vars(args).items() if key not in ("out", "commit")},
         "model_parameters": sum(p.numel() for p in initial.parameters()),
         "documents": len(lengths),
         "document_tokens": {"mean": statistics.mean(lengths), "min": min(lengths), "max": max(lengths)},
@@ -377,6 +377,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument("--commit", help="the commit being measured (default: git rev-parse HEAD; for a copy without .git)")
     args = parser.parse_args(argv)
     for name in ("experiences", "documents", "batch_size", "rounds", "lr"):
         if getattr(args, name) <= 0:
