@@ -6,7 +6,8 @@ weights on the same mini-batches of documents (the engine's own loader and seeds
 * ``bare padded``: a plain loop (forward, token-mean cross-entropy, backward, AdamW) over padded
   batches, eager (compiled with ``--compile --layout padded``, where it is the reference);
 * ``bare packed``: the same loop over the same documents packed into rows of ``--pack-length``
-  tokens (:mod:`metakv_cl.training.packing`), through ``torch.compile`` with ``--compile``;
+  tokens (:mod:`metakv_cl.training.packing`), its transformer blocks compiled with ``--compile``
+  the way the engine compiles them (:mod:`metakv_cl.training.compilation`);
 * ``engine <preset>``: ``metakv-cl``'s strategies (``strategy.train(experience)``, Lightning
   underneath), one per preset of :data:`PRESETS`, in the ``--layout`` of the reference.
 
@@ -30,6 +31,7 @@ every round) and ``STEM.md``, rendered from that JSON by :func:`render_markdown`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -53,6 +55,7 @@ from metakv_cl.hub import load_causal_lm, load_tokenizer
 from metakv_cl.modeling import MetaKVConfig
 from metakv_cl.strategies import strategy_class
 from metakv_cl.training.callbacks import derived_seed
+from metakv_cl.training.compilation import BlockCompiler
 from metakv_cl.training.datamodule import TrainingDataModule
 from metakv_cl.training.module import ContinualLMModule, token_nll
 from metakv_cl.training.packing import model_inputs
@@ -177,16 +180,18 @@ def bare_loop(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Nam
     model.to(device).train()
     # the reference (the bare loop in the engine's layout) compiles whenever the engine does
     compiled = args.compile and (packed or args.layout == "padded")
-    forward = torch.compile(model, dynamic=True) if compiled else model
+    blocks = BlockCompiler() if compiled else None  # the engine's compilation, without the engine
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    # as Lightning's bf16-mixed autocasts (no weight cache), so both paths run the same kernels
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if args.precision == "bf16"
+                else contextlib.nullcontext())
     for index, experience in enumerate(benchmark.train_stream):
         for step, batch in enumerate(training_batches(experience.dataset, args, index, packed)):
             if step >= args.skip_steps:
                 stopwatch.start()
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-            with autocast:
-                outputs = forward(**model_inputs(batch))
+            with autocast, blocks.active(model) if blocks else contextlib.nullcontext():
+                outputs = model(**model_inputs(batch))
             nll, count = token_nll(outputs.logits, batch["labels"])  # the engine's loss
             loss = nll.sum() / count.sum().clamp_min(1)
             loss.backward()

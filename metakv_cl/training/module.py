@@ -36,6 +36,7 @@ from torchmetrics.aggregation import SumMetric
 from metakv_cl.data.collate import IGNORE_INDEX
 from metakv_cl.data.scoring import rank_choices, rank_choices_with_shared_prompt, sequence_nll
 from metakv_cl.modeling.config import MetaKVConfig
+from metakv_cl.training.compilation import BlockCompiler
 from metakv_cl.training.packing import model_inputs
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -71,10 +72,11 @@ class ContinualLMModule(pl.LightningModule):
         shared_prompt_scoring: score classification candidates on one shared prompt run
             (:func:`~metakv_cl.data.scoring.rank_choices_with_shared_prompt`); False scores
             full rows.
-        compile: run the training forward through ``torch.compile`` (dynamic shapes; the Meta-KV
-            hooks are traced with the model). On a GPU this removes the host-side cost that
-            makes eager Meta-KV training 0.6-0.85 x plain (benchmarks/results/perf.md).
-            Evaluation stays eager. A model swapped in later (a peft wrapper) is recompiled.
+        compile: run the training forward's transformer blocks through ``torch.compile``
+            (:class:`~metakv_cl.training.compilation.BlockCompiler`: one graph per block class,
+            compiled in seconds, reused by every layer; the Meta-KV hooks are traced with the
+            blocks). On a GPU this removes the host-side cost of eager training. Evaluation stays
+            eager. Blocks swapped in later (a new model) compile their own callables.
     """
 
     #: training steps whose losses are queued on the device between two non-finite checks (each
@@ -155,8 +157,7 @@ class ContinualLMModule(pl.LightningModule):
         self.shared_prompt_scoring = shared_prompt_scoring
         self._evaluating_classification = False
         self._rank_choices = rank_choices
-        self.compile_training = compile
-        self._compiled: dict[str, tuple[nn.Module, Callable]] = {}  # a dict, so not a registered submodule
+        self.block_compiler = BlockCompiler() if compile else None
         # (global step, epoch, batch), component names, [loss, *components] of the unchecked steps
         self._loss_window: list[tuple[tuple[int | None, int | None, int], tuple[str, ...], torch.Tensor]] = []
 
@@ -251,12 +252,10 @@ class ContinualLMModule(pl.LightningModule):
     def training_forward(self, **inputs: Any) -> Any:
         """The model's training forward on :func:`~metakv_cl.training.packing.model_inputs` of a
         batch (padded or packed, no KV cache), compiled when ``compile`` was set."""
-        model = self.model
-        if self.compile_training:
-            if self._compiled.get("model", (None,))[0] is not model:
-                self._compiled["model"] = (model, torch.compile(model, dynamic=True))
-            model = self._compiled["model"][1]
-        return model(**inputs)
+        if self.block_compiler is None:
+            return self.model(**inputs)
+        with self.block_compiler.active(self.model):
+            return self.model(**inputs)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         outputs = self.training_forward(**model_inputs(batch))

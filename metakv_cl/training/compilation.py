@@ -1,0 +1,107 @@
+"""Regional compilation of a model's repeated transformer blocks, for training.
+
+``torch.compile(model)`` traces every decoder layer on its own: for a 30-layer model with dynamic
+shapes that is minutes of compilation before the first step, and every new batch shape that
+trips one of inductor's size guards compiles the whole model again inside the run. The layers of
+a transformer run one code object, so compiling each block instead (PyTorch's "regional
+compilation" recipe) gives one graph that every layer, and every later copy of the model, reuses:
+seconds to compile, and a recompilation costs one block. Embeddings, the attention mask (built
+from restarting ``position_ids`` for packed rows) and the output layer stay eager.
+
+The compiled blocks are active only inside :meth:`BlockCompiler.active`, so evaluation, generation
+and KV-cache paths run the eager model, and no compiled callable is left on the model for a deep
+copy, a pickle or a checkpoint to meet.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+#: graphs dynamo may keep per block before it gives up compiling (shape families x methods in one process)
+GRAPHS_PER_BLOCK = 16
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks: the longest ``nn.ModuleList`` of one class that transformers
+    lists in a ``_no_split_modules`` of the model (GPT2Block, LlamaDecoderLayer, ...).
+
+    Works through wrappers (a peft ``PeftModel``) since it searches every submodule.
+
+    Args:
+        model: a transformers causal LM, wrapped or not.
+
+    Returns:
+        The blocks in order; empty when the model declares none.
+    """
+    block_classes = {name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or ())}
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            classes = {type(child).__name__ for child in module}
+            if len(classes) == 1 and classes <= block_classes:
+                best = list(module)
+    return best
+
+
+class BlockCompiler:
+    """Compiled versions of a model's blocks (:func:`repeated_blocks`), switched on per forward.
+
+    A block is compiled the first time it runs here; a block replaced later (a peft adapter
+    injected into it keeps the block, a new model brings new blocks) gets its own compiled callable,
+    which reuses the graphs already traced for its class wherever dynamo's guards allow.
+
+    Args:
+        dynamic: ``torch.compile``'s ``dynamic`` (default True: batch and length vary from step to step).
+
+    Raises:
+        ValueError: at :meth:`active`, a model without repeated blocks to compile.
+    """
+
+    def __init__(self, dynamic: bool | None = True):
+        self.dynamic = dynamic
+        self._compiled: dict[int, tuple[nn.Module, Callable]] = {}
+
+    def _compiled_call(self, block: nn.Module) -> Callable:
+        entry = self._compiled.get(id(block))
+        if entry is None or entry[0] is not block:
+            entry = (block, torch.compile(block._call_impl, dynamic=self.dynamic))
+            self._compiled[id(block)] = entry
+        return entry[1]
+
+    @contextmanager
+    def active(self, model: nn.Module) -> Iterator[None]:
+        """Run ``model``'s blocks compiled inside the block (their backward too, since autograd
+        records the compiled graphs); eager again on exit."""
+        blocks = repeated_blocks(model)
+        if not blocks:
+            raise ValueError(
+                f"compile: found no repeated transformer blocks in {type(model).__name__} (a ModuleList of a class "
+                "named in the model's _no_split_modules); set compile: false for this model"
+            )
+        # dynamo keeps at most recompile_limit graphs per code object, then runs it eagerly without a
+        # word; every block shares Module._call_impl, and blocks that differ per layer (Meta-KV's
+        # hooks hold their layer's index) or per method (frozen or trainable weights) each need graphs
+        wanted = GRAPHS_PER_BLOCK * len(blocks)
+        for limit in ("recompile_limit", "accumulated_recompile_limit"):
+            if getattr(torch._dynamo.config, limit) < wanted:
+                setattr(torch._dynamo.config, limit, wanted)
+        # nn.Module.__call__ runs _compiled_call_impl when set: this is what Module.compile() sets,
+        # here only for the duration of one forward
+        for block in blocks:
+            block._compiled_call_impl = self._compiled_call(block)
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block._compiled_call_impl = None
+
+    def __getstate__(self) -> dict:
+        # compiled callables do not pickle or deep-copy; a copy compiles its own blocks
+        return {"dynamic": self.dynamic, "_compiled": {}}
+
+    def __deepcopy__(self, memo: dict) -> "BlockCompiler":
+        return BlockCompiler(self.dynamic)
