@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import platform
 import shlex
@@ -290,14 +291,20 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
     speeds: dict[str, list[float]] = {name: [] for name in paths}
     tokens: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as folder:
-        for round_index in range(args.rounds):
+        for round_index in range(-args.warmup_rounds, args.rounds):
+            label = f"warm-up {round_index + args.warmup_rounds + 1}" if round_index < 0 else f"round {round_index + 1}/{args.rounds}"
             for name, run in paths.items():
                 torch.manual_seed(args.seed)
                 stopwatch = Stopwatch(device)
                 run(copy.deepcopy(initial), stopwatch, Path(folder) / f"round{round_index}")
-                speeds[name].append(stopwatch.tokens_per_second)
-                tokens[name] = stopwatch.token_count
-                print(f"round {round_index + 1}/{args.rounds}  {name:16s} {speeds[name][-1]:12,.1f} tokens/s", flush=True)
+                # a path's model, optimizer and trainer sit in reference cycles: free them before the next path
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                print(f"{label}  {name:16s} {stopwatch.tokens_per_second:12,.1f} tokens/s", flush=True)
+                if round_index >= 0:
+                    speeds[name].append(stopwatch.tokens_per_second)
+                    tokens[name] = stopwatch.token_count
     reference = BARE_PACKED if args.layout == "packed" else BARE_PADDED
     medians = {name: statistics.median(values) for name, values in speeds.items()}
     lengths = [int(item["input_ids"].shape[0]) for experience in benchmark.train_stream for item in experience.dataset]
@@ -349,7 +356,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"average ({result['document_tokens']['min']}-{result['document_tokens']['max']}), batches of "
         f"{settings['batch_size']} documents, packed rows of {settings['pack_length']} tokens; engine layout "
         f"{settings['layout']}. Each fit's first {settings['skip_steps']} batch(es) untimed; median of "
-        f"{settings['rounds']} interleaved rounds.",
+        f"{settings['rounds']} interleaved rounds after {settings.get('warmup_rounds', 0)} untimed warm-up round(s).",
         "",
         f"| path | tokens/s | x {result['reference']} | timed tokens | tokens/s per round |",
         "|---|---:|---:|---:|---|",
@@ -379,6 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--skip-steps", type=int, default=1, help="untimed batches at the start of each fit")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup-rounds", type=int, default=0,
+                        help="untimed rounds first (every path once): compilation and caches warm, as in a long run")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
@@ -387,8 +396,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("experiences", "documents", "batch_size", "rounds", "lr"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.skip_steps < 0:
-        parser.error(f"--skip-steps must be >= 0, got {args.skip_steps}")
+    for name in ("skip_steps", "warmup_rounds"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     return args
 
 
