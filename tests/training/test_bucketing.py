@@ -87,6 +87,8 @@ def test_option_is_reachable_from_a_config():
     _, module = toy_setup(1)
     spec = {"class_path": "metakv_cl.strategies.Replay", "init_args": {"buffer_size": 8, "train_token_budget": 512}}
     assert build_strategy(spec, module=module, trainer_kwargs={}, seed=0).train_token_budget == 512
+    with pytest.raises(ValueError, match="train_token_budget"):
+        build_strategy({**spec, "init_args": {"train_token_budget": "many"}}, module=module, trainer_kwargs={}, seed=0)
 
 
 # ---------------------------------------------------------------- classification data
