@@ -60,6 +60,7 @@ from metakv_cl.runfolder import (
 from metakv_cl.data.collate import positional
 from metakv_cl.data.scoring import sequence_nll
 from metakv_cl.strategies.plugins.base import MethodPlugin, PhaseFit, check_conflicts, check_supported
+from metakv_cl.training.bucketing import check_token_budget
 from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, TrainingThroughput, derived_seed, seed_all
 from metakv_cl.training.datamodule import (
     EvaluationDataModule,
@@ -68,7 +69,6 @@ from metakv_cl.training.datamodule import (
     ValidatedTrainingDataModule,
 )
 from metakv_cl.training.module import ContinualLMModule
-from metakv_cl.training.bucketing import check_token_budget
 from metakv_cl.training.packing import check_pack_length
 from metakv_cl.training.passes import compute_device
 
