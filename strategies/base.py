@@ -60,6 +60,7 @@ from metakv_cl.runfolder import (
 from metakv_cl.data.collate import positional
 from metakv_cl.data.scoring import sequence_nll
 from metakv_cl.strategies.plugins.base import MethodPlugin, PhaseFit, check_conflicts, check_supported
+from metakv_cl.training.bucketing import check_token_budget
 from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, TrainingThroughput, derived_seed, seed_all
 from metakv_cl.training.datamodule import (
     EvaluationDataModule,
@@ -118,6 +119,12 @@ class ContinualStrategy(BaseTemplate):
             step, so the same losses and gradients, without the padding. At least the longest
             training item; None (the default): padded batches. Classification experiences keep
             padded batches.
+        train_token_budget: make each training mini-batch of padded items (classification
+            experiences, and language-modelling ones when not packed) a group of items of
+            similar length, as many as fit ``items x longest item <= train_token_budget``
+            (:mod:`metakv_cl.training.bucketing`); ``train_mb_size`` then does not apply to those
+            batches. An item longer than the budget gets a batch of its own. None (the default):
+            ``train_mb_size`` items per batch.
         eval_mb_size: evaluation mini-batch size per process.
         trainer_kwargs: ``pytorch_lightning.Trainer`` arguments used for every fit
             (``max_epochs`` = epochs per experience, default 1). ``default_root_dir`` is the
@@ -156,6 +163,7 @@ class ContinualStrategy(BaseTemplate):
         module: ContinualLMModule,
         train_mb_size: int = 8,
         train_pack_length: int | None = None,
+        train_token_budget: int | None = None,
         eval_mb_size: int = 16,
         trainer_kwargs: dict[str, Any] | None = None,
         plugins: Sequence[BasePlugin] | None = None,
@@ -191,6 +199,8 @@ class ContinualStrategy(BaseTemplate):
         self.train_mb_size, self.eval_mb_size = train_mb_size, eval_mb_size
         check_pack_length(train_pack_length)
         self.train_pack_length = train_pack_length
+        check_token_budget(train_token_budget)
+        self.train_token_budget = train_token_budget
         self.seed, self.num_workers = seed, num_workers
         self._name = name
         self.verbose = verbose
@@ -342,7 +352,7 @@ class ContinualStrategy(BaseTemplate):
         # what Avalanche's templates hold at before_training_exp: a plugin may replace it
         self.dataloader = self._default_loader = TrainingDataModule(
             self.adapted_dataset, batch_size=self.train_mb_size, seed=derived_seed(self.seed, self.stage, "train"),
-            num_workers=self.num_workers, pack_length=self.train_pack_length,
+            num_workers=self.num_workers, pack_length=self.train_pack_length, token_budget=self.train_token_budget,
         ).train_dataloader()
         super()._before_training_exp(**kwargs)
         self._plugin_loader = self.dataloader if self.dataloader is not self._default_loader else None
@@ -461,6 +471,9 @@ class ContinualStrategy(BaseTemplate):
                 )
             )
         kwargs = dict(self.trainer_kwargs)
+        # the data modules give each DDP rank its own share (a token-budget batch sampler
+        # included, which Lightning's sampler injection would otherwise try to rebuild)
+        kwargs["use_distributed_sampler"] = False
         if fit.max_epochs is not None:
             kwargs["max_epochs"] = fit.max_epochs
         if fit.validation is not None:
@@ -479,6 +492,7 @@ class ContinualStrategy(BaseTemplate):
             seed=derived_seed(self.seed, self.stage, phase),
             num_workers=self.num_workers,
             pack_length=self.train_pack_length,
+            token_budget=self.train_token_budget,
         )
         if plugin_loader is not None:
             datamodule = GivenTrainingLoader(plugin_loader)

@@ -10,6 +10,9 @@ Two item layouts come out of :func:`metakv_cl.data.stream.make_benchmark`:
 :class:`PadCollator` pads every sequence key on the right to the longest sequence in the batch
 and adds the matching attention mask, so both layouts go through the same collator. Its batches
 are :class:`TokenBatch` dicts, which Avalanche code that unpacks ``(x, y, task)`` batches can read.
+Other scalar keys are stacked: evaluation batches carry ``index`` (``[B]``, int64), each item's
+position in the test set, because evaluation loaders order items by length
+(:class:`metakv_cl.training.datamodule.EvaluationDataModule`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ _TOKEN_KEYS = {"input_ids": "attention_mask", "choice_input_ids": "choice_attent
 _MASK_KEYS = frozenset(_TOKEN_KEYS.values())
 # keys padded with IGNORE_INDEX (no loss on padding).
 _LABEL_KEYS = ("labels", "choice_labels")
+
+
+def sequence_length(item: Mapping[str, torch.Tensor]) -> int:
+    """The length an item is padded to in a batch: the last dimension of its token ids
+    (``input_ids``, or ``choice_input_ids`` of a classification test item)."""
+    key = "input_ids" if "input_ids" in item else "choice_input_ids"
+    return int(item[key].shape[-1])
 
 
 def positional(batch: Mapping[str, torch.Tensor], position: int) -> torch.Tensor:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
+from metakv_cl.data.collate import sequence_length
+from metakv_cl.training.bucketing import TokenBudgetBatchSampler, check_token_budget
 from metakv_cl.training.packing import OPTION, PackingCollator, check_pack_length, is_language_modelling
 
 
@@ -26,11 +29,18 @@ class _ExperienceLoaders(pl.LightningDataModule):
     def collate_fn(self):
         return getattr(self.dataset, "collate_fn", None)
 
-    def loader(self, sampler) -> DataLoader:
+    def loader(self, items: Dataset, **sampling: Sampler) -> DataLoader:
+        """A DataLoader of ``items`` (the dataset or a view of it) that batches with the dataset's collate.
+
+        Args:
+            items: what the sampler's indices index.
+            **sampling: ``sampler=`` (mini-batches of ``batch_size`` items in its order) or
+                ``batch_sampler=`` (the batches it yields).
+        """
         return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
+            items,
+            batch_size=self.batch_size if "sampler" in sampling else 1,
+            **sampling,
             collate_fn=self.collate_fn(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -49,21 +59,36 @@ class TrainingDataModule(_ExperienceLoaders):
     per step, so the same losses and gradients, without the padding. A dataset of classification
     items (labels on the answer only) keeps padded batches.
 
+    With ``token_budget`` padded batches (classification items, or language-modelling ones when
+    not packed) group items of similar length, as many as fit ``items x longest <= token_budget``
+    (:mod:`metakv_cl.training.bucketing`, same determinism in (seed, epoch); ``batch_size`` does
+    not apply to them).
+
     Args:
         dataset: the items (an ``AvalancheDataset``: its ``collate_fn`` batches them).
         batch_size: mini-batch size (documents) per process.
         seed: shuffling seed.
         num_workers: DataLoader workers.
         pack_length: tokens per packed row, at least the longest item; None: padded batches.
+        token_budget: most padded tokens per batch of padded items; None: ``batch_size`` items per batch.
     """
 
     def __init__(
-        self, dataset: Dataset, *, batch_size: int = 8, seed: int = 0, num_workers: int = 0, pack_length: int | None = None
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int = 8,
+        seed: int = 0,
+        num_workers: int = 0,
+        pack_length: int | None = None,
+        token_budget: int | None = None,
     ):
         super().__init__(dataset, batch_size, num_workers)
         check_pack_length(pack_length)
+        check_token_budget(token_budget)
         self.seed = seed
         self.pack_length = pack_length if pack_length is not None and is_language_modelling(dataset[0]) else None
+        self.token_budget = token_budget if self.pack_length is None else None
 
     def setup(self, stage: str) -> None:
         if self.pack_length is None:
@@ -83,7 +108,12 @@ class TrainingDataModule(_ExperienceLoaders):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self.world()
-        return self.loader(DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed))
+        if self.token_budget is None:
+            sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+            return self.loader(self.dataset, sampler=sampler)
+        lengths = [sequence_length(self.dataset[i]) for i in range(len(self.dataset))]
+        batches = TokenBudgetBatchSampler(lengths, self.token_budget, num_replicas=world, rank=rank, seed=self.seed)
+        return self.loader(self.dataset, batch_sampler=batches)
 
 
 class ValidatedTrainingDataModule(TrainingDataModule):
@@ -91,8 +121,8 @@ class ValidatedTrainingDataModule(TrainingDataModule):
 
     Args:
         dataset: the training items.
-        validation: the held-out items (always padded batches).
-        batch_size, seed, num_workers, pack_length: as :class:`TrainingDataModule`.
+        validation: the held-out items (always padded batches, as :class:`EvaluationDataModule`'s).
+        batch_size, seed, num_workers, pack_length, token_budget: as :class:`TrainingDataModule`.
     """
 
     def __init__(
@@ -104,8 +134,12 @@ class ValidatedTrainingDataModule(TrainingDataModule):
         seed: int = 0,
         num_workers: int = 0,
         pack_length: int | None = None,
+        token_budget: int | None = None,
     ):
-        super().__init__(dataset, batch_size=batch_size, seed=seed, num_workers=num_workers, pack_length=pack_length)
+        super().__init__(
+            dataset, batch_size=batch_size, seed=seed, num_workers=num_workers, pack_length=pack_length,
+            token_budget=token_budget,
+        )
         self.validation = EvaluationDataModule(validation, batch_size=batch_size, num_workers=num_workers)
 
     def val_dataloader(self) -> DataLoader:
@@ -113,9 +147,36 @@ class ValidatedTrainingDataModule(TrainingDataModule):
         return self.validation.val_dataloader()
 
 
+class LengthOrderedItems(Dataset):
+    """The items of ``dataset`` longest first (ties in dataset order), each with its position in
+    ``dataset`` added under ``index`` (a 0-d int64 tensor).
+
+    Args:
+        dataset: the items (dicts of tensors).
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        lengths = [sequence_length(dataset[i]) for i in range(len(dataset))]
+        self.order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        index = self.order[position]
+        return {**self.dataset[index], "index": torch.tensor(index)}
+
+
 class EvaluationDataModule(_ExperienceLoaders):
     """In-order evaluation batches; under DDP each rank scores a disjoint share (no repeats),
     so the summed metrics of all ranks equal a single process's.
+
+    The order is by length, longest first (:class:`LengthOrderedItems`): each batch is padded to
+    its longest item, so batches of items of similar length waste little on padding, and a batch
+    that does not fit in memory fails at once. The sums that evaluation reports do not depend on
+    the order (up to float rounding); each batch's ``index`` (``[B]``) gives its items' positions
+    in ``dataset``, to put per-item outcomes back in test-set order.
 
     Args:
         dataset: the test items.
@@ -125,12 +186,16 @@ class EvaluationDataModule(_ExperienceLoaders):
 
     def __init__(self, dataset: Dataset, *, batch_size: int = 16, num_workers: int = 0):
         super().__init__(dataset, batch_size, num_workers)
+        self.by_length = LengthOrderedItems(dataset)
 
     def val_dataloader(self) -> DataLoader:
         world, rank = self.world()
+        items = self.by_length
         if world > 1:
-            return self.loader(UnrepeatedDistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=False))
-        return self.loader(SequentialSampler(self.dataset))
+            sampler = UnrepeatedDistributedSampler(items, num_replicas=world, rank=rank, shuffle=False)
+        else:
+            sampler = SequentialSampler(items)
+        return self.loader(items, sampler=sampler)
 
 
 class GivenTrainingLoader(pl.LightningDataModule):

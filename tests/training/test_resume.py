@@ -44,6 +44,8 @@ CASES = {
     "replay": (Replay, {"buffer_size": 8}, KillAt("exp_000", "train", epoch=1, batch=1)),
     # the same with packed training batches (rows of 32 tokens: the longest toy item fits)
     "replay-packed": (Replay, {"buffer_size": 8, "train_pack_length": 32}, KillAt("exp_000", "train", epoch=1, batch=1)),
+    # the same with length-bucketed batches (4 batches of at most 128 padded tokens per epoch)
+    "replay-bucketed": (Replay, {"buffer_size": 8, "train_token_budget": 128}, KillAt("exp_000", "train", epoch=1, batch=1)),
 }
 
 
