@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from metakv_cl.modeling import MetaKVConfig, meta_kv_parameters
+from metakv_cl.strategies.base import lm_criterion
 from metakv_cl.strategies import plugins
 from metakv_cl.strategies import (
     EWC,
@@ -20,6 +21,8 @@ from metakv_cl.strategies import (
     Replay,
     strategy_class,
 )
+from metakv_cl.testing import tiny_llama
+from metakv_cl.training import ContinualLMModule
 from metakv_cl.training.runner import run_stream, warm_up
 from metakv_cl.training.testing import toy_setup, toy_trainer_kwargs
 
@@ -216,6 +219,29 @@ def test_ewc_penalty_and_its_gradient_are_the_textbook_sum(tmp_path):
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
     for got, want in zip(gradients, expected_gradients):
         assert torch.isfinite(got).all() and torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_ewc_fisher_is_the_mean_squared_gradient_of_single_examples(architecture, tmp_path):
+    torch.manual_seed(0)
+    benchmark, module = toy_setup(1)
+    if architecture == "llama":
+        module = ContinualLMModule(tiny_llama(vocab_size=module.vocab_size))
+    strategy = EWC(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path), train_mb_size=3, fisher_batches=2)
+    dataset = benchmark.train_stream[0].dataset
+    fisher = strategy.plugin(plugins.EWC).estimate_fisher(strategy, dataset)
+
+    model, examples = module.model.eval(), 2 * 3  # fisher_batches x train_mb_size: the rest is left out
+    expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for index in range(examples):
+        item = dataset.collate_fn([dataset[index]])
+        model.zero_grad()
+        lm_criterion(model(input_ids=item["input_ids"]), item["labels"]).backward()
+        for name, p in model.named_parameters():
+            expected[name] += p.grad**2 / examples
+    assert fisher.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.allclose(fisher[name], value, rtol=1e-4, atol=1e-12), name
 
 
 def test_ewc_rejects_unknown_mode(tmp_path):
