@@ -351,6 +351,11 @@ def test_consolidation_changes_only_the_consolidated_groups(groups, tmp_path):
             assert names & memory, "M did not change during consolidation"
             assert names <= allowed, names - allowed
     assert not any("lora_" in n for n, _ in strategy.module.model.named_parameters())  # fast weights reset
+    # the reported count holds every parameter the experience trained: fast LoRA + consolidated groups
+    consolidated = sum(p.numel() for g in groups for p in meta_kv_parameters(model, g))
+    by_phase = strategy.report_extra()["trainable_params_by_phase"]
+    assert by_phase["consolidate"] == consolidated and by_phase["fast"] > 0
+    assert strategy.report_extra()["trainable_params"] == by_phase["fast"] + consolidated
     history = strategy.plugin(plugins.MetaKVConsolidation).memory_history
     assert len(history) == 2
     assert not torch.equal(next(iter(history[0].values())), next(iter(history[1].values())))
