@@ -627,7 +627,7 @@ class ContinualStrategy(BaseTemplate):
             vars(self.matrix_metric).update(state["matrix_metric"])
         if "throughput" in state:  # absent from streams saved before it was measured
             self.throughput.load_state_dict(state["throughput"])
-        self.trainable_params = int(state.get("trainable_params", 0))  # absent before it was summed over phases
+        self.trainable_params = int(state.get("trainable_params", 0))  # absent from older stream states
         saved = [entry["type"] for entry in state["plugins"]]
         ours = [type(p).__name__ for p in self.method_plugins]
         if saved != ours:

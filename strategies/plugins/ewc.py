@@ -155,19 +155,19 @@ class EWC(MethodPlugin):
         was_training = module.training
         with on_device(module, device):
             module.eval()  # no dropout: the Fisher of the deterministic model
-            sums = {name: torch.zeros_like(p) for name, p in parameters.items()}
+            sums = [torch.zeros_like(p) for p in parameters.values()]
             examples = torch.zeros((), device=device)
             for index, batch in enumerate(shard_loader(dataset, strategy.train_mb_size)):
                 if self.fisher_batches is not None and index >= self.fisher_batches:
                     break
                 batch = to_device(batch, device)
                 for row in range(batch["input_ids"].shape[0]):
-                    gradients = example_gradients(model, parameters, batch, row)
-                    for name, gradient in gradients.items():
-                        sums[name] += gradient.square()
+                    gradients = example_gradients(model, list(parameters.values()), batch, row)
+                    torch._foreach_addcmul_(sums, gradients, gradients)  # sums += gradient^2, one kernel per chunk
                     examples += 1
             all_reduce_sum(examples)
-            fisher = {name: (all_reduce_sum(total) / examples.clamp_min(1)).cpu() for name, total in sums.items()}
+            examples = examples.clamp_min(1)
+            fisher = {name: (all_reduce_sum(total) / examples).cpu() for name, total in zip(parameters, sums)}
         module.train(was_training)
         return fisher
 
@@ -183,23 +183,22 @@ class EWC(MethodPlugin):
         self.importances = [(dict(anchors), dict(fisher)) for anchors, fisher in state["importances"]]
 
 
-def example_gradients(model, parameters: dict[str, torch.Tensor], batch: dict, row: int) -> dict[str, torch.Tensor]:
+def example_gradients(model, parameters: list[torch.Tensor], batch: dict, row: int) -> tuple[torch.Tensor, ...]:
     """Gradient of one example's token-mean NLL with respect to ``parameters``.
 
     Args:
         model: the causal LM.
-        parameters: name -> parameter of ``model`` to differentiate.
+        parameters: parameters of ``model`` to differentiate.
         batch: a padded batch (``input_ids``, ``attention_mask``, ``labels``).
         row: the example's row; its padding is dropped, so the gradient does not depend on
             what the example was batched with.
 
     Returns:
-        Name -> gradient (zeros for a parameter the loss does not reach).
+        One gradient per parameter (zeros for a parameter the loss does not reach).
     """
     kept = batch["attention_mask"][row].bool()
     input_ids, labels = batch["input_ids"][row, kept][None], batch["labels"][row, kept][None]
     logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
     nll, count = sequence_nll(logits, labels)
     loss = nll.sum() / count.sum().clamp_min(1)
-    gradients = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True, materialize_grads=True)
-    return dict(zip(parameters, gradients))
+    return torch.autograd.grad(loss, parameters, allow_unused=True, materialize_grads=True)

@@ -106,7 +106,7 @@ def test_resume_refuses_a_different_stream(tmp_path):
         run_stream(Replay(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path)), other, resume=True)
 
 
-@pytest.mark.parametrize("name", ["ewc", "lora", "lwf", "metakv", "joint"])
+@pytest.mark.parametrize("name", ["ewc", "lora", "olora", "lwf", "metakv", "joint"])
 def test_a_finished_run_restores_weights_and_strategy_state(name, tmp_path):
     from metakv_cl.strategies import STRATEGIES
 
@@ -119,7 +119,7 @@ def test_a_finished_run_restores_weights_and_strategy_state(name, tmp_path):
     assert restored.matrix == finished.matrix
     strategy.eval(benchmark.test_stream)  # the restored model scores what the finished one did
     assert [strategy.eval_scores[j] for j in range(2)] == finished.matrix[-1]
-    if name == "lora":
+    if name in ("lora", "olora"):
         assert strategy.plugin(plugins.LoRA).adapters == ["exp_0", "exp_1"]
     if name == "ewc":
         assert len(strategy.plugin(plugins.EWC).importances) == 2
