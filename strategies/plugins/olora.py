@@ -88,7 +88,9 @@ class OLoRA(LoRA):
         *earlier, newest = self.adapters
         layers = self.adapted_layers(model)
         total = layers[0].lora_A[newest].weight.new_zeros(())
-        for layer in layers if earlier else ():
+        if not earlier:
+            return total
+        for layer in layers:
             previous = torch.cat([layer.lora_A[name].weight for name in earlier]).detach()
             total = total + (previous @ layer.lora_A[newest].weight.T).abs().sum()
         return total
