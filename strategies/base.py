@@ -243,7 +243,11 @@ class ContinualStrategy(BaseTemplate):
         self._logger: Any = None
         self._eval_trainer: pl.Trainer | None = None
         self._eval_data: EvaluationDataModule | None = None
-        self.trainable_counts: dict[str, int] = {}
+        self.trainable_counts: dict[str, int] = {}  # phase -> parameters it trained (latest experience)
+        # parameters trained by any phase of the running experience, held (not only their ids) so
+        # that an id freed between phases (a removed adapter) cannot be counted for a new tensor
+        self._experience_trained: dict[int, torch.nn.Parameter] = {}
+        self.trainable_params = 0  # the most parameters one experience trained, over all its phases
         self.throughput = TrainingThroughput()  # shared by every fit
         for plugin in self.method_plugins:
             plugin.attach(self)
@@ -377,6 +381,9 @@ class ContinualStrategy(BaseTemplate):
         # fits ran here or were restored from checkpoints
         seed_all(derived_seed(self.seed, self.stage, "after"))
         self.trained_experiences += 1
+        trained = sum(p.numel() for p in self._experience_trained.values())
+        self.trainable_params = max(self.trainable_params, trained)
+        self._experience_trained = {}
         super()._after_training_exp(**kwargs)
 
     def _train_cleanup(self) -> None:
@@ -478,7 +485,9 @@ class ContinualStrategy(BaseTemplate):
             kwargs["max_epochs"] = fit.max_epochs
         if fit.validation is not None:
             kwargs.update(check_val_every_n_epoch=1, num_sanity_val_steps=0, limit_val_batches=1.0)
-        self.trainable_counts[phase] = trainable_parameter_count(self.module)
+        trained = [p for p in self.module.parameters() if p.requires_grad]
+        self.trainable_counts[phase] = sum(p.numel() for p in trained)
+        self._experience_trained.update((id(p), p) for p in trained)
         with quiet_lightning(not self.verbose):
             trainer = pl.Trainer(
                 **kwargs,
@@ -579,9 +588,15 @@ class ContinualStrategy(BaseTemplate):
         return self._eval_trainer
 
     def report_extra(self) -> dict[str, Any]:
-        """Facts about the run for the report's ``extra`` (updated after every experience)."""
+        """Facts about the run for the report's ``extra`` (updated after every experience).
+
+        ``trainable_params`` is the most parameters one experience trained, each parameter trained
+        in any of its phases counted once (the fast LoRA and the Meta-KV groups of a distill
+        consolidation; one adapter of per-experience LoRA); ``trainable_params_by_phase`` is what
+        each phase of the latest experience trained.
+        """
         return {
-            "trainable_params": max(self.trainable_counts.values(), default=0),
+            "trainable_params": self.trainable_params,
             "trainable_params_by_phase": dict(self.trainable_counts),
             "train_tokens": self.throughput.tokens,
             "train_seconds": self.throughput.seconds,
@@ -601,6 +616,7 @@ class ContinualStrategy(BaseTemplate):
             "clock": copy.deepcopy(vars(self.clock)),
             "matrix_metric": copy.deepcopy(vars(self.matrix_metric)) if self.matrix_metric is not None else None,
             "throughput": self.throughput.state_dict(),
+            "trainable_params": self.trainable_params,
             "plugins": [{"type": type(p).__name__, "state": p.state_dict()} for p in self.method_plugins],
             "unsaved_plugins": [type(p).__name__ for p in self.plugins_without_saved_state()],
         }
@@ -625,14 +641,10 @@ class ContinualStrategy(BaseTemplate):
             vars(self.matrix_metric).update(state["matrix_metric"])
         if "throughput" in state:  # absent from streams saved before it was measured
             self.throughput.load_state_dict(state["throughput"])
+        self.trainable_params = int(state.get("trainable_params", 0))  # absent from older stream states
         saved = [entry["type"] for entry in state["plugins"]]
         ours = [type(p).__name__ for p in self.method_plugins]
         if saved != ours:
             raise ValueError(f"the saved state holds the plugins {saved}, this strategy has {ours}; use the same plugins")
         for plugin, entry in zip(self.method_plugins, state["plugins"]):
             plugin.load_state_dict(entry["state"])
-
-
-def trainable_parameter_count(module: torch.nn.Module) -> int:
-    """Number of parameters with ``requires_grad``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

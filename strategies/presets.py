@@ -13,6 +13,7 @@ preset                           plugins
 ``EWC(...)``                     ``[plugins.EWC(...)]``
 ``LwF(...)``                     ``[plugins.LwF(...)]``
 ``LoRA(...)``                    ``[plugins.LoRA(...)]``
+``OLoRA(...)``                   ``[plugins.OLoRA(...)]``
 ``Replay(...)``                  ``[plugins.Replay(...)]``
 ``MetaKVConsolidation(...)``     ``[plugins.Replay(buffer_size, storage_policy),
                                  plugins.MetaKVConsolidation(...)]``, then
@@ -113,6 +114,37 @@ class LoRA(ContinualStrategy):
         method = methods.LoRA(
             mode=mode, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
             route_by_experience=route_by_experience,
+        )
+        _put_first([method], kwargs)
+        super().__init__(**kwargs)
+
+
+class OLoRA(ContinualStrategy):
+    """O-LoRA, orthogonal LoRA subspaces per experience: :class:`metakv_cl.strategies.plugins.OLoRA`
+    on the strategy.
+
+    Args:
+        rank, alpha, dropout, target_modules, lambda_orth, lambda_l2: see
+            :class:`metakv_cl.strategies.plugins.OLoRA`.
+        **kwargs: arguments of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+    """
+
+    strategy_name = "olora"
+
+    def __init__(
+        self,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        lambda_orth: float = 0.5,
+        lambda_l2: float = 0.0,
+        **kwargs: Any,
+    ):
+        method = methods.OLoRA(
+            rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, lambda_orth=lambda_orth,
+            lambda_l2=lambda_l2,
         )
         _put_first([method], kwargs)
         super().__init__(**kwargs)

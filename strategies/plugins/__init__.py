@@ -10,6 +10,7 @@ from metakv_cl.strategies.plugins.ewc import EWC
 from metakv_cl.strategies.plugins.lora import LoRA
 from metakv_cl.strategies.plugins.lwf import LwF
 from metakv_cl.strategies.plugins.metakv_consolidation import MetaKVConsolidation
+from metakv_cl.strategies.plugins.olora import OLoRA
 from metakv_cl.strategies.plugins.replay import Replay, ReplayMemory
 from metakv_cl.strategies.plugins.validated import Validated
 
@@ -19,6 +20,7 @@ __all__ = [
     "LwF",
     "MetaKVConsolidation",
     "MethodPlugin",
+    "OLoRA",
     "PhaseFit",
     "PluginConflictError",
     "Replay",

@@ -119,14 +119,15 @@ class LoRA(MethodPlugin):
         self._module = strategy.module  # load_state_dict rebuilds the adapters on it
         make_lora_config(strategy.module.model, self.rank, self.alpha, self.dropout, self.target_modules)
 
-    def _add(self, name: str) -> None:
+    def add_adapter(self, name: str) -> None:
+        """Add a fresh adapter ``name`` (B = 0: the model's outputs do not change) and record it."""
         config = make_lora_config(self._module.model, self.rank, self.alpha, self.dropout, self.target_modules)
         add_lora_adapter(self._module, name, config)
         self.adapters.append(name)
 
     def before_training_exp(self, strategy, **kwargs: Any) -> None:
         if self.mode == "per_experience" or not self.adapters:
-            self._add(f"exp_{strategy.experience_index}" if self.mode == "per_experience" else "shared")
+            self.add_adapter(f"exp_{strategy.experience_index}" if self.mode == "per_experience" else "shared")
         model = strategy.module.model
         if self.route_by_experience:
             model.set_adapter([self.adapters[-1]])  # trained alone, as it will be used at test time
@@ -150,6 +151,6 @@ class LoRA(MethodPlugin):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in state["adapters"]:
             if name not in self.adapters:
-                self._add(name)
+                self.add_adapter(name)
         if self.adapters:
             self._module.model.set_adapter(list(self.adapters), inference_mode=True)

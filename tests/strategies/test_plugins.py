@@ -18,7 +18,7 @@ from avalanche.training.plugins import (
 
 from metakv_cl.metrics import ContinualMatrixPluginMetric
 from metakv_cl.modeling import MetaKVConfig
-from metakv_cl.strategies import EWC, ContinualStrategy, LoRA, LwF, MetaKVConsolidation, Naive, Replay
+from metakv_cl.strategies import EWC, ContinualStrategy, LoRA, LwF, MetaKVConsolidation, Naive, OLoRA, Replay
 from metakv_cl.strategies import plugins
 from metakv_cl.strategies.plugins import PluginConflictError, UnsupportedPluginError
 from metakv_cl.training.runner import run_stream
@@ -45,6 +45,7 @@ def make(tmp_path, plugin_list=(), num_experiences=2, epochs=1, strategy_cls=Con
     (EWC, {"mode": "online"}, [plugins.EWC]),
     (LwF, {}, [plugins.LwF]),
     (LoRA, {"mode": "per_experience"}, [plugins.LoRA]),
+    (OLoRA, {}, [plugins.OLoRA]),
     (Replay, {"buffer_size": 8}, [plugins.Replay]),
     (MetaKVConsolidation, {"buffer_size": 8}, [plugins.Replay, plugins.MetaKVConsolidation]),
     (MetaKVConsolidation, {"validation_fraction": 0.25},
@@ -95,6 +96,9 @@ def test_validated_schedule_holds_items_out_of_a_plain_fit(tmp_path):
     (lambda: plugins.Replay(8), lambda: ReplayPlugin(mem_size=8), "replay buffer"),
     (lambda: plugins.EWC(), lambda: plugins.EWC(mode="online"), "EWC penalty"),
     (lambda: plugins.LoRA(), lambda: plugins.MetaKVConsolidation(), "peft adapters"),
+    (lambda: plugins.LoRA(), lambda: plugins.OLoRA(), "peft adapters"),
+    (lambda: plugins.OLoRA(), lambda: plugins.MetaKVConsolidation(), "peft adapters"),
+    (lambda: plugins.OLoRA(), lambda: plugins.OLoRA(rank=4), "peft adapters"),
 ])
 def test_conflicting_plugins_are_refused_naming_both(first, second, resource, tmp_path):
     a, b = first(), second()
@@ -348,7 +352,7 @@ def test_avalanche_tensorboard_logger_writes_the_metrics(tmp_path):
     assert events and sum(event.stat().st_size for event in events) > 1000
 
 
-@pytest.mark.parametrize("name", ["EWC", "LwF", "LoRA", "Replay", "MetaKVConsolidation"])
+@pytest.mark.parametrize("name", ["EWC", "LwF", "LoRA", "OLoRA", "Replay", "MetaKVConsolidation"])
 def test_a_preset_s_defaults_are_its_plugin_s(name):
     """Presets repeat their plugin's arguments (jsonargparse reads signatures): the defaults must not drift."""
     import inspect

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from metakv_cl.modeling import MetaKVConfig, meta_kv_parameters
+from metakv_cl.strategies.base import lm_criterion
 from metakv_cl.strategies import plugins
 from metakv_cl.strategies import (
     EWC,
@@ -20,6 +21,8 @@ from metakv_cl.strategies import (
     Replay,
     strategy_class,
 )
+from metakv_cl.testing import tiny_llama
+from metakv_cl.training import ContinualLMModule
 from metakv_cl.training.runner import run_stream, warm_up
 from metakv_cl.training.testing import toy_setup, toy_trainer_kwargs
 
@@ -218,6 +221,29 @@ def test_ewc_penalty_and_its_gradient_are_the_textbook_sum(tmp_path):
         assert torch.isfinite(got).all() and torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_ewc_fisher_is_the_mean_squared_gradient_of_single_examples(architecture, tmp_path):
+    torch.manual_seed(0)
+    benchmark, module = toy_setup(1)
+    if architecture == "llama":
+        module = ContinualLMModule(tiny_llama(vocab_size=module.vocab_size))
+    strategy = EWC(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path), train_mb_size=3, fisher_batches=2)
+    dataset = benchmark.train_stream[0].dataset
+    fisher = strategy.plugin(plugins.EWC).estimate_fisher(strategy, dataset)
+
+    model, examples = module.model.eval(), 2 * 3  # fisher_batches x train_mb_size: the rest is left out
+    expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for index in range(examples):
+        item = dataset.collate_fn([dataset[index]])
+        model.zero_grad()
+        lm_criterion(model(input_ids=item["input_ids"]), item["labels"]).backward()
+        for name, p in model.named_parameters():
+            expected[name] += p.grad**2 / examples
+    assert fisher.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.allclose(fisher[name], value, rtol=1e-4, atol=1e-12), name
+
+
 def test_ewc_rejects_unknown_mode(tmp_path):
     with pytest.raises(ValueError, match="unknown EWC mode 'offline'"):
         make(EWC, tmp_path, mode="offline")
@@ -325,6 +351,11 @@ def test_consolidation_changes_only_the_consolidated_groups(groups, tmp_path):
             assert names & memory, "M did not change during consolidation"
             assert names <= allowed, names - allowed
     assert not any("lora_" in n for n, _ in strategy.module.model.named_parameters())  # fast weights reset
+    # the reported count holds every parameter the experience trained: fast LoRA + consolidated groups
+    consolidated = sum(p.numel() for g in groups for p in meta_kv_parameters(model, g))
+    by_phase = strategy.report_extra()["trainable_params_by_phase"]
+    assert by_phase["consolidate"] == consolidated and by_phase["fast"] > 0
+    assert strategy.report_extra()["trainable_params"] == by_phase["fast"] + consolidated
     history = strategy.plugin(plugins.MetaKVConsolidation).memory_history
     assert len(history) == 2
     assert not torch.equal(next(iter(history[0].values())), next(iter(history[1].values())))

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from metakv_cl.modeling import MetaKVConfig
-from metakv_cl.strategies import MetaKVConsolidation, Replay, plugins
+from metakv_cl.strategies import MetaKVConsolidation, OLoRA, Replay, plugins
 from metakv_cl.training.runner import StreamState, run_stream, warm_up
 from metakv_cl.training.testing import toy_setup, toy_trainer_kwargs
 
@@ -40,6 +40,8 @@ class CountBatches(pl.Callback):
 CASES = {
     # Meta-KV (distill): killed during the consolidation of the second experience (fast phase finished)
     "metakv": (MetaKVConsolidation, {"mode": "distill", "buffer_size": 8}, KillAt("exp_001", "consolidate", epoch=1, batch=2)),
+    # O-LoRA: killed while training the second adapter (the first one is rebuilt from the stream state)
+    "olora": (OLoRA, {}, KillAt("exp_001", "train", epoch=1, batch=1)),
     # replay: killed in the second epoch of the first experience
     "replay": (Replay, {"buffer_size": 8}, KillAt("exp_000", "train", epoch=1, batch=1)),
     # the same with packed training batches (rows of 32 tokens: the longest toy item fits)
@@ -106,7 +108,7 @@ def test_resume_refuses_a_different_stream(tmp_path):
         run_stream(Replay(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path)), other, resume=True)
 
 
-@pytest.mark.parametrize("name", ["ewc", "lora", "lwf", "metakv", "joint"])
+@pytest.mark.parametrize("name", ["ewc", "lora", "olora", "lwf", "metakv", "joint"])
 def test_a_finished_run_restores_weights_and_strategy_state(name, tmp_path):
     from metakv_cl.strategies import STRATEGIES
 
@@ -119,7 +121,7 @@ def test_a_finished_run_restores_weights_and_strategy_state(name, tmp_path):
     assert restored.matrix == finished.matrix
     strategy.eval(benchmark.test_stream)  # the restored model scores what the finished one did
     assert [strategy.eval_scores[j] for j in range(2)] == finished.matrix[-1]
-    if name == "lora":
+    if name in ("lora", "olora"):
         assert strategy.plugin(plugins.LoRA).adapters == ["exp_0", "exp_1"]
     if name == "ewc":
         assert len(strategy.plugin(plugins.EWC).importances) == 2
