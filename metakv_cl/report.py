@@ -33,13 +33,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from metakv_cl.metrics import SUMMARY_FIGURES, continual_summary
+from metakv_cl.metrics import SUMMARY_FIGURES, balanced_accuracy, continual_summary, majority_rate
 from metakv_cl.runfolder import atomic_write_text
+from metakv_cl.statistics import Interval, intervals_json, item_scores, paired_bootstrap
 
 __all__ = [
     "SCORE_NAMES",
     "MethodResult",
+    "item_outcomes",
     "format_table",
+    "format_task_table",
     "write_report",
     "plot_heatmap",
     "plot_curves",
@@ -81,6 +84,11 @@ class MethodResult:
             has fewer than T + 1 rows. NaN or None marks an unmeasured cell.
         extra: anything else worth keeping: ``wall_time_s``, ``peak_memory_bytes``,
             ``trainable_params``, ``seed``, ...
+        items: the per-item outcome of every evaluation, in test-set order (None: not recorded).
+            For accuracy ``{"gold": [[task's gold choice per item] per task], "num_choices": [per
+            task], "predicted": [[[predicted choice per item] per task] per row of R]}``; for loss
+            ``{"tokens": [[scored tokens per item] per task], "nll": [[[summed NLL per item] per
+            task] per row]}``. Build it with :func:`item_outcomes`.
     """
 
     method: str
@@ -88,6 +96,7 @@ class MethodResult:
     score_name: str
     matrix: list[list[float]]
     extra: dict[str, Any] = field(default_factory=dict)
+    items: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.score_name not in SCORE_NAMES:
@@ -99,6 +108,23 @@ class MethodResult:
                 f"{self.method}: every matrix row needs one score per experience "
                 f"({len(self.experience_names)}), got row lengths {[len(row) for row in self.matrix]}"
             )
+        if self.items is not None:
+            self._check_items()
+
+    def _check_items(self) -> None:
+        fixed, per_row = ITEM_FIELDS[self.score_name]
+        missing = [key for key in (fixed, per_row) if key not in self.items]
+        if missing:
+            raise ValueError(f"{self.method}: items of a {self.score_name} result need {missing}")
+        sizes = [len(values) for values in self.items[fixed]]
+        rows = self.items[per_row]
+        if len(sizes) != len(self.experience_names) or len(rows) != len(self.matrix):
+            raise ValueError(
+                f"{self.method}: items[{fixed!r}] needs one list per experience ({len(self.experience_names)}) and "
+                f"items[{per_row!r}] one row per matrix row ({len(self.matrix)}); got {len(sizes)} and {len(rows)}"
+            )
+        if any([len(values) for values in row] != sizes for row in rows):
+            raise ValueError(f"{self.method}: items[{per_row!r}] needs, in every row, {sizes} items per experience")
 
     @property
     def higher_is_better(self) -> bool:
@@ -114,16 +140,25 @@ class MethodResult:
         and ignored by :meth:`from_json`.
 
         Returns:
-            ``{"method", "experience_names", "score_name", "matrix", "extra", "summary"}``.
+            ``{"method", "experience_names", "score_name", "matrix", "extra", "summary"}``, and
+            where per-item outcomes were recorded ``items``, the bootstrap ``intervals`` of the
+            summary figures (:func:`metakv_cl.statistics.paired_bootstrap` over test items) and,
+            for accuracy, the per-experience ``tasks`` rows (:meth:`task_rows`).
         """
-        return _json_safe({
+        data = {
             "method": self.method,
             "experience_names": self.experience_names,
             "score_name": self.score_name,
             "matrix": self.matrix,
             "extra": self.extra,
             "summary": self.summary,
-        })
+        }
+        if self.items is not None:
+            data["intervals"] = intervals_json(self.intervals())
+            if self.higher_is_better:
+                data["tasks"] = self.task_rows()
+            data["items"] = self.items
+        return _json_safe(data)
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | str) -> "MethodResult":
@@ -138,7 +173,72 @@ class MethodResult:
         if missing:
             raise KeyError(f"MethodResult JSON lacks {missing}; has {sorted(data)}")
         return cls(method=data["method"], experience_names=data["experience_names"], score_name=data["score_name"],
-                   matrix=data["matrix"], extra=dict(data.get("extra", {})))
+                   matrix=data["matrix"], extra=dict(data.get("extra", {})), items=data.get("items"))
+
+    def intervals(self) -> dict[str, dict[str, Interval | None]]:
+        """95% bootstrap intervals of average, forgetting and BWT over this run's test items.
+
+        Raises:
+            ValueError: the result has no per-item outcomes.
+        """
+        return paired_bootstrap(item_scores([self]))
+
+    def task_rows(self) -> list[dict[str, Any]]:
+        """Per experience of an accuracy result, from the last row of R and the per-item outcomes.
+
+        Returns:
+            One dict per experience: ``experience``, ``accuracy`` (the last row's), and with
+            per-item outcomes ``balanced_accuracy``, ``chance`` (1 / number of choices),
+            ``majority_rate`` (share of the most frequent gold label) and ``did_not_learn``
+            (trained, and the accuracy is not above the majority rate; None before training).
+        """
+        final = self.matrix[-1]
+        trained = self.summary["num_trained"]
+        rows = []
+        for j, name in enumerate(self.experience_names):
+            row: dict[str, Any] = {"experience": name, "accuracy": final[j]}
+            if self.items is not None:
+                gold = self.items["gold"][j]
+                majority = majority_rate(gold)
+                row.update(
+                    balanced_accuracy=balanced_accuracy(self.items["predicted"][-1][j], gold),
+                    chance=1.0 / self.items["num_choices"][j],
+                    majority_rate=majority,
+                    did_not_learn=final[j] <= majority if j < trained else None,
+                )
+            rows.append(row)
+        return rows
+
+    def did_not_learn(self) -> list[str]:
+        """The experiences this accuracy result did not learn (see :meth:`task_rows`); [] for losses
+        and results without per-item outcomes."""
+        if not self.higher_is_better or self.items is None:
+            return []
+        return [row["experience"] for row in self.task_rows() if row["did_not_learn"]]
+
+
+# score name -> (per-item field fixed by the test set, per-item field of each evaluation)
+ITEM_FIELDS = {"accuracy": ("gold", "predicted"), "loss": ("tokens", "nll")}
+
+
+def item_outcomes(score_name: str, evaluations: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
+    """The compact :attr:`MethodResult.items` of a run from its evaluations.
+
+    Args:
+        score_name: ``"accuracy"`` or ``"loss"``.
+        evaluations: per row of R, per experience, the evaluation's
+            :attr:`~metakv_cl.training.module.ContinualLMModule.eval_items`.
+
+    Returns:
+        The test set's fixed fields once (gold choices and number of choices, or token counts),
+        and the evaluated field (predicted choices, or summed NLL) per row.
+    """
+    fixed, per_row = ITEM_FIELDS[score_name]
+    first = evaluations[0]
+    items = {fixed: [task[fixed] for task in first], per_row: [[task[per_row] for task in row] for row in evaluations]}
+    if score_name == "accuracy":
+        items["num_choices"] = [task["num_choices"] for task in first]
+    return items
 
 
 def _json_safe(value: Any) -> Any:
@@ -185,7 +285,7 @@ def _check_results(results: Sequence[MethodResult]) -> None:
 
 
 def format_table(results: Sequence[MethodResult]) -> str:
-    """The side-by-side Markdown table: one row per method.
+    """The side-by-side Markdown table: one row per method, with its footnotes.
 
     Args:
         results: the methods to compare (usually on one stream and seed).
@@ -194,27 +294,91 @@ def format_table(results: Sequence[MethodResult]) -> str:
         A Markdown table with score, average, forgetting, BWT, FWT, perplexity (when any
         result is a loss), wall time, training tokens per second (all devices together, the
         training batches alone) and trainable parameters. Undefined figures show "–";
-        a partial run is marked "(k/T trained)" after its name.
+        a partial run is marked "(k/T trained)" after its name. Where per-item outcomes were
+        recorded, average, forgetting and BWT carry their 95% bootstrap interval over test
+        items, and accuracy results get a "did not learn" column (the experiences whose final
+        accuracy is not above their majority rate); footnotes under the table explain both and
+        name every method that learned none of its trained experiences.
 
     Raises:
         ValueError: if ``results`` is empty or repeats a method name.
     """
     _check_results(results)
     figures = _figure_keys(results)
-    header = ["method", "score", *(_FIGURE_HEADERS[f] for f in figures), "wall time (s)", "train tokens/s", "trainable params"]
-    rows = []
+    flagged = any(result.higher_is_better and result.items is not None for result in results)
+    header = ["method", "score", *(_FIGURE_HEADERS[f] for f in figures), *(["did not learn"] if flagged else []),
+              "wall time (s)", "train tokens/s", "trainable params"]
+    rows, notes = [], []
     for result in results:
         summary = result.summary
         trained, total = summary["num_trained"], len(result.experience_names)
+        intervals = result.intervals()["method"] if result.items is not None else {}
+        cells = [_format_number(summary.get(figure)) + _interval_suffix(intervals.get(figure)) for figure in figures]
+        if flagged:
+            cells.append(_did_not_learn_cell(result))
+            if result.did_not_learn() and len(result.did_not_learn()) == trained:
+                notes.append(f"**{result.method} learned none of its {trained} trained experiences**: its final "
+                             "accuracy is at or below the majority rate on every one, so its forgetting and BWT "
+                             "measure nothing learned.")
         rows.append([
             result.method if trained == total else f"{result.method} ({trained}/{total} trained)",
             result.score_name,
-            *(_format_number(summary.get(figure)) for figure in figures),
+            *cells,
             _format_number(result.extra.get("wall_time_s"), digits=1),
             _format_number(result.extra.get("train_tokens_per_s"), digits=0),
             _format_params(result.extra.get("trainable_params")),
         ])
-    return _markdown_table(header, rows)
+    if any(result.items is not None for result in results):
+        notes.append(INTERVAL_NOTE)
+    if flagged:
+        notes.append(DID_NOT_LEARN_NOTE)
+    return "\n\n".join([_markdown_table(header, rows), *notes])
+
+
+INTERVAL_NOTE = ("[low, high]: 95% percentile interval of a paired bootstrap over test items (and seeds where "
+                 "several are pooled), 10,000 resamples; see metakv_cl/statistics.py.")
+DID_NOT_LEARN_NOTE = ("did not learn: experiences whose final accuracy is not above their majority rate (the share "
+                      "of the most frequent gold label in the test set, what always answering it scores).")
+
+
+def _interval_suffix(interval: Interval | None) -> str:
+    return "" if interval is None else f" [{interval.low:.3f}, {interval.high:.3f}]"
+
+
+def _did_not_learn_cell(result: MethodResult) -> str:
+    if not result.higher_is_better or result.items is None:
+        return "–"
+    names = result.did_not_learn()
+    trained = result.summary["num_trained"]
+    if not names:
+        return "none"
+    return f"**all {trained}**" if len(names) == trained else ", ".join(names)
+
+
+def format_task_table(results: Sequence[MethodResult]) -> str:
+    """Per experience of every accuracy result: accuracy, balanced accuracy, chance and majority rate.
+
+    Args:
+        results: the methods; loss results are left out.
+
+    Returns:
+        A Markdown table (one row per method and experience, the final row of R), the
+        experiences a method did not learn marked "**did not learn**", with a footnote; "" if
+        no result is scored by accuracy.
+    """
+    rows = []
+    for result in results:
+        if not result.higher_is_better:
+            continue
+        for task in result.task_rows():
+            flag = {True: "**did not learn**", False: "", None: "–"}[task.get("did_not_learn")]
+            rows.append([result.method, task["experience"], _format_number(task["accuracy"]),
+                         *(_format_number(task.get(key)) for key in ("balanced_accuracy", "chance", "majority_rate")),
+                         flag])
+    if not rows:
+        return ""
+    header = ["method", "experience", "accuracy", "balanced accuracy", "chance", "majority", ""]
+    return _markdown_table(header, rows) + "\n\n" + DID_NOT_LEARN_NOTE
 
 
 def _row_labels(result: MethodResult) -> list[str]:
@@ -385,13 +549,17 @@ def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[s
     report = {
         "sign_conventions": SIGN_CONVENTIONS,
         "methods": [result.to_json() for result in results],
+        "did_not_learn": {result.method: result.did_not_learn() for result in results},
         "plots": {key: path.name for key, path in paths.items()},
     }
     paths["json"] = out / "report.json"
     atomic_write_text(json.dumps(report, indent=2), paths["json"])
 
-    sections = ["# Continual-learning report", "", format_table(results), "", SIGN_CONVENTIONS, "",
-                f"![forgetting per method]({paths['forgetting_plot'].name})", ""]
+    sections = ["# Continual-learning report", "", format_table(results), ""]
+    task_table = format_task_table(results)
+    if task_table:
+        sections += ["## Per experience (final row of R)", "", task_table, ""]
+    sections += [SIGN_CONVENTIONS, "", f"![forgetting per method]({paths['forgetting_plot'].name})", ""]
     for result in results:
         sections += [f"## {result.method}", "", _matrix_markdown(result), "",
                      f"![R heatmap]({paths[f'heatmap:{result.method}'].name})", ""]
