@@ -5,15 +5,19 @@ A run produces one :class:`MethodResult` per strategy (its matrix R, see
 writes, into one folder:
 
 - ``report.json``: every method's matrix, summary figures and extra facts (wall time,
-  peak memory, trainable parameters, seed, ...);
-- ``report.md``: the side-by-side table and each method's matrix;
+  peak memory, trainable parameters, seed, ...), and where they were recorded its per-item
+  outcomes, the bootstrap intervals of its figures (:mod:`metakv_cl.statistics`), its
+  per-experience rows and the experiences it did not learn;
+- ``report.md``: the side-by-side table (intervals and "did not learn" where per-item outcomes
+  exist), the per-experience table of accuracy results and each method's matrix;
 - ``heatmap_<method>.png``: R as an annotated heatmap (the just-trained cells outlined);
 - ``curves_<method>.png``: each experience's score across the stream;
 - ``forgetting.png``: forgetting per experience and on average, one bar per method.
 
 :func:`aggregate_seeds` turns several seeds' results into a mean +- std table, and
 :func:`write_seed_report` writes a stream's multi-seed report (table, JSON, mean-R heatmaps,
-forgetting plot, and where the methods under test do not beat a baseline). Plots use
+forgetting plot, bootstrap intervals over seeds and test items, differences to a reference
+with Holm-adjusted p-values, and where the methods under test do not beat a baseline). Plots use
 matplotlib's object-oriented API on the Agg canvas, so no display and no global pyplot
 state are involved.
 """
@@ -35,7 +39,7 @@ from matplotlib.patches import Rectangle
 
 from metakv_cl.metrics import SUMMARY_FIGURES, balanced_accuracy, continual_summary, majority_rate
 from metakv_cl.runfolder import atomic_write_text
-from metakv_cl.statistics import Interval, intervals_json, item_scores, paired_bootstrap
+from metakv_cl.statistics import BOOTSTRAP_FIGURES, Interval, holm, intervals_json, item_scores, paired_bootstrap
 
 __all__ = [
     "SCORE_NAMES",
@@ -51,6 +55,7 @@ __all__ = [
     "aggregate_seeds",
     "mean_result",
     "comparison_notes",
+    "seed_intervals",
     "write_seed_report",
 ]
 
@@ -335,8 +340,8 @@ def format_table(results: Sequence[MethodResult]) -> str:
     return "\n\n".join([_markdown_table(header, rows), *notes])
 
 
-INTERVAL_NOTE = ("[low, high]: 95% percentile interval of a paired bootstrap over test items (and seeds where "
-                 "several are pooled), 10,000 resamples; see metakv_cl/statistics.py.")
+INTERVAL_NOTE = ("[low, high]: 95% percentile interval of a bootstrap over the test items, 10,000 resamples "
+                 "(metakv_cl/statistics.py).")
 DID_NOT_LEARN_NOTE = ("did not learn: experiences whose final accuracy is not above their majority rate (the share "
                       "of the most frequent gold label in the test set, what always answering it scores).")
 
@@ -366,13 +371,15 @@ def format_task_table(results: Sequence[MethodResult]) -> str:
         experiences a method did not learn marked "**did not learn**", with a footnote; "" if
         no result is scored by accuracy.
     """
+    return _task_table({result.method: result.task_rows() for result in results if result.higher_is_better})
+
+
+def _task_table(rows_by_method: dict[str, list[dict[str, Any]]]) -> str:
     rows = []
-    for result in results:
-        if not result.higher_is_better:
-            continue
-        for task in result.task_rows():
+    for method, tasks in rows_by_method.items():
+        for task in tasks:
             flag = {True: "**did not learn**", False: "", None: "–"}[task.get("did_not_learn")]
-            rows.append([result.method, task["experience"], _format_number(task["accuracy"]),
+            rows.append([method, task["experience"], _format_number(task["accuracy"]),
                          *(_format_number(task.get(key)) for key in ("balanced_accuracy", "chance", "majority_rate")),
                          flag])
     if not rows:
@@ -726,6 +733,100 @@ def comparison_notes(stats: dict[str, dict[str, Any]], candidates: Sequence[str]
     return notes
 
 
+def seed_intervals(results_by_seed: Sequence[Sequence[MethodResult]], reference: str | None = None) -> dict[str, Any]:
+    """Bootstrap intervals over seeds and test items of every method with per-item outcomes.
+
+    Args:
+        results_by_seed: one list of results per seed; a method is paired with the reference
+            seed by seed (both must appear in the same seeds).
+        reference: the method every other one is compared with (None: no comparison).
+
+    Returns:
+        ``{"intervals": {method: {figure: Interval}}}`` for the methods whose every run has
+        per-item outcomes, and with a reference ``"differences"``: ``{method: {figure:
+        Interval}}`` (method minus reference) and ``"holm"``: the same nesting of Holm-adjusted
+        p-values, the family being every difference of this stream.
+
+    Raises:
+        ValueError: an unknown reference, a reference without per-item outcomes, or a method
+            that did not run on the reference's seeds.
+    """
+    by_method: dict[str, dict[int, MethodResult]] = {}
+    for index, seed_results in enumerate(results_by_seed):
+        for result in seed_results:
+            by_method.setdefault(result.method, {})[index] = result
+    recorded = {method: runs for method, runs in by_method.items() if all(r.items is not None for r in runs.values())}
+    if reference is not None and reference not in recorded:
+        allowed = ", ".join(sorted(recorded)) or "none"
+        raise ValueError(f"reference {reference!r} is not a method with per-item outcomes here; choose one of: {allowed}")
+    out: dict[str, Any] = {"intervals": {}}
+    if reference is not None:
+        out["differences"] = {}
+    for method, runs in recorded.items():
+        paired = reference is not None and method != reference
+        if paired and set(runs) != set(recorded[reference]):
+            raise ValueError(f"{method!r} ran on seeds {sorted(runs)} and the reference {reference!r} on "
+                             f"{sorted(recorded[reference])}; a paired comparison needs the same seeds")
+        scores = item_scores([runs[i] for i in sorted(runs)])
+        base = item_scores([recorded[reference][i] for i in sorted(runs)]) if paired else None
+        bootstrap = paired_bootstrap(scores, base)
+        out["intervals"][method] = bootstrap["method"]
+        if paired:
+            out["differences"][method] = bootstrap["difference"]
+    if reference is not None:
+        keys = [(method, figure) for method, figures in out["differences"].items() for figure in figures]
+        adjusted = holm([None if out["differences"][m][f] is None else out["differences"][m][f].p_value
+                         for m, f in keys])
+        out["holm"] = {method: {} for method in out["differences"]}
+        for (method, figure), p_value in zip(keys, adjusted):
+            out["holm"][method][figure] = p_value
+    return out
+
+
+def _mean_task_rows(runs: Sequence[MethodResult]) -> list[dict[str, Any]]:
+    """:meth:`MethodResult.task_rows` averaged over seeds; "did not learn" from the means."""
+    per_seed = [run.task_rows() for run in runs]
+    rows = []
+    for j, name in enumerate(runs[0].experience_names):
+        row: dict[str, Any] = {"experience": name}
+        for key in ("accuracy", "balanced_accuracy", "chance", "majority_rate"):
+            values = [seed_rows[j].get(key) for seed_rows in per_seed]
+            present = [v for v in values if v is not None and not math.isnan(v)]
+            row[key] = statistics.fmean(present) if present else None
+        flags = [seed_rows[j].get("did_not_learn") for seed_rows in per_seed]
+        row["did_not_learn"] = None if None in flags else row["accuracy"] <= row["majority_rate"]
+        rows.append(row)
+    return rows
+
+
+def _interval_table(intervals: dict[str, Any], reference: str | None) -> list[str]:
+    """The report sections of :func:`seed_intervals` output."""
+    figures = [_FIGURE_HEADERS[f] for f in BOOTSTRAP_FIGURES]
+    rows = [[method, *(_format_interval(by_figure[f]) for f in BOOTSTRAP_FIGURES)]
+            for method, by_figure in intervals["intervals"].items()]
+    note = ("[low, high]: 95% percentile interval of a bootstrap over seeds and test items, 10,000 resamples "
+            "(metakv_cl/statistics.py).")
+    sections = ["## 95% intervals", "", note, "", _markdown_table(["method", *figures], rows), ""]
+    if reference is not None and intervals["differences"]:
+        header = ["method"] + [part for f in figures for part in (f"Δ {f}", "p (Holm)")]
+        rows = [[method, *(cell for f in BOOTSTRAP_FIGURES for cell in (
+            _format_interval(by_figure[f]), _format_p(intervals["holm"][method][f])))]
+            for method, by_figure in intervals["differences"].items()]
+        sections += [f"## Difference to {reference} (method minus {reference})", "",
+                     "Paired: both methods resampled with the same seeds and test items. p: two-sided bootstrap "
+                     "p-value, Holm-adjusted over every difference in this table.", "",
+                     _markdown_table(header, rows), ""]
+    return sections
+
+
+def _format_interval(interval: Interval | None) -> str:
+    return "–" if interval is None else f"{interval.estimate:.3f}{_interval_suffix(interval)}"
+
+
+def _format_p(p_value: float | None) -> str:
+    return "–" if p_value is None else f"{p_value:.3g}"
+
+
 def write_seed_report(
     results_by_seed: Sequence[Sequence[MethodResult]],
     out_dir: str | Path,
@@ -733,13 +834,16 @@ def write_seed_report(
     title: str,
     header: dict[str, Any] | None = None,
     candidates: Sequence[str] = (),
+    reference: str | None = None,
 ) -> dict[str, Path]:
     """Write the report of one stream over several seeds: table, JSON and plots.
 
-    Files: ``README.md`` (title, the header facts, the mean ± std table, where each candidate
-    does not beat a baseline, the sign conventions, each method's mean R), ``results.json``
-    (header, statistics and every seed's results), ``heatmap_<method>.png`` (mean R) and
-    ``forgetting.png`` (forgetting per experience of the mean R, one bar per method).
+    Files: ``README.md`` (title, the header facts, the mean ± std table, the 95% bootstrap
+    intervals and differences to the reference where per-item outcomes exist, the per-experience
+    table of accuracy streams with the "did not learn" flags, where each candidate does not beat
+    a baseline, the sign conventions, each method's mean R), ``results.json`` (header,
+    statistics, intervals, per-experience rows and every seed's results), ``heatmap_<method>.png``
+    (mean R) and ``forgetting.png`` (forgetting per experience of the mean R, one bar per method).
 
     Args:
         results_by_seed: one list of results per seed.
@@ -749,18 +853,24 @@ def write_seed_report(
             date, notes on the model or data substitutions, ...).
         candidates: the methods under test, compared with the others by
             :func:`comparison_notes`.
+        reference: the method each other one's difference is reported against (see
+            :func:`seed_intervals`).
 
     Returns:
         Paths by key: ``"markdown"``, ``"json"``, ``"forgetting_plot"``, ``"heatmap:<method>"``.
 
     Raises:
-        ValueError: see :func:`seed_statistics`.
+        ValueError: see :func:`seed_statistics` and :func:`seed_intervals`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header = dict(header or {})
     stats = seed_statistics(results_by_seed)
-    means = [mean_result(runs) for runs in _runs_by_method(results_by_seed).values()]
+    runs_by_method = _runs_by_method(results_by_seed)
+    means = [mean_result(runs) for runs in runs_by_method.values()]
+    intervals = seed_intervals(results_by_seed, reference)
+    tasks = {method: _mean_task_rows(runs) for method, runs in runs_by_method.items() if runs[0].higher_is_better}
+    did_not_learn = {method: [row["experience"] for row in rows if row["did_not_learn"]] for method, rows in tasks.items()}
     paths: dict[str, Path] = {}
     for result, slug in zip(means, _method_slugs(means)):
         paths[f"heatmap:{result.method}"] = plot_heatmap(result, out / f"heatmap_{slug}.png")
@@ -772,6 +882,10 @@ def write_seed_report(
         "header": header,
         "sign_conventions": SIGN_CONVENTIONS,
         "statistics": stats,
+        "reference": reference,
+        "intervals": {key: intervals_json(value) if key != "holm" else value for key, value in intervals.items()},
+        "tasks": tasks,
+        "did_not_learn": did_not_learn,
         "mean_matrices": {result.method: result.matrix for result in means},
         "runs": [[result.to_json() for result in seed_results] for seed_results in results_by_seed],
         "plots": {key: path.name for key, path in paths.items() if key != "json"},
@@ -780,6 +894,13 @@ def write_seed_report(
     sections = [f"# {title}", ""]
     sections += [f"- **{key}**: {value}" for key, value in header.items()]
     sections += ["", "Mean ± sample standard deviation over seeds.", "", aggregate_seeds(results_by_seed), ""]
+    sections += [f"- **{method} did not learn {', '.join(names)}**: mean final accuracy over seeds not above the "
+                 "majority rate." for method, names in did_not_learn.items() if names]
+    if intervals["intervals"]:
+        sections += ["", *_interval_table(intervals, reference)]
+    task_table = _task_table(tasks)
+    if task_table:
+        sections += ["## Per experience (final row of R, mean over seeds)", "", task_table, ""]
     notes = comparison_notes(stats, [c for c in candidates if c in stats])
     if notes:
         sections += ["## Meta-KV consolidation against the baselines", "", *notes, ""]
