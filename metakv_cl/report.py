@@ -45,6 +45,7 @@ __all__ = [
     "SCORE_NAMES",
     "MethodResult",
     "item_outcomes",
+    "json_text",
     "format_table",
     "format_task_table",
     "write_report",
@@ -244,6 +245,25 @@ def item_outcomes(score_name: str, evaluations: Sequence[Sequence[dict[str, Any]
     if score_name == "accuracy":
         items["num_choices"] = [task["num_choices"] for task in first]
     return items
+
+
+# An array of plain values laid out one per line by json.dumps(indent=...). JSON strings never hold
+# a raw newline, so a match spanning newlines is always structure, never text inside a string.
+_VALUE_ARRAY = re.compile(r"\[\n\s*((?:[^\[\]{}\n\"]+,\n\s*)*[^\[\]{}\n\"]+)\n\s*\]")
+
+
+def json_text(data: Any) -> str:
+    """``data`` as indented JSON with every array of numbers (or null / booleans) on one line:
+    per-item outcomes stay a few lines per experience instead of one line per item.
+
+    Args:
+        data: JSON-ready data (see :meth:`MethodResult.to_json`).
+
+    Returns:
+        The JSON text, ending in a newline.
+    """
+    text = json.dumps(data, indent=2)
+    return _VALUE_ARRAY.sub(lambda match: "[" + re.sub(r",\n\s*", ", ", match.group(1)) + "]", text) + "\n"
 
 
 def _json_safe(value: Any) -> Any:
@@ -560,7 +580,7 @@ def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[s
         "plots": {key: path.name for key, path in paths.items()},
     }
     paths["json"] = out / "report.json"
-    atomic_write_text(json.dumps(report, indent=2), paths["json"])
+    atomic_write_text(json_text(report), paths["json"])
 
     sections = ["# Continual-learning report", "", format_table(results), ""]
     task_table = format_task_table(results)
@@ -877,7 +897,7 @@ def write_seed_report(
     paths["forgetting_plot"] = plot_forgetting(means, out / "forgetting.png")
 
     paths["json"] = out / "results.json"
-    atomic_write_text(json.dumps(_json_safe({
+    atomic_write_text(json_text(_json_safe({
         "title": title,
         "header": header,
         "sign_conventions": SIGN_CONVENTIONS,
@@ -889,7 +909,7 @@ def write_seed_report(
         "mean_matrices": {result.method: result.matrix for result in means},
         "runs": [[result.to_json() for result in seed_results] for seed_results in results_by_seed],
         "plots": {key: path.name for key, path in paths.items() if key != "json"},
-    }), indent=2), paths["json"])
+    })), paths["json"])
 
     sections = [f"# {title}", ""]
     sections += [f"- **{key}**: {value}" for key, value in header.items()]

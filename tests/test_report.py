@@ -224,7 +224,9 @@ def test_did_not_learn_flags_a_majority_predictor_and_not_a_learner(tmp_path):
     assert "**naive learned none of its 2 trained experiences**" in table and "replay learned none" not in table
 
     paths = write_report([lazy, good], tmp_path)
-    report = json.loads(paths["json"].read_text())
+    text = paths["json"].read_text()
+    assert "[0, 0, 0, 0, 1, 1]," in text  # compact: one line per experience's items, not per item
+    report = json.loads(text)
     assert report["did_not_learn"] == {"naive": NAMES[:2], "replay": []}
     assert report["methods"][0]["tasks"][1]["did_not_learn"] is True
     assert report["methods"][0]["intervals"]["method"]["average"]["low"] <= 0.75
@@ -264,3 +266,13 @@ def test_seed_report_gives_intervals_and_holm_adjusted_differences_to_a_referenc
     assert report["did_not_learn"] == {"naive": NAMES[:2], "replay": []}
     with pytest.raises(ValueError, match="reference 'ewc' is not a method with per-item outcomes"):
         write_seed_report(seeds, tmp_path, title="toy", reference="ewc")
+
+
+def test_the_printed_comparison_shows_intervals_flags_and_the_per_experience_table(tmp_path):
+    from metakv_cl.training.runner import finish_report
+
+    printed = []
+    table = finish_report([_majority_predictor(), _learner()], tmp_path, echo=printed.append)
+    assert printed[0] == table and printed[1] == f"report: {tmp_path / 'report.md'}"
+    assert "| naive | accuracy | 0.750 [" in table and "**naive learned none of its 2 trained experiences**" in table
+    assert "| naive | people | 0.667 | 0.500 | 0.500 | 0.667 | **did not learn** |" in table

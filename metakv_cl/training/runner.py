@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from metakv_cl.data.stream import LMBenchmark, concat_experience_datasets
-from metakv_cl.report import MethodResult, format_table, format_task_table, item_outcomes, write_report
+from metakv_cl.report import MethodResult, format_table, format_task_table, item_outcomes, json_text, write_report
 from metakv_cl.training.callbacks import derived_seed, seed_all
 from metakv_cl.training.passes import is_global_zero
 from metakv_cl.runfolder import (
@@ -116,7 +116,7 @@ class StreamState:
         if self.save_weights:
             self._save_weights(strategy, benchmark, rows, evaluations, next_experience, wall_time_s, extra)
         partial = _method_result(strategy, benchmark, rows, evaluations, extra)
-        atomic_write_text(json.dumps(partial.to_json(), indent=2) + "\n", self.folder / "result.json")
+        atomic_write_text(json_text(partial.to_json()), self.folder / "result.json")
         progress = {
             "method": strategy.method_name,
             "next_experience": next_experience,
