@@ -184,6 +184,9 @@ class MethodResult:
     def intervals(self) -> dict[str, dict[str, Interval | None]]:
         """95% bootstrap intervals of average, forgetting and BWT over this run's test items.
 
+        Returns:
+            ``{"method": {figure: Interval or None}}`` (:func:`metakv_cl.statistics.paired_bootstrap`).
+
         Raises:
             ValueError: the result has no per-item outcomes.
         """
@@ -341,7 +344,7 @@ def format_table(results: Sequence[MethodResult]) -> str:
         cells = [_format_number(summary.get(figure)) + _interval_suffix(intervals.get(figure)) for figure in figures]
         if flagged:
             cells.append(_did_not_learn_cell(result))
-            if result.did_not_learn() and len(result.did_not_learn()) == trained:
+            if trained and len(result.did_not_learn()) == trained:
                 notes.append(f"**{result.method} learned none of its {trained} trained experiences**: its final "
                              "accuracy is at or below the majority rate on every one, so its forgetting and BWT "
                              "measure nothing learned.")

@@ -17,6 +17,10 @@ share of resampled differences on either side of 0 (the smallest level at which 
 interval excludes 0), with the usual +1 so that it is never 0. :func:`holm` adjusts a family of
 p-values (Holm 1979, "A simple sequentially rejective multiple test procedure").
 
+Forgetting takes a maximum over earlier rows, and resampling noise raises a maximum: for a run that
+barely forgets, its interval can lie above the point estimate. Read it as "how much forgetting the
+test items cannot rule out", not as a centred error bar.
+
 The per-item outcomes come from :attr:`metakv_cl.report.MethodResult.items`: for accuracy the
 predicted and gold choice of each item (a cell is correct / items), for loss the summed NLL and
 token count of each item (a cell is summed NLL / tokens).
