@@ -2,13 +2,14 @@
 
 Uncertainty comes from two sources: the finite test sets (which items were drawn) and the
 training seeds. :func:`paired_bootstrap` resamples both (Efron & Tibshirani 1993, *An
-Introduction to the Bootstrap*, ch. 6 and 13): each of ``resamples`` rounds draws the seeds with
-replacement and, for every task, the test items with replacement, and recomputes every cell of R
-from the per-item outcomes of the drawn items. The test items of a task are the same for every
-seed (the data seed is fixed; the seed changes training), so items and seeds are crossed factors:
-one item draw per task serves every drawn seed. From the resampled R of each drawn seed the
-figures of :func:`metakv_cl.metrics.continual_summary` (average, forgetting, BWT) are computed
-and averaged over the drawn seeds, as the seed tables average them.
+Introduction to the Bootstrap*: ch. 13 on percentile intervals, ch. 16 on tests): each of
+``resamples`` rounds draws the seeds with replacement and, for every task, the test items with
+replacement, and recomputes every cell of R from the per-item outcomes of the drawn items. The
+test items of a task are the same for every seed (the data seed is fixed; the seed changes
+training), so items and seeds are crossed factors: one item draw per task serves every drawn
+seed. From the resampled R of each drawn seed the figures of
+:func:`metakv_cl.metrics.continual_summary` (average, forgetting, BWT) are computed and averaged
+over the drawn seeds, as the seed tables average them.
 
 A comparison is paired: the method and its reference are resampled with the *same* seeds and
 items, so the spread of their difference leaves out what both share (hard items, lucky seeds).
