@@ -171,7 +171,9 @@ def balanced_accuracy(predicted: Sequence[int], gold: Sequence[int]) -> float:
         ValueError: empty or unequal-length inputs.
     """
     if not gold or len(predicted) != len(gold):
-        raise ValueError(f"balanced_accuracy needs equally many predictions and gold labels, got {len(predicted)} and {len(gold)}")
+        raise ValueError(
+            f"balanced_accuracy needs equally many predictions and gold labels, got {len(predicted)} and {len(gold)}"
+        )
     recalls = []
     for label in sorted(set(gold)):
         members = [p for p, g in zip(predicted, gold) if g == label]

@@ -781,7 +781,9 @@ def seed_intervals(results_by_seed: Sequence[Sequence[MethodResult]], reference:
     recorded = {method: runs for method, runs in by_method.items() if all(r.items is not None for r in runs.values())}
     if reference is not None and reference not in recorded:
         allowed = ", ".join(sorted(recorded)) or "none"
-        raise ValueError(f"reference {reference!r} is not a method with per-item outcomes here; choose one of: {allowed}")
+        raise ValueError(
+            f"reference {reference!r} is not a method with per-item outcomes here; choose one of: {allowed}"
+        )
     out: dict[str, Any] = {"intervals": {}}
     if reference is not None:
         out["differences"] = {}
@@ -893,7 +895,8 @@ def write_seed_report(
     means = [mean_result(runs) for runs in runs_by_method.values()]
     intervals = seed_intervals(results_by_seed, reference)
     tasks = {method: _mean_task_rows(runs) for method, runs in runs_by_method.items() if runs[0].higher_is_better}
-    did_not_learn = {method: [row["experience"] for row in rows if row["did_not_learn"]] for method, rows in tasks.items()}
+    did_not_learn = {method: [row["experience"] for row in rows if row["did_not_learn"]]
+                     for method, rows in tasks.items()}
     paths: dict[str, Path] = {}
     for result, slug in zip(means, _method_slugs(means)):
         paths[f"heatmap:{result.method}"] = plot_heatmap(result, out / f"heatmap_{slug}.png")

@@ -23,10 +23,10 @@ CHANCE = [[0.5] * TASKS] * (TASKS + 1)
 
 
 def test_estimates_are_the_summary_figures_averaged_over_seeds():
-    for scores in (accuracy_scores(LEARNER, items=30),
-                   ItemScores([np.random.default_rng(j).random((SEEDS, TASKS + 1, 30)) * 9 for j in range(TASKS)],
-                              [np.random.default_rng(9 + j).integers(1, 9, (SEEDS, 30)).astype(float) for j in range(TASKS)],
-                              False)):
+    rng = np.random.default_rng(0)
+    losses = ItemScores([rng.random((SEEDS, TASKS + 1, 30)) * 9 for _ in range(TASKS)],  # summed NLL per item
+                        [rng.integers(1, 9, (SEEDS, 30)).astype(float) for _ in range(TASKS)], False)  # tokens
+    for scores in (accuracy_scores(LEARNER, items=30), losses):
         result = paired_bootstrap(scores, resamples=50)["method"]
         summaries = []
         for s in range(SEEDS):
@@ -67,7 +67,8 @@ def test_resampling_is_deterministic_given_its_seed():
 
 
 def test_forgetting_and_bwt_need_two_trained_experiences():
-    scores = ItemScores([n[:, :2] for n in accuracy_scores(LEARNER).numerators], accuracy_scores(LEARNER).denominators, True)
+    full = accuracy_scores(LEARNER)
+    scores = ItemScores([n[:, :2] for n in full.numerators], full.denominators, True)  # rows 0 and 1 only
     result = paired_bootstrap(scores, scores, resamples=10)
     assert result["method"]["forgetting"] is None and result["difference"]["bwt"] is None
     assert result["method"]["average"] is not None
