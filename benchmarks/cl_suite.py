@@ -90,7 +90,7 @@ _map_source_checkout()
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from metakv_cl.report import MethodResult, write_seed_report  # noqa: E402
+from metakv_cl.report import MethodResult, json_text, write_seed_report  # noqa: E402
 from metakv_cl.runfolder import atomic_write_text  # noqa: E402
 from metakv_cl.strategies.plugins import Replay  # noqa: E402
 
@@ -358,7 +358,7 @@ class Workbench:
             "estimated_s": estimated_s,
             "cell_wall_time_s": time.perf_counter() - started,
         })
-        atomic_write_text(json.dumps(result.to_json(), indent=1), cell.result_path(self.runs_dir))
+        atomic_write_text(json_text(result.to_json()), cell.result_path(self.runs_dir))
         return result
 
 

@@ -57,6 +57,9 @@ __all__ = [
     "continual_summary",
     "ContinualMatrix",
     "ContinualMatrixPluginMetric",
+    "ItemRecords",
+    "balanced_accuracy",
+    "majority_rate",
 ]
 
 # The scalar figures of a summary, in display order.
@@ -152,6 +155,43 @@ def continual_summary(matrix: MatrixLike, higher_is_better: bool) -> dict[str, A
     return summary
 
 
+def balanced_accuracy(predicted: Sequence[int], gold: Sequence[int]) -> float:
+    """Mean over the gold classes of the share of their items predicted right (recall per class).
+
+    A predictor of one class scores 1 / (number of gold classes) however unbalanced the test set is.
+
+    Args:
+        predicted: predicted class per item.
+        gold: gold class per item (the classes averaged over are those that occur here).
+
+    Returns:
+        The balanced accuracy in [0, 1].
+
+    Raises:
+        ValueError: empty or unequal-length inputs.
+    """
+    if not gold or len(predicted) != len(gold):
+        raise ValueError(
+            f"balanced_accuracy needs equally many predictions and gold labels, got {len(predicted)} and {len(gold)}"
+        )
+    recalls = []
+    for label in sorted(set(gold)):
+        members = [p for p, g in zip(predicted, gold) if g == label]
+        recalls.append(sum(p == label for p in members) / len(members))
+    return sum(recalls) / len(recalls)
+
+
+def majority_rate(gold: Sequence[int]) -> float:
+    """Share of the most frequent gold class: the accuracy of always predicting it.
+
+    Raises:
+        ValueError: no gold labels.
+    """
+    if not gold:
+        raise ValueError("majority_rate needs at least one gold label")
+    return max(gold.count(label) for label in set(gold)) / len(gold)
+
+
 class ContinualMatrix(Metric):
     """The score matrix R as a torchmetrics Metric that syncs across DDP ranks.
 
@@ -223,6 +263,58 @@ class ContinualMatrix(Metric):
         """
         matrix = self.mean_matrix()
         return {"matrix": matrix, **continual_summary(matrix.cpu(), self.scores_higher_is_better)}
+
+
+class ItemRecords(Metric):
+    """Named per-item values with each item's dataset index, gathered from every DDP rank.
+
+    Each rank adds the items it scored; ``compute`` concatenates all ranks' records
+    (``dist_reduce_fx="cat"``) and sorts them by dataset index, so the result is in test-set
+    order whichever rank scored which item.
+
+    Args:
+        fields: the value names, e.g. ``("predicted", "gold")``.
+        **kwargs: passed to :class:`torchmetrics.Metric`.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, *fields: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fields = fields
+        # float64 holds every index, class id and token count exactly, and NLL sums without rounding
+        self.set_dtype(torch.float64)
+        for name in ("index", *fields):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, index: torch.Tensor, **values: torch.Tensor) -> None:
+        """Add items.
+
+        Args:
+            index: ``[N]`` dataset indices of the items.
+            **values: one ``[N]`` tensor per field.
+
+        Raises:
+            ValueError: if the fields are not exactly this metric's.
+        """
+        if set(values) != set(self.fields):
+            raise ValueError(f"ItemRecords expects the fields {list(self.fields)}, got {sorted(values)}")
+        for name, value in {"index": index, **values}.items():
+            getattr(self, name).append(torch.as_tensor(value).detach().to(self.device, torch.float64).reshape(-1))
+
+    def compute(self) -> dict[str, list[float]]:
+        """Every field's values in dataset-index order (all ranks' items after a DDP sync)."""
+        index = _concatenated(self.index)
+        order = index.argsort()
+        return {name: _concatenated(getattr(self, name))[order].tolist() for name in self.fields}
+
+
+def _concatenated(state: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """A list state as one tensor (torchmetrics leaves a synced list state as one tensor)."""
+    if isinstance(state, torch.Tensor):
+        return state
+    return torch.cat(state) if state else torch.zeros(0, dtype=torch.float64)
 
 
 class ContinualMatrixPluginMetric(PluginMetric[dict]):

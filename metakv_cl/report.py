@@ -5,15 +5,19 @@ A run produces one :class:`MethodResult` per strategy (its matrix R, see
 writes, into one folder:
 
 - ``report.json``: every method's matrix, summary figures and extra facts (wall time,
-  peak memory, trainable parameters, seed, ...);
-- ``report.md``: the side-by-side table and each method's matrix;
+  peak memory, trainable parameters, seed, ...), and where they were recorded its per-item
+  outcomes, the bootstrap intervals of its figures (:mod:`metakv_cl.statistics`), its
+  per-experience rows and the experiences it did not learn;
+- ``report.md``: the side-by-side table (intervals and "did not learn" where per-item outcomes
+  exist), the per-experience table of accuracy results and each method's matrix;
 - ``heatmap_<method>.png``: R as an annotated heatmap (the just-trained cells outlined);
 - ``curves_<method>.png``: each experience's score across the stream;
 - ``forgetting.png``: forgetting per experience and on average, one bar per method.
 
 :func:`aggregate_seeds` turns several seeds' results into a mean +- std table, and
 :func:`write_seed_report` writes a stream's multi-seed report (table, JSON, mean-R heatmaps,
-forgetting plot, and where the methods under test do not beat a baseline). Plots use
+forgetting plot, bootstrap intervals over seeds and test items, differences to a reference
+with Holm-adjusted p-values, and where the methods under test do not beat a baseline). Plots use
 matplotlib's object-oriented API on the Agg canvas, so no display and no global pyplot
 state are involved.
 """
@@ -33,13 +37,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from metakv_cl.metrics import SUMMARY_FIGURES, continual_summary
+from metakv_cl.metrics import SUMMARY_FIGURES, balanced_accuracy, continual_summary, majority_rate
 from metakv_cl.runfolder import atomic_write_text
+from metakv_cl.statistics import BOOTSTRAP_FIGURES, Interval, holm, intervals_json, item_scores, paired_bootstrap
 
 __all__ = [
     "SCORE_NAMES",
     "MethodResult",
+    "item_outcomes",
+    "json_text",
     "format_table",
+    "format_task_table",
     "write_report",
     "plot_heatmap",
     "plot_curves",
@@ -48,6 +56,7 @@ __all__ = [
     "aggregate_seeds",
     "mean_result",
     "comparison_notes",
+    "seed_intervals",
     "write_seed_report",
 ]
 
@@ -81,6 +90,11 @@ class MethodResult:
             has fewer than T + 1 rows. NaN or None marks an unmeasured cell.
         extra: anything else worth keeping: ``wall_time_s``, ``peak_memory_bytes``,
             ``trainable_params``, ``seed``, ...
+        items: the per-item outcome of every evaluation, in test-set order (None: not recorded).
+            For accuracy ``{"gold": [[task's gold choice per item] per task], "num_choices": [per
+            task], "predicted": [[[predicted choice per item] per task] per row of R]}``; for loss
+            ``{"tokens": [[scored tokens per item] per task], "nll": [[[summed NLL per item] per
+            task] per row]}``. Build it with :func:`item_outcomes`.
     """
 
     method: str
@@ -88,6 +102,7 @@ class MethodResult:
     score_name: str
     matrix: list[list[float]]
     extra: dict[str, Any] = field(default_factory=dict)
+    items: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.score_name not in SCORE_NAMES:
@@ -99,6 +114,23 @@ class MethodResult:
                 f"{self.method}: every matrix row needs one score per experience "
                 f"({len(self.experience_names)}), got row lengths {[len(row) for row in self.matrix]}"
             )
+        if self.items is not None:
+            self._check_items()
+
+    def _check_items(self) -> None:
+        fixed, per_row = ITEM_FIELDS[self.score_name]
+        missing = [key for key in (fixed, per_row) if key not in self.items]
+        if missing:
+            raise ValueError(f"{self.method}: items of a {self.score_name} result need {missing}")
+        sizes = [len(values) for values in self.items[fixed]]
+        rows = self.items[per_row]
+        if len(sizes) != len(self.experience_names) or len(rows) != len(self.matrix):
+            raise ValueError(
+                f"{self.method}: items[{fixed!r}] needs one list per experience ({len(self.experience_names)}) and "
+                f"items[{per_row!r}] one row per matrix row ({len(self.matrix)}); got {len(sizes)} and {len(rows)}"
+            )
+        if any([len(values) for values in row] != sizes for row in rows):
+            raise ValueError(f"{self.method}: items[{per_row!r}] needs, in every row, {sizes} items per experience")
 
     @property
     def higher_is_better(self) -> bool:
@@ -114,16 +146,25 @@ class MethodResult:
         and ignored by :meth:`from_json`.
 
         Returns:
-            ``{"method", "experience_names", "score_name", "matrix", "extra", "summary"}``.
+            ``{"method", "experience_names", "score_name", "matrix", "extra", "summary"}``, and
+            where per-item outcomes were recorded ``items``, the bootstrap ``intervals`` of the
+            summary figures (:func:`metakv_cl.statistics.paired_bootstrap` over test items) and,
+            for accuracy, the per-experience ``tasks`` rows (:meth:`task_rows`).
         """
-        return _json_safe({
+        data = {
             "method": self.method,
             "experience_names": self.experience_names,
             "score_name": self.score_name,
             "matrix": self.matrix,
             "extra": self.extra,
             "summary": self.summary,
-        })
+        }
+        if self.items is not None:
+            data["intervals"] = intervals_json(self.intervals())
+            if self.higher_is_better:
+                data["tasks"] = self.task_rows()
+            data["items"] = self.items
+        return _json_safe(data)
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | str) -> "MethodResult":
@@ -138,7 +179,94 @@ class MethodResult:
         if missing:
             raise KeyError(f"MethodResult JSON lacks {missing}; has {sorted(data)}")
         return cls(method=data["method"], experience_names=data["experience_names"], score_name=data["score_name"],
-                   matrix=data["matrix"], extra=dict(data.get("extra", {})))
+                   matrix=data["matrix"], extra=dict(data.get("extra", {})), items=data.get("items"))
+
+    def intervals(self) -> dict[str, dict[str, Interval | None]]:
+        """95% bootstrap intervals of average, forgetting and BWT over this run's test items.
+
+        Returns:
+            ``{"method": {figure: Interval or None}}`` (:func:`metakv_cl.statistics.paired_bootstrap`).
+
+        Raises:
+            ValueError: the result has no per-item outcomes.
+        """
+        return paired_bootstrap(item_scores([self]))
+
+    def task_rows(self) -> list[dict[str, Any]]:
+        """Per experience of an accuracy result, from the last row of R and the per-item outcomes.
+
+        Returns:
+            One dict per experience: ``experience``, ``accuracy`` (the last row's), and with
+            per-item outcomes ``balanced_accuracy``, ``chance`` (1 / number of choices),
+            ``majority_rate`` (share of the most frequent gold label) and ``did_not_learn``
+            (trained, and the accuracy is not above the majority rate; None before training).
+        """
+        final = self.matrix[-1]
+        trained = self.summary["num_trained"]
+        rows = []
+        for j, name in enumerate(self.experience_names):
+            row: dict[str, Any] = {"experience": name, "accuracy": final[j]}
+            if self.items is not None:
+                gold = self.items["gold"][j]
+                majority = majority_rate(gold)
+                row.update(
+                    balanced_accuracy=balanced_accuracy(self.items["predicted"][-1][j], gold),
+                    chance=1.0 / self.items["num_choices"][j],
+                    majority_rate=majority,
+                    did_not_learn=final[j] <= majority if j < trained else None,
+                )
+            rows.append(row)
+        return rows
+
+    def did_not_learn(self) -> list[str]:
+        """The experiences this accuracy result did not learn (see :meth:`task_rows`); [] for losses
+        and results without per-item outcomes."""
+        if not self.higher_is_better or self.items is None:
+            return []
+        return [row["experience"] for row in self.task_rows() if row["did_not_learn"]]
+
+
+# score name -> (per-item field fixed by the test set, per-item field of each evaluation)
+ITEM_FIELDS = {"accuracy": ("gold", "predicted"), "loss": ("tokens", "nll")}
+
+
+def item_outcomes(score_name: str, evaluations: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
+    """The compact :attr:`MethodResult.items` of a run from its evaluations.
+
+    Args:
+        score_name: ``"accuracy"`` or ``"loss"``.
+        evaluations: per row of R, per experience, the evaluation's
+            :attr:`~metakv_cl.training.module.ContinualLMModule.eval_items`.
+
+    Returns:
+        The test set's fixed fields once (gold choices and number of choices, or token counts),
+        and the evaluated field (predicted choices, or summed NLL) per row.
+    """
+    fixed, per_row = ITEM_FIELDS[score_name]
+    first = evaluations[0]
+    items = {fixed: [task[fixed] for task in first], per_row: [[task[per_row] for task in row] for row in evaluations]}
+    if score_name == "accuracy":
+        items["num_choices"] = [task["num_choices"] for task in first]
+    return items
+
+
+# An array of plain values laid out one per line by json.dumps(indent=...). JSON strings never hold
+# a raw newline, so a match spanning newlines is always structure, never text inside a string.
+_VALUE_ARRAY = re.compile(r"\[\n\s*((?:[^\[\]{}\n\"]+,\n\s*)*[^\[\]{}\n\"]+)\n\s*\]")
+
+
+def json_text(data: Any) -> str:
+    """``data`` as indented JSON with every array of numbers (or null / booleans) on one line:
+    per-item outcomes stay a few lines per experience instead of one line per item.
+
+    Args:
+        data: JSON-ready data (see :meth:`MethodResult.to_json`).
+
+    Returns:
+        The JSON text, ending in a newline.
+    """
+    text = json.dumps(data, indent=2)
+    return _VALUE_ARRAY.sub(lambda match: "[" + re.sub(r",\n\s*", ", ", match.group(1)) + "]", text) + "\n"
 
 
 def _json_safe(value: Any) -> Any:
@@ -185,7 +313,7 @@ def _check_results(results: Sequence[MethodResult]) -> None:
 
 
 def format_table(results: Sequence[MethodResult]) -> str:
-    """The side-by-side Markdown table: one row per method.
+    """The side-by-side Markdown table: one row per method, with its footnotes.
 
     Args:
         results: the methods to compare (usually on one stream and seed).
@@ -194,27 +322,93 @@ def format_table(results: Sequence[MethodResult]) -> str:
         A Markdown table with score, average, forgetting, BWT, FWT, perplexity (when any
         result is a loss), wall time, training tokens per second (all devices together, the
         training batches alone) and trainable parameters. Undefined figures show "–";
-        a partial run is marked "(k/T trained)" after its name.
+        a partial run is marked "(k/T trained)" after its name. Where per-item outcomes were
+        recorded, average, forgetting and BWT carry their 95% bootstrap interval over test
+        items, and accuracy results get a "did not learn" column (the experiences whose final
+        accuracy is not above their majority rate); footnotes under the table explain both and
+        name every method that learned none of its trained experiences.
 
     Raises:
         ValueError: if ``results`` is empty or repeats a method name.
     """
     _check_results(results)
     figures = _figure_keys(results)
-    header = ["method", "score", *(_FIGURE_HEADERS[f] for f in figures), "wall time (s)", "train tokens/s", "trainable params"]
-    rows = []
+    flagged = any(result.higher_is_better and result.items is not None for result in results)
+    header = ["method", "score", *(_FIGURE_HEADERS[f] for f in figures), *(["did not learn"] if flagged else []),
+              "wall time (s)", "train tokens/s", "trainable params"]
+    rows, notes = [], []
     for result in results:
         summary = result.summary
         trained, total = summary["num_trained"], len(result.experience_names)
+        intervals = result.intervals()["method"] if result.items is not None else {}
+        cells = [_format_number(summary.get(figure)) + _interval_suffix(intervals.get(figure)) for figure in figures]
+        if flagged:
+            cells.append(_did_not_learn_cell(result))
+            if trained and len(result.did_not_learn()) == trained:
+                notes.append(f"**{result.method} learned none of its {trained} trained experiences**: its final "
+                             "accuracy is at or below the majority rate on every one, so its forgetting and BWT "
+                             "measure nothing learned.")
         rows.append([
             result.method if trained == total else f"{result.method} ({trained}/{total} trained)",
             result.score_name,
-            *(_format_number(summary.get(figure)) for figure in figures),
+            *cells,
             _format_number(result.extra.get("wall_time_s"), digits=1),
             _format_number(result.extra.get("train_tokens_per_s"), digits=0),
             _format_params(result.extra.get("trainable_params")),
         ])
-    return _markdown_table(header, rows)
+    if any(result.items is not None for result in results):
+        notes.append(INTERVAL_NOTE)
+    if flagged:
+        notes.append(DID_NOT_LEARN_NOTE)
+    return "\n\n".join([_markdown_table(header, rows), *notes])
+
+
+INTERVAL_NOTE = ("[low, high]: 95% percentile interval of a bootstrap over the test items, 10,000 resamples "
+                 "(metakv_cl/statistics.py).")
+DID_NOT_LEARN_NOTE = ("did not learn: experiences whose final accuracy is not above their majority rate (the share "
+                      "of the most frequent gold label in the test set, what always answering it scores).")
+
+
+def _interval_suffix(interval: Interval | None) -> str:
+    return "" if interval is None else f" [{interval.low:.3f}, {interval.high:.3f}]"
+
+
+def _did_not_learn_cell(result: MethodResult) -> str:
+    if not result.higher_is_better or result.items is None:
+        return "–"
+    names = result.did_not_learn()
+    trained = result.summary["num_trained"]
+    if not names:
+        return "none"
+    return f"**all {trained}**" if len(names) == trained else ", ".join(names)
+
+
+def format_task_table(results: Sequence[MethodResult]) -> str:
+    """Per experience of every accuracy result: accuracy, balanced accuracy, chance and majority rate.
+
+    Args:
+        results: the methods; loss results are left out.
+
+    Returns:
+        A Markdown table (one row per method and experience, the final row of R), the
+        experiences a method did not learn marked "**did not learn**", with a footnote; "" if
+        no result is scored by accuracy.
+    """
+    return _task_table({result.method: result.task_rows() for result in results if result.higher_is_better})
+
+
+def _task_table(rows_by_method: dict[str, list[dict[str, Any]]]) -> str:
+    rows = []
+    for method, tasks in rows_by_method.items():
+        for task in tasks:
+            flag = {True: "**did not learn**", False: "", None: "–"}[task.get("did_not_learn")]
+            rows.append([method, task["experience"], _format_number(task["accuracy"]),
+                         *(_format_number(task.get(key)) for key in ("balanced_accuracy", "chance", "majority_rate")),
+                         flag])
+    if not rows:
+        return ""
+    header = ["method", "experience", "accuracy", "balanced accuracy", "chance", "majority", ""]
+    return _markdown_table(header, rows) + "\n\n" + DID_NOT_LEARN_NOTE
 
 
 def _row_labels(result: MethodResult) -> list[str]:
@@ -385,13 +579,17 @@ def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[s
     report = {
         "sign_conventions": SIGN_CONVENTIONS,
         "methods": [result.to_json() for result in results],
+        "did_not_learn": {result.method: result.did_not_learn() for result in results},
         "plots": {key: path.name for key, path in paths.items()},
     }
     paths["json"] = out / "report.json"
-    atomic_write_text(json.dumps(report, indent=2), paths["json"])
+    atomic_write_text(json_text(report), paths["json"])
 
-    sections = ["# Continual-learning report", "", format_table(results), "", SIGN_CONVENTIONS, "",
-                f"![forgetting per method]({paths['forgetting_plot'].name})", ""]
+    sections = ["# Continual-learning report", "", format_table(results), ""]
+    task_table = format_task_table(results)
+    if task_table:
+        sections += ["## Per experience (final row of R)", "", task_table, ""]
+    sections += [SIGN_CONVENTIONS, "", f"![forgetting per method]({paths['forgetting_plot'].name})", ""]
     for result in results:
         sections += [f"## {result.method}", "", _matrix_markdown(result), "",
                      f"![R heatmap]({paths[f'heatmap:{result.method}'].name})", ""]
@@ -558,6 +756,102 @@ def comparison_notes(stats: dict[str, dict[str, Any]], candidates: Sequence[str]
     return notes
 
 
+def seed_intervals(results_by_seed: Sequence[Sequence[MethodResult]], reference: str | None = None) -> dict[str, Any]:
+    """Bootstrap intervals over seeds and test items of every method with per-item outcomes.
+
+    Args:
+        results_by_seed: one list of results per seed; a method is paired with the reference
+            seed by seed (both must appear in the same seeds).
+        reference: the method every other one is compared with (None: no comparison).
+
+    Returns:
+        ``{"intervals": {method: {figure: Interval}}}`` for the methods whose every run has
+        per-item outcomes, and with a reference ``"differences"``: ``{method: {figure:
+        Interval}}`` (method minus reference) and ``"holm"``: the same nesting of Holm-adjusted
+        p-values, the family being every difference of this stream.
+
+    Raises:
+        ValueError: an unknown reference, a reference without per-item outcomes, or a method
+            that did not run on the reference's seeds.
+    """
+    by_method: dict[str, dict[int, MethodResult]] = {}
+    for index, seed_results in enumerate(results_by_seed):
+        for result in seed_results:
+            by_method.setdefault(result.method, {})[index] = result
+    recorded = {method: runs for method, runs in by_method.items() if all(r.items is not None for r in runs.values())}
+    if reference is not None and reference not in recorded:
+        allowed = ", ".join(sorted(recorded)) or "none"
+        raise ValueError(
+            f"reference {reference!r} is not a method with per-item outcomes here; choose one of: {allowed}"
+        )
+    out: dict[str, Any] = {"intervals": {}}
+    if reference is not None:
+        out["differences"] = {}
+    for method, runs in recorded.items():
+        paired = reference is not None and method != reference
+        if paired and set(runs) != set(recorded[reference]):
+            raise ValueError(f"{method!r} ran on seeds {sorted(runs)} and the reference {reference!r} on "
+                             f"{sorted(recorded[reference])}; a paired comparison needs the same seeds")
+        scores = item_scores([runs[i] for i in sorted(runs)])
+        base = item_scores([recorded[reference][i] for i in sorted(runs)]) if paired else None
+        bootstrap = paired_bootstrap(scores, base)
+        out["intervals"][method] = bootstrap["method"]
+        if paired:
+            out["differences"][method] = bootstrap["difference"]
+    if reference is not None:
+        keys = [(method, figure) for method, figures in out["differences"].items() for figure in figures]
+        adjusted = holm([None if out["differences"][m][f] is None else out["differences"][m][f].p_value
+                         for m, f in keys])
+        out["holm"] = {method: {} for method in out["differences"]}
+        for (method, figure), p_value in zip(keys, adjusted):
+            out["holm"][method][figure] = p_value
+    return out
+
+
+def _mean_task_rows(runs: Sequence[MethodResult]) -> list[dict[str, Any]]:
+    """:meth:`MethodResult.task_rows` averaged over seeds; "did not learn" from the means."""
+    per_seed = [run.task_rows() for run in runs]
+    rows = []
+    for j, name in enumerate(runs[0].experience_names):
+        row: dict[str, Any] = {"experience": name}
+        for key in ("accuracy", "balanced_accuracy", "chance", "majority_rate"):
+            values = [seed_rows[j].get(key) for seed_rows in per_seed]
+            present = [v for v in values if v is not None and not math.isnan(v)]
+            row[key] = statistics.fmean(present) if present else None
+        flags = [seed_rows[j].get("did_not_learn") for seed_rows in per_seed]
+        row["did_not_learn"] = None if None in flags else row["accuracy"] <= row["majority_rate"]
+        rows.append(row)
+    return rows
+
+
+def _interval_table(intervals: dict[str, Any], reference: str | None) -> list[str]:
+    """The report sections of :func:`seed_intervals` output."""
+    figures = [_FIGURE_HEADERS[f] for f in BOOTSTRAP_FIGURES]
+    rows = [[method, *(_format_interval(by_figure[f]) for f in BOOTSTRAP_FIGURES)]
+            for method, by_figure in intervals["intervals"].items()]
+    note = ("[low, high]: 95% percentile interval of a bootstrap over seeds and test items, 10,000 resamples "
+            "(metakv_cl/statistics.py).")
+    sections = ["## 95% intervals", "", note, "", _markdown_table(["method", *figures], rows), ""]
+    if reference is not None and intervals["differences"]:
+        header = ["method"] + [part for f in figures for part in (f"Δ {f}", "p (Holm)")]
+        rows = [[method, *(cell for f in BOOTSTRAP_FIGURES for cell in (
+            _format_interval(by_figure[f]), _format_p(intervals["holm"][method][f])))]
+            for method, by_figure in intervals["differences"].items()]
+        sections += [f"## Difference to {reference} (method minus {reference})", "",
+                     "Paired: both methods resampled with the same seeds and test items. p: two-sided bootstrap "
+                     "p-value, Holm-adjusted over every difference in this table.", "",
+                     _markdown_table(header, rows), ""]
+    return sections
+
+
+def _format_interval(interval: Interval | None) -> str:
+    return "–" if interval is None else f"{interval.estimate:.3f}{_interval_suffix(interval)}"
+
+
+def _format_p(p_value: float | None) -> str:
+    return "–" if p_value is None else f"{p_value:.3g}"
+
+
 def write_seed_report(
     results_by_seed: Sequence[Sequence[MethodResult]],
     out_dir: str | Path,
@@ -565,13 +859,16 @@ def write_seed_report(
     title: str,
     header: dict[str, Any] | None = None,
     candidates: Sequence[str] = (),
+    reference: str | None = None,
 ) -> dict[str, Path]:
     """Write the report of one stream over several seeds: table, JSON and plots.
 
-    Files: ``README.md`` (title, the header facts, the mean ± std table, where each candidate
-    does not beat a baseline, the sign conventions, each method's mean R), ``results.json``
-    (header, statistics and every seed's results), ``heatmap_<method>.png`` (mean R) and
-    ``forgetting.png`` (forgetting per experience of the mean R, one bar per method).
+    Files: ``README.md`` (title, the header facts, the mean ± std table, the 95% bootstrap
+    intervals and differences to the reference where per-item outcomes exist, the per-experience
+    table of accuracy streams with the "did not learn" flags, where each candidate does not beat
+    a baseline, the sign conventions, each method's mean R), ``results.json`` (header,
+    statistics, intervals, per-experience rows and every seed's results), ``heatmap_<method>.png``
+    (mean R) and ``forgetting.png`` (forgetting per experience of the mean R, one bar per method).
 
     Args:
         results_by_seed: one list of results per seed.
@@ -581,37 +878,55 @@ def write_seed_report(
             date, notes on the model or data substitutions, ...).
         candidates: the methods under test, compared with the others by
             :func:`comparison_notes`.
+        reference: the method each other one's difference is reported against (see
+            :func:`seed_intervals`).
 
     Returns:
         Paths by key: ``"markdown"``, ``"json"``, ``"forgetting_plot"``, ``"heatmap:<method>"``.
 
     Raises:
-        ValueError: see :func:`seed_statistics`.
+        ValueError: see :func:`seed_statistics` and :func:`seed_intervals`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header = dict(header or {})
     stats = seed_statistics(results_by_seed)
-    means = [mean_result(runs) for runs in _runs_by_method(results_by_seed).values()]
+    runs_by_method = _runs_by_method(results_by_seed)
+    means = [mean_result(runs) for runs in runs_by_method.values()]
+    intervals = seed_intervals(results_by_seed, reference)
+    tasks = {method: _mean_task_rows(runs) for method, runs in runs_by_method.items() if runs[0].higher_is_better}
+    did_not_learn = {method: [row["experience"] for row in rows if row["did_not_learn"]]
+                     for method, rows in tasks.items()}
     paths: dict[str, Path] = {}
     for result, slug in zip(means, _method_slugs(means)):
         paths[f"heatmap:{result.method}"] = plot_heatmap(result, out / f"heatmap_{slug}.png")
     paths["forgetting_plot"] = plot_forgetting(means, out / "forgetting.png")
 
     paths["json"] = out / "results.json"
-    atomic_write_text(json.dumps(_json_safe({
+    atomic_write_text(json_text(_json_safe({
         "title": title,
         "header": header,
         "sign_conventions": SIGN_CONVENTIONS,
         "statistics": stats,
+        "reference": reference,
+        "intervals": {key: intervals_json(value) if key != "holm" else value for key, value in intervals.items()},
+        "tasks": tasks,
+        "did_not_learn": did_not_learn,
         "mean_matrices": {result.method: result.matrix for result in means},
         "runs": [[result.to_json() for result in seed_results] for seed_results in results_by_seed],
         "plots": {key: path.name for key, path in paths.items() if key != "json"},
-    }), indent=2), paths["json"])
+    })), paths["json"])
 
     sections = [f"# {title}", ""]
     sections += [f"- **{key}**: {value}" for key, value in header.items()]
     sections += ["", "Mean ± sample standard deviation over seeds.", "", aggregate_seeds(results_by_seed), ""]
+    sections += [f"- **{method} did not learn {', '.join(names)}**: mean final accuracy over seeds not above the "
+                 "majority rate." for method, names in did_not_learn.items() if names]
+    if intervals["intervals"]:
+        sections += ["", *_interval_table(intervals, reference)]
+    task_table = _task_table(tasks)
+    if task_table:
+        sections += ["## Per experience (final row of R, mean over seeds)", "", task_table, ""]
     notes = comparison_notes(stats, [c for c in candidates if c in stats])
     if notes:
         sections += ["## Meta-KV consolidation against the baselines", "", *notes, ""]

@@ -225,6 +225,7 @@ class ContinualStrategy(BaseTemplate):
         # training / evaluation state read by plugins and by the metric contract
         self.eval_scores: dict[int, float] = {}
         self.eval_results: dict[int, dict[str, float]] = {}
+        self.eval_items: dict[int, dict[str, Any]] = {}  # per-item outcomes (ContinualLMModule.eval_items)
         self.trained_experiences = 0
         self.experience_names: list[str] | None = None
         self.adapted_dataset = None
@@ -570,6 +571,7 @@ class ContinualStrategy(BaseTemplate):
         result = dict(self.module.eval_result)
         index = int(self.experience.current_experience)
         self.eval_results[index] = result
+        self.eval_items[index] = self.module.eval_items
         self.eval_scores[index] = result["accuracy"] if "accuracy" in result else result["loss"]
 
     def evaluation_trainer(self) -> pl.Trainer:

@@ -221,3 +221,15 @@ def test_plugin_metric_names_a_missing_score():
                                experience=SimpleNamespace(current_experience=2))
     with pytest.raises(KeyError, match="experience 2"):
         plugin.after_eval_exp(strategy)
+
+
+def test_item_records_come_back_in_dataset_index_order():
+    from metakv_cl.metrics import ItemRecords
+
+    records = ItemRecords("predicted", "gold")
+    # the shares of two DDP ranks, as UnrepeatedDistributedSampler deals them out (rank 1's first)
+    records.update(torch.tensor([1, 3]), predicted=torch.tensor([5, 7]), gold=torch.tensor([1, 1]))
+    records.update(torch.tensor([0, 2, 4]), predicted=torch.tensor([4, 6, 8]), gold=torch.tensor([0, 0, 0]))
+    assert records.compute() == {"predicted": [4, 5, 6, 7, 8], "gold": [0, 1, 0, 1, 0]}
+    with pytest.raises(ValueError, match=r"expects the fields \['predicted', 'gold'\], got \['nll'\]"):
+        records.update(torch.tensor([5]), nll=torch.tensor([1.0]))

@@ -172,3 +172,107 @@ def test_write_seed_report_files(tmp_path):
     assert report["mean_matrices"]["naive"][1] == pytest.approx([c + 0.1 for c in LOSS[1]])
     for key in ("forgetting_plot", "heatmap:naive", "heatmap:metakv-replay"):
         assert paths[key].read_bytes().startswith(PNG_SIGNATURE)
+
+
+# per-item outcomes: two experiences of 6 test items, gold labels of 2 choices (majority rates 4/6 and 5/6)
+GOLD = [[0, 0, 0, 0, 1, 1], [1, 1, 1, 1, 1, 0]]
+
+
+def _classification(method, predicted_rows):
+    """An accuracy result whose R cells are the accuracies of the given per-item predictions."""
+    matrix = [[sum(p == g for p, g in zip(task, gold)) / len(gold) for task, gold in zip(row, GOLD)]
+              for row in predicted_rows]
+    items = {"gold": GOLD, "num_choices": [2, 2], "predicted": predicted_rows}
+    return MethodResult(method, NAMES[:2], "accuracy", matrix, {"seed": 0}, items)
+
+
+def _majority_predictor():
+    return _classification("naive", [[[1] * 6, [0] * 6], [[0] * 6, [0] * 6], [[0] * 6, [1] * 6]])
+
+
+def _learner():
+    right = [list(g) for g in GOLD]
+    return _classification("replay", [[[1] * 6, [0] * 6], [right[0], [0] * 6], [right[0], right[1]]])
+
+
+def test_balanced_accuracy_and_majority_rate_by_hand():
+    from metakv_cl.metrics import balanced_accuracy, majority_rate
+
+    # class 0: 2 of 4 right, class 1: 1 of 2 right -> (0.5 + 0.5) / 2; plain accuracy would be 3/6
+    assert balanced_accuracy([0, 1, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]) == pytest.approx(0.5)
+    assert balanced_accuracy([0] * 6, GOLD[0]) == pytest.approx(0.5)  # one class always: 1 / classes
+    assert balanced_accuracy([0, 0, 1], [0, 0, 1]) == 1.0
+    assert majority_rate(GOLD[0]) == pytest.approx(4 / 6) and majority_rate(GOLD[1]) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="equally many"):
+        balanced_accuracy([0], [0, 1])
+
+
+def test_did_not_learn_flags_a_majority_predictor_and_not_a_learner(tmp_path):
+    lazy, good = _majority_predictor(), _learner()
+    rows = lazy.task_rows()
+    assert [row["accuracy"] for row in rows] == pytest.approx([4 / 6, 5 / 6])
+    assert [row["balanced_accuracy"] for row in rows] == pytest.approx([0.5, 0.5])
+    assert [row["chance"] for row in rows] == [0.5, 0.5]
+    assert [row["majority_rate"] for row in rows] == pytest.approx([4 / 6, 5 / 6])
+    assert lazy.did_not_learn() == NAMES[:2] and good.did_not_learn() == []
+
+    table = format_table([lazy, good])
+    lines = table.splitlines()
+    assert "| did not learn |" in lines[0]
+    assert lines[2].startswith("| naive | accuracy | 0.750 [") and "| **all 2** |" in lines[2]
+    assert lines[3].startswith("| replay | accuracy | 1.000 [1.000, 1.000] |") and "| none |" in lines[3]
+    assert "**naive learned none of its 2 trained experiences**" in table and "replay learned none" not in table
+
+    paths = write_report([lazy, good], tmp_path)
+    text = paths["json"].read_text()
+    assert "[0, 0, 0, 0, 1, 1]," in text  # compact: one line per experience's items, not per item
+    report = json.loads(text)
+    assert report["did_not_learn"] == {"naive": NAMES[:2], "replay": []}
+    assert report["methods"][0]["tasks"][1]["did_not_learn"] is True
+    assert report["methods"][0]["intervals"]["method"]["average"]["low"] <= 0.75
+    markdown = paths["markdown"].read_text()
+    assert "| naive | cities | 0.833 | 0.500 | 0.500 | 0.833 | **did not learn** |" in markdown
+    assert "| replay | cities | 1.000 | 1.000 | 0.500 | 0.833 |  |" in markdown
+
+
+def test_per_item_outcomes_round_trip_and_old_results_still_load():
+    result = _learner()
+    restored = MethodResult.from_json(json.dumps(result.to_json()))
+    assert restored.items == result.items and restored.matrix == result.matrix
+    old = {key: value for key, value in result.to_json().items() if key not in ("items", "intervals", "tasks")}
+    loaded = MethodResult.from_json(old)  # a results file written before per-item outcomes
+    assert loaded.items is None and loaded.did_not_learn() == []
+    assert "did not learn" not in format_table([loaded]) and "[" not in format_table([loaded])
+    assert loaded.task_rows()[0] == {"experience": "people", "accuracy": 1.0}
+    with pytest.raises(ValueError, match="one row per matrix row"):
+        MethodResult("x", NAMES[:2], "accuracy", result.matrix[:2], items=result.items)
+    with pytest.raises(ValueError, match="items per experience"):
+        MethodResult("x", NAMES[:2], "accuracy", result.matrix,
+                     items={**result.items, "predicted": [[[0] * 6, [0] * 5]] * 3})
+
+
+def test_seed_report_gives_intervals_and_holm_adjusted_differences_to_a_reference(tmp_path):
+    seeds = [[_majority_predictor(), _learner()] for _ in range(2)]
+    paths = write_seed_report(seeds, tmp_path, title="toy", reference="naive")
+    markdown = paths["markdown"].read_text()
+    assert "## 95% intervals" in markdown and "| replay | 1.000 [1.000, 1.000] |" in markdown
+    assert "## Difference to naive (method minus naive)" in markdown
+    difference = next(line for line in markdown.splitlines() if line.startswith("| replay | 0.250 ["))
+    report = json.loads(paths["json"].read_text())
+    p_holm = report["intervals"]["holm"]["replay"]["average"]
+    assert f"| {p_holm:.3g} |" in difference and 0 < p_holm <= 1
+    assert report["intervals"]["differences"]["replay"]["average"]["estimate"] == pytest.approx(0.25)
+    assert "**naive did not learn people, cities**" in markdown
+    assert report["did_not_learn"] == {"naive": NAMES[:2], "replay": []}
+    with pytest.raises(ValueError, match="reference 'ewc' is not a method with per-item outcomes"):
+        write_seed_report(seeds, tmp_path, title="toy", reference="ewc")
+
+
+def test_the_printed_comparison_shows_intervals_flags_and_the_per_experience_table(tmp_path):
+    from metakv_cl.training.runner import finish_report
+
+    printed = []
+    table = finish_report([_majority_predictor(), _learner()], tmp_path, echo=printed.append)
+    assert printed[0] == table and printed[1] == f"report: {tmp_path / 'report.md'}"
+    assert "| naive | accuracy | 0.750 [" in table and "**naive learned none of its 2 trained experiences**" in table
+    assert "| naive | people | 0.667 | 0.500 | 0.500 | 0.667 | **did not learn** |" in table

@@ -15,7 +15,9 @@
   label-likelihood accuracy for classification (each prompt run once and its KV cache continued
   with every candidate), accumulated in
   torchmetrics ``SumMetric`` states so that DDP ranks (each seeing a shard) agree on the result
-  (:attr:`eval_result`).
+  (:attr:`eval_result`), and each item's outcome in test-set order (:attr:`eval_items`: the
+  predicted and gold choice of a classification item, the summed NLL and token count of a text),
+  gathered from every rank with the item's dataset index.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torchmetrics.aggregation import SumMetric
 
 from metakv_cl.data.collate import IGNORE_INDEX
 from metakv_cl.data.scoring import rank_choices, rank_choices_with_shared_prompt, sequence_nll
+from metakv_cl.metrics import ItemRecords
 from metakv_cl.modeling.config import MetaKVConfig
 from metakv_cl.training.compilation import BlockCompiler
 from metakv_cl.training.packing import model_inputs
@@ -154,6 +157,13 @@ class ContinualLMModule(pl.LightningModule):
         self.eval_correct = SumMetric()
         self.eval_examples = SumMetric()
         self.eval_result: dict[str, float] = {}
+        # per-item outcomes: (predicted, gold) choice per classification item, (nll, tokens) per text
+        self.eval_choices = ItemRecords("predicted", "gold")
+        self.eval_texts = ItemRecords("nll", "tokens")
+        self.eval_items: dict[str, Any] = {}
+        self._eval_order: list[int] = []  # dataset index of each item the evaluation loader yields
+        self._eval_position = 0
+        self._num_choices = 0
         self.shared_prompt_scoring = shared_prompt_scoring
         self._evaluating_classification = False
         self._rank_choices = rank_choices
@@ -357,8 +367,13 @@ class ContinualLMModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def on_validation_epoch_start(self) -> None:
-        for metric in (self.eval_nll, self.eval_tokens, self.eval_correct, self.eval_examples):
+        for metric in (self.eval_nll, self.eval_tokens, self.eval_correct, self.eval_examples, self.eval_choices,
+                       self.eval_texts):
             metric.reset()
+        # the loader's own order (this rank's share under DDP), read from its batch sampler
+        loader = self.trainer.val_dataloaders
+        self._eval_order = [index for batch in loader.batch_sampler for index in batch]
+        self._eval_position = 0
         self._evaluating_classification = False
         self._rank_choices = rank_choices_with_shared_prompt if self.scores_on_shared_prompt() else rank_choices
 
@@ -383,6 +398,8 @@ class ContinualLMModule(pl.LightningModule):
             self.eval_tokens.update((labels[:, 1:] != -100).sum())
             self.eval_correct.update((predictions == gold).sum())
             self.eval_examples.update(torch.tensor(float(gold.shape[0])))
+            self.eval_choices.update(self._dataset_indices(gold.shape[0]), predicted=predictions, gold=gold)
+            self._num_choices = log_likelihoods.shape[1]
             return -gold_ll.sum() / (labels[:, 1:] != -100).sum().clamp_min(1)
         else:
             outputs = self(batch["input_ids"], batch["attention_mask"])
@@ -390,7 +407,13 @@ class ContinualLMModule(pl.LightningModule):
             self.eval_nll.update(nll.sum())
             self.eval_tokens.update(count.sum())
             self.eval_examples.update(torch.tensor(float(nll.shape[0])))
+            self.eval_texts.update(self._dataset_indices(nll.shape[0]), nll=nll, tokens=count)
             return nll.sum() / count.sum().clamp_min(1)
+
+    def _dataset_indices(self, batch_size: int) -> torch.Tensor:
+        """Dataset indices of the next ``batch_size`` items of the evaluation loader."""
+        start, self._eval_position = self._eval_position, self._eval_position + batch_size
+        return torch.tensor(self._eval_order[start:self._eval_position])
 
     def on_validation_epoch_end(self) -> None:
         tokens = float(self.eval_tokens.compute())
@@ -398,6 +421,13 @@ class ContinualLMModule(pl.LightningModule):
         result = {"loss": float(self.eval_nll.compute()) / max(tokens, 1.0), "tokens": tokens, "examples": examples}
         if self._evaluating_classification:
             result["accuracy"] = float(self.eval_correct.compute()) / max(examples, 1.0)
+            items = self.eval_choices.compute()
+            self.eval_items = {"predicted": [int(v) for v in items["predicted"]],
+                               "gold": [int(v) for v in items["gold"]], "num_choices": self._num_choices}
+        else:
+            items = self.eval_texts.compute()
+            # 1e-4 nats per item keeps the lists short and moves a task's mean loss by less than that
+            self.eval_items = {"nll": [round(v, 4) for v in items["nll"]], "tokens": [int(v) for v in items["tokens"]]}
         self.eval_result = result
         self.log("eval/loss", result["loss"])
         if "accuracy" in result:

@@ -10,7 +10,8 @@
 
 The stream state lives in ``<root_dir>/stream_state/``: ``state.safetensors`` (model weights
 including Meta-KV and adapters, the strategy's state such as replay buffer, Fisher or M history,
-the rows of R, RNG states, the index of the next experience: tensors as tensors, the rest as
+the rows of R and the per-item outcomes of their evaluations, RNG states, the index of the next
+experience: tensors as tensors, the rest as
 JSON in the header, so loading it never runs code), ``result.json`` (the rows so far as a
 :class:`~metakv_cl.report.MethodResult`) and ``progress.json`` (human-readable progress). Inside
 an experience every fit writes ``last.ckpt`` at each epoch end. ``run_stream(...,
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from metakv_cl.data.stream import LMBenchmark, concat_experience_datasets
-from metakv_cl.report import MethodResult, format_table, write_report
+from metakv_cl.report import MethodResult, format_table, format_task_table, item_outcomes, json_text, write_report
 from metakv_cl.training.callbacks import derived_seed, seed_all
 from metakv_cl.training.passes import is_global_zero
 from metakv_cl.runfolder import (
@@ -104,17 +105,18 @@ class StreamState:
         """Whether there is a state to resume from (a format-1 pickle counts: loading refuses it)."""
         return self.path.is_file() or (self.folder / _PICKLED_STATE).is_file()
 
-    def save(self, strategy, benchmark: LMBenchmark, rows: list[list[float]], next_experience: int, wall_time_s: float,
-             extra: dict[str, Any]) -> None:
+    def save(self, strategy, benchmark: LMBenchmark, rows: list[list[float]], evaluations: list[list[dict]] | None,
+             next_experience: int, wall_time_s: float, extra: dict[str, Any]) -> None:
         """Write the state (rank 0 only; other ranks return at once); without ``save_weights``
-        only the result and the progress files."""
+        only the result and the progress files. ``evaluations``: each row's per-item outcomes
+        (None when a resumed state had none)."""
         if not is_global_zero():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.save_weights:
-            self._save_weights(strategy, benchmark, rows, next_experience, wall_time_s, extra)
-        partial = MethodResult(strategy.method_name, benchmark.experience_names, benchmark.score_name, rows, extra)
-        atomic_write_text(json.dumps(partial.to_json(), indent=2) + "\n", self.folder / "result.json")
+            self._save_weights(strategy, benchmark, rows, evaluations, next_experience, wall_time_s, extra)
+        partial = _method_result(strategy, benchmark, rows, evaluations, extra)
+        atomic_write_text(json_text(partial.to_json()), self.folder / "result.json")
         progress = {
             "method": strategy.method_name,
             "next_experience": next_experience,
@@ -123,14 +125,16 @@ class StreamState:
         }
         atomic_write_text(json.dumps(progress, indent=2) + "\n", self.folder / "progress.json")
 
-    def _save_weights(self, strategy, benchmark: LMBenchmark, rows: list[list[float]], next_experience: int,
-                      wall_time_s: float, extra: dict[str, Any]) -> None:
+    def _save_weights(self, strategy, benchmark: LMBenchmark, rows: list[list[float]],
+                      evaluations: list[list[dict]] | None, next_experience: int, wall_time_s: float,
+                      extra: dict[str, Any]) -> None:
         state = {
             "format": STATE_FORMAT,
             "method": strategy.method_name,
             "fingerprint": benchmark.fingerprint(),
             "next_experience": next_experience,
             "rows": rows,
+            "evaluations": evaluations,
             "eval_results": strategy.eval_results,
             "module": strategy.module.state_dict(),
             "strategy": strategy.state_dict(),
@@ -176,10 +180,18 @@ class StreamState:
         return state
 
 
-def _evaluate_row(strategy, benchmark: LMBenchmark) -> list[float]:
+def _evaluate_row(strategy, benchmark: LMBenchmark) -> tuple[list[float], list[dict]]:
+    """One row of R and the per-item outcomes of its evaluations."""
     strategy.eval_scores = {}
     strategy.eval(benchmark.test_stream)
-    return [float(strategy.eval_scores[j]) for j in range(benchmark.num_experiences)]
+    experiences = range(benchmark.num_experiences)
+    return [float(strategy.eval_scores[j]) for j in experiences], [strategy.eval_items[j] for j in experiences]
+
+
+def _method_result(strategy, benchmark: LMBenchmark, rows: list[list[float]], evaluations: list[list[dict]] | None,
+                   extra: dict[str, Any]) -> MethodResult:
+    items = item_outcomes(benchmark.score_name, evaluations) if evaluations is not None else None
+    return MethodResult(strategy.method_name, benchmark.experience_names, benchmark.score_name, rows, extra, items)
 
 
 def run_stream(
@@ -207,7 +219,8 @@ def run_stream(
         echo: called with one progress line per experience (rank 0 only); default: logging.
 
     Returns:
-        The :class:`~metakv_cl.report.MethodResult` (matrix R with T + 1 rows).
+        The :class:`~metakv_cl.report.MethodResult` (matrix R with T + 1 rows, the per-item outcomes
+        of every evaluation).
     """
     echo = echo or log.info
     root = Path(root_dir) if root_dir is not None else strategy.root_dir
@@ -226,6 +239,7 @@ def run_stream(
     if resume and store.exists():
         state = store.load(strategy, benchmark)
         rows, next_experience = [list(row) for row in state["rows"]], int(state["next_experience"])
+        evaluations = state.get("evaluations")  # None in states saved before per-item outcomes were kept
         elapsed_before = float(state["wall_time_s"])
         extra.update(state["extra"])
         resumed_at = next_experience
@@ -235,8 +249,9 @@ def run_stream(
         if resume and is_global_zero():
             echo(f"[{strategy.method_name}] no stream state under {root}; starting from the beginning")
         seed_all(derived_seed(strategy.seed, "stream"))
-        rows, next_experience, elapsed_before = [_evaluate_row(strategy, benchmark)], 0, 0.0
-        store.save(strategy, benchmark, rows, 0, elapsed_before, extra)
+        row, evaluated = _evaluate_row(strategy, benchmark)
+        rows, evaluations, next_experience, elapsed_before = [row], [evaluated], 0, 0.0
+        store.save(strategy, benchmark, rows, evaluations, 0, elapsed_before, extra)
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
@@ -254,14 +269,16 @@ def run_stream(
             strategy.train(benchmark.train_stream[experiences[0]], eval_streams=[])
         else:
             strategy.train_jointly([benchmark.train_stream[k] for k in experiences])
-        row = _evaluate_row(strategy, benchmark)
+        row, evaluated = _evaluate_row(strategy, benchmark)
         rows.extend([row] * len(experiences))  # joint training: one model stands for every row
+        if evaluations is not None:
+            evaluations.extend([evaluated] * len(experiences))
         next_experience = experiences[-1] + 1
         extra.update(strategy.report_extra())
         extra["wall_time_s"] = elapsed()
         extra["peak_memory_bytes"] = max(_peak_memory_bytes(), int(extra.get("peak_memory_bytes", 0)))
         extra["device"] = _device_name()
-        store.save(strategy, benchmark, rows, next_experience, elapsed(), extra)
+        store.save(strategy, benchmark, rows, evaluations, next_experience, elapsed(), extra)
         if is_global_zero():
             names = ", ".join(benchmark.experience_names[k] for k in experiences)
             scores = " ".join(f"{value:.3f}" for value in row)
@@ -277,7 +294,7 @@ def run_stream(
     extra.setdefault("device", _device_name())
     if is_global_zero() and not keep_checkpoints:
         _remove_if_empty(root / "experiences")
-    return MethodResult(strategy.method_name, benchmark.experience_names, benchmark.score_name, rows, extra)
+    return _method_result(strategy, benchmark, rows, evaluations, extra)
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -449,9 +466,9 @@ def finish_report(results: list[MethodResult], root_dir: str | Path, echo: Calla
         echo: where the table is printed.
 
     Returns:
-        The Markdown table.
+        The Markdown table (with its footnotes), then the per-experience table of accuracy results.
     """
-    table = format_table(results)
+    table = "\n\n".join(part for part in (format_table(results), format_task_table(results)) if part)
     if is_global_zero():
         paths = write_report(results, root_dir)
         echo(table)

@@ -404,9 +404,17 @@ def test_classification_stream_is_scored_by_accuracy(tmp_path):
     benchmark = make_benchmark(tasks, tokenizer, max_length=16)
     torch.manual_seed(0)
     module = ContinualLMModule(tiny_gpt2(vocab_size=len(tokenizer)), lr=1e-2)
-    strategy = Naive(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path, max_epochs=20), train_mb_size=4)
+    strategy = Naive(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path, max_epochs=20), train_mb_size=4,
+                     eval_mb_size=3)
     result = run_stream(strategy, benchmark)
     assert result.score_name == "accuracy" and strategy.matrix_metric.higher_is_better
+    # the per-item outcomes of every evaluation give back each cell of R
+    assert result.items["gold"] == [[1, 0, 1, 0], [1, 0, 1, 0]] and result.items["num_choices"] == [2, 2]
+    for row, predicted in zip(result.matrix, result.items["predicted"]):
+        assert row == [sum(p == g for p, g in zip(task, gold)) / 4 for task, gold in zip(predicted, result.items["gold"])]
+    rows = result.task_rows()
+    assert [row["majority_rate"] for row in rows] == [0.5, 0.5]
+    assert [row["did_not_learn"] for row in rows] == [value <= 0.5 for value in result.matrix[2]]
     assert all(0.0 <= value <= 1.0 for row in result.matrix for value in row)
     assert result.matrix[1][0] == 1.0, result.matrix  # the first task is learned...
     assert result.matrix[2][0] < 1.0  # ...and forgotten by naive fine-tuning on the second

@@ -58,6 +58,11 @@ def test_two_process_ddp_matches_one_process(tmp_path, pack_length):
     for row_ddp, row_single in zip(distributed, single):
         assert row_ddp == pytest.approx(row_single, rel=1e-5)
     assert distributed[2][1] < distributed[0][1] - 0.1  # it did train
+    # per-item outcomes gathered from both ranks in test-set order
+    assert distributed_result["items"]["tokens"] == single_result["items"]["tokens"]
+    for row_ddp, row_single in zip(distributed_result["items"]["nll"], single_result["items"]["nll"]):
+        for task_ddp, task_single in zip(row_ddp, row_single):
+            assert task_ddp == pytest.approx(task_single, rel=1e-4, abs=2e-4)
     # throughput counts both ranks' tokens (each rank trained on half of them)
     assert distributed_result["extra"]["train_tokens"] == single_result["extra"]["train_tokens"] > 0
 

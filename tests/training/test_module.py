@@ -27,17 +27,21 @@ def test_language_modelling_score_is_the_token_weighted_mean_loss():
     benchmark, module = toy_setup(1)
     dataset = benchmark.test_stream[0].dataset
     result = validate(module, dataset, batch_size=5)  # batches of unequal token counts
-    total, tokens = 0.0, 0
+    item_nll, item_tokens = [], []
     module.eval()
     with torch.no_grad():
         for item in dataset:
             ids = item["input_ids"][None]
             logits = module.model(input_ids=ids).logits[0, :-1]
-            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-            tokens += ids.shape[1] - 1
+            item_nll.append(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")))
+            item_tokens.append(ids.shape[1] - 1)
+    total, tokens = sum(item_nll), sum(item_tokens)
     assert result["loss"] == pytest.approx(total / tokens, rel=1e-5)
     assert result["tokens"] == tokens and result["examples"] == len(dataset)
     assert "accuracy" not in result
+    # each item's outcome, in test-set order
+    assert module.eval_items["tokens"] == item_tokens
+    assert module.eval_items["nll"] == pytest.approx(item_nll, abs=1e-4)
 
 
 def test_classification_accuracy_ranks_label_strings_by_likelihood():
@@ -54,7 +58,7 @@ def test_classification_accuracy_ranks_label_strings_by_likelihood():
     result = validate(module, benchmark.test_stream[0].dataset, batch_size=2)
     # brute force: score each label string on its own
     module.eval()
-    correct = 0
+    correct, predicted = 0, []
     with torch.no_grad():
         for text, label in task.test:
             scores = []
@@ -65,9 +69,11 @@ def test_classification_accuracy_ranks_label_strings_by_likelihood():
                 log_probs = module.model(input_ids=ids).logits[0, :-1].log_softmax(-1)
                 positions = range(len(prompt) - 1, len(prompt) + len(answer) - 1)
                 scores.append(sum(float(log_probs[p, ids[0, p + 1]]) for p in positions))
-            correct += task.labels[max(range(len(scores)), key=scores.__getitem__)] == label
+            predicted.append(max(range(len(scores)), key=scores.__getitem__))
+            correct += task.labels[predicted[-1]] == label
     assert result["accuracy"] == pytest.approx(correct / len(task.test))
     assert math.isfinite(result["loss"])
+    assert module.eval_items == {"predicted": predicted, "gold": [0, 1, 2], "num_choices": 3}
 
 
 def test_nan_loss_stops_with_the_experience_and_step_named(tmp_path):

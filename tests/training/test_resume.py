@@ -83,6 +83,7 @@ def test_resume_after_kill_gives_the_same_report(case, tmp_path):
     flat = lambda matrix: [value for row in matrix for value in row]  # noqa: E731
     assert len(resumed.matrix) == len(expected.matrix)
     assert flat(resumed.matrix) == flat(expected.matrix)  # bitwise on the CPU, as the README promises
+    assert resumed.items == expected.items  # the outcomes of the rows before the kill come from the state
     for figure in ("average", "forgetting", "bwt", "fwt"):
         assert resumed.summary[figure] == expected.summary[figure]
     # throughput counts every training token once: the finished epochs of the killed phase and
