@@ -17,7 +17,8 @@
   torchmetrics ``SumMetric`` states so that DDP ranks (each seeing a shard) agree on the result
   (:attr:`eval_result`), and each item's outcome in test-set order (:attr:`eval_items`: the
   predicted and gold choice of a classification item, the summed NLL and token count of a text),
-  gathered from every rank with the item's dataset index.
+  gathered from every rank with the item's test-set position (the evaluation batch's ``index``:
+  :class:`~metakv_cl.training.datamodule.EvaluationDataModule` serves items by length).
 """
 
 from __future__ import annotations
@@ -161,8 +162,6 @@ class ContinualLMModule(pl.LightningModule):
         self.eval_choices = ItemRecords("predicted", "gold")
         self.eval_texts = ItemRecords("nll", "tokens")
         self.eval_items: dict[str, Any] = {}
-        self._eval_order: list[int] = []  # dataset index of each item the evaluation loader yields
-        self._eval_position = 0
         self._num_choices = 0
         self.shared_prompt_scoring = shared_prompt_scoring
         self._evaluating_classification = False
@@ -370,10 +369,6 @@ class ContinualLMModule(pl.LightningModule):
         for metric in (self.eval_nll, self.eval_tokens, self.eval_correct, self.eval_examples, self.eval_choices,
                        self.eval_texts):
             metric.reset()
-        # the loader's own order (this rank's share under DDP), read from its batch sampler
-        loader = self.trainer.val_dataloaders
-        self._eval_order = [index for batch in loader.batch_sampler for index in batch]
-        self._eval_position = 0
         self._evaluating_classification = False
         self._rank_choices = rank_choices_with_shared_prompt if self.scores_on_shared_prompt() else rank_choices
 
@@ -398,7 +393,7 @@ class ContinualLMModule(pl.LightningModule):
             self.eval_tokens.update((labels[:, 1:] != -100).sum())
             self.eval_correct.update((predictions == gold).sum())
             self.eval_examples.update(torch.tensor(float(gold.shape[0])))
-            self.eval_choices.update(self._dataset_indices(gold.shape[0]), predicted=predictions, gold=gold)
+            self.eval_choices.update(batch["index"], predicted=predictions, gold=gold)
             self._num_choices = log_likelihoods.shape[1]
             return -gold_ll.sum() / (labels[:, 1:] != -100).sum().clamp_min(1)
         else:
@@ -407,13 +402,8 @@ class ContinualLMModule(pl.LightningModule):
             self.eval_nll.update(nll.sum())
             self.eval_tokens.update(count.sum())
             self.eval_examples.update(torch.tensor(float(nll.shape[0])))
-            self.eval_texts.update(self._dataset_indices(nll.shape[0]), nll=nll, tokens=count)
+            self.eval_texts.update(batch["index"], nll=nll, tokens=count)
             return nll.sum() / count.sum().clamp_min(1)
-
-    def _dataset_indices(self, batch_size: int) -> torch.Tensor:
-        """Dataset indices of the next ``batch_size`` items of the evaluation loader."""
-        start, self._eval_position = self._eval_position, self._eval_position + batch_size
-        return torch.tensor(self._eval_order[start:self._eval_position])
 
     def on_validation_epoch_end(self) -> None:
         tokens = float(self.eval_tokens.compute())

@@ -212,10 +212,13 @@ def test_length_ordered_evaluation_reports_what_test_set_order_reports(tmp_path)
     dataset = benchmark.test_stream[0].dataset
     trainer = pl.Trainer(**toy_trainer_kwargs(tmp_path, enable_checkpointing=False))
     trainer.validate(module, datamodule=EvaluationDataModule(dataset, batch_size=8), verbose=False)
-    ordered = dict(module.eval_result)
-    in_test_set_order = DataLoader(dataset, batch_size=8, collate_fn=dataset.collate_fn)
+    ordered, ordered_items = dict(module.eval_result), dict(module.eval_items)
+    items = [{**dataset[i], "index": torch.tensor(i)} for i in range(len(dataset))]
+    in_test_set_order = DataLoader(items, batch_size=8, collate_fn=dataset.collate_fn)
     trainer.validate(module, dataloaders=in_test_set_order, verbose=False)
     in_order = dict(module.eval_result)
     assert ordered["examples"] == in_order["examples"] == 48
     assert ordered["accuracy"] == in_order["accuracy"]
     assert ordered["loss"] == pytest.approx(in_order["loss"], rel=1e-6)
+    # per-item outcomes come back in test-set order whatever order the loader served
+    assert ordered_items == module.eval_items and ordered_items["gold"] == [int(dataset[i]["target"]) for i in range(48)]
