@@ -51,3 +51,35 @@ def test_varying_batch_shapes_compile_a_bounded_number_of_graphs(tmp_path, compi
     # row, since dynamo specialises size 1
     assert len(repeated_blocks(module.model)) == 2
     assert 1 <= len(compiled_graphs) <= most_graphs, f"{len(compiled_graphs)} graphs for shapes {sorted(set(shapes.shapes))}"
+
+
+def test_blocks_are_found_through_peft_and_for_llama():
+    from peft import LoraConfig, get_peft_model
+
+    from metakv_cl.testing import tiny_gpt2, tiny_llama
+
+    llama = tiny_llama()
+    assert [type(block).__name__ for block in repeated_blocks(llama)] == ["LlamaDecoderLayer"] * llama.config.num_hidden_layers
+    wrapped = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"]))
+    assert len(repeated_blocks(wrapped)) == wrapped.config.n_layer
+
+
+def test_compiled_blocks_are_active_only_inside_the_training_forward(compiled_graphs):
+    import copy
+
+    from metakv_cl.testing import tiny_gpt2
+    from metakv_cl.training.module import ContinualLMModule
+
+    module = ContinualLMModule(tiny_gpt2(), compile=True)
+    ids = torch.randint(1, 90, (2, 8))
+    module.training_step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, 0)
+    assert len(compiled_graphs) == 1  # every layer ran the one graph of its block
+    assert all(block._compiled_call_impl is None for block in repeated_blocks(module.model))
+    copy.deepcopy(module)  # nothing compiled stays on the model or the compiler for a copy to meet
+
+
+def test_a_model_without_repeated_blocks_is_refused():
+    compiler = BlockCompiler()
+    with pytest.raises(ValueError, match="compile: found no repeated transformer blocks in Linear"):
+        with compiler.active(torch.nn.Linear(2, 2)):
+            pass
