@@ -19,6 +19,14 @@ consolidation has ``"fast"`` and ``"consolidate"``), so DDP, precision, gradient
 loggers and progress bars come from the ``trainer_kwargs``; each phase checkpoints ``last.ckpt``
 at every epoch end under ``<root_dir>/experiences/<stage>/<phase>/``.
 
+Why a ``Trainer`` per fit rather than one per stream: a Lightning ``Trainer`` keeps its fit loop's
+progress (epochs, steps, a finished ``max_epochs``), its callback list and its checkpoint folder
+from one ``fit`` to the next, while each phase here needs its own epochs, its own callbacks (the
+validated schedule's early stopping and best-weights restore) and its own ``last.ckpt`` to resume
+from; one Trainer would carry early-stopping counters and the epoch count from one experience
+into the next. The cost is a Trainer set-up per fit (outside the training steps; see
+``benchmarks/engine_throughput.py``). All fits share one logger (:meth:`logger`).
+
 Avalanche's contract: at each event the strategy holds what Avalanche's SGD templates hold
 (``model``, ``optimizer``, ``device``, ``experience``, ``adapted_dataset``, ``dataloader``,
 ``mbatch``, ``mb_x`` / ``mb_y`` / ``mb_task_id``, ``mb_output``, ``loss``, ``_criterion``,
