@@ -234,3 +234,19 @@ def test_compiled_training_forward_matches_eager_with_meta_kv(packed):
     grads = [meta_kv_parameters(module.model)[-1].grad for module in (eager, compiled)]
     assert grads[0] is not None and torch.allclose(grads[0], grads[1], atol=1e-5)
     assert not any("_compiled" in name for name, _ in compiled.named_modules())
+
+
+def test_exact_match_reaches_the_stream_result(tmp_path):
+    from metakv_cl.report import MethodResult
+    from metakv_cl.training.runner import run_stream
+
+    _, tokenizer, benchmark = sentiment_stream()
+    torch.manual_seed(0)
+    module = ContinualLMModule(tiny_gpt2(vocab_size=len(tokenizer)), exact_match=True, ranking="mean")
+    strategy = Naive(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path), train_mb_size=2)
+    result = run_stream(strategy, benchmark, root_dir=tmp_path / "run")
+    assert result.exact_match_matrix[-1] == [strategy.eval_results[0]["exact_match"]]
+    assert result.items["generated_correct"][-1] == [module.eval_items["generated_correct"]]
+    assert result.extra["module"]["ranking"] == "mean" and result.extra["module"]["exact_match"] is True
+    written = MethodResult.from_json((tmp_path / "run" / "stream_state" / "result.json").read_text())
+    assert written.exact_match_matrix == result.exact_match_matrix and len(written.exact_match_matrix) == 2
