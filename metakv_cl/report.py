@@ -76,7 +76,7 @@ SIGN_CONVENTIONS = (
 )
 
 _FIGURE_HEADERS = {"average": "average", "forgetting": "forgetting", "bwt": "BWT", "fwt": "FWT",
-                   "perplexity": "perplexity"}
+                   "perplexity": "perplexity", "exact_match": "exact match"}
 
 
 @dataclass
@@ -370,7 +370,8 @@ def format_table(results: Sequence[MethodResult]) -> str:
         cells = [_format_number(summary.get(figure)) + _interval_suffix(intervals.get(figure)) for figure in figures]
         if generative:
             exact_match = result.exact_match_matrix
-            cells.append(_format_number(continual_summary(exact_match, True)["average"] if exact_match else None))
+            average = None if exact_match is None else continual_summary(exact_match, True)["average"]
+            cells.append(_format_number(average))
         if flagged:
             cells.append(_did_not_learn_cell(result))
             if trained and len(result.did_not_learn()) == trained:
@@ -651,7 +652,8 @@ def seed_statistics(results_by_seed: Sequence[Sequence[MethodResult]]) -> dict[s
 
     Returns:
         method -> ``{"score_name", "seeds", <key>: {"mean", "std", "n"}}`` for the figures
-        (average, forgetting, bwt, fwt, perplexity for losses) and the run facts
+        (average, forgetting, bwt, fwt, perplexity for losses), ``exact_match`` (the average of the
+        exact-match matrix) where every seed recorded generative exact match, and the run facts
         ``wall_time_s``, ``peak_memory_bytes`` and ``trainable_params``. ``std`` is the sample
         standard deviation (0 with one seed); undefined values of a seed are left out and ``n``
         counts the rest.
@@ -665,6 +667,9 @@ def seed_statistics(results_by_seed: Sequence[Sequence[MethodResult]]) -> dict[s
         summaries = [run.summary for run in runs]
         entry: dict[str, Any] = {"score_name": runs[0].score_name, "seeds": len(runs)}
         values_by_key = {figure: [summary.get(figure) for summary in summaries] for figure in _figure_keys(runs)}
+        exact_match = [run.exact_match_matrix for run in runs]
+        if all(matrix is not None for matrix in exact_match):
+            values_by_key["exact_match"] = [continual_summary(matrix, True)["average"] for matrix in exact_match]
         values_by_key.update({fact: [run.extra.get(fact) for run in runs] for fact in RUN_FACTS})
         for key, values in values_by_key.items():
             present = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(float(v))]
@@ -707,8 +712,8 @@ def aggregate_seeds(results_by_seed: Sequence[Sequence[MethodResult]]) -> str:
 
     Returns:
         The table: method, score, seeds, average, forgetting, BWT, FWT, perplexity (when any
-        method is scored by loss), wall time and peak memory, each as ``mean ± std``, and the
-        trainable parameters.
+        method is scored by loss), exact match (when any method recorded it), wall time and peak
+        memory, each as ``mean ± std``, and the trainable parameters.
 
     Raises:
         ValueError: see :func:`seed_statistics`.
@@ -716,6 +721,7 @@ def aggregate_seeds(results_by_seed: Sequence[Sequence[MethodResult]]) -> str:
     stats = seed_statistics(results_by_seed)
     has_loss = any(entry["score_name"] == "loss" for entry in stats.values())
     figures = [*SUMMARY_FIGURES, *(("perplexity",) if has_loss else ())]
+    figures += ["exact_match"] if any("exact_match" in entry for entry in stats.values()) else []
     header = ["method", "score", "seeds", *(_FIGURE_HEADERS[f] for f in figures), "wall time (s)",
               "peak memory (GiB)", "trainable params"]
     rows = [[method, entry["score_name"], str(entry["seeds"]), *(_mean_std_cell(entry.get(f)) for f in figures),

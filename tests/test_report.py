@@ -308,5 +308,6 @@ def test_generative_exact_match_is_reported_beside_accuracy(tmp_path):
     assert "| after 1: people | 0.500 | 0.000 |" in markdown  # the exact-match matrix under R
     seeds = write_seed_report([[result], [result]], tmp_path / "seeds", title="toy")["markdown"].read_text()
     assert "| replay | cities | 1.000 | 1.000 | 0.500 | 0.833 | 0.333 |  |" in seeds
+    assert "| FWT | exact match | wall time (s) |" in seeds and "| 0.667 ± 0.000 |" in seeds
     with pytest.raises(ValueError, match=r"items\['generated_correct'\] needs one row per matrix row"):
         MethodResult("x", NAMES[:2], "accuracy", learner.matrix, items={**items, "generated_correct": decoded[:2]})
