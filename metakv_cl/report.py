@@ -7,9 +7,11 @@ writes, into one folder:
 - ``report.json``: every method's matrix, summary figures and extra facts (wall time,
   peak memory, trainable parameters, seed, ...), and where they were recorded its per-item
   outcomes, the bootstrap intervals of its figures (:mod:`metakv_cl.statistics`), its
-  per-experience rows and the experiences it did not learn;
+  per-experience rows and the experiences it did not learn, and where generative exact match was
+  recorded its matrix and summary (``exact_match``);
 - ``report.md``: the side-by-side table (intervals and "did not learn" where per-item outcomes
-  exist), the per-experience table of accuracy results and each method's matrix;
+  exist, exact match where recorded), the per-experience table of accuracy results and each
+  method's matrix (and exact-match matrix);
 - ``heatmap_<method>.png``: R as an annotated heatmap (the just-trained cells outlined);
 - ``curves_<method>.png``: each experience's score across the stream;
 - ``forgetting.png``: forgetting per experience and on average, one bar per method.
@@ -74,7 +76,7 @@ SIGN_CONVENTIONS = (
 )
 
 _FIGURE_HEADERS = {"average": "average", "forgetting": "forgetting", "bwt": "BWT", "fwt": "FWT",
-                   "perplexity": "perplexity"}
+                   "perplexity": "perplexity", "exact_match": "exact match"}
 
 
 @dataclass
@@ -92,9 +94,10 @@ class MethodResult:
             ``trainable_params``, ``seed``, ...
         items: the per-item outcome of every evaluation, in test-set order (None: not recorded).
             For accuracy ``{"gold": [[task's gold choice per item] per task], "num_choices": [per
-            task], "predicted": [[[predicted choice per item] per task] per row of R]}``; for loss
-            ``{"tokens": [[scored tokens per item] per task], "nll": [[[summed NLL per item] per
-            task] per row]}``. Build it with :func:`item_outcomes`.
+            task], "predicted": [[[predicted choice per item] per task] per row of R]}``, with
+            generative exact match also ``"generated_correct"`` (bools, laid out as
+            ``"predicted"``); for loss ``{"tokens": [[scored tokens per item] per task], "nll":
+            [[[summed NLL per item] per task] per row]}``. Build it with :func:`item_outcomes`.
     """
 
     method: str
@@ -123,14 +126,16 @@ class MethodResult:
         if missing:
             raise ValueError(f"{self.method}: items of a {self.score_name} result need {missing}")
         sizes = [len(values) for values in self.items[fixed]]
-        rows = self.items[per_row]
-        if len(sizes) != len(self.experience_names) or len(rows) != len(self.matrix):
-            raise ValueError(
-                f"{self.method}: items[{fixed!r}] needs one list per experience ({len(self.experience_names)}) and "
-                f"items[{per_row!r}] one row per matrix row ({len(self.matrix)}); got {len(sizes)} and {len(rows)}"
-            )
-        if any([len(values) for values in row] != sizes for row in rows):
-            raise ValueError(f"{self.method}: items[{per_row!r}] needs, in every row, {sizes} items per experience")
+        if len(sizes) != len(self.experience_names):
+            raise ValueError(f"{self.method}: items[{fixed!r}] needs one list per experience "
+                             f"({len(self.experience_names)}), got {len(sizes)}")
+        for key in (per_row, *(["generated_correct"] if "generated_correct" in self.items else [])):
+            rows = self.items[key]
+            if len(rows) != len(self.matrix):
+                raise ValueError(f"{self.method}: items[{key!r}] needs one row per matrix row ({len(self.matrix)}), "
+                                 f"got {len(rows)}")
+            if any([len(values) for values in row] != sizes for row in rows):
+                raise ValueError(f"{self.method}: items[{key!r}] needs, in every row, {sizes} items per experience")
 
     @property
     def higher_is_better(self) -> bool:
@@ -141,6 +146,14 @@ class MethodResult:
         """:func:`metakv_cl.metrics.continual_summary` of the matrix."""
         return continual_summary(self.matrix, self.higher_is_better)
 
+    @property
+    def exact_match_matrix(self) -> list[list[float]] | None:
+        """R of generative exact match (the share of each experience's test items whose greedy
+        decoding is the gold label), from the per-item outcomes; None where it was not recorded."""
+        if self.items is None or "generated_correct" not in self.items:
+            return None
+        return [[sum(task) / len(task) for task in row] for row in self.items["generated_correct"]]
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN cells become null); ``summary`` is included for readers
         and ignored by :meth:`from_json`.
@@ -148,8 +161,9 @@ class MethodResult:
         Returns:
             ``{"method", "experience_names", "score_name", "matrix", "extra", "summary"}``, and
             where per-item outcomes were recorded ``items``, the bootstrap ``intervals`` of the
-            summary figures (:func:`metakv_cl.statistics.paired_bootstrap` over test items) and,
-            for accuracy, the per-experience ``tasks`` rows (:meth:`task_rows`).
+            summary figures (:func:`metakv_cl.statistics.paired_bootstrap` over test items),
+            for accuracy the per-experience ``tasks`` rows (:meth:`task_rows`), and with generative
+            exact match ``exact_match``: its ``matrix`` (:attr:`exact_match_matrix`) and ``summary``.
         """
         data = {
             "method": self.method,
@@ -163,6 +177,9 @@ class MethodResult:
             data["intervals"] = intervals_json(self.intervals())
             if self.higher_is_better:
                 data["tasks"] = self.task_rows()
+            exact_match = self.exact_match_matrix
+            if exact_match is not None:
+                data["exact_match"] = {"matrix": exact_match, "summary": continual_summary(exact_match, True)}
             data["items"] = self.items
         return _json_safe(data)
 
@@ -199,9 +216,11 @@ class MethodResult:
             One dict per experience: ``experience``, ``accuracy`` (the last row's), and with
             per-item outcomes ``balanced_accuracy``, ``chance`` (1 / number of choices),
             ``majority_rate`` (share of the most frequent gold label) and ``did_not_learn``
-            (trained, and the accuracy is not above the majority rate; None before training).
+            (trained, and the accuracy is not above the majority rate; None before training),
+            and with generative exact match ``exact_match`` (the last row's).
         """
         final = self.matrix[-1]
+        exact_match = self.exact_match_matrix
         trained = self.summary["num_trained"]
         rows = []
         for j, name in enumerate(self.experience_names):
@@ -215,6 +234,8 @@ class MethodResult:
                     majority_rate=majority,
                     did_not_learn=final[j] <= majority if j < trained else None,
                 )
+            if exact_match is not None:
+                row["exact_match"] = exact_match[-1][j]
             rows.append(row)
         return rows
 
@@ -240,13 +261,16 @@ def item_outcomes(score_name: str, evaluations: Sequence[Sequence[dict[str, Any]
 
     Returns:
         The test set's fixed fields once (gold choices and number of choices, or token counts),
-        and the evaluated field (predicted choices, or summed NLL) per row.
+        and the evaluated fields (predicted choices, and where every evaluation recorded it
+        whether greedy decoding produced the gold label; or summed NLL) per row.
     """
     fixed, per_row = ITEM_FIELDS[score_name]
     first = evaluations[0]
     items = {fixed: [task[fixed] for task in first], per_row: [[task[per_row] for task in row] for row in evaluations]}
     if score_name == "accuracy":
         items["num_choices"] = [task["num_choices"] for task in first]
+        if all("generated_correct" in task for row in evaluations for task in row):
+            items["generated_correct"] = [[task["generated_correct"] for task in row] for row in evaluations]
     return items
 
 
@@ -326,7 +350,8 @@ def format_table(results: Sequence[MethodResult]) -> str:
         recorded, average, forgetting and BWT carry their 95% bootstrap interval over test
         items, and accuracy results get a "did not learn" column (the experiences whose final
         accuracy is not above their majority rate); footnotes under the table explain both and
-        name every method that learned none of its trained experiences.
+        name every method that learned none of its trained experiences. Where any result
+        recorded generative exact match, an "exact match" column gives its average.
 
     Raises:
         ValueError: if ``results`` is empty or repeats a method name.
@@ -334,14 +359,19 @@ def format_table(results: Sequence[MethodResult]) -> str:
     _check_results(results)
     figures = _figure_keys(results)
     flagged = any(result.higher_is_better and result.items is not None for result in results)
-    header = ["method", "score", *(_FIGURE_HEADERS[f] for f in figures), *(["did not learn"] if flagged else []),
-              "wall time (s)", "train tokens/s", "trainable params"]
+    generative = any(result.exact_match_matrix is not None for result in results)
+    header = ["method", "score", *(_FIGURE_HEADERS[f] for f in figures), *(["exact match"] if generative else []),
+              *(["did not learn"] if flagged else []), "wall time (s)", "train tokens/s", "trainable params"]
     rows, notes = [], []
     for result in results:
         summary = result.summary
         trained, total = summary["num_trained"], len(result.experience_names)
         intervals = result.intervals()["method"] if result.items is not None else {}
         cells = [_format_number(summary.get(figure)) + _interval_suffix(intervals.get(figure)) for figure in figures]
+        if generative:
+            exact_match = result.exact_match_matrix
+            average = None if exact_match is None else continual_summary(exact_match, True)["average"]
+            cells.append(_format_number(average))
         if flagged:
             cells.append(_did_not_learn_cell(result))
             if trained and len(result.did_not_learn()) == trained:
@@ -360,11 +390,16 @@ def format_table(results: Sequence[MethodResult]) -> str:
         notes.append(INTERVAL_NOTE)
     if flagged:
         notes.append(DID_NOT_LEARN_NOTE)
+    if generative:
+        notes.append(EXACT_MATCH_NOTE)
     return "\n\n".join([_markdown_table(header, rows), *notes])
 
 
 INTERVAL_NOTE = ("[low, high]: 95% percentile interval of a bootstrap over the test items, 10,000 resamples "
                  "(metakv_cl/statistics.py).")
+EXACT_MATCH_NOTE = ("exact match: the share of test items whose greedy decoding after the prompt is exactly the gold "
+                    "label's tokens (end-of-text included), averaged like the score over the final row; the score "
+                    "ranks the candidate labels by likelihood instead.")
 DID_NOT_LEARN_NOTE = ("did not learn: experiences whose final accuracy is not above their majority rate (the share "
                       "of the most frequent gold label in the test set, what always answering it scores).")
 
@@ -384,7 +419,8 @@ def _did_not_learn_cell(result: MethodResult) -> str:
 
 
 def format_task_table(results: Sequence[MethodResult]) -> str:
-    """Per experience of every accuracy result: accuracy, balanced accuracy, chance and majority rate.
+    """Per experience of every accuracy result: accuracy, balanced accuracy, chance, majority rate
+    and, where recorded, generative exact match.
 
     Args:
         results: the methods; loss results are left out.
@@ -398,16 +434,18 @@ def format_task_table(results: Sequence[MethodResult]) -> str:
 
 
 def _task_table(rows_by_method: dict[str, list[dict[str, Any]]]) -> str:
+    generative = any(task.get("exact_match") is not None for tasks in rows_by_method.values() for task in tasks)
+    keys = ("balanced_accuracy", "chance", "majority_rate", *(("exact_match",) if generative else ()))
     rows = []
     for method, tasks in rows_by_method.items():
         for task in tasks:
             flag = {True: "**did not learn**", False: "", None: "–"}[task.get("did_not_learn")]
             rows.append([method, task["experience"], _format_number(task["accuracy"]),
-                         *(_format_number(task.get(key)) for key in ("balanced_accuracy", "chance", "majority_rate")),
-                         flag])
+                         *(_format_number(task.get(key)) for key in keys), flag])
     if not rows:
         return ""
-    header = ["method", "experience", "accuracy", "balanced accuracy", "chance", "majority", ""]
+    header = ["method", "experience", "accuracy", "balanced accuracy", "chance", "majority",
+              *(["exact match"] if generative else []), ""]
     return _markdown_table(header, rows) + "\n\n" + DID_NOT_LEARN_NOTE
 
 
@@ -415,9 +453,11 @@ def _row_labels(result: MethodResult) -> list[str]:
     return ["before training"] + [f"after {i}: {name}" for i, name in enumerate(result.experience_names, 1)]
 
 
-def _matrix_markdown(result: MethodResult) -> str:
-    header = ["R", *(f"{j}: {name}" for j, name in enumerate(result.experience_names, 1))]
-    rows = [[label, *(_format_number(cell) for cell in row)] for label, row in zip(_row_labels(result), result.matrix)]
+def _matrix_markdown(result: MethodResult, matrix: list[list[float]] | None = None, corner: str = "R") -> str:
+    """A matrix of ``result`` (default its R) as a Markdown table, ``corner`` naming it."""
+    header = [corner, *(f"{j}: {name}" for j, name in enumerate(result.experience_names, 1))]
+    rows = [[label, *(_format_number(cell) for cell in row)]
+            for label, row in zip(_row_labels(result), result.matrix if matrix is None else matrix)]
     return _markdown_table(header, rows)
 
 
@@ -591,8 +631,10 @@ def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[s
         sections += ["## Per experience (final row of R)", "", task_table, ""]
     sections += [SIGN_CONVENTIONS, "", f"![forgetting per method]({paths['forgetting_plot'].name})", ""]
     for result in results:
-        sections += [f"## {result.method}", "", _matrix_markdown(result), "",
-                     f"![R heatmap]({paths[f'heatmap:{result.method}'].name})", ""]
+        sections += [f"## {result.method}", "", _matrix_markdown(result), ""]
+        if result.exact_match_matrix is not None:
+            sections += [_matrix_markdown(result, result.exact_match_matrix, "exact match"), ""]
+        sections += [f"![R heatmap]({paths[f'heatmap:{result.method}'].name})", ""]
     paths["markdown"] = out / "report.md"
     atomic_write_text("\n".join(sections), paths["markdown"])
     return paths
@@ -610,7 +652,8 @@ def seed_statistics(results_by_seed: Sequence[Sequence[MethodResult]]) -> dict[s
 
     Returns:
         method -> ``{"score_name", "seeds", <key>: {"mean", "std", "n"}}`` for the figures
-        (average, forgetting, bwt, fwt, perplexity for losses) and the run facts
+        (average, forgetting, bwt, fwt, perplexity for losses), ``exact_match`` (the average of the
+        exact-match matrix) where every seed recorded generative exact match, and the run facts
         ``wall_time_s``, ``peak_memory_bytes`` and ``trainable_params``. ``std`` is the sample
         standard deviation (0 with one seed); undefined values of a seed are left out and ``n``
         counts the rest.
@@ -624,6 +667,9 @@ def seed_statistics(results_by_seed: Sequence[Sequence[MethodResult]]) -> dict[s
         summaries = [run.summary for run in runs]
         entry: dict[str, Any] = {"score_name": runs[0].score_name, "seeds": len(runs)}
         values_by_key = {figure: [summary.get(figure) for summary in summaries] for figure in _figure_keys(runs)}
+        exact_match = [run.exact_match_matrix for run in runs]
+        if all(matrix is not None for matrix in exact_match):
+            values_by_key["exact_match"] = [continual_summary(matrix, True)["average"] for matrix in exact_match]
         values_by_key.update({fact: [run.extra.get(fact) for run in runs] for fact in RUN_FACTS})
         for key, values in values_by_key.items():
             present = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(float(v))]
@@ -666,8 +712,8 @@ def aggregate_seeds(results_by_seed: Sequence[Sequence[MethodResult]]) -> str:
 
     Returns:
         The table: method, score, seeds, average, forgetting, BWT, FWT, perplexity (when any
-        method is scored by loss), wall time and peak memory, each as ``mean ± std``, and the
-        trainable parameters.
+        method is scored by loss), exact match (when any method recorded it), wall time and peak
+        memory, each as ``mean ± std``, and the trainable parameters.
 
     Raises:
         ValueError: see :func:`seed_statistics`.
@@ -675,6 +721,7 @@ def aggregate_seeds(results_by_seed: Sequence[Sequence[MethodResult]]) -> str:
     stats = seed_statistics(results_by_seed)
     has_loss = any(entry["score_name"] == "loss" for entry in stats.values())
     figures = [*SUMMARY_FIGURES, *(("perplexity",) if has_loss else ())]
+    figures += ["exact_match"] if any("exact_match" in entry for entry in stats.values()) else []
     header = ["method", "score", "seeds", *(_FIGURE_HEADERS[f] for f in figures), "wall time (s)",
               "peak memory (GiB)", "trainable params"]
     rows = [[method, entry["score_name"], str(entry["seeds"]), *(_mean_std_cell(entry.get(f)) for f in figures),
@@ -814,7 +861,10 @@ def _mean_task_rows(runs: Sequence[MethodResult]) -> list[dict[str, Any]]:
     rows = []
     for j, name in enumerate(runs[0].experience_names):
         row: dict[str, Any] = {"experience": name}
-        for key in ("accuracy", "balanced_accuracy", "chance", "majority_rate"):
+        keys = ("accuracy", "balanced_accuracy", "chance", "majority_rate")
+        if all("exact_match" in seed_rows[j] for seed_rows in per_seed):
+            keys += ("exact_match",)
+        for key in keys:
             values = [seed_rows[j].get(key) for seed_rows in per_seed]
             present = [v for v in values if v is not None and not math.isnan(v)]
             row[key] = statistics.fmean(present) if present else None

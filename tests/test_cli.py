@@ -60,6 +60,16 @@ def test_print_config_shows_strategy_and_stream(tmp_path, capsys):
     assert "vocab_size" not in printed["model"]["init_args"]  # linked from the stream
 
 
+def test_the_scoring_options_are_model_init_args(tmp_path, capsys):
+    config = toy_config(tmp_path / "run")
+    config["model"]["init_args"].update(ranking="mean", exact_match=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", write_config(tmp_path, config), "--print_config"])
+    assert exit_info.value.code == 0
+    init_args = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert init_args["ranking"] == "mean" and init_args["exact_match"] is True
+
+
 def test_config_text_in_place_of_a_file_is_accepted(tmp_path, capsys):
     """LightningCLI takes ``--config`` as a path or as the config's own YAML/JSON text."""
     with pytest.raises(SystemExit) as exit_info:

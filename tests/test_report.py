@@ -276,3 +276,38 @@ def test_the_printed_comparison_shows_intervals_flags_and_the_per_experience_tab
     assert printed[0] == table and printed[1] == f"report: {tmp_path / 'report.md'}"
     assert "| naive | accuracy | 0.750 [" in table and "**naive learned none of its 2 trained experiences**" in table
     assert "| naive | people | 0.667 | 0.500 | 0.500 | 0.667 | **did not learn** |" in table
+
+
+def test_generative_exact_match_is_reported_beside_accuracy(tmp_path):
+    from metakv_cl.report import item_outcomes
+
+    learner = _learner()
+    assert learner.exact_match_matrix is None and "exact match" not in format_table([learner])
+    # rows of R: before training, after people, after cities; each a bool per test item
+    decoded = [[[False] * 6, [False] * 6], [[True] * 3 + [False] * 3, [False] * 6],
+               [[True] * 6, [True] * 2 + [False] * 4]]
+    evaluations = [[{"gold": gold, "predicted": predicted, "num_choices": 2, "generated_correct": correct}
+                    for gold, predicted, correct in zip(GOLD, row, correct_row)]
+                   for row, correct_row in zip(learner.items["predicted"], decoded)]
+    items = item_outcomes("accuracy", evaluations)
+    assert items == {**learner.items, "generated_correct": decoded}
+    result = MethodResult("replay", NAMES[:2], "accuracy", learner.matrix, {"seed": 0}, items)
+    assert result.exact_match_matrix == [[0.0, 0.0], [0.5, 0.0], [1.0, pytest.approx(1 / 3)]]
+
+    data = result.to_json()
+    assert data["exact_match"]["summary"]["average"] == pytest.approx(2 / 3)
+    assert data["exact_match"]["summary"]["forgetting"] == pytest.approx(-0.5)  # 0.5 after people, 1.0 at the end
+    assert MethodResult.from_json(json.loads(json.dumps(data))).items == items
+    assert [row["exact_match"] for row in result.task_rows()] == pytest.approx([1.0, 1 / 3])
+
+    table = format_table([result, _majority_predictor()])
+    assert "| exact match |" in table.splitlines()[0]
+    assert "| 0.667 | none |" in table.splitlines()[2] and "| – | **all 2** |" in table.splitlines()[3]
+    markdown = write_report([result], tmp_path)["markdown"].read_text()
+    assert "| replay | cities | 1.000 | 1.000 | 0.500 | 0.833 | 0.333 |  |" in markdown
+    assert "| after 1: people | 0.500 | 0.000 |" in markdown  # the exact-match matrix under R
+    seeds = write_seed_report([[result], [result]], tmp_path / "seeds", title="toy")["markdown"].read_text()
+    assert "| replay | cities | 1.000 | 1.000 | 0.500 | 0.833 | 0.333 |  |" in seeds
+    assert "| FWT | exact match | wall time (s) |" in seeds and "| 0.667 ± 0.000 |" in seeds
+    with pytest.raises(ValueError, match=r"items\['generated_correct'\] needs one row per matrix row"):
+        MethodResult("x", NAMES[:2], "accuracy", learner.matrix, items={**items, "generated_correct": decoded[:2]})

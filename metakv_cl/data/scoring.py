@@ -6,10 +6,15 @@
   positions go through the (vocabulary-wide) softmax, so padding and prompts cost no memory there.
 * Classification: every candidate label string is scored by its log-likelihood given the prompt
   (the sum over its tokens, end-of-text included, so a label that is a prefix of another one is
-  not favoured), and the best candidate is the prediction (:func:`rank_choices`). The prompt is
-  shared by all candidates of an example, so by default it is run once and its KV cache is
-  continued with each candidate (:func:`rank_choices_with_shared_prompt`); a dynamic Meta-KV
+  not favoured), and the best candidate is the prediction (:func:`rank_choices`). ``ranking``
+  picks what "best" means: ``"sum"`` the highest summed log-likelihood, ``"mean"`` the highest
+  mean per label token (length-normalised: a long label is not penalised for its length). The
+  prompt is shared by all candidates of an example, so by default it is run once and its KV cache
+  is continued with each candidate (:func:`rank_choices_with_shared_prompt`); a dynamic Meta-KV
   meta-state travels with the repeated cache.
+* Generative exact match (the metric of the O-LoRA line of work): the prompt is greedily
+  continued (:func:`greedy_decode`) and the item is right when the decoded tokens are the gold
+  label's tokens (:func:`generated_exact_match`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ import torch.nn.functional as F
 
 from metakv_cl.data.collate import IGNORE_INDEX
 from metakv_cl.transformers_api import output_cache, with_cache
+
+# how candidates are ranked: by summed or by mean (per label token) log-likelihood
+RANKINGS = ("sum", "mean")
+
+
+def check_ranking(ranking: str) -> None:
+    """Raise ``ValueError`` unless ``ranking`` is one of :data:`RANKINGS`."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"unknown ranking {ranking!r}; choose one of {', '.join(RANKINGS)}")
 
 
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,11 +55,31 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return nll.sum(dim=-1), mask.sum(dim=-1)
 
 
+def best_choices(log_likelihoods: torch.Tensor, label_lengths: torch.Tensor, ranking: str = "sum") -> torch.Tensor:
+    """The prediction of each example: its best candidate under ``ranking``.
+
+    Args:
+        log_likelihoods: ``[B, C]`` summed log-likelihood of each candidate.
+        label_lengths: ``[B, C]`` number of tokens of each candidate.
+        ranking: ``"sum"`` (highest summed log-likelihood) or ``"mean"`` (highest mean per token).
+
+    Returns:
+        ``[B]`` index of the best candidate.
+
+    Raises:
+        ValueError: an unknown ``ranking``.
+    """
+    check_ranking(ranking)
+    scores = log_likelihoods / label_lengths if ranking == "mean" else log_likelihoods
+    return scores.argmax(dim=-1)
+
+
 def rank_choices(
     forward: Callable[..., Any],
     choice_input_ids: torch.Tensor,
     choice_labels: torch.Tensor,
     choice_attention_mask: torch.Tensor,
+    ranking: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score every candidate label of every example by its log-likelihood, one full row each.
 
@@ -55,18 +89,55 @@ def rank_choices(
         choice_input_ids: ``[B, C, L]`` prompt + candidate label tokens.
         choice_labels: ``[B, C, L]`` the candidate tokens, ``IGNORE_INDEX`` elsewhere.
         choice_attention_mask: ``[B, C, L]``.
+        ranking: how the prediction is chosen (:func:`best_choices`).
 
     Returns:
-        ``(log_likelihoods [B, C], predictions [B])``.
+        ``(log_likelihoods [B, C], predictions [B])``; the log-likelihoods are summed over the
+        label tokens whatever the ranking.
     """
     batch, choices, length = choice_input_ids.shape
     outputs = forward(
         input_ids=choice_input_ids.reshape(batch * choices, length),
         attention_mask=choice_attention_mask.reshape(batch * choices, length),
     )
-    nll, _ = sequence_nll(outputs.logits, choice_labels.reshape(batch * choices, length))
+    nll, counts = sequence_nll(outputs.logits, choice_labels.reshape(batch * choices, length))
     log_likelihoods = -nll.view(batch, choices)
-    return log_likelihoods, log_likelihoods.argmax(dim=-1)
+    return log_likelihoods, best_choices(log_likelihoods, counts.view(batch, choices), ranking)
+
+
+def shared_prompts(
+    choice_input_ids: torch.Tensor, choice_labels: torch.Tensor, choice_attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each example's prompt, taken once from its candidate rows, right-padded.
+
+    Args:
+        choice_input_ids: ``[B, C, L]`` prompt + candidate label tokens.
+        choice_labels: ``[B, C, L]`` the candidate tokens, ``IGNORE_INDEX`` elsewhere.
+        choice_attention_mask: ``[B, C, L]`` (its dtype is the prompt mask's).
+
+    Returns:
+        ``(prompt_ids [B, P], prompt_mask [B, P], prompt_lengths [B], label_lengths [B, C])``,
+        ``P`` the longest prompt.
+
+    Raises:
+        ValueError: a row without candidate tokens, an empty prompt, or the rows of an example
+            disagree on where the candidate starts (their prompts differ).
+    """
+    is_label = choice_labels != IGNORE_INDEX
+    label_lengths = is_label.sum(dim=-1)  # [B, C]
+    if bool((label_lengths == 0).any()):
+        raise ValueError("a candidate row has no label tokens to score")
+    prompt_lengths_by_row = is_label.float().argmax(dim=-1)  # first candidate position, [B, C]
+    prompt_lengths = prompt_lengths_by_row[:, 0]
+    if bool((prompt_lengths_by_row != prompt_lengths[:, None]).any()):
+        raise ValueError("the candidate rows of an example must share one prompt (same length)")
+    if bool((prompt_lengths == 0).any()):
+        raise ValueError("a candidate row has an empty prompt")
+    prompt_width = int(prompt_lengths.max())
+    prompt_ids = choice_input_ids[:, 0, :prompt_width]
+    positions = torch.arange(prompt_width, device=choice_input_ids.device)
+    prompt_mask = (positions < prompt_lengths[:, None]).to(choice_attention_mask.dtype)
+    return prompt_ids, prompt_mask, prompt_lengths, label_lengths
 
 
 def rank_choices_with_shared_prompt(
@@ -74,6 +145,7 @@ def rank_choices_with_shared_prompt(
     choice_input_ids: torch.Tensor,
     choice_labels: torch.Tensor,
     choice_attention_mask: torch.Tensor,
+    ranking: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rank_choices`, running each example's prompt once and continuing its KV cache.
 
@@ -90,30 +162,19 @@ def rank_choices_with_shared_prompt(
         choice_input_ids: ``[B, C, L]`` prompt + candidate label tokens.
         choice_labels: ``[B, C, L]`` the candidate tokens, ``IGNORE_INDEX`` elsewhere.
         choice_attention_mask: ``[B, C, L]``.
+        ranking: how the prediction is chosen (:func:`best_choices`).
 
     Returns:
-        ``(log_likelihoods [B, C], predictions [B])``.
+        ``(log_likelihoods [B, C], predictions [B])``, as :func:`rank_choices`.
 
     Raises:
-        ValueError: a row without candidate tokens, or the rows of an example disagree on where
-            the candidate starts (their prompts differ).
+        ValueError: see :func:`shared_prompts`.
     """
     batch, choices, length = choice_input_ids.shape
-    is_label = choice_labels != IGNORE_INDEX
-    label_lengths = is_label.sum(dim=-1)  # [B, C]
-    if bool((label_lengths == 0).any()):
-        raise ValueError("a candidate row has no label tokens to score")
-    prompt_lengths_by_row = is_label.float().argmax(dim=-1)  # first candidate position, [B, C]
-    prompt_lengths = prompt_lengths_by_row[:, 0]
-    if bool((prompt_lengths_by_row != prompt_lengths[:, None]).any()):
-        raise ValueError("the candidate rows of an example must share one prompt (same length)")
-    if bool((prompt_lengths == 0).any()):
-        raise ValueError("a candidate row has an empty prompt")
+    prompt_ids, prompt_mask, prompt_lengths, label_lengths = shared_prompts(
+        choice_input_ids, choice_labels, choice_attention_mask
+    )
     device = choice_input_ids.device
-
-    prompt_width = int(prompt_lengths.max())
-    prompt_ids = choice_input_ids[:, 0, :prompt_width]
-    prompt_mask = (torch.arange(prompt_width, device=device) < prompt_lengths[:, None]).to(choice_attention_mask.dtype)
     prompt_out = forward(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
     examples = torch.arange(batch, device=device)
     first_logits = prompt_out.logits[examples, prompt_lengths - 1]  # predicts every candidate's first token
@@ -145,4 +206,86 @@ def rank_choices_with_shared_prompt(
     scored = F.cross_entropy(predicting[mask].float(), targets[mask], reduction="none")
     nll = torch.zeros(targets.shape, dtype=scored.dtype, device=device).masked_scatter(mask, scored)
     log_likelihoods = -nll.sum(dim=-1).view(batch, choices)
-    return log_likelihoods, log_likelihoods.argmax(dim=-1)
+    return log_likelihoods, best_choices(log_likelihoods, label_lengths, ranking)
+
+
+def greedy_decode(
+    forward: Callable[..., Any], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
+) -> torch.Tensor:
+    """Greedy (argmax) continuation of right-padded prompts, through the model's KV cache.
+
+    Each new token runs at its row's true position (prompt length + step) with a mask that hides
+    the prompt padding, so a row decodes what it would decode alone (up to floating-point
+    rounding). Decoding does not stop at end-of-text: every row gets ``max_new_tokens`` tokens.
+
+    Args:
+        forward: the causal LM; called with ``input_ids``, ``attention_mask`` and ``use_cache``,
+            then with the cache (under its transformers name) and ``position_ids``.
+        prompt_ids: ``[B, P]`` prompts, right-padded.
+        prompt_mask: ``[B, P]`` 1 on prompt tokens, 0 on padding.
+        max_new_tokens: tokens to decode per row, at least 1.
+
+    Returns:
+        ``[B, max_new_tokens]`` the decoded token ids.
+
+    Raises:
+        ValueError: ``max_new_tokens`` < 1.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompt_lengths = prompt_mask.sum(dim=-1)
+    outputs = forward(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
+    logits = outputs.logits[torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_lengths - 1]
+    mask, decoded = prompt_mask, [logits.argmax(dim=-1)]
+    for step in range(max_new_tokens - 1):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        outputs = forward(
+            input_ids=decoded[-1][:, None],
+            attention_mask=mask,
+            position_ids=(prompt_lengths + step)[:, None],
+            use_cache=True,
+            **with_cache(forward, output_cache(outputs)),
+        )
+        decoded.append(outputs.logits[:, -1].argmax(dim=-1))
+    return torch.stack(decoded, dim=1)
+
+
+def generated_exact_match(
+    forward: Callable[..., Any],
+    choice_input_ids: torch.Tensor,
+    choice_labels: torch.Tensor,
+    choice_attention_mask: torch.Tensor,
+    target: torch.Tensor,
+) -> torch.Tensor:
+    """Whether greedy decoding after each example's prompt produces its gold label.
+
+    Each prompt is decoded for as many tokens as its batch's longest candidate label
+    (:func:`greedy_decode`), and the item is right when its first decoded tokens are exactly the
+    gold label's tokens. Token ids are compared, not strings (the module has no tokenizer): the
+    gold tokens are those the stream built, a space and the label string, then end-of-text when
+    the stream appends it (the default), so a generation must also end where the label ends.
+
+    Args:
+        forward: the causal LM (as for :func:`greedy_decode`).
+        choice_input_ids: ``[B, C, L]`` prompt + candidate label tokens (as for :func:`rank_choices`).
+        choice_labels: ``[B, C, L]`` the candidate tokens, ``IGNORE_INDEX`` elsewhere.
+        choice_attention_mask: ``[B, C, L]``.
+        target: ``[B]`` index of the gold candidate.
+
+    Returns:
+        ``[B]`` bool: the decoded tokens equal the gold label's.
+
+    Raises:
+        ValueError: see :func:`shared_prompts`.
+    """
+    prompt_ids, prompt_mask, prompt_lengths, label_lengths = shared_prompts(
+        choice_input_ids, choice_labels, choice_attention_mask
+    )
+    decoded = greedy_decode(forward, prompt_ids, prompt_mask, int(label_lengths.max()))
+    examples = torch.arange(target.shape[0], device=target.device)
+    gold_labels = choice_labels[examples, target]  # [B, L]
+    gold_lengths = label_lengths[examples, target]
+    offsets = torch.arange(decoded.shape[1], device=decoded.device)
+    in_label = offsets < gold_lengths[:, None]
+    gold_ids = gold_labels.gather(1, (prompt_lengths[:, None] + offsets).clamp_max(gold_labels.shape[1] - 1))
+    return ((decoded == gold_ids) | ~in_label).all(dim=-1)

@@ -13,10 +13,12 @@
   error still names the first non-finite step (the weights then hold the window's updates);
 * validation = the score of one experience: token-weighted mean loss for language modelling,
   label-likelihood accuracy for classification (each prompt run once and its KV cache continued
-  with every candidate), accumulated in
+  with every candidate; candidates ranked by summed or mean log-likelihood, ``ranking``), and
+  with ``exact_match`` the share of items whose greedy decoding is the gold label, accumulated in
   torchmetrics ``SumMetric`` states so that DDP ranks (each seeing a shard) agree on the result
   (:attr:`eval_result`), and each item's outcome in test-set order (:attr:`eval_items`: the
-  predicted and gold choice of a classification item, the summed NLL and token count of a text),
+  predicted and gold choice of a classification item, with ``exact_match`` whether its greedy
+  decoding was the gold label, the summed NLL and token count of a text),
   gathered from every rank with the item's test-set position (the evaluation batch's ``index``:
   :class:`~metakv_cl.training.datamodule.EvaluationDataModule` serves items by length).
 """
@@ -37,7 +39,13 @@ import pytorch_lightning as pl
 from torchmetrics.aggregation import SumMetric
 
 from metakv_cl.data.collate import IGNORE_INDEX
-from metakv_cl.data.scoring import rank_choices, rank_choices_with_shared_prompt, sequence_nll
+from metakv_cl.data.scoring import (
+    check_ranking,
+    generated_exact_match,
+    rank_choices,
+    rank_choices_with_shared_prompt,
+    sequence_nll,
+)
 from metakv_cl.metrics import ItemRecords
 from metakv_cl.modeling.config import MetaKVConfig
 from metakv_cl.training.compilation import BlockCompiler
@@ -76,6 +84,13 @@ class ContinualLMModule(pl.LightningModule):
         shared_prompt_scoring: score classification candidates on one shared prompt run
             (:func:`~metakv_cl.data.scoring.rank_choices_with_shared_prompt`); False scores
             full rows.
+        ranking: how classification candidates are ranked: ``"sum"`` by the log-likelihood of
+            the label string (summed over its tokens), ``"mean"`` by its mean per label token
+            (length-normalised; :func:`~metakv_cl.data.scoring.best_choices`).
+        exact_match: also score classification items by generative exact match: greedy decoding
+            after the prompt must produce the gold label's tokens
+            (:func:`~metakv_cl.data.scoring.generated_exact_match`); reported as
+            ``eval_result["exact_match"]`` and per item as ``eval_items["generated_correct"]``.
         compile: run the training forward's transformer blocks through ``torch.compile``
             (:class:`~metakv_cl.training.compilation.BlockCompiler`: one graph per block class,
             compiled in seconds, reused by every layer; the Meta-KV hooks are traced with the
@@ -104,9 +119,12 @@ class ContinualLMModule(pl.LightningModule):
         warmup_steps: int = 0,
         attn_implementation: str = "sdpa",
         shared_prompt_scoring: bool = True,
+        ranking: Literal["sum", "mean"] = "sum",
+        exact_match: bool = False,
         compile: bool = False,
     ):
         super().__init__()
+        check_ranking(ranking)
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if not (0 < lr < math.inf):  # also refuses NaN
@@ -157,13 +175,16 @@ class ContinualLMModule(pl.LightningModule):
         self.eval_tokens = SumMetric()
         self.eval_correct = SumMetric()
         self.eval_examples = SumMetric()
+        self.eval_generated_correct = SumMetric()
         self.eval_result: dict[str, float] = {}
         # per-item outcomes: (predicted, gold) choice per classification item, (nll, tokens) per text
         self.eval_choices = ItemRecords("predicted", "gold")
         self.eval_texts = ItemRecords("nll", "tokens")
+        self.eval_generations = ItemRecords("generated_correct")
         self.eval_items: dict[str, Any] = {}
         self._num_choices = 0
         self.shared_prompt_scoring = shared_prompt_scoring
+        self.ranking, self.exact_match = ranking, exact_match
         self._evaluating_classification = False
         self._rank_choices = rank_choices
         self.block_compiler = BlockCompiler() if compile else None
@@ -193,7 +214,8 @@ class ContinualLMModule(pl.LightningModule):
         """What this module was built and trains with, for reports (plain JSON values).
 
         The init arguments of a named model (none for a given ``nn.Module``), then the optimiser
-        settings in use and ``meta_kv``: the Meta-KV configuration of the model (``None``: plain model).
+        settings in use, the scoring settings (``ranking``, ``exact_match``) and ``meta_kv``: the
+        Meta-KV configuration of the model (``None``: plain model).
         """
         from metakv_cl.modeling import get_meta_kv, has_meta_kv
 
@@ -204,6 +226,8 @@ class ContinualLMModule(pl.LightningModule):
             betas=list(self.betas),
             lr_schedule=self.lr_schedule,
             warmup_steps=self.warmup_steps,
+            ranking=self.ranking,
+            exact_match=self.exact_match,
             meta_kv=dataclasses.asdict(get_meta_kv(self.model).config) if has_meta_kv(self.model) else None,
         )
         return settings
@@ -367,7 +391,7 @@ class ContinualLMModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         for metric in (self.eval_nll, self.eval_tokens, self.eval_correct, self.eval_examples, self.eval_choices,
-                       self.eval_texts):
+                       self.eval_texts, self.eval_generated_correct, self.eval_generations):
             metric.reset()
         self._evaluating_classification = False
         self._rank_choices = rank_choices_with_shared_prompt if self.scores_on_shared_prompt() else rank_choices
@@ -383,9 +407,8 @@ class ContinualLMModule(pl.LightningModule):
         """Accumulate the batch's scores; returns its mean NLL per label token (Avalanche's eval ``loss``)."""
         if "choice_input_ids" in batch:
             self._evaluating_classification = True
-            log_likelihoods, predictions = self._rank_choices(
-                self.model, batch["choice_input_ids"], batch["choice_labels"], batch["choice_attention_mask"]
-            )
+            choices = (batch["choice_input_ids"], batch["choice_labels"], batch["choice_attention_mask"])
+            log_likelihoods, predictions = self._rank_choices(self.model, *choices, ranking=self.ranking)
             gold = batch["target"]
             gold_ll = log_likelihoods.gather(1, gold[:, None]).squeeze(1)
             labels = batch["choice_labels"][torch.arange(gold.shape[0]), gold]
@@ -395,6 +418,10 @@ class ContinualLMModule(pl.LightningModule):
             self.eval_examples.update(torch.tensor(float(gold.shape[0])))
             self.eval_choices.update(batch["index"], predicted=predictions, gold=gold)
             self._num_choices = log_likelihoods.shape[1]
+            if self.exact_match:
+                generated_correct = generated_exact_match(self.model, *choices, gold)
+                self.eval_generated_correct.update(generated_correct.sum())
+                self.eval_generations.update(batch["index"], generated_correct=generated_correct)
             return -gold_ll.sum() / (labels[:, 1:] != -100).sum().clamp_min(1)
         else:
             outputs = self(batch["input_ids"], batch["attention_mask"])
@@ -414,14 +441,19 @@ class ContinualLMModule(pl.LightningModule):
             items = self.eval_choices.compute()
             self.eval_items = {"predicted": [int(v) for v in items["predicted"]],
                                "gold": [int(v) for v in items["gold"]], "num_choices": self._num_choices}
+            if self.exact_match:
+                result["exact_match"] = float(self.eval_generated_correct.compute()) / max(examples, 1.0)
+                generated = self.eval_generations.compute()["generated_correct"]
+                self.eval_items["generated_correct"] = [bool(v) for v in generated]
         else:
             items = self.eval_texts.compute()
             # 1e-4 nats per item keeps the lists short and moves a task's mean loss by less than that
             self.eval_items = {"nll": [round(v, 4) for v in items["nll"]], "tokens": [int(v) for v in items["tokens"]]}
         self.eval_result = result
         self.log("eval/loss", result["loss"])
-        if "accuracy" in result:
-            self.log("eval/accuracy", result["accuracy"])
+        for name in ("accuracy", "exact_match"):
+            if name in result:
+                self.log(f"eval/{name}", result[name])
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,7 @@
-"""Scoring: masked next-token NLL, and candidate ranking on full rows vs on one shared prompt run."""
+"""Scoring: masked next-token NLL, candidate ranking (summed or mean log-likelihood) on full rows
+vs on one shared prompt run, and greedy decoding for generative exact match."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,7 +10,15 @@ import torch.nn.functional as F
 from metakv_cl import MetaKVConfig, add_meta_kv
 from metakv_cl.modeling import SOURCES
 from metakv_cl.data import ClassificationTask, IGNORE_INDEX, make_benchmark, word_level_tokenizer
-from metakv_cl.data.scoring import rank_choices, rank_choices_with_shared_prompt, sequence_nll
+from metakv_cl.data.scoring import (
+    RANKINGS,
+    generated_exact_match,
+    greedy_decode,
+    rank_choices,
+    rank_choices_with_shared_prompt,
+    sequence_nll,
+    shared_prompts,
+)
 from metakv_cl.strategies.plugins.lora import add_lora_adapter, make_lora_config
 from metakv_cl.testing import randomize_meta_kv, tiny_gpt2, tiny_llama
 from metakv_cl.training import ContinualLMModule
@@ -67,11 +78,101 @@ def test_shared_prompt_scores_equal_full_rows(make, variant):
     model = {"plain": lambda m: m, "lora": lora_wrapped}.get(variant, with_meta_kv(variant))(model)
     batch = choice_batch()
     inputs = (batch["choice_input_ids"], batch["choice_labels"], batch["choice_attention_mask"])
+    for ranking in RANKINGS:
+        with torch.no_grad():
+            full, full_predictions = rank_choices(model, *inputs, ranking=ranking)
+            shared, shared_predictions = rank_choices_with_shared_prompt(model, *inputs, ranking=ranking)
+        assert torch.allclose(full, shared, atol=1e-4), (full, shared)
+        assert torch.equal(full_predictions, shared_predictions), ranking
+
+
+def test_mean_ranking_prefers_a_longer_label_of_likelier_tokens():
+    """Every position predicts token 1 with p = 0.3 and token 2 with p = 0.6. Candidate [1] sums to
+    log 0.3 = -1.20 and candidate [2, 2, 2] to 3 log 0.6 = -1.53 (sum prefers [1]); per token
+    they are -1.20 and -0.51 (mean prefers [2, 2, 2])."""
+    log_probs = torch.tensor([0.05, 0.3, 0.6, 0.05]).log()
+
+    def forward(input_ids, attention_mask):
+        return SimpleNamespace(logits=log_probs.expand(*input_ids.shape, 4))
+
+    ids = torch.tensor([[[3, 3, 1, 0, 0], [3, 3, 2, 2, 2]]])
+    no = IGNORE_INDEX
+    labels = torch.tensor([[[no, no, 1, no, no], [no, no, 2, 2, 2]]])
+    mask = torch.tensor([[[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]])
+    summed, by_sum = rank_choices(forward, ids, labels, mask, ranking="sum")
+    same, by_mean = rank_choices(forward, ids, labels, mask, ranking="mean")
+    assert torch.allclose(summed, torch.tensor([[0.3, 0.6**3]]).log())
+    assert torch.equal(same, summed)  # the scores stay summed; only the choice changes
+    assert by_sum.tolist() == [0] and by_mean.tolist() == [1]
+    with pytest.raises(ValueError, match="unknown ranking 'max'; choose one of sum, mean"):
+        rank_choices(forward, ids, labels, mask, ranking="max")
+
+
+def make_variant(make, variant):
+    torch.manual_seed(0)
+    model = make(vocab_size=64)
+    return {"plain": lambda m: m, "lora": lora_wrapped}.get(variant, with_meta_kv(variant))(model)
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("variant", ["plain", "lora", *SOURCES])
+def test_greedy_decoding_of_a_padded_batch_equals_generate_prompt_by_prompt(make, variant):
+    """Prompts of 7, 3 and 4 tokens decoded together (right-padded) decode what generate() decodes
+    for each prompt alone; generate stops at end-of-text, so its tokens are a prefix of ours."""
+    model = make_variant(make, variant)
+    batch = choice_batch()
+    prompt_ids, prompt_mask, prompt_lengths, _ = shared_prompts(
+        batch["choice_input_ids"], batch["choice_labels"], batch["choice_attention_mask"]
+    )
+    assert prompt_lengths.unique().numel() == 3
     with torch.no_grad():
-        full, full_predictions = rank_choices(model, *inputs)
-        shared, shared_predictions = rank_choices_with_shared_prompt(model, *inputs)
-    assert torch.allclose(full, shared, atol=1e-4), (full, shared)
-    assert torch.equal(full_predictions, shared_predictions)
+        decoded = greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens=6)
+        for row, length in enumerate(prompt_lengths.tolist()):
+            prompt = prompt_ids[row : row + 1, :length]
+            generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                       do_sample=False, pad_token_id=0)[0, length:]
+            assert torch.equal(decoded[row, : len(generated)], generated), (row, decoded[row], generated)
+
+
+def choice_rows(prompts: list[list[int]], candidates: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """``choice_input_ids``, ``choice_labels`` and ``choice_attention_mask`` of prompts that share
+    the candidate label token lists, right-padded as the collator pads them."""
+    width = max(map(len, prompts)) + max(map(len, candidates))
+    shape = (len(prompts), len(candidates), width)
+    ids, mask = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX)
+    for b, prompt in enumerate(prompts):
+        for c, candidate in enumerate(candidates):
+            row = prompt + candidate
+            ids[b, c, : len(row)] = torch.tensor(row)
+            labels[b, c, len(prompt) : len(row)] = torch.tensor(candidate)
+            mask[b, c, : len(row)] = 1
+    return ids, labels, mask
+
+
+def test_exact_match_is_right_only_for_the_decoded_label_and_does_not_depend_on_the_batch():
+    model = make_variant(tiny_gpt2, "plain")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    rows = choice_rows(prompts, [[40], [41, 42, 43]])
+    with torch.no_grad():
+        prompt_ids, prompt_mask, _, _ = shared_prompts(*rows)
+        decoded = greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens=3)
+    assert not torch.equal(decoded[0], decoded[1])  # the two prompts continue differently
+    # per prompt: its own greedy continuation (right), the other prompt's (wrong), a one-token label
+    for b, prompt in enumerate(prompts):
+        own, other = decoded[b].tolist(), decoded[1 - b].tolist()
+        candidates = [own, other, [(own[0] + 1) % 64]]
+        inputs = choice_rows([prompt], candidates)
+        with torch.no_grad():
+            verdicts = [bool(generated_exact_match(model, *inputs, torch.tensor([gold]))) for gold in range(3)]
+        assert verdicts == [True, False, False]
+    # batched (mixed prompt lengths, padding) equals one by one
+    candidates = [decoded[0].tolist(), decoded[1].tolist()]
+    gold = torch.tensor([0, 0])
+    with torch.no_grad():
+        together = generated_exact_match(model, *choice_rows(prompts, candidates), gold)
+        alone = [bool(generated_exact_match(model, *choice_rows([p], candidates), gold[:1])) for p in prompts]
+    assert together.tolist() == alone == [True, False]
 
 
 def test_shared_prompt_refuses_rows_with_different_prompts():

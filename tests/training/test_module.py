@@ -44,7 +44,7 @@ def test_language_modelling_score_is_the_token_weighted_mean_loss():
     assert module.eval_items["nll"] == pytest.approx(item_nll, abs=1e-4)
 
 
-def test_classification_accuracy_ranks_label_strings_by_likelihood():
+def sentiment_stream():
     task = ClassificationTask(
         "sentiment",
         train=[("good film", "positive"), ("bad film", "negative")],
@@ -52,9 +52,19 @@ def test_classification_accuracy_ranks_label_strings_by_likelihood():
         labels=["positive", "negative", "very positive"],
     )
     tokenizer = word_level_tokenizer(["good bad fine film plot acting music Answer : positive negative very"])
-    benchmark = make_benchmark([task], tokenizer, max_length=32)
+    return task, tokenizer, make_benchmark([task], tokenizer, max_length=32)
+
+
+def label_ids(tokenizer, label):
+    """A label string's tokens as the stream builds them: a space, the label, end-of-text."""
+    return tokenizer(" " + label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("ranking", ["sum", "mean"])
+def test_classification_accuracy_ranks_label_strings_by_likelihood(ranking):
+    task, tokenizer, benchmark = sentiment_stream()
     torch.manual_seed(0)
-    module = ContinualLMModule(tiny_gpt2(vocab_size=len(tokenizer)))
+    module = ContinualLMModule(tiny_gpt2(vocab_size=len(tokenizer)), ranking=ranking)
     result = validate(module, benchmark.test_stream[0].dataset, batch_size=2)
     # brute force: score each label string on its own
     module.eval()
@@ -64,16 +74,51 @@ def test_classification_accuracy_ranks_label_strings_by_likelihood():
             scores = []
             for candidate in task.labels:
                 prompt = tokenizer(task.prompt(text), add_special_tokens=False)["input_ids"]
-                answer = tokenizer(" " + candidate, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                answer = label_ids(tokenizer, candidate)
                 ids = torch.tensor([prompt + answer])
                 log_probs = module.model(input_ids=ids).logits[0, :-1].log_softmax(-1)
                 positions = range(len(prompt) - 1, len(prompt) + len(answer) - 1)
-                scores.append(sum(float(log_probs[p, ids[0, p + 1]]) for p in positions))
+                log_likelihood = sum(float(log_probs[p, ids[0, p + 1]]) for p in positions)
+                scores.append(log_likelihood / len(answer) if ranking == "mean" else log_likelihood)
             predicted.append(max(range(len(scores)), key=scores.__getitem__))
             correct += task.labels[predicted[-1]] == label
     assert result["accuracy"] == pytest.approx(correct / len(task.test))
     assert math.isfinite(result["loss"])
+    assert "exact_match" not in result  # off by default
     assert module.eval_items == {"predicted": predicted, "gold": [0, 1, 2], "num_choices": 3}
+
+
+def test_generative_exact_match_counts_the_items_whose_greedy_decoding_is_the_gold_label():
+    """A model trained to answer "negative" to everything is right on the negative item only; the
+    verdicts are those of generate() run by hand on each prompt."""
+    task, tokenizer, benchmark = sentiment_stream()
+    torch.manual_seed(0)
+    module = ContinualLMModule(tiny_gpt2(vocab_size=len(tokenizer)), exact_match=True)
+    train = benchmark.train_stream[0].dataset
+    batch = train.collate_fn([train[1]])  # ("bad film", "negative")
+    optimizer = torch.optim.Adam(module.model.parameters(), lr=1e-2)
+    module.model.train()
+    for _ in range(30):
+        loss = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    result = validate(module, benchmark.test_stream[0].dataset, batch_size=2)
+    module.eval()
+    longest = max(len(label_ids(tokenizer, label)) for label in task.labels)
+    by_hand = []
+    with torch.no_grad():
+        for text, label in task.test:
+            prompt = torch.tensor([tokenizer(task.prompt(text), add_special_tokens=False)["input_ids"]])
+            generated = module.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=longest,
+                                              do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:]
+            gold = label_ids(tokenizer, label)
+            by_hand.append(generated[: len(gold)].tolist() == gold)
+    assert by_hand == [False, True, False]
+    assert module.eval_items["generated_correct"] == by_hand
+    assert result["exact_match"] == pytest.approx(1 / 3)
+    assert "accuracy" in result  # reported beside the ranking accuracy
 
 
 def test_nan_loss_stops_with_the_experience_and_step_named(tmp_path):
@@ -189,3 +234,19 @@ def test_compiled_training_forward_matches_eager_with_meta_kv(packed):
     grads = [meta_kv_parameters(module.model)[-1].grad for module in (eager, compiled)]
     assert grads[0] is not None and torch.allclose(grads[0], grads[1], atol=1e-5)
     assert not any("_compiled" in name for name, _ in compiled.named_modules())
+
+
+def test_exact_match_reaches_the_stream_result(tmp_path):
+    from metakv_cl.report import MethodResult
+    from metakv_cl.training.runner import run_stream
+
+    _, tokenizer, benchmark = sentiment_stream()
+    torch.manual_seed(0)
+    module = ContinualLMModule(tiny_gpt2(vocab_size=len(tokenizer)), exact_match=True, ranking="mean")
+    strategy = Naive(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path), train_mb_size=2)
+    result = run_stream(strategy, benchmark, root_dir=tmp_path / "run")
+    assert result.exact_match_matrix[-1] == [strategy.eval_results[0]["exact_match"]]
+    assert result.items["generated_correct"][-1] == [module.eval_items["generated_correct"]]
+    assert result.extra["module"]["ranking"] == "mean" and result.extra["module"]["exact_match"] is True
+    written = MethodResult.from_json((tmp_path / "run" / "stream_state" / "result.json").read_text())
+    assert written.exact_match_matrix == result.exact_match_matrix and len(written.exact_match_matrix) == 2
