@@ -128,14 +128,13 @@ def check_validated_twins(plans: dict[str, dict], methods: dict[str, dict], sour
     Raises:
         ValueError: naming the plan and the method without a twin.
     """
-    normal = {name: {**without_validation(spec), "with": sorted(without_validation(spec)["with"])}
-              for name, spec in methods.items()}
+    normal = {name: without_validation(spec) for name, spec in methods.items()}
     for plan_name, plan in plans.items():
         for name in plan["methods"]:
             if "validated" not in methods[name].get("with", []):
                 continue
             twins = [other for other in plan["methods"]
-                     if other != name and "validated" not in methods[other].get("with", []) and normal[other] == normal[name]]
+                     if "validated" not in methods[other].get("with", []) and normal[other] == normal[name]]
             if not twins:
                 raise ValueError(f"{source}: plan {plan_name!r} runs {name!r} with the validated schedule but no "
                                  "method that is the same without it; add that method to the plan")
@@ -244,19 +243,19 @@ def fixed_compute_steps(budget: float, experiences: int, joint: bool, fits: int,
 # --------------------------------------------------------------------------- contrasts in the report
 
 
-def contrast_differences(family: Family, runs: dict[str, dict[str, Sequence["MethodResult"]]],
+def contrast_differences(family: Family, runs: dict[str, dict[str, dict[int, "MethodResult"]]],
                          label: Callable[[str], str] = str) -> list[dict[str, Any]]:
     """Each contrast's paired bootstrap difference on every stream, Holm-adjusted across the streams.
 
     Args:
         family: the table.
-        runs: ``{stream: {method label: [results, one per seed, in seed order]}}``.
+        runs: ``{stream: {method label: {seed: result}}}``.
         label: a plan method's label in the results (the fixed-compute arm adds a suffix).
 
     Returns:
-        One entry per contrast: its fields and ``streams``: ``{stream: {figure: interval JSON
-        with "p_holm"}}`` for the streams where both methods finished on the same seeds. The
-        Holm family of a figure is that contrast on those streams.
+        One entry per contrast: its fields and ``streams``: ``{stream: {"seeds": [...], figure:
+        interval JSON with "p_holm"}}`` over the seeds where both methods finished (streams where
+        none did are left out). The Holm family of a figure is that contrast on those streams.
     """
     from metakv_cl.statistics import BOOTSTRAP_FIGURES, holm, intervals_json, item_scores, paired_bootstrap
 
@@ -265,11 +264,13 @@ def contrast_differences(family: Family, runs: dict[str, dict[str, Sequence["Met
         by_stream = {}
         for stream in family.streams:
             methods = runs.get(stream, {})
-            mine, theirs = methods.get(label(contrast.method)), methods.get(label(contrast.reference))
-            if not mine or not theirs or len(mine) != len(theirs):
+            mine, theirs = methods.get(label(contrast.method), {}), methods.get(label(contrast.reference), {})
+            seeds = sorted(set(mine) & set(theirs))
+            if not seeds:
                 continue
-            difference = paired_bootstrap(item_scores(mine), item_scores(theirs))["difference"]
-            by_stream[stream] = intervals_json({"difference": difference})["difference"]
+            difference = paired_bootstrap(item_scores([mine[s] for s in seeds]),
+                                          item_scores([theirs[s] for s in seeds]))["difference"]
+            by_stream[stream] = {"seeds": seeds, **intervals_json({"difference": difference})["difference"]}
         for figure in BOOTSTRAP_FIGURES:
             present = [stream for stream in by_stream if by_stream[stream][figure] is not None]
             adjusted = holm([by_stream[stream][figure]["p_value"] for stream in present])
@@ -291,9 +292,9 @@ def contrast_markdown(contrasts: Sequence[dict[str, Any]]) -> list[str]:
             cells = []
             for figure in ("average", "forgetting", "bwt"):
                 value = figures[figure]
-                cells += (["–", "–"] if value is None else
-                          [f"{value['estimate']:.3f} [{value['low']:.3f}, {value['high']:.3f}]", f"{value['p_holm']:.3g}"])
-            lines.append(f"| {stream} | " + " | ".join(cells) + " |")
+                interval = None if value is None else f"{value['estimate']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
+                cells += ["–", "–"] if value is None else [interval, f"{value['p_holm']:.3g}"]
+            lines.append(f"| {stream} ({len(figures['seeds'])} seeds) | " + " | ".join(cells) + " |")
         if not contrast["streams"]:
             lines.append("| (no stream has both methods on the same seeds) | | | | | | |")
         lines.append("")

@@ -8,6 +8,7 @@ Commands::
     python benchmarks/cl_suite.py plan   [--config C] [--plans P ...]      # cells and GPU-time estimate
     python benchmarks/cl_suite.py run    [--config C] [--plans P ...] --workers 8 --time-budget 480 \\
                                          [--pack OUT.tar.gz] [--commit SHA]
+    python benchmarks/cl_suite.py tune   [--config C] --runs-dir DIR [DIR ...] [--out DIR/tuning.json]
     python benchmarks/cl_suite.py report [--config C] --runs-dir DIR [DIR ...] [--out benchmarks/results/cl_suite]
 
 ``run`` starts ``--workers`` worker processes on the one GPU (a 135M model leaves most of an H100
@@ -25,10 +26,18 @@ per (model, stream) under ``--out``, listed in ``INDEX.md``: ``README.md`` (mean
 forgetting, BWT, FWT, perplexity, wall time, peak GPU memory, trainable parameters; where
 Meta-KV consolidation does not beat a baseline; every method's mean R), ``results.json`` and
 plots (mean-R heatmaps, forgetting per method); its header names the exact command, commit, GPU
-and date of the calls that produced the cells.
+and date of the calls that produced the cells, and the stream's protocol table. ``protocol.json``
+and the index add each declared contrast on every stream of its table, Holm-adjusted across them.
 
-Design choices, all in the config: the stream data (subsets, splits, the shuffled DBpedia order)
-are fixed across seeds and the seed varies initialisation of added parameters, data order and
+The protocol (``benchmarks/cl_protocol.py``) is part of the config and checked before anything
+runs: each table's contrasts and reference, the tuning grids (one size for every method), the
+validated schedule and the fixed-compute arm. A ``tune: true`` plan runs every grid point on the
+development stream (cells ``<method>.grid<i>``); ``tune`` writes each method's choice to
+``<runs-dir>/tuning.json``, which the cells of ``tuned: true`` plans read. A ``compute: fixed``
+plan's cells (``<method>.fixed-compute``) train the same item-passes.
+
+Design choices, all in the config: ``data_seed`` draws the stream data (subsets, splits), fixed
+across the training seeds, which vary initialisation of added parameters, data order and
 dropout; every method that replays gets the stream's one ``replay_buffer`` (``buffer_size``, in
 training items); baselines run on the plain model, Meta-KV methods on the same model with Meta-KV
 added (which computes exactly the plain model at initialisation).
@@ -187,7 +196,8 @@ class Suite:
                 raise ValueError(f"{source}: method {name!r}: lr must be full, adapter or metakv, got {method['lr']!r}")
             unknown = [extra for extra in method.get("with", []) if extra not in METHOD_ADDITIONS]
             if unknown:
-                raise ValueError(f"{source}: method {name!r}: with: {unknown[0]!r} is not one of {list(METHOD_ADDITIONS)}")
+                raise ValueError(f"{source}: method {name!r}: with: {unknown[0]!r} is not one of "
+                                 f"{list(METHOD_ADDITIONS)}")
             if method.get("targets", "kv") != "kv":
                 raise ValueError(f"{source}: method {name!r}: targets must be kv, got {method['targets']!r}")
             if "validated" in method.get("with", []) and "validated" not in self.schedules:
@@ -602,7 +612,8 @@ def estimate_cell(suite: Suite, cell: Cell, benchmark) -> Estimate:
         train_tokens = passes * per_item * float(method.get("train_cost", 1.0))
     else:
         replayed = int(stream["replay_buffer"]) * per_item * (experiences - 1) if suite.replays(cell.method) else 0.0
-        train_tokens = (sum(train) + replayed) * suite.epochs(cell.method, cell.stream) * float(method.get("train_cost", 1.0))
+        epochs = suite.epochs(cell.method, cell.stream)
+        train_tokens = (sum(train) + replayed) * epochs * float(method.get("train_cost", 1.0))
     rows = 2 if joint else experiences + 1
     fits = (1 if joint else experiences) * int(method.get("fits_per_experience", 1))
     device_s = (train_tokens / float(rates.get("train_tokens_per_s", 6e4))
@@ -798,6 +809,10 @@ def run_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     suite = Suite.load(args.config)
     cells = suite.cells(args.plans)
     runs_dir = Path(args.runs_dir)
+    tuned = sorted({cell.plan for cell in cells if suite.plans[cell.plan].get("tuned")})
+    if tuned and not (runs_dir / TUNING_FILE).is_file():
+        raise SystemExit(f"plans {tuned} run tuned values and {runs_dir / TUNING_FILE} does not exist: run the tune: "
+                         "true plans, then `cl_suite.py tune`, first (or leave these plans out with --plans)")
     call_id = args.call_id or time.strftime("%Y%m%d-%H%M%S")
     call_dir = runs_dir / CALLS_DIR / call_id
     call_dir.mkdir(parents=True, exist_ok=True)
@@ -910,7 +925,7 @@ def stream_header(suite: Suite, model: str, stream: str, results: list[MethodRes
         "loader": f"{stream_spec['loader']}({json.dumps(stream_spec.get('loader_args', {}), sort_keys=True)})",
         "settings": (f"max_length {stream_spec['max_length']}, {stream_spec.get('epochs', 1)} epoch(s) per experience, "
                      f"batch {stream_spec.get('train_mb_size', 16)}, replay budget {stream_spec['replay_buffer']} items "
-                     f"(every replaying method), learning rates {model_spec['learning_rates']}"),
+                     f"(every replaying method), untuned learning rates {model_spec['learning_rates']}"),
         "seeds": ", ".join(str(s) for s in sorted({int(r.extra["seed"]) for r in results})),
     }
     for field in ("command", "commit", "device", "date", "versions"):
@@ -952,7 +967,7 @@ def report_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     index = [f"# Continual-learning benchmark results ({suite.config.get('name', 'cl_suite')})", ""]
     order = {method: index for index, method in enumerate(suite.methods)}  # table rows in the config's order
-    runs_by_stream: dict[tuple[str, str], dict[str, list[MethodResult]]] = {}
+    runs_by_stream: dict[tuple[str, str], dict[str, dict[int, MethodResult]]] = {}
     for (model, stream), by_seed in sorted(grouped.items()):
         if suite.streams[stream].get("loader_args", {}).get("development"):
             continue  # chooses hyper-parameters; never reported
@@ -960,7 +975,8 @@ def report_main(args: argparse.Namespace) -> int:
                            for results in by_seed.values()]
         flat = [result for results in results_by_seed for result in results]
         for result in flat:
-            runs_by_stream.setdefault((model, stream), {}).setdefault(result.method, []).append(result)
+            by_method = runs_by_stream.setdefault((model, stream), {})
+            by_method.setdefault(result.method, {})[int(result.extra["seed"])] = result
         family = stream_family(suite, model, stream)
         reference = family.reference if family else None
         if reference is not None and not all(any(r.method == reference for r in rs) for rs in results_by_seed):
@@ -1009,10 +1025,12 @@ def tune_main(args: argparse.Namespace) -> int:
     chosen = {model: select_points(by_method, suite.tuning["grids"]) for model, by_method in runs.items()}
     streams = {name: suite.plans[name]["streams"] for name in tuning_plans}
     out = Path(args.out or Path(args.runs_dir[0]) / TUNING_FILE)
-    atomic_write_text(json_text({"development_streams": streams, "grids": suite.tuning["grids"], "chosen": chosen}), out)
+    record = {"development_streams": streams, "grids": suite.tuning["grids"], "chosen": chosen}
+    atomic_write_text(json_text(record), out)
     for model, methods in chosen.items():
         for method, choice in methods.items():
-            print(f"[cl_suite] {model} {method}: {choice['chosen']} (point {choice['chosen_index']} of {len(choice['grid'])})")
+            print(f"[cl_suite] {model} {method}: {choice['chosen']} "
+                  f"(point {choice['chosen_index']} of {len(choice['grid'])})")
     print(f"[cl_suite] wrote {out}")
     return 0
 

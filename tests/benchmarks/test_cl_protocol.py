@@ -76,7 +76,8 @@ def test_lora_on_kv_matches_the_rank_and_parameter_count_of_meta_kv_factors():
     from metakv_cl.strategies.plugins.lora import make_lora_config
 
     rank = 4
-    lora = LoraModel(tiny_llama(), make_lora_config(tiny_llama(), rank, 16.0, target_modules=["k_proj", "v_proj"]), "kv")
+    kv_config = make_lora_config(tiny_llama(), rank, 16.0, target_modules=["k_proj", "v_proj"])
+    lora = LoraModel(tiny_llama(), kv_config, "kv")
     lora_count = sum(p.numel() for name, p in lora.named_parameters() if "lora_" in name)
     meta_kv = get_meta_kv_model(tiny_llama(), MetaKVConfig(source="consolidated", rank=rank))
     named = dict(meta_kv.named_parameters())
@@ -95,7 +96,8 @@ def test_matched_arms_share_the_buffer_and_schedule_and_fixed_compute_equalises_
     (cell,) = [c for c in suite.cells(["fixed"]) if c.method == "lora-kv-replay-validated"]
     nominal = cl_suite.Cell(cell.model, cell.stream, cell.method, cell.seed, plan="main")
     strategy = bench.strategy(nominal, bench.module(nominal), tmp_path / "scratch")
-    lora, replay, validated = (next(p for p in strategy.plugins if isinstance(p, kind)) for kind in (LoRA, Replay, Validated))
+    lora, replay, validated = (next(p for p in strategy.plugins if isinstance(p, kind))
+                               for kind in (LoRA, Replay, Validated))
     assert lora.target_modules == ["k_proj", "v_proj"] and lora.rank == 4  # the model's Meta-KV rank
     assert replay.memory.buffer_size == 4 and validated.phases == ("train",)
     assert strategy.trainer_kwargs["max_epochs"] == 6
@@ -129,7 +131,8 @@ def test_tune_picks_each_methods_best_point_and_run_reads_it(tmp_path, capsys):
     assert cl_suite.main(["tune", "--config", str(path), "--runs-dir", str(runs)]) == 0
     chosen = json.loads((runs / "tuning.json").read_text())["chosen"]["tiny-pretrained"]
     assert {method: entry["chosen_index"] for method, entry in chosen.items()} == best
-    assert chosen["naive"]["grid"] == [{"lr": 1e-3}, {"lr": 1e-2}] and chosen["naive"]["scores"] == pytest.approx([0.65, 0.8])
+    assert chosen["naive"]["grid"] == [{"lr": 1e-3}, {"lr": 1e-2}]
+    assert chosen["naive"]["scores"] == pytest.approx([0.65, 0.8])
     (cell,) = [c for c in suite.cells(["tuned"]) if c.method == "naive"]
     assert cl_suite.Workbench(suite, runs).module(cell).lr == 1e-2
     with pytest.raises(FileNotFoundError, match="run the tuning plans, then `cl_suite.py tune`, first"):
