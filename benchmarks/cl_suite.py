@@ -207,6 +207,7 @@ class Suite:
             if "seed" in stream.get("loader_args", {}):
                 raise ValueError(f"{source}: stream {name!r}: loader_args.seed is not allowed; the data seed is "
                                  "data_seed (suite-wide, or the stream's own data_seed)")
+        self._check_development_items()
         for name, plan in self.plans.items():
             self._check_plan(name, plan)
         self.families = parse_protocol(config["protocol"], self.plans, source)
@@ -234,6 +235,17 @@ class Suite:
                 if lacking:
                     raise ValueError(f"{self.source}: plan {name!r}: method {method!r} adapts K/V, but model "
                                      f"{lacking[0]!r} names no kv_projections (separate K and V projection modules)")
+
+    def _check_development_items(self) -> None:
+        """Every stream of a development stream's loader sets aside the same items, so none reaches a report."""
+        for name, stream in self.streams.items():
+            if not stream.get("loader_args", {}).get("development"):
+                continue
+            count = stream["loader_args"].get("development_items")
+            for other, spec in self.streams.items():
+                if spec["loader"] == stream["loader"] and spec.get("loader_args", {}).get("development_items") != count:
+                    raise ValueError(f"{self.source}: stream {other!r} must set loader_args.development_items: {count} "
+                                     f"like the development stream {name!r}, or it may train or test on its items")
 
     def tunable_keys(self, method: str) -> set[str]:
         """What a tuning grid may set for a method: ``lr`` and its strategy's own arguments."""

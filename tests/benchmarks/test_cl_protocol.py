@@ -21,8 +21,9 @@ def protocol_config(tmp_path: Path) -> dict:
     """The smoke suite plus matched K/V arms, a development stream, tuning, a tuned and a fixed-compute plan."""
     config = yaml.safe_load(smoke_config(tmp_path).read_text())
     tasks = config["streams"]["tasks"]
+    tasks["loader_args"]["development_items"] = 4
     config["streams"]["dev"] = {**tasks, "title": "development", "loader_args": {
-        **tasks["loader_args"], "development_items": 4, "development": True, "validation_fraction": 0.5}}
+        **tasks["loader_args"], "development": True, "validation_fraction": 0.5}}
     lora_kv = {"class_path": "metakv_cl.strategies.LoRA", "init_args": {"mode": "shared"}, "targets": "kv",
                "lr": "adapter"}
     config["methods"].update({"lora-kv-replay": {**lora_kv, "with": ["replay"]},
@@ -56,6 +57,8 @@ def test_the_suite_refuses_a_protocol_or_arm_outside_its_plan(tmp_path):
          "stream 'dev' is a development stream, which only a tune: true plan may run"),
         ("streams", "tasks", {**config["streams"]["tasks"], "loader_args": {"seed": 3}},
          "stream 'tasks': loader_args.seed is not allowed; the data seed is data_seed"),
+        ("streams", "tasks", {**config["streams"]["tasks"], "loader_args": {"order": 1, "development_items": 2}},
+         "stream 'tasks' must set loader_args.development_items: 4 like the development stream 'dev'"),
     ]
     for section, key, value, message in cases:
         broken = json.loads(json.dumps(config))
@@ -66,6 +69,14 @@ def test_the_suite_refuses_a_protocol_or_arm_outside_its_plan(tmp_path):
     broken["plans"]["tuned"]["models"] = ["tiny-scratch"]
     with pytest.raises(ValueError, match="method 'lora-kv-replay' adapts K/V, but model 'tiny-scratch' names no"):
         cl_suite.Suite(broken)
+
+
+def test_the_suite_config_declares_a_protocol_for_every_reported_plan():
+    suite = cl_suite.Suite.load(cl_suite.DEFAULT_CONFIG)
+    reported = {name for name, plan in suite.plans.items() if not plan.get("tune")}
+    assert {family.plan for family in suite.families} == reported
+    assert all(suite.plans[name].get("tuned") for name in reported)  # every reported number uses tuned values
+    assert len(suite.seeds) == 5 and all("seed" not in s.get("loader_args", {}) for s in suite.streams.values())
 
 
 def test_lora_on_kv_matches_the_rank_and_parameter_count_of_meta_kv_factors():
@@ -101,10 +112,11 @@ def test_matched_arms_share_the_buffer_and_schedule_and_fixed_compute_equalises_
     assert lora.target_modules == ["k_proj", "v_proj"] and lora.rank == 4  # the model's Meta-KV rank
     assert replay.memory.buffer_size == 4 and validated.phases == ("train",)
     assert strategy.trainer_kwargs["max_epochs"] == 6
-    # 6 items per experience + a buffer of 4, 6 validated epochs: 60 item-passes, 15 steps of 4 for everyone
+    # 6, 6, 4, 4 training items (QQP and AG News keep 4 beside the 4 set aside for development): 5 on average,
+    # + a buffer of 4, x 6 validated epochs = 54 item-passes per experience: 14 steps of 4 for every method
     steps = {c.method: bench.strategy(c, bench.module(c), tmp_path / c.key).trainer_kwargs
              for c in suite.cells(["fixed"])}
-    assert {kwargs["max_steps"] for kwargs in steps.values()} == {15}
+    assert {kwargs["max_steps"] for kwargs in steps.values()} == {14}
     assert {kwargs["max_epochs"] for kwargs in steps.values()} == {-1}
     assert cl_protocol.fixed_compute_steps(60, 4, joint=True, fits=1, batch_size=4) == 60
     assert cl_protocol.fixed_compute_steps(60, 4, joint=False, fits=2, batch_size=4) == math.ceil(60 / 8)
