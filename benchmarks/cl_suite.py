@@ -100,12 +100,10 @@ _map_source_checkout()
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from metakv_cl.report import MethodResult, json_text, write_seed_report  # noqa: E402
-from metakv_cl.runfolder import atomic_write_text  # noqa: E402
 from metakv_cl.benchmarks.cl_protocol import (  # noqa: E402
     COMPUTE_ARMS,
-    Family,
     METHOD_ADDITIONS,
+    Family,
     check_grids,
     check_validated_twins,
     contrast_differences,
@@ -116,6 +114,8 @@ from metakv_cl.benchmarks.cl_protocol import (  # noqa: E402
     parse_protocol,
     select_points,
 )
+from metakv_cl.report import MethodResult, json_text, write_seed_report  # noqa: E402
+from metakv_cl.runfolder import atomic_write_text  # noqa: E402
 from metakv_cl.strategies import ContinualStrategy  # noqa: E402
 from metakv_cl.strategies.plugins import Replay, Validated  # noqa: E402
 
@@ -990,9 +990,10 @@ def report_main(args: argparse.Namespace) -> int:
             by_method = runs_by_stream.setdefault((model, stream), {})
             by_method.setdefault(result.method, {})[int(result.extra["seed"])] = result
         family = stream_family(suite, model, stream)
-        reference = family.reference if family else None
-        if reference is not None and not all(any(r.method == reference for r in rs) for rs in results_by_seed):
-            reference = None  # the reference has not finished every seed yet: no differences in this report
+        seeds = {method: set(by_seed) for method, by_seed in runs_by_stream[(model, stream)].items()}
+        # differences pair every method with the reference seed by seed: none until all ran the same seeds
+        same_seeds = len({frozenset(s) for s in seeds.values()}) == 1
+        reference = family.reference if family and same_seeds and family.reference in seeds else None
         candidates = sorted({r.method for r in flat if "MetaKVConsolidation" in r.extra.get("strategy", "")})
         title = f"{suite.models[model]['title']}: {suite.streams[stream]['title']}"
         header = {**stream_header(suite, model, stream, flat, calls), **protocol_header(suite, family, stream, tuning)}
@@ -1024,17 +1025,19 @@ def tune_main(args: argparse.Namespace) -> int:
     tuning_plans = [name for name, plan in suite.plans.items() if plan.get("tune")]
     if not tuning_plans:
         raise SystemExit(f"{suite.source}: no plan has tune: true")
-    runs: dict[str, dict[str, dict[int, list[MethodResult]]]] = {}
+    runs: dict[str, dict[str, dict[int, dict[int, MethodResult]]]] = {}  # model, method, grid point, seed
     for runs_dir in (Path(d) for d in args.runs_dir):
         for path in sorted((runs_dir / RESULTS_DIR).rglob("seed*.json")):
             result = MethodResult.from_json(json.loads(path.read_text()))
             extra = result.extra
             if extra.get("plan") in tuning_plans:
                 by_point = runs.setdefault(extra["model"], {}).setdefault(extra["suite_method"], {})
-                by_point.setdefault(int(extra["grid_point"]), []).append(result)
+                by_point.setdefault(int(extra["grid_point"]), {}).setdefault(int(extra["seed"]), result)
     if not runs:
         raise SystemExit(f"no finished tuning cells (plans {tuning_plans}) under {args.runs_dir}")
-    chosen = {model: select_points(by_method, suite.tuning["grids"]) for model, by_method in runs.items()}
+    chosen = {model: select_points({method: {point: list(by_seed.values()) for point, by_seed in by_point.items()}
+                                    for method, by_point in by_method.items()}, suite.tuning["grids"])
+              for model, by_method in runs.items()}
     streams = {name: suite.plans[name]["streams"] for name in tuning_plans}
     out = Path(args.out or Path(args.runs_dir[0]) / TUNING_FILE)
     record = {"development_streams": streams, "grids": suite.tuning["grids"], "chosen": chosen}
