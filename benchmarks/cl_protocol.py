@@ -102,6 +102,10 @@ def parse_protocol(entries: Sequence[dict[str, Any]], plans: dict[str, dict], so
                              f"{entry['plan']!r} ({plan['streams']})")
         if not entry.get("contrasts"):
             raise ValueError(f"{source}: protocol table {table!r} declares no contrasts")
+        incomplete = [c for c in entry["contrasts"] if not {"method", "reference", "claim"} <= set(c)]
+        if incomplete:
+            raise ValueError(f"{source}: protocol table {table!r}: a contrast needs method, reference and claim, "
+                             f"got {incomplete[0]}")
         contrasts = tuple(Contrast(c["method"], c["reference"], c["claim"]) for c in entry["contrasts"])
         named = [entry.get("reference")] + [name for c in contrasts for name in (c.method, c.reference)]
         missing = [name for name in named if name not in plan["methods"]]

@@ -46,6 +46,9 @@ def test_the_suite_refuses_a_protocol_or_arm_outside_its_plan(tmp_path):
     broken["protocol"][1]["contrasts"][0]["method"] = "metakv-replay"
     with pytest.raises(ValueError, match="table 'matched' names 'metakv-replay', which plan 'tuned' does not run"):
         cl_suite.Suite(broken)
+    del broken["protocol"][1]["contrasts"][0]["claim"]
+    with pytest.raises(ValueError, match="table 'matched': a contrast needs method, reference and claim"):
+        cl_suite.Suite(broken)
     cases = [
         ("plans", "fixed", {**config["plans"]["fixed"], "methods": ["naive", "lora-kv-replay-validated"]},
          "plan 'fixed' runs 'lora-kv-replay-validated' with the validated schedule but no method that is the same"),

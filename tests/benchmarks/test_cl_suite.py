@@ -202,6 +202,19 @@ def test_report_merges_calls_into_per_stream_folders(finished_call, tmp_path):
     assert "### topics: metakv-replay minus replay" in (out / "INDEX.md").read_text()
 
 
+def test_report_leaves_differences_out_until_every_method_ran_the_references_seeds(finished_call, tmp_path):
+    config, runs, _ = finished_call
+    partial = tmp_path / "runs"
+    shutil.copytree(runs / "results", partial / "results")
+    (partial / "results" / "tiny-scratch" / "topics" / "metakv-replay" / "seed1.json").unlink()
+    out = tmp_path / "report"
+    cl_suite.main(["report", "--config", str(config), "--runs-dir", str(partial), "--out", str(out)])
+    topics = (out / "tiny-scratch" / "topics" / "README.md").read_text()
+    assert "## 95% intervals" in topics and "## Difference to replay" not in topics
+    (contrast,) = json.loads((out / "protocol.json").read_text())["contrasts"]
+    assert contrast["streams"]["topics"]["seeds"] == [0]  # the contrast pairs the seeds both methods ran
+
+
 def test_suite_config_errors_name_the_problem(tmp_path):
     config = yaml.safe_load(smoke_config(tmp_path).read_text())
     broken = {**config, "plans": {"main": {**config["plans"]["main"], "methods": ["replay", "nope"]}}}
