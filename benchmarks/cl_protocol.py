@@ -303,3 +303,17 @@ def contrast_markdown(contrasts: Sequence[dict[str, Any]]) -> list[str]:
             lines.append("| (no stream has both methods on the same seeds) | | | | | | |")
         lines.append("")
     return lines
+
+
+def tuning_markdown(tuning: dict[str, Any] | None, grids: dict[str, dict]) -> list[str]:
+    """The tuning section of the index page: each method's grid, and its choice once ``tune`` has run."""
+    if not tuning:
+        return ["No tuning.json in the runs dirs: the methods ran the config's values. The grids:", "",
+                *(f"- {method}: {grid}" for method, grid in grids.items()), ""]
+    lines = ["| model | method | grid | validation score per point | chosen |", "|---|---|---|---|---|"]
+    for model, methods in tuning["chosen"].items():
+        for method, entry in methods.items():
+            scores = ", ".join(f"{score:.3f}" for score in entry["scores"])
+            lines.append(f"| {model} | {method} | {grids.get(method, entry['grid'])} | {scores} | {entry['chosen']} |")
+    return [*lines, ""]
+

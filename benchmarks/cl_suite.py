@@ -113,6 +113,7 @@ from metakv_cl.benchmarks.cl_protocol import (  # noqa: E402
     nominal_item_passes,
     parse_protocol,
     select_points,
+    tuning_markdown,
 )
 from metakv_cl.report import MethodResult, json_text, write_seed_report  # noqa: E402
 from metakv_cl.runfolder import atomic_write_text  # noqa: E402
@@ -1008,13 +1009,19 @@ def report_main(args: argparse.Namespace) -> int:
             runs = {stream: methods for (m, stream), methods in runs_by_stream.items() if m == model}
             contrasts += [{"model": model, **entry}
                           for entry in contrast_differences(family, runs, label=lambda method: method + suffix)]
+    grids = suite.tuning.get("grids", {})
     protocol = {"families": [family.to_json() for family in suite.families], "data_seed": suite.data_seed,
-                "seeds": suite.seeds, "schedules": suite.schedules, "tuning": tuning, "contrasts": contrasts}
+                "seeds": suite.seeds, "schedules": suite.schedules, "grids": grids, "tuning": tuning,
+                "contrasts": contrasts}
     atomic_write_text(json_text(protocol), out / "protocol.json")
     index += ["", "## Primary contrasts", "",
               "Declared in the suite config before any run. Paired bootstrap over seeds and test items; p-values "
               "Holm-adjusted across the streams of each contrast, per figure (protocol.json).", "",
-              *contrast_markdown(contrasts)]
+              *contrast_markdown(contrasts),
+              "## Hyper-parameters", "",
+              "Each method's grid (the same size for every method), scored on the development stream's validation "
+              "split; the chosen point ran on every reported stream.", "",
+              *tuning_markdown(tuning, grids)]
     (out / "INDEX.md").write_text("\n".join(index) + "\n")
     return 0
 

@@ -199,7 +199,8 @@ def test_report_merges_calls_into_per_stream_folders(finished_call, tmp_path):
     average = contrast["streams"]["topics"]["average"]
     assert average["low"] <= average["estimate"] <= average["high"]
     assert average["p_holm"] == average["p_value"]  # one stream: Holm leaves a family of one unchanged
-    assert "### topics: metakv-replay minus replay" in (out / "INDEX.md").read_text()
+    index = (out / "INDEX.md").read_text()
+    assert "### topics: metakv-replay minus replay" in index and "No tuning.json in the runs dirs" in index
 
 
 def test_report_leaves_differences_out_until_every_method_ran_the_references_seeds(finished_call, tmp_path):
