@@ -296,8 +296,11 @@ def contrast_markdown(contrasts: Sequence[dict[str, Any]]) -> list[str]:
             cells = []
             for figure in ("average", "forgetting", "bwt"):
                 value = figures[figure]
-                interval = None if value is None else f"{value['estimate']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
-                cells += ["–", "–"] if value is None else [interval, f"{value['p_holm']:.3g}"]
+                if value is None:
+                    cells += ["–", "–"]
+                else:
+                    interval = f"{value['estimate']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
+                    cells += [interval, f"{value['p_holm']:.3g}"]
             lines.append(f"| {stream} ({len(figures['seeds'])} seeds) | " + " | ".join(cells) + " |")
         if not contrast["streams"]:
             lines.append("| (no stream has both methods on the same seeds) | | | | | | |")

@@ -153,7 +153,8 @@ def test_tune_picks_each_methods_best_point_and_run_reads_it(tmp_path, capsys):
     # the report leaves the development stream out and carries the grids and choices
     cl_suite.main(["report", "--config", str(path), "--runs-dir", str(runs), "--out", str(tmp_path / "report")])
     assert not (tmp_path / "report" / "tiny-pretrained" / "dev").exists()
-    assert json.loads((tmp_path / "report" / "protocol.json").read_text())["tuning"]["chosen"]["tiny-pretrained"] == chosen
+    protocol = json.loads((tmp_path / "report" / "protocol.json").read_text())
+    assert protocol["tuning"]["chosen"]["tiny-pretrained"] == chosen
     index = (tmp_path / "report" / "INDEX.md").read_text()
     assert "| tiny-pretrained | naive | {'lr': [0.001, 0.01]} | 0.650, 0.800 | {'lr': 0.01} |" in index
     with pytest.raises(FileNotFoundError, match="run the tuning plans, then `cl_suite.py tune`, first"):

@@ -86,8 +86,8 @@ def smoke_config(tmp_path: Path) -> Path:
             "tasks": {"priority": 2, "seeds": [0], "models": ["tiny-pretrained"], "streams": ["tasks"],
                       "methods": ["naive", "metakv-distill"]},
         },
-        "protocol": [{"table": "topics", "plan": "main", "reference": "replay",
-                      "contrasts": [{"method": "metakv-replay", "reference": "replay", "claim": "Meta-KV minus replay"}]}],
+        "protocol": [{"table": "topics", "plan": "main", "reference": "replay", "contrasts": [
+            {"method": "metakv-replay", "reference": "replay", "claim": "Meta-KV minus replay"}]}],
     }
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(config))
