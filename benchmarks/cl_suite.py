@@ -8,6 +8,7 @@ Commands::
     python benchmarks/cl_suite.py plan   [--config C] [--plans P ...]      # cells and GPU-time estimate
     python benchmarks/cl_suite.py run    [--config C] [--plans P ...] --workers 8 --time-budget 480 \\
                                          [--pack OUT.tar.gz] [--commit SHA]
+    python benchmarks/cl_suite.py tune   [--config C] --runs-dir DIR [DIR ...] [--out DIR/tuning.json]
     python benchmarks/cl_suite.py report [--config C] --runs-dir DIR [DIR ...] [--out benchmarks/results/cl_suite]
 
 ``run`` starts ``--workers`` worker processes on the one GPU (a 135M model leaves most of an H100
@@ -25,10 +26,18 @@ per (model, stream) under ``--out``, listed in ``INDEX.md``: ``README.md`` (mean
 forgetting, BWT, FWT, perplexity, wall time, peak GPU memory, trainable parameters; where
 Meta-KV consolidation does not beat a baseline; every method's mean R), ``results.json`` and
 plots (mean-R heatmaps, forgetting per method); its header names the exact command, commit, GPU
-and date of the calls that produced the cells.
+and date of the calls that produced the cells, and the stream's protocol table. ``protocol.json``
+and the index add each declared contrast on every stream of its table, Holm-adjusted across them.
 
-Design choices, all in the config: the stream data (subsets, splits, the shuffled DBpedia order)
-are fixed across seeds and the seed varies initialisation of added parameters, data order and
+The protocol (``benchmarks/cl_protocol.py``) is part of the config and checked before anything
+runs: each table's contrasts and reference, the tuning grids (one size for every method), the
+validated schedule and the fixed-compute arm. A ``tune: true`` plan runs every grid point on the
+development stream (cells ``<method>.grid<i>``); ``tune`` writes each method's choice to
+``<runs-dir>/tuning.json``, which the cells of ``tuned: true`` plans read. A ``compute: fixed``
+plan's cells (``<method>.fixed-compute``) train the same item-passes.
+
+Design choices, all in the config: ``data_seed`` draws the stream data (subsets, splits), fixed
+across the training seeds, which vary initialisation of added parameters, data order and
 dropout; every method that replays gets the stream's one ``replay_buffer`` (``buffer_size``, in
 training items); baselines run on the plain model, Meta-KV methods on the same model with Meta-KV
 added (which computes exactly the plain model at initialisation).
@@ -67,6 +76,7 @@ CALLS_DIR = "calls"
 LOGS_DIR = "logs"
 SCRATCH_DIR = "scratch"
 PLAN_FILE = "plan.json"
+TUNING_FILE = "tuning.json"
 log = logging.getLogger("cl_suite")
 
 
@@ -90,9 +100,25 @@ _map_source_checkout()
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from metakv_cl.benchmarks.cl_protocol import (  # noqa: E402
+    COMPUTE_ARMS,
+    METHOD_ADDITIONS,
+    Family,
+    check_grids,
+    check_validated_twins,
+    contrast_differences,
+    contrast_markdown,
+    fixed_compute_steps,
+    grid_points,
+    nominal_item_passes,
+    parse_protocol,
+    select_points,
+    tuning_markdown,
+)
 from metakv_cl.report import MethodResult, json_text, write_seed_report  # noqa: E402
 from metakv_cl.runfolder import atomic_write_text  # noqa: E402
-from metakv_cl.strategies.plugins import Replay  # noqa: E402
+from metakv_cl.strategies import ContinualStrategy  # noqa: E402
+from metakv_cl.strategies.plugins import Replay, Validated  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the suite config
@@ -108,30 +134,41 @@ class Cell:
     seed: int
     priority: int = 0
     plan: str = ""
+    grid_point: int = -1  # a tuning plan's grid point (-1: none)
+    compute: str = "nominal"  # or "fixed": the fixed-compute arm
+
+    @property
+    def label(self) -> str:
+        """The method's name in results and reports: the method, its grid point or compute arm added."""
+        suffix = f".grid{self.grid_point}" if self.grid_point >= 0 else ""
+        return self.method + suffix + (".fixed-compute" if self.compute == "fixed" else "")
 
     @property
     def key(self) -> str:
-        return f"{self.model}/{self.stream}/{self.method}/seed{self.seed}"
+        return f"{self.model}/{self.stream}/{self.label}/seed{self.seed}"
 
     def result_path(self, runs_dir: Path) -> Path:
-        return runs_dir / RESULTS_DIR / self.model / self.stream / self.method / f"seed{self.seed}.json"
+        return runs_dir / RESULTS_DIR / self.model / self.stream / self.label / f"seed{self.seed}.json"
 
     def error_path(self, runs_dir: Path) -> Path:
         return self.result_path(runs_dir).with_suffix(".error.txt")
 
 
 class Suite:
-    """A suite config: models, streams, methods, plans, seeds, Trainer settings, throughput.
+    """A suite config: models, streams, methods, plans, protocol, tuning, seeds, Trainer settings, throughput.
 
     Args:
         config: the parsed YAML (see ``configs/benchmarks/cl_suite.yaml`` for every key).
         source: where it came from (for error messages).
 
     Raises:
-        ValueError: a missing section, or a plan naming an unknown model, stream or method.
+        ValueError: a missing section, a plan naming an unknown model, stream or method, a
+            protocol naming a method its plan does not run (:func:`parse_protocol`), a validated
+            method without its unvalidated twin, tuning grids of unequal size, a stream that sets
+            its own ``seed`` (the data seed is ``data_seed``), or another bad value (named).
     """
 
-    SECTIONS = ("models", "streams", "methods", "plans", "seeds", "trainer")
+    SECTIONS = ("models", "streams", "methods", "plans", "protocol", "seeds", "data_seed", "trainer")
 
     def __init__(self, config: dict[str, Any], source: str = "suite config"):
         missing = [key for key in self.SECTIONS if key not in config]
@@ -152,9 +189,94 @@ class Suite:
                 if unknown or not plan.get(section):
                     raise ValueError(f"{source}: plan {name!r} lists unknown or no {section}: {unknown or '[]'}; "
                                      f"known: {sorted(known)}")
+        self.data_seed = int(config["data_seed"])
+        self.schedules: dict[str, dict] = dict(config.get("schedules", {}))
+        self.tuning: dict[str, Any] = dict(config.get("tuning", {}))
         for name, method in self.methods.items():
             if method.get("lr", "full") not in ("full", "adapter", "metakv"):
                 raise ValueError(f"{source}: method {name!r}: lr must be full, adapter or metakv, got {method['lr']!r}")
+            unknown = [extra for extra in method.get("with", []) if extra not in METHOD_ADDITIONS]
+            if unknown:
+                raise ValueError(f"{source}: method {name!r}: with: {unknown[0]!r} is not one of "
+                                 f"{list(METHOD_ADDITIONS)}")
+            if method.get("targets", "kv") != "kv":
+                raise ValueError(f"{source}: method {name!r}: targets must be kv, got {method['targets']!r}")
+            if "validated" in method.get("with", []) and "validated" not in self.schedules:
+                raise ValueError(f"{source}: method {name!r} uses the validated schedule; add schedules.validated "
+                                 "(validation_fraction, patience, max_epochs)")
+        for name, stream in self.streams.items():
+            if "seed" in stream.get("loader_args", {}):
+                raise ValueError(f"{source}: stream {name!r}: loader_args.seed is not allowed; the data seed is "
+                                 "data_seed (suite-wide, or the stream's own data_seed)")
+        self._check_development_items()
+        for name, plan in self.plans.items():
+            self._check_plan(name, plan)
+        self.families = parse_protocol(config["protocol"], self.plans, source)
+        check_validated_twins(self.plans, self.methods, source)
+        tuned = [m for plan in self.plans.values() if plan.get("tune") for m in plan["methods"]]
+        if tuned:
+            check_grids(self.tuning.get("grids", {}), tuned, self.tunable_keys, source)
+
+    def _check_plan(self, name: str, plan: dict) -> None:
+        """A plan's compute arm, its K/V targets and its development streams (only in tuning plans)."""
+        if plan.get("compute", "nominal") not in COMPUTE_ARMS:
+            raise ValueError(f"{self.source}: plan {name!r}: compute must be one of {list(COMPUTE_ARMS)}, "
+                             f"got {plan['compute']!r}")
+        if plan.get("tune") and plan.get("tuned"):
+            raise ValueError(f"{self.source}: plan {name!r} cannot both tune and read tuned values")
+        for stream in plan["streams"]:
+            development = bool(self.streams[stream].get("loader_args", {}).get("development"))
+            if development != bool(plan.get("tune")):
+                raise ValueError(f"{self.source}: plan {name!r}: stream {stream!r} " + (
+                    "is a development stream, which only a tune: true plan may run" if development else
+                    "is not a development stream (loader_args.development: true), which a tune: true plan needs"))
+        for method in plan["methods"]:
+            if self.methods[method].get("targets") == "kv":
+                lacking = [m for m in plan["models"] if not self.models[m].get("kv_projections")]
+                if lacking:
+                    raise ValueError(f"{self.source}: plan {name!r}: method {method!r} adapts K/V, but model "
+                                     f"{lacking[0]!r} names no kv_projections (separate K and V projection modules)")
+
+    def _check_development_items(self) -> None:
+        """Every stream of a development stream's loader sets aside the same items, so none reaches a report."""
+        for name, stream in self.streams.items():
+            if not stream.get("loader_args", {}).get("development"):
+                continue
+            count = stream["loader_args"].get("development_items")
+            for other, spec in self.streams.items():
+                if spec["loader"] == stream["loader"] and spec.get("loader_args", {}).get("development_items") != count:
+                    raise ValueError(f"{self.source}: stream {other!r} must set loader_args.development_items: {count} "
+                                     f"like the development stream {name!r}, or it may train or test on its items")
+
+    def tunable_keys(self, method: str) -> set[str]:
+        """What a tuning grid may set for a method: ``lr`` and its strategy's own arguments."""
+        return {"lr"} | (init_parameters(strategy_class(self.methods[method]["class_path"]))
+                         - init_parameters(ContinualStrategy))
+
+    def replays(self, method: str) -> bool:
+        """Whether the method trains on a replay buffer (its own, or one added by ``with: [replay]``)."""
+        spec = self.methods[method]
+        return "replay" in spec.get("with", []) or "buffer_size" in init_parameters(strategy_class(spec["class_path"]))
+
+    def epochs(self, method: str, stream: str) -> int:
+        """Epochs per experience of the method's fits: the validated schedule's maximum, else the stream's."""
+        spec = self.methods[method]
+        if "validated" in spec.get("with", []):
+            return int(self.schedules["validated"]["max_epochs"])
+        return int(spec.get("init_args", {}).get("consolidation_epochs") or self.streams[stream].get("epochs", 1))
+
+    def item_passes(self, method: str, stream: str, items: float) -> float:
+        """Nominal training item-passes per experience (:func:`nominal_item_passes`)."""
+        return nominal_item_passes(self.epochs(method, stream), items, int(self.streams[stream]["replay_buffer"]),
+                                   self.replays(method), int(self.methods[method].get("fits_per_experience", 1)))
+
+    def compute_budget(self, plan: str, stream: str, items: float) -> float:
+        """Item-passes per experience of a fixed-compute plan: its most expensive method's nominal ones."""
+        return max(self.item_passes(method, stream, items) for method in self.plans[plan]["methods"])
+
+    def stream_data_seed(self, stream: str) -> int:
+        """The seed that draws a stream's items (the stream's own ``data_seed``, else the suite's)."""
+        return int(self.streams[stream].get("data_seed", self.data_seed))
 
     @classmethod
     def load(cls, path: str | Path) -> "Suite":
@@ -180,8 +302,12 @@ class Suite:
                 for model in plan["models"]:
                     for stream in plan["streams"]:
                         for method in plan["methods"]:
-                            cell = Cell(model, stream, method, int(seed), int(plan.get("priority", 0)), name)
-                            cells.setdefault(cell.key, cell)
+                            points = (range(len(grid_points(self.tuning["grids"][method]))) if plan.get("tune")
+                                      else [-1])
+                            for point in points:
+                                cell = Cell(model, stream, method, int(seed), int(plan.get("priority", 0)), name,
+                                            point, plan.get("compute", "nominal"))
+                                cells.setdefault(cell.key, cell)
         return list(cells.values())
 
 
@@ -207,6 +333,7 @@ class Workbench:
         self._streams: dict[tuple[str, str], Any] = {}
         self._benchmarks: dict[tuple[str, str], Any] = {}
         self._base_models: dict[str, torch.nn.Module] = {}
+        self._tuned: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ data
 
@@ -220,7 +347,7 @@ class Workbench:
             warmup = model.get("warmup") or {}
             self._streams[key] = TaskStream(
                 loader=spec["loader"],
-                loader_args=spec.get("loader_args", {}),
+                loader_args={**spec.get("loader_args", {}), "seed": self.suite.stream_data_seed(stream_name)},
                 tokenizer=model["tokenizer"],
                 compact_vocabulary=bool(model.get("compact_vocabulary", False)),
                 max_length=int(spec["max_length"]),
@@ -240,10 +367,33 @@ class Workbench:
 
     # ------------------------------------------------------------------ models
 
-    def trainer_kwargs(self, stream_name: str, root: Path) -> dict[str, Any]:
-        kwargs = {**self.suite.trainer, "max_epochs": int(self.suite.streams[stream_name].get("epochs", 1))}
+    def trainer_kwargs(self, stream_name: str, root: Path, epochs: int | None = None) -> dict[str, Any]:
+        kwargs = {**self.suite.trainer, "max_epochs": epochs or int(self.suite.streams[stream_name].get("epochs", 1))}
         kwargs["default_root_dir"] = str(root)
         return kwargs
+
+    def hyperparameters(self, cell: Cell) -> dict[str, Any]:
+        """The values a cell's method runs with beyond its spec: a grid point, or the tuned choice.
+
+        Raises:
+            FileNotFoundError: a ``tuned: true`` plan without ``<runs dir>/tuning.json``.
+            KeyError: the tuning file has no choice for the cell's model and method.
+        """
+        if cell.grid_point >= 0:
+            return grid_points(self.suite.tuning["grids"][cell.method])[cell.grid_point]
+        if not self.suite.plans[cell.plan].get("tuned"):
+            return {}
+        if self._tuned is None:
+            path = self.runs_dir / TUNING_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"plan {cell.plan!r} runs tuned values, and {path} does not exist: run the "
+                                        "tuning plans, then `cl_suite.py tune`, first")
+            self._tuned = json.loads(path.read_text())["chosen"]
+        try:
+            return self._tuned[cell.model][cell.method]["chosen"]
+        except KeyError:
+            raise KeyError(f"{self.runs_dir / TUNING_FILE} has no tuned values for {cell.model}/{cell.method}; "
+                           "add the method to a tuning plan and tune again") from None
 
     def base_model(self, cell: Cell) -> torch.nn.Module:
         """The plain model a cell starts from: pretrained weights, or warmed-up from-scratch ones."""
@@ -296,8 +446,8 @@ class Workbench:
             overrides = method["meta_kv"] if isinstance(method["meta_kv"], dict) else {}
             meta_kv = MetaKVConfig.from_dict({**model_spec.get("meta_kv", {}), **overrides})
         seed_all(derived_seed(cell.seed, "added-parameters"))  # Meta-KV, LoRA: same draw for every method
-        return ContinualLMModule(base, meta_kv=meta_kv, lr=self.learning_rate(cell, method.get("lr", "full")),
-                                 **model_spec.get("module_args", {}))
+        lr = self.hyperparameters(cell).get("lr", self.learning_rate(cell, method.get("lr", "full")))
+        return ContinualLMModule(base, meta_kv=meta_kv, lr=float(lr), **model_spec.get("module_args", {}))
 
     def learning_rate(self, cell: Cell, role: str) -> float:
         return float(self.suite.models[cell.model]["learning_rates"][role])
@@ -306,22 +456,54 @@ class Workbench:
         """The cell's strategy, with the stream's replay budget for every method that replays.
 
         The stream's ``train_mb_size``, ``eval_mb_size`` and ``replay_buffer`` (as ``buffer_size``)
-        go to every strategy that takes them; the method's ``init_args`` and ``lr_args`` come on top.
+        go to every strategy that takes them; the method's ``init_args``, ``lr_args`` and its grid
+        point or tuned values come on top. ``targets: kv`` adapts the model's ``kv_projections``
+        at Meta-KV's rank; ``with: [replay]`` adds a :class:`Replay` plugin of the stream's budget;
+        ``with: [validated]`` gives the suite's validated schedule (Meta-KV: on its consolidation,
+        others: a :class:`Validated` plugin on the training fit, up to ``max_epochs`` epochs). In
+        the fixed-compute arm every fit trains :func:`fixed_compute_steps` steps instead of epochs.
         """
         method, stream = self.suite.methods[cell.method], self.suite.streams[cell.stream]
+        model_spec = self.suite.models[cell.model]
         cls = strategy_class(method["class_path"])
         defaults = {
             "train_mb_size": int(stream.get("train_mb_size", 16)),
             "eval_mb_size": int(stream.get("eval_mb_size", 32)),
             "buffer_size": int(stream["replay_buffer"]),
-            "name": cell.method,
+            "name": cell.label,
         }
         accepted = init_parameters(cls)
         arguments = {key: value for key, value in defaults.items() if key in accepted}
         arguments.update(method.get("init_args", {}))
         arguments.update({name: self.learning_rate(cell, role) for name, role in method.get("lr_args", {}).items()})
-        return cls(**arguments, module=module, trainer_kwargs=self.trainer_kwargs(cell.stream, root), seed=cell.seed,
-                   root_dir=root)
+        arguments.update({key: value for key, value in self.hyperparameters(cell).items() if key != "lr"})
+        if method.get("targets") == "kv":
+            arguments.update(target_modules=list(model_spec["kv_projections"]), rank=int(model_spec["meta_kv"]["rank"]))
+        additions = method.get("with", [])
+        plugins = [Replay(buffer_size=int(stream["replay_buffer"]))] if "replay" in additions else []
+        epochs = None
+        if "validated" in additions:
+            schedule = self.suite.schedules["validated"]
+            if "consolidation_epochs" in accepted:
+                arguments.update(validation_fraction=float(schedule["validation_fraction"]),
+                                 patience=int(schedule["patience"]), consolidation_epochs=int(schedule["max_epochs"]))
+            else:
+                epochs = int(schedule["max_epochs"])
+                plugins.append(Validated(float(schedule["validation_fraction"]), int(schedule["patience"]),
+                                         phases=["train"]))
+        trainer_kwargs = self.trainer_kwargs(cell.stream, root, epochs)
+        if cell.compute == "fixed":
+            benchmark = self.benchmark(cell.model, cell.stream)
+            items = sum(len(e.dataset) for e in benchmark.train_stream) / benchmark.num_experiences
+            steps = fixed_compute_steps(self.suite.compute_budget(cell.plan, cell.stream, items),
+                                        benchmark.num_experiences, bool(getattr(cls, "trains_jointly", False)),
+                                        int(method.get("fits_per_experience", 1)), defaults["train_mb_size"])
+            trainer_kwargs.update(max_epochs=-1, max_steps=steps)
+            for key in ("consolidation_epochs", "fast_epochs"):  # the step budget decides, not epochs
+                arguments.pop(key, None)
+        if plugins:
+            arguments["plugins"] = plugins
+        return cls(**arguments, module=module, trainer_kwargs=trainer_kwargs, seed=cell.seed, root_dir=root)
 
     # ------------------------------------------------------------------ running
 
@@ -348,9 +530,15 @@ class Workbench:
         result.extra.update({
             "cell": cell.key,
             "plan": cell.plan,
+            "suite_method": cell.method,
+            "grid_point": cell.grid_point,
             "model": cell.model,
             "stream": cell.stream,
             "method_spec": method,
+            "hyperparameters": self.hyperparameters(cell),
+            "data_seed": self.suite.stream_data_seed(cell.stream),
+            "compute": cell.compute,
+            "max_steps": strategy.trainer_kwargs.get("max_steps"),
             "buffer_size": next((p.memory.buffer_size for p in strategy.plugins if isinstance(p, Replay)), None),
             "learning_rate": module.lr,
             "concurrency": self.concurrency,
@@ -419,7 +607,8 @@ def estimate_cell(suite: Suite, cell: Cell, benchmark) -> Estimate:
     model's): ``train_tokens_per_s`` (forward + backward) and ``eval_tokens_per_s`` (forward) of
     the whole device, ``fit_overhead_s`` and ``eval_overhead_s`` of the host per Trainer call. A
     method's ``train_cost`` multiplies its training compute (EWC's Fisher pass, LwF's teacher,
-    the fast phase of distillation), replayed items add to the training tokens, joint training
+    the fast phase of distillation), replayed items add to the training tokens, the validated
+    schedule counts its maximum epochs, the fixed-compute arm its item-pass budget, joint training
     trains once and evaluates once, and ``fits_per_experience`` counts Trainer fits.
     """
     rates = {**suite.throughput, **suite.models[cell.model].get("throughput", {})}
@@ -427,13 +616,17 @@ def estimate_cell(suite: Suite, cell: Cell, benchmark) -> Estimate:
     strategy = strategy_class(method["class_path"])
     joint = bool(getattr(strategy, "trains_jointly", False))
     experiences = benchmark.num_experiences
-    epochs = int(stream.get("epochs", 1))
     train = [_training_tokens(e.dataset) for e in benchmark.train_stream]
     evaluation = sum(_evaluation_tokens(e.dataset) for e in benchmark.test_stream)
-    per_item = sum(train) / max(sum(len(e.dataset) for e in benchmark.train_stream), 1)
-    replays = "buffer_size" in init_parameters(strategy)
-    replayed = int(stream["replay_buffer"]) * per_item * (experiences - 1) if replays else 0.0
-    train_tokens = (sum(train) + replayed) * epochs * float(method.get("train_cost", 1.0))
+    items = sum(len(e.dataset) for e in benchmark.train_stream)
+    per_item = sum(train) / max(items, 1)
+    if cell.compute == "fixed":
+        passes = suite.compute_budget(cell.plan, cell.stream, items / experiences) * experiences
+        train_tokens = passes * per_item * float(method.get("train_cost", 1.0))
+    else:
+        replayed = int(stream["replay_buffer"]) * per_item * (experiences - 1) if suite.replays(cell.method) else 0.0
+        epochs = suite.epochs(cell.method, cell.stream)
+        train_tokens = (sum(train) + replayed) * epochs * float(method.get("train_cost", 1.0))
     rows = 2 if joint else experiences + 1
     fits = (1 if joint else experiences) * int(method.get("fits_per_experience", 1))
     device_s = (train_tokens / float(rates.get("train_tokens_per_s", 6e4))
@@ -489,7 +682,7 @@ def _estimate(entry: dict[str, Any]) -> Estimate:
 
 def _cell_from_entry(entry: dict[str, Any]) -> Cell:
     return Cell(entry["model"], entry["stream"], entry["method"], int(entry["seed"]), int(entry["priority"]),
-                entry["plan"])
+                entry["plan"], int(entry["grid_point"]), entry["compute"])
 
 
 def _claim(runs_dir: Path, call_id: str, cell: Cell) -> bool:
@@ -629,6 +822,10 @@ def run_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     suite = Suite.load(args.config)
     cells = suite.cells(args.plans)
     runs_dir = Path(args.runs_dir)
+    tuned = sorted({cell.plan for cell in cells if suite.plans[cell.plan].get("tuned")})
+    if tuned and not (runs_dir / TUNING_FILE).is_file():
+        raise SystemExit(f"plans {tuned} run tuned values and {runs_dir / TUNING_FILE} does not exist: run the tune: "
+                         "true plans, then `cl_suite.py tune`, first (or leave these plans out with --plans)")
     call_id = args.call_id or time.strftime("%Y%m%d-%H%M%S")
     call_dir = runs_dir / CALLS_DIR / call_id
     call_dir.mkdir(parents=True, exist_ok=True)
@@ -741,7 +938,7 @@ def stream_header(suite: Suite, model: str, stream: str, results: list[MethodRes
         "loader": f"{stream_spec['loader']}({json.dumps(stream_spec.get('loader_args', {}), sort_keys=True)})",
         "settings": (f"max_length {stream_spec['max_length']}, {stream_spec.get('epochs', 1)} epoch(s) per experience, "
                      f"batch {stream_spec.get('train_mb_size', 16)}, replay budget {stream_spec['replay_buffer']} items "
-                     f"(every replaying method), learning rates {model_spec['learning_rates']}"),
+                     f"(every replaying method), untuned learning rates {model_spec['learning_rates']}"),
         "seeds": ", ".join(str(s) for s in sorted({int(r.extra["seed"]) for r in results})),
     }
     for field in ("command", "commit", "device", "date", "versions"):
@@ -753,25 +950,110 @@ def stream_header(suite: Suite, model: str, stream: str, results: list[MethodRes
     return header
 
 
+def stream_family(suite: Suite, model: str, stream: str) -> Family | None:
+    """The protocol table a (model, stream) report belongs to (the first one, in config order)."""
+    return next((family for family in suite.families
+                 if stream in family.streams and model in suite.plans[family.plan]["models"]), None)
+
+
+def protocol_header(suite: Suite, family: Family | None, stream: str, tuning: dict | None) -> dict[str, str]:
+    """The protocol facts a stream's report carries: its table, reference, contrasts, data seed, tuning."""
+    header = {"data seed": f"{suite.stream_data_seed(stream)} (draws the items; the training seeds do not change them)"}
+    if family is not None:
+        header["protocol table"] = f"{family.table} (plan {family.plan}; streams {', '.join(family.streams)})"
+        header["reference of every difference"] = family.reference
+        header["primary contrasts"] = "; ".join(f"{c.method} minus {c.reference}: {c.claim}" for c in family.contrasts)
+    header["hyper-parameters"] = (
+        "chosen per method on the development stream's validation split, grids and choices in protocol.json"
+        if tuning else "the config's values (no tuning.json in the runs dirs)")
+    return header
+
+
 def report_main(args: argparse.Namespace) -> int:
-    """Write one report folder per (model, stream) from the merged runs dirs."""
+    """Write one report folder per (model, stream), and the protocol with its contrasts, from the merged runs dirs."""
     suite = Suite.load(args.config)
-    grouped, calls = collect_results(Path(d) for d in args.runs_dir)
+    runs_dirs = [Path(d) for d in args.runs_dir]
+    grouped, calls = collect_results(runs_dirs)
     if not grouped:
         raise SystemExit(f"no finished cells under {args.runs_dir}")
+    tuning = next((json.loads((d / TUNING_FILE).read_text()) for d in runs_dirs if (d / TUNING_FILE).is_file()), None)
     out = Path(args.out)
     index = [f"# Continual-learning benchmark results ({suite.config.get('name', 'cl_suite')})", ""]
     order = {method: index for index, method in enumerate(suite.methods)}  # table rows in the config's order
+    runs_by_stream: dict[tuple[str, str], dict[str, dict[int, MethodResult]]] = {}
     for (model, stream), by_seed in sorted(grouped.items()):
-        results_by_seed = [sorted(results, key=lambda r: order.get(r.method, len(order))) for results in by_seed.values()]
+        if suite.streams[stream].get("loader_args", {}).get("development"):
+            continue  # chooses hyper-parameters; never reported
+        results_by_seed = [sorted(results, key=lambda r: order.get(r.extra.get("suite_method", r.method), len(order)))
+                           for results in by_seed.values()]
         flat = [result for results in results_by_seed for result in results]
+        for result in flat:
+            by_method = runs_by_stream.setdefault((model, stream), {})
+            by_method.setdefault(result.method, {})[int(result.extra["seed"])] = result
+        family = stream_family(suite, model, stream)
+        seeds = {method: set(by_seed) for method, by_seed in runs_by_stream[(model, stream)].items()}
+        # differences pair every method with the reference seed by seed: none until all ran the same seeds
+        same_seeds = len({frozenset(s) for s in seeds.values()}) == 1
+        reference = family.reference if family and same_seeds and family.reference in seeds else None
         candidates = sorted({r.method for r in flat if "MetaKVConsolidation" in r.extra.get("strategy", "")})
         title = f"{suite.models[model]['title']}: {suite.streams[stream]['title']}"
-        paths = write_seed_report(results_by_seed, out / model / stream, title=title,
-                                  header=stream_header(suite, model, stream, flat, calls), candidates=candidates)
+        header = {**stream_header(suite, model, stream, flat, calls), **protocol_header(suite, family, stream, tuning)}
+        paths = write_seed_report(results_by_seed, out / model / stream, title=title, header=header,
+                                  candidates=candidates, reference=reference)
         index.append(f"- [{title}]({paths['markdown'].relative_to(out)})")
         print(f"[cl_suite] {paths['markdown']}")
+    contrasts = []
+    for family in suite.families:
+        suffix = ".fixed-compute" if suite.plans[family.plan].get("compute") == "fixed" else ""
+        for model in suite.plans[family.plan]["models"]:
+            runs = {stream: methods for (m, stream), methods in runs_by_stream.items() if m == model}
+            contrasts += [{"model": model, **entry}
+                          for entry in contrast_differences(family, runs, label=lambda method: method + suffix)]
+    grids = suite.tuning.get("grids", {})
+    protocol = {"families": [family.to_json() for family in suite.families], "data_seed": suite.data_seed,
+                "seeds": suite.seeds, "schedules": suite.schedules, "grids": grids, "tuning": tuning,
+                "contrasts": contrasts}
+    atomic_write_text(json_text(protocol), out / "protocol.json")
+    index += ["", "## Primary contrasts", "",
+              "Declared in the suite config before any run. Paired bootstrap over seeds and test items; p-values "
+              "Holm-adjusted across the streams of each contrast, per figure (protocol.json).", "",
+              *contrast_markdown(contrasts),
+              "## Hyper-parameters", "",
+              "Each method's grid (the same size for every method), scored on the development stream's validation "
+              "split; the chosen point ran on every reported stream.", "",
+              *tuning_markdown(tuning, grids)]
     (out / "INDEX.md").write_text("\n".join(index) + "\n")
+    return 0
+
+
+def tune_main(args: argparse.Namespace) -> int:
+    """Pick each method's grid point from the tuning plans' finished cells; write the choices as JSON."""
+    suite = Suite.load(args.config)
+    tuning_plans = [name for name, plan in suite.plans.items() if plan.get("tune")]
+    if not tuning_plans:
+        raise SystemExit(f"{suite.source}: no plan has tune: true")
+    runs: dict[str, dict[str, dict[int, dict[int, MethodResult]]]] = {}  # model, method, grid point, seed
+    for runs_dir in (Path(d) for d in args.runs_dir):
+        for path in sorted((runs_dir / RESULTS_DIR).rglob("seed*.json")):
+            result = MethodResult.from_json(json.loads(path.read_text()))
+            extra = result.extra
+            if extra.get("plan") in tuning_plans:
+                by_point = runs.setdefault(extra["model"], {}).setdefault(extra["suite_method"], {})
+                by_point.setdefault(int(extra["grid_point"]), {}).setdefault(int(extra["seed"]), result)
+    if not runs:
+        raise SystemExit(f"no finished tuning cells (plans {tuning_plans}) under {args.runs_dir}")
+    chosen = {model: select_points({method: {point: list(by_seed.values()) for point, by_seed in by_point.items()}
+                                    for method, by_point in by_method.items()}, suite.tuning["grids"])
+              for model, by_method in runs.items()}
+    streams = {name: suite.plans[name]["streams"] for name in tuning_plans}
+    out = Path(args.out or Path(args.runs_dir[0]) / TUNING_FILE)
+    record = {"development_streams": streams, "grids": suite.tuning["grids"], "chosen": chosen}
+    atomic_write_text(json_text(record), out)
+    for model, methods in chosen.items():
+        for method, choice in methods.items():
+            print(f"[cl_suite] {model} {method}: {choice['chosen']} "
+                  f"(point {choice['chosen_index']} of {len(choice['grid'])})")
+    print(f"[cl_suite] wrote {out}")
     return 0
 
 
@@ -826,6 +1108,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--call-id", help="this call's id (default: the start time)")
     report = common(commands.add_parser("report", help="write per-stream tables, JSON and plots"), runs_dirs=True)
     report.add_argument("--out", default="benchmarks/results/cl_suite", help="results folder")
+    tune = common(commands.add_parser("tune", help="choose each method's grid point from the tuning plans' cells"),
+                  runs_dirs=True)
+    tune.add_argument("--out", help=f"the choices (default: the first runs dir's {TUNING_FILE}, which run reads)")
     worker = common(commands.add_parser("worker", help=argparse.SUPPRESS))
     worker.add_argument("--call-id", required=True)
     worker.add_argument("--worker-id", type=int, required=True)
@@ -846,6 +1131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_main(args, argv)
     if args.command == "report":
         return report_main(args)
+    if args.command == "tune":
+        return tune_main(args)
     return plan_main(args)
 
 

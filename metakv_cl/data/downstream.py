@@ -27,6 +27,13 @@ Data: ``<root>/cl_benchmark/<task>/{train,test,labels}.json`` and, for dbpedia (
 offline split is DBpedia-14's 7,600-abstract test set), ``<root>/dbpedia14/`` split once into
 80% train / 20% test with a fixed seed, so the test abstracts never depend on ``seed``.
 ``root`` defaults to :func:`metakv_cl.data.dbpedia.default_data_root`.
+
+**Development items.** ``development_items=N`` sets aside N items of each task's training pool
+(a fixed shuffle that no ``seed`` changes) for choosing hyper-parameters. With
+``development=True`` the stream is built from those items alone: its test set is a seeded
+``validation_fraction`` of them, its training set the rest. Otherwise they are left out, so a
+reported stream never trains or tests on an item the development stream saw. Test items come
+from the task's test file (DBpedia: its fixed held-out split), never from the training pool.
 """
 
 from __future__ import annotations
@@ -88,6 +95,8 @@ _DBPEDIA_SPLIT_SEED = "dbpedia-downstream-split"
 _DBPEDIA_TEST_FRACTION = 0.2
 # MNLI's test file marks 131 examples without a gold label (annotators disagreed) with "-".
 _NO_GOLD_LABEL = "-"
+# The development items of a task do not depend on `seed`: every stream leaves out the same ones.
+_DEVELOPMENT_SEED = "development-items"
 
 
 def _order_key(order: int | str) -> str:
@@ -127,6 +136,19 @@ def _subsample(pairs: list[tuple[str, str]], limit: int | None, seed: str) -> li
     return random.Random(seed).sample(pairs, limit)
 
 
+def _set_aside(pool: list[tuple[str, str]], count: int, task: str) -> tuple[list, list]:
+    """(development items, the rest): ``count`` items of a fixed shuffle of ``pool``.
+
+    Raises:
+        ValueError: ``count`` leaves no item for the reported streams.
+    """
+    if count >= len(pool):
+        raise ValueError(f"development_items={count} leaves none of {task}'s {len(pool)} training items to report on")
+    shuffled = list(pool)
+    random.Random(f"{_DEVELOPMENT_SEED}-{task}").shuffle(shuffled)
+    return shuffled[:count], shuffled[count:]
+
+
 @register_loader
 def downstream_tasks(
     order: int | str = 1,
@@ -135,6 +157,9 @@ def downstream_tasks(
     max_test: int | None = 500,
     seed: int = 0,
     yahoo_substitute: str = "qqp",
+    development_items: int = 0,
+    development: bool = False,
+    validation_fraction: float = 0.2,
 ) -> list[ClassificationTask]:
     """A sequential downstream classification stream.
 
@@ -147,6 +172,12 @@ def downstream_tasks(
         seed: seeds the subsets.
         yahoo_substitute: the available task that takes Yahoo Answers' place in orders 1-3
             (one of :data:`DOWNSTREAM_TASKS`, not already in the order).
+        development_items: training items per task set aside for development (see the module
+            docstring); left out of every stream unless ``development``.
+        development: build the development stream: training and validation items carved from
+            the set-aside items (the validation items are its test set).
+        validation_fraction: share of the development items that are the development stream's
+            test set.
 
     Returns:
         One :class:`ClassificationTask` per task, in order, with the task's template and the
@@ -166,6 +197,8 @@ def downstream_tasks(
     for name, limit in (("max_train", max_train), ("max_test", max_test)):
         if limit is not None and limit < 1:
             raise ValueError(f"{name} must be at least 1 or None, got {limit}")
+    if development_items < 0 or (development and development_items < 2):
+        raise ValueError(f"development_items must be >= 0 (>= 2 with development=True), got {development_items}")
     data_root = Path(root) if root is not None else default_data_root()
 
     tasks = []
@@ -173,6 +206,10 @@ def downstream_tasks(
         task = yahoo_substitute.lower() if slot == "yahoo" else slot
         spec = DOWNSTREAM_TASKS[task]
         train, test = _load_splits(task, data_root)
+        if development_items:
+            set_aside, train = _set_aside(train, development_items, task)
+            if development:
+                train, test = split_holdout(set_aside, validation_fraction, f"{seed}-{task}-validation", task)
         tasks.append(ClassificationTask(
             name=f"{task} (yahoo substitute)" if slot == "yahoo" else task,
             train=_subsample(train, max_train, f"{seed}-{task}-train"),

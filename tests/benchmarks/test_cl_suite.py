@@ -43,6 +43,7 @@ def smoke_config(tmp_path: Path) -> Path:
     config = {
         "name": "smoke",
         "seeds": [0, 1],
+        "data_seed": 0,
         "trainer": TRAINER,
         "models": {
             "tiny-scratch": {
@@ -56,7 +57,7 @@ def smoke_config(tmp_path: Path) -> Path:
             "tiny-pretrained": {
                 "title": "tiny Llama (saved)", "label": "a saved tiny model", "model": str(pretrained),
                 "tokenizer": "word-level", "meta_kv": {"source": "consolidated", "rank": 4},
-                "learning_rates": LEARNING_RATES,
+                "kv_projections": ["k_proj", "v_proj"], "learning_rates": LEARNING_RATES,
             },
         },
         "streams": {
@@ -85,6 +86,8 @@ def smoke_config(tmp_path: Path) -> Path:
             "tasks": {"priority": 2, "seeds": [0], "models": ["tiny-pretrained"], "streams": ["tasks"],
                       "methods": ["naive", "metakv-distill"]},
         },
+        "protocol": [{"table": "topics", "plan": "main", "reference": "replay", "contrasts": [
+            {"method": "metakv-replay", "reference": "replay", "claim": "Meta-KV minus replay"}]}],
     }
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -187,6 +190,30 @@ def test_report_merges_calls_into_per_stream_folders(finished_call, tmp_path):
     for name in ("forgetting.png", "heatmap_replay.png", "heatmap_metakv_replay.png"):
         assert (out / "tiny-scratch" / "topics" / name).is_file()
     assert "tiny-pretrained/tasks/README.md" in (out / "INDEX.md").read_text()
+    # the declared protocol: the reference's differences in the stream report, the contrast in the index
+    assert "## Difference to replay (method minus replay)" in topics
+    assert "- **primary contrasts**: metakv-replay minus replay: Meta-KV minus replay" in topics
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["families"][0]["reference"] == "replay" and protocol["data_seed"] == 0
+    (contrast,) = protocol["contrasts"]
+    average = contrast["streams"]["topics"]["average"]
+    assert average["low"] <= average["estimate"] <= average["high"]
+    assert average["p_holm"] == average["p_value"]  # one stream: Holm leaves a family of one unchanged
+    index = (out / "INDEX.md").read_text()
+    assert "### topics: metakv-replay minus replay" in index and "No tuning.json in the runs dirs" in index
+
+
+def test_report_leaves_differences_out_until_every_method_ran_the_references_seeds(finished_call, tmp_path):
+    config, runs, _ = finished_call
+    partial = tmp_path / "runs"
+    shutil.copytree(runs / "results", partial / "results")
+    (partial / "results" / "tiny-scratch" / "topics" / "metakv-replay" / "seed1.json").unlink()
+    out = tmp_path / "report"
+    cl_suite.main(["report", "--config", str(config), "--runs-dir", str(partial), "--out", str(out)])
+    topics = (out / "tiny-scratch" / "topics" / "README.md").read_text()
+    assert "## 95% intervals" in topics and "## Difference to replay" not in topics
+    (contrast,) = json.loads((out / "protocol.json").read_text())["contrasts"]
+    assert contrast["streams"]["topics"]["seeds"] == [0]  # the contrast pairs the seeds both methods ran
 
 
 def test_suite_config_errors_name_the_problem(tmp_path):

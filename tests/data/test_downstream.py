@@ -85,3 +85,24 @@ def test_clear_errors(tiny_root):
     (tiny_root / "cl_benchmark" / "agnews" / "test.json").write_text(json.dumps([{"label": "-", "sentence": "x"}]))
     with pytest.raises(ValueError, match="no labelled examples"):
         downstream_tasks(1, root=tiny_root)
+
+
+def test_protocol_streams_keep_test_validation_and_development_items_apart(shared_data):
+    reported = downstream_tasks(1, root=shared_data, max_train=160, max_test=500, seed=3, development_items=200)
+    development = downstream_tasks(1, root=shared_data, max_train=None, max_test=None, seed=0,
+                                   development_items=200, development=True)
+    for report, develop in zip(reported, development):
+        assert len(report.test) == 500 and (len(develop.train), len(develop.test)) == (160, 40)
+        assert not set(report.train) & set(report.test)  # training (and so replay) items are never tested
+        assert not set(develop.train) & set(develop.test)  # validation items are carved out of training items
+        assert not (set(develop.train) | set(develop.test)) & (set(report.train) | set(report.test))
+    # another data seed draws other reported items, never a development one
+    other = downstream_tasks(1, root=shared_data, max_train=None, max_test=None, seed=1, development_items=200)
+    assert not any(set(task.train) & (set(d.train) | set(d.test)) for task, d in zip(other, development))
+
+
+def test_development_items_errors(tiny_root):
+    with pytest.raises(ValueError, match="development_items=6 leaves none of amazon's 6 training items"):
+        downstream_tasks(1, root=tiny_root, development_items=6)
+    with pytest.raises(ValueError, match="development_items must be >= 0 \\(>= 2 with development=True\\), got 0"):
+        downstream_tasks(1, root=tiny_root, development=True)
