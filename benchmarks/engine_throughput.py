@@ -21,8 +21,8 @@ tables report the median tokens/s of each path and its ratio to the reference.
     python benchmarks/engine_throughput.py --model smollm2-135m --data dbpedia --layout padded \\
         --presets naive --batch-size 8 --max-length 64 --documents 24 --threads 1 --out benchmarks/results/engine_throughput_cpu_smollm2
     python benchmarks/engine_throughput.py --device cuda --model smollm2-shape --vocab-size 50304 \\
-        --data dbpedia --precision bf16 --batch-size 16 --compile --documents 150 --experiences 2 \\
-        --pack-length 1024 --skip-steps 3 --out benchmarks/results/engine_throughput
+        --data dbpedia --precision bf16 --compile --batch-size 112 --max-length 256 --pack-length 1024 \\
+        --experiences 6 --documents 400 --skip-steps 1 --rounds 2 --warmup-rounds 1 --out benchmarks/results/engine_throughput
 
 ``--out STEM`` writes ``STEM.json`` (the command, commit, device, library versions, settings and
 every round) and ``STEM.md``, rendered from that JSON by :func:`render_markdown`.
