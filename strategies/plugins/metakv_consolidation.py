@@ -158,6 +158,15 @@ class MetaKVConsolidation(MethodPlugin):
                 f"(source 'consolidated' or 'hybrid') or the addressed bank (source 'addressed'); "
                 f"this model's source is {meta_kv.config.source!r}"
             )
+        if "generator" not in self.consolidate_groups and all(
+            not p.any() for layer in meta_kv.layers if layer.modulation is not None for p in [layer.modulation.B]
+        ):
+            # delta = (X A(C)) B(C) with B = 0 has no gradient with respect to C, so neither has M
+            raise ValueError(
+                f"consolidate_groups={list(self.consolidate_groups)} cannot learn: the generator's B is still zero "
+                "(its initial value) and is not consolidated, so the gradient of the loss with respect to M is "
+                "exactly zero; add 'generator' to consolidate_groups"
+            )
 
     # ------------------------------------------------------------------ parameters
 

@@ -330,6 +330,12 @@ class PhaseWatcher(pl.Callback):
         self.changed.append((trainer.default_root_dir.rsplit("/", 1)[-1], changed))
 
 
+def test_consolidating_m_alone_with_a_zero_generator_is_refused(tmp_path):
+    # B(C) starts at zero: with the generator frozen the loss does not depend on M at all
+    with pytest.raises(ValueError, match=r"consolidate_groups=\['memory'\] cannot learn: the generator's B is still zero"):
+        make(MetaKVConsolidation, tmp_path, meta_kv=META_KV, consolidate_groups=["memory"], buffer_size=8)
+
+
 @pytest.mark.parametrize("groups", [("memory",), ("memory", "generator")])
 def test_consolidation_changes_only_the_consolidated_groups(groups, tmp_path):
     watcher = PhaseWatcher()
