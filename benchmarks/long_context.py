@@ -425,7 +425,7 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict[str, Any]:
         timings[name] = now - clock
         clock = now
 
-    torch.manual_seed(args.seed)
+    pl.seed_everything(args.seed, workers=True, verbose=False)
     model, encode = load_base(args.model, args.device)
     buckets = bucket_edges(args.buckets)
     split = split_articles(read_articles(args), encode, buckets[-1][1], args.held_out, args.seed)

@@ -170,7 +170,9 @@ class ContinualLMModule(pl.LightningModule):
         self.loss_hook: Callable[[dict, Any, torch.Tensor], torch.Tensor] | None = None
         self.lm_loss_weight = 1.0
         self.experience_label = "(no experience)"
-        # evaluation sums (synchronised across ranks by torchmetrics)
+        # evaluation sums (synchronised across ranks by torchmetrics). Not MeanMetric: the token and
+        # example counts are reported too, and a MeanMetric's float32 mean (of NLL per token x
+        # tokens, for the loss) would round the reported loss and accuracy differently.
         self.eval_nll = SumMetric()
         self.eval_tokens = SumMetric()
         self.eval_correct = SumMetric()
