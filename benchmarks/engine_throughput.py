@@ -278,7 +278,7 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
     longest = max(int(item["input_ids"].shape[0]) for experience in benchmark.train_stream for item in experience.dataset)
     if args.pack_length < longest:
         raise ValueError(f"--pack-length {args.pack_length} is shorter than the longest document ({longest} tokens)")
-    torch.manual_seed(args.seed)
+    pl.seed_everything(args.seed, workers=True, verbose=False)
     initial = build_model(args, tokenizer_size)
     paths: dict[str, Callable[[torch.nn.Module, Stopwatch, Path], None]] = {
         BARE_PADDED: lambda model, watch, root: bare_loop(model, benchmark, args, False, watch),
@@ -294,7 +294,7 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
         for round_index in range(-args.warmup_rounds, args.rounds):
             label = f"warm-up {round_index + args.warmup_rounds + 1}" if round_index < 0 else f"round {round_index + 1}/{args.rounds}"
             for name, run in paths.items():
-                torch.manual_seed(args.seed)
+                pl.seed_everything(args.seed, workers=True, verbose=False)
                 stopwatch = Stopwatch(device)
                 run(copy.deepcopy(initial), stopwatch, Path(folder) / f"round{round_index}")
                 # a path's model, optimizer and trainer sit in reference cycles: free them before the next path

@@ -425,7 +425,7 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict[str, Any]:
         timings[name] = now - clock
         clock = now
 
-    torch.manual_seed(args.seed)
+    pl.seed_everything(args.seed, workers=True, verbose=False)
     model, encode = load_base(args.model, args.device)
     buckets = bucket_edges(args.buckets)
     split = split_articles(read_articles(args), encode, buckets[-1][1], args.held_out, args.seed)
@@ -554,15 +554,13 @@ def markdown_report(report: dict[str, Any]) -> str:
 def plot_perplexity(results: Sequence[dict[str, Any]], kv_methods: Sequence[str], kv_budget: int, path: Path) -> None:
     """Perplexity by position bucket (top) and its ratio to the plain model's (bottom), one column per
     context (full, each compacted cache), one line per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from metakv_cl.plotting import new_figure, save_figure
 
     panels = [("full context", lambda r: r["full_context"])] + [
         (f"compacted: {m}, {kv_budget} tokens", lambda r, m=m: r["compacted"][m]) for m in kv_methods]
     plain = next((r for r in results if r["kind"] == "plain"), None)
-    figure, axes = plt.subplots(2, len(panels), figsize=(5.2 * len(panels), 7.6), sharex=True, sharey="row", squeeze=False)
+    figure = new_figure(figsize=(5.2 * len(panels), 7.6))
+    axes = figure.subplots(2, len(panels), sharex=True, sharey="row", squeeze=False)
     for column, (title, rows_of) in enumerate(panels):
         top, bottom = axes[0][column], axes[1][column]
         baseline = None if plain is None else [row["perplexity"] for row in rows_of(plain) if row["bucket"] != "all"]
@@ -582,20 +580,18 @@ def plot_perplexity(results: Sequence[dict[str, Any]], kv_methods: Sequence[str]
     axes[1][0].set_ylabel("perplexity / plain model's")
     axes[0][0].legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)
 
 
 def plot_entropy(results: Sequence[dict[str, Any]], path: Path) -> None:
     """Mean attention entropy per layer (left) and its difference from the plain model's (right), one line per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from metakv_cl.plotting import new_figure, save_figure
+
     plain = next((r["attention_entropy"] for r in results if r["kind"] == "plain"), None)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
+    figure = new_figure(figsize=(12, 4.6))
+    left, right = figure.subplots(1, 2, sharex=True)
     for index, r in enumerate(results):
         entropy = r["attention_entropy"]
         style = {"marker": "os^vDx"[index % 6], "markersize": 4, "linestyle": "--" if r["kind"] == "plain" else "-",
@@ -612,8 +608,7 @@ def plot_entropy(results: Sequence[dict[str, Any]], path: Path) -> None:
     left.legend(fontsize=8)
     figure.suptitle("Attention entropy per layer, with and without Meta-KV (held-out text)", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)
 
 
 def write_report(out_dir: Path, variants: Sequence[Variant], meta: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:

@@ -62,7 +62,7 @@ class LossRecorder(pl.Callback):
 
 def train_once(experience, vocab_size: int, pack_length: int | None, args, root: Path) -> tuple[float, list[float]]:
     """(document tokens/s, per-step losses) of one epoch through the engine."""
-    torch.manual_seed(args.seed)
+    pl.seed_everything(args.seed, workers=True, verbose=False)
     model = tiny_gpt2(vocab_size=vocab_size, n_layer=args.layers, n_embd=args.hidden, n_head=4, n_positions=args.max_length,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     recorder = LossRecorder()

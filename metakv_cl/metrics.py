@@ -34,9 +34,10 @@ overweight the worst experience). Cells that were not measured are ``None`` or N
 left out of the means; a figure with no measured term is ``None`` (e.g. forgetting after
 the first experience).
 
-:class:`ContinualMatrix` accumulates R as a torchmetrics Metric whose states (a sum and a
-count per cell) are summed across DDP ranks, and :class:`ContinualMatrixPluginMetric` feeds
-the figures to Avalanche's ``EvaluationPlugin`` and loggers.
+The engine fills R one cell per evaluation, from scores already reduced over DDP ranks (the
+module's torchmetrics states); :class:`ContinualMatrixPluginMetric` feeds the figures to
+Avalanche's ``EvaluationPlugin`` and loggers, and :class:`ItemRecords` gathers each test
+item's outcome from every rank.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
 __all__ = [
     "SUMMARY_FIGURES",
     "continual_summary",
-    "ContinualMatrix",
     "ContinualMatrixPluginMetric",
     "ItemRecords",
     "balanced_accuracy",
@@ -190,79 +190,6 @@ def majority_rate(gold: Sequence[int]) -> float:
     if not gold:
         raise ValueError("majority_rate needs at least one gold label")
     return max(gold.count(label) for label in set(gold)) / len(gold)
-
-
-class ContinualMatrix(Metric):
-    """The score matrix R as a torchmetrics Metric that syncs across DDP ranks.
-
-    Each cell keeps a sum of values and a count. :meth:`update` adds a rank's partial sums;
-    under DDP, ``compute`` sums both states over ranks (``dist_reduce_fx="sum"``) before
-    dividing, so the result is the mean over every sample of every rank, whatever the
-    per-rank batch sizes.
-
-    Args:
-        num_experiences: T; the matrix is (T+1) x T.
-        higher_is_better: True for accuracies, False for losses (stored as
-            ``scores_higher_is_better``: torchmetrics reserves ``higher_is_better``).
-        **kwargs: passed to :class:`torchmetrics.Metric` (``process_group``,
-            ``dist_sync_fn``, ...).
-    """
-
-    full_state_update = False
-    is_differentiable = False
-
-    def __init__(self, num_experiences: int, higher_is_better: bool = True, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if num_experiences < 1:
-            raise ValueError(f"num_experiences must be at least 1, got {num_experiences}")
-        self.num_experiences = num_experiences
-        # torchmetrics reserves `higher_is_better` as a class constant, hence the other name.
-        self.scores_higher_is_better = higher_is_better
-        shape = (num_experiences + 1, num_experiences)
-        # float64: per-token loss sums over a whole experience lose digits in float32.
-        self.add_state("value_sum", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, row: int, col: int, value: torch.Tensor, count: int | float | torch.Tensor | None = None) -> None:
-        """Add scores to cell (row, col).
-
-        Args:
-            row: 0 before any training, i after training experience i (1-based).
-            col: experience index, 0-based (column j - 1 holds experience j).
-            value: per-sample scores (e.g. 0/1 correctness, or per-token losses); they are
-                summed. With ``count`` given, ``value`` is already a sum over ``count`` items
-                (e.g. a batch's summed token NLL and its token count).
-            count: how many items ``value`` sums over; default ``value.numel()``.
-
-        Raises:
-            IndexError: if row or col is outside the matrix.
-            ValueError: if count is negative.
-        """
-        if not 0 <= row <= self.num_experiences:
-            raise IndexError(f"row {row} outside 0..{self.num_experiences} (0 = before training)")
-        if not 0 <= col < self.num_experiences:
-            raise IndexError(f"col {col} outside 0..{self.num_experiences - 1} (0-based experience index)")
-        value = torch.as_tensor(value).detach()
-        items = value.numel() if count is None else float(torch.as_tensor(count))
-        if items < 0:
-            raise ValueError(f"count must be non-negative, got {items}")
-        self.value_sum[row, col] += value.sum().to(device=self.value_sum.device, dtype=torch.float64)
-        self.count[row, col] += items
-
-    def mean_matrix(self) -> torch.Tensor:
-        """The (T+1) x T matrix of cell means, NaN where nothing was added (this rank's states
-        unless called inside :meth:`compute`, where torchmetrics has synced them)."""
-        return torch.where(self.count > 0, self.value_sum / self.count.clamp_min(1e-12), torch.nan)
-
-    def compute(self) -> dict[str, Any]:
-        """R and its summary.
-
-        Returns:
-            ``matrix``: the (T+1) x T float64 tensor of means (NaN = not measured), plus the
-            keys of :func:`continual_summary` computed on the rows up to the last measured one.
-        """
-        matrix = self.mean_matrix()
-        return {"matrix": matrix, **continual_summary(matrix.cpu(), self.scores_higher_is_better)}
 
 
 class ItemRecords(Metric):

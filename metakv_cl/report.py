@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from metakv_cl.metrics import SUMMARY_FIGURES, balanced_accuracy, continual_summary, majority_rate
+from metakv_cl.plotting import new_figure, save_figure
 from metakv_cl.runfolder import atomic_write_text
 from metakv_cl.statistics import BOOTSTRAP_FIGURES, Interval, holm, intervals_json, item_scores, paired_bootstrap
 
@@ -481,12 +480,6 @@ def _wrap(label: str, width: int = 18) -> str:
     return "\n".join(textwrap.wrap(label, width)) or label
 
 
-def _save(figure: Figure, path: Path) -> Path:
-    FigureCanvasAgg(figure)  # attach the Agg canvas: no display and no pyplot state
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    return path
-
-
 def plot_heatmap(result: MethodResult, path: Path) -> Path:
     """R as a heatmap with each cell's value written in it; better scores are brighter.
 
@@ -498,7 +491,7 @@ def plot_heatmap(result: MethodResult, path: Path) -> Path:
         ``path``.
     """
     num_rows, num_cols = len(result.matrix), len(result.experience_names)
-    figure = Figure(figsize=(2.0 + 1.3 * num_cols, 1.2 + 0.6 * num_rows))
+    figure = new_figure(figsize=(2.0 + 1.3 * num_cols, 1.2 + 0.6 * num_rows))
     axes = figure.add_subplot()
     finite = [cell for row in result.matrix for cell in row if math.isfinite(cell)]
     low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
@@ -527,7 +520,7 @@ def plot_heatmap(result: MethodResult, path: Path) -> Path:
     axes.set_xlabel("evaluated experience")
     axes.set_ylabel("training progress")
     axes.set_title(f"{result.method}: {result.score_name} matrix R (red: just trained)")
-    return _save(figure, path)
+    return save_figure(figure, path, tight=True)
 
 
 def plot_curves(result: MethodResult, path: Path) -> Path:
@@ -540,7 +533,7 @@ def plot_curves(result: MethodResult, path: Path) -> Path:
     Returns:
         ``path``.
     """
-    figure = Figure(figsize=(7.5, 4.2))
+    figure = new_figure(figsize=(7.5, 4.2))
     axes = figure.add_subplot()
     steps = range(len(result.matrix))
     for j, name in enumerate(result.experience_names):
@@ -553,7 +546,7 @@ def plot_curves(result: MethodResult, path: Path) -> Path:
     axes.set_title(f"{result.method}: score per experience (star: just trained)")
     axes.grid(alpha=0.3)
     axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="experience")
-    return _save(figure, path)
+    return save_figure(figure, path, tight=True)
 
 
 def plot_forgetting(results: Sequence[MethodResult], path: Path) -> Path:
@@ -567,7 +560,7 @@ def plot_forgetting(results: Sequence[MethodResult], path: Path) -> Path:
         ``path``.
     """
     panels = [name for name in SCORE_NAMES if any(result.score_name == name for result in results)]
-    figure = Figure(figsize=(max(6.0, 1.2 * max(len(r.experience_names) for r in results) + 3), 3.8 * len(panels)))
+    figure = new_figure(figsize=(max(6.0, 1.2 * max(len(r.experience_names) for r in results) + 3), 3.8 * len(panels)))
     for panel, score_name in enumerate(panels, 1):
         axes = figure.add_subplot(len(panels), 1, panel)
         group = [result for result in results if result.score_name == score_name]
@@ -590,7 +583,7 @@ def plot_forgetting(results: Sequence[MethodResult], path: Path) -> Path:
         axes.legend(fontsize=8)
         axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path, tight=True)
 
 
 def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[str, Path]:

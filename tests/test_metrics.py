@@ -2,15 +2,12 @@
 
 import io
 import math
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from metakv_cl.metrics import ContinualMatrix, ContinualMatrixPluginMetric, continual_summary
+from metakv_cl.metrics import ContinualMatrixPluginMetric, continual_summary
 
 # Accuracies, 3 experiences. Row 0 = before training, row i = after training experience i.
 ACCURACY = [
@@ -83,80 +80,6 @@ def test_partial_matrix_and_unmeasured_cells():
 def test_summary_rejects_bad_matrices(matrix, message):
     with pytest.raises(ValueError, match=message):
         continual_summary(matrix, higher_is_better=True)
-
-
-def test_torchmetric_accumulates_sums_and_counts():
-    metric = ContinualMatrix(num_experiences=3, higher_is_better=True)
-    for row, scores in enumerate(ACCURACY):
-        for col, score in enumerate(scores):
-            # Two batches per cell; their mean is the cell's score.
-            metric.update(row, col, torch.tensor([score, score - 0.05]))
-            metric.update(row, col, torch.tensor([score + 0.05]), count=1)
-    result = metric.compute()
-    assert torch.allclose(result["matrix"], torch.tensor(ACCURACY, dtype=torch.float64))
-    assert result["forgetting"] == pytest.approx(0.25)
-    assert result["fwt"] == pytest.approx(0.1)
-
-
-def test_torchmetric_summary_uses_rows_measured_so_far():
-    metric = ContinualMatrix(num_experiences=3, higher_is_better=False)
-    metric.update(0, 0, torch.tensor(9.0), count=3)  # a summed NLL of 9 nats over 3 tokens
-    metric.update(1, 0, torch.tensor([1.0, 2.0, 3.0]))
-    result = metric.compute()
-    assert result["matrix"][0, 0].item() == pytest.approx(3.0)
-    assert result["num_trained"] == 1
-    assert result["average"] == pytest.approx(2.0)
-    assert result["perplexity"] == pytest.approx(math.exp(2.0))
-    assert math.isnan(result["matrix"][2, 0].item())
-    with pytest.raises(IndexError, match="row 4"):
-        metric.update(4, 0, torch.tensor(1.0))
-    with pytest.raises(IndexError, match="col 3"):
-        metric.update(0, 3, torch.tensor(1.0))
-
-
-def test_rank_states_combine_as_sums_not_means_of_means():
-    rank0 = ContinualMatrix(num_experiences=2)
-    rank1 = ContinualMatrix(num_experiences=2)
-    rank0.update(1, 0, torch.tensor([1.0, 1.0, 0.0]))  # 2 of 3 correct
-    rank1.update(1, 0, torch.tensor([0.0]))  # 0 of 1 correct
-    rank0.merge_state(rank1)  # torchmetrics applies the states' dist_reduce_fx ("sum")
-    # 2 correct of 4 samples = 0.5, not the mean of rank means (2/3 + 0) / 2.
-    assert rank0.compute()["matrix"][1, 0].item() == pytest.approx(0.5)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _gloo_worker(rank: int, port: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        metric = ContinualMatrix(num_experiences=2)
-        if rank == 0:
-            metric.update(1, 0, torch.tensor([1.0, 1.0, 0.0]))
-            metric.update(2, 1, torch.tensor([1.0]))
-        else:
-            metric.update(1, 0, torch.tensor([0.0]))
-            metric.update(2, 1, torch.tensor([0.0, 0.0, 0.0]))
-            metric.update(2, 0, torch.tensor([1.0]))
-        results[rank] = metric.compute()["matrix"].tolist()
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_gloo_processes_agree_on_the_synced_matrix():
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(_gloo_worker, args=(_free_port(), results), nprocs=2, start_method="spawn")  # fork after torch threads start can deadlock gloo
-        per_rank = [torch.tensor(results[0]), torch.tensor(results[1])]
-    assert torch.allclose(per_rank[0], per_rank[1], equal_nan=True)
-    matrix = per_rank[0]
-    assert matrix[1, 0].item() == pytest.approx(0.5)  # (2 + 0) / (3 + 1)
-    assert matrix[2, 1].item() == pytest.approx(0.25)  # (1 + 0) / (1 + 3)
-    assert matrix[2, 0].item() == pytest.approx(1.0)  # only rank 1 measured it
-    assert math.isnan(matrix[0, 0].item())
 
 
 class _FakeExperience(SimpleNamespace):

@@ -391,14 +391,14 @@ def plot_perplexity(rows: Sequence[dict[str, Any]], path: Path, title: str) -> N
 
     The size is the peak while streaming, and the compacted cache's size one-shot.
     """
-    import matplotlib
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from metakv_cl.plotting import new_figure, save_figure
 
-    figure, axis = plt.subplots(figsize=(8, 5.5))
+    figure = new_figure(figsize=(8, 5.5))
+    axis = figure.subplots()
     done = [r for r in rows if "skipped" not in r]
-    colors, markers = plt.get_cmap("tab20").colors, "os^vD<>ph*Xd"
+    colors, markers = colormaps["tab20"].colors, "os^vD<>ph*Xd"
     protocols = {r["protocol"] for r in done}
     for index, (method, protocol) in enumerate(sorted({(r["method"], r["protocol"]) for r in done})):
         points = sorted((r.get("cache_bytes", r.get("peak_bytes")) / 2**20, r["perplexity"]) for r in done
@@ -419,8 +419,7 @@ def plot_perplexity(rows: Sequence[dict[str, Any]], path: Path, title: str) -> N
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8, ncol=2)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)
 
 
 # --- needle in a haystack ------------------------------------------------------------------
@@ -491,10 +490,7 @@ def needle_sweep(model, tokenizer, haystack_ids: Sequence[int], methods: Sequenc
 
 def plot_needle(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     """A lengths x depths accuracy heatmap per (method, budget)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from metakv_cl.plotting import new_figure, save_figure
 
     done = [r for r in rows if "skipped" not in r]
     panels = sorted({(r["method"], r["budget"]) for r in done})
@@ -502,8 +498,8 @@ def plot_needle(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     depths = sorted({r["depth"] for r in rows})
     columns = min(4, max(1, len(panels)))
     lines = max(1, math.ceil(len(panels) / columns))
-    figure, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 3.0 * lines + 0.6), squeeze=False,
-                                constrained_layout=True)
+    figure = new_figure(figsize=(3.4 * columns, 3.0 * lines + 0.6), layout="constrained")
+    axes = figure.subplots(lines, columns, squeeze=False)
     image = None
     for axis in axes.flat[len(panels):]:
         axis.axis("off")
@@ -525,8 +521,7 @@ def plot_needle(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     if image is not None:
         figure.colorbar(image, ax=axes, shrink=0.8, label="retrieval accuracy")
     figure.suptitle(title, fontsize=10)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 # --- command lines ---------------------------------------------------------------------------

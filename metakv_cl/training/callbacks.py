@@ -131,6 +131,12 @@ class TrainingThroughput(pl.Callback):
     a resumed stream, and, in a fit's checkpoints, the fit's own counts up to the checkpointed
     epoch: a fit resumed from ``last.ckpt`` adds to them only the epochs it runs again, so a
     killed and resumed run counts what an uninterrupted one counts.
+
+    Not Lightning's ``ThroughputMonitor``: it synchronises the device after every batch (this
+    callback only at the clock's stops), its ``length_fn`` returns a Python number per batch
+    (counting a batch's non-padding tokens then waits for the device at every step too), and it
+    keeps no state across fits or in a checkpoint, so a resumed run would not count what an
+    uninterrupted one counts.
     """
 
     def __init__(self):
@@ -276,7 +282,13 @@ def derived_seed(*parts: Any) -> int:
 
 
 def seed_all(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators."""
+    """Seed Python's, NumPy's and torch's global generators, and nothing else.
+
+    What ``pl.seed_everything`` seeds, without its environment variables: this reseeds at
+    derived points (every batch, around each fit), while Lightning reads ``PL_GLOBAL_SEED`` as
+    the run's seed (DDP re-seeds each process from it at set-up, distributed samplers shuffle
+    by it), so it must keep the seed the run started with (the CLI's ``seed_everything``).
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -170,7 +170,9 @@ class ContinualLMModule(pl.LightningModule):
         self.loss_hook: Callable[[dict, Any, torch.Tensor], torch.Tensor] | None = None
         self.lm_loss_weight = 1.0
         self.experience_label = "(no experience)"
-        # evaluation sums (synchronised across ranks by torchmetrics)
+        # evaluation sums (synchronised across ranks by torchmetrics). Not MeanMetric: the token and
+        # example counts are reported too, and a MeanMetric's float32 mean (of NLL per token x
+        # tokens, for the loss) would round the reported loss and accuracy differently.
         self.eval_nll = SumMetric()
         self.eval_tokens = SumMetric()
         self.eval_correct = SumMetric()
@@ -477,6 +479,23 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of each optimiser step: linear warm-up, then constant or decay.
+
+    Not ``transformers.get_scheduler``, which would change results: its warm-up multiplier at
+    step s is s / warmup (the first step trains at rate 0; ours is (s + 1) / warmup, full rate at
+    the last warm-up step), and its linear decay rounds differently (one ulp at some steps). Its
+    cosine decay after warm-up is ours exactly (``tests/training/test_module.py`` checks all three
+    relations step by step).
+
+    Args:
+        kind: ``"constant"``, ``"linear"`` (to 0 at ``total``) or ``"cosine"`` (to 0 at ``total``).
+        warmup: warm-up steps.
+        total: optimiser steps of the fit.
+
+    Returns:
+        A function of the step index (from 0) for ``torch.optim.lr_scheduler.LambdaLR``.
+    """
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup

@@ -206,6 +206,30 @@ def test_unknown_schedule_is_refused():
         ContinualLMModule(tiny_gpt2(), lr_schedule="step")
 
 
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_lr_schedule_against_transformers_get_scheduler(kind):
+    """Why the schedule is not ``transformers.get_scheduler``: the multipliers, step by step."""
+    from transformers import get_scheduler
+
+    from metakv_cl.training.module import _schedule
+
+    warmup, total = 5, 60
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    name = "constant_with_warmup" if kind == "constant" else kind
+    theirs = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total).lr_lambdas[0]
+    ours = _schedule(kind, warmup, total)
+    # warm-up: one step ahead (theirs trains its first step at rate 0)
+    assert [ours(step) for step in range(warmup)] == [theirs(step + 1) for step in range(warmup)]
+    assert theirs(0) == 0.0
+    after_warmup = range(warmup, total + 1)
+    if kind == "linear":  # the same decay, rounded differently
+        assert [ours(step) for step in after_warmup] == pytest.approx([theirs(step) for step in after_warmup],
+                                                                      rel=1e-15, abs=1e-15)
+        assert any(ours(step) != theirs(step) for step in after_warmup)
+    else:
+        assert [ours(step) for step in after_warmup] == [theirs(step) for step in after_warmup]
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_compiled_training_forward_matches_eager_with_meta_kv(packed):
     import copy
