@@ -3,8 +3,8 @@
 An entry records what the toolkit needs to know about the family: the attention layout Meta-KV
 modulates (:mod:`metakv_cl.modeling.adapters`), whether positions are rotary or a learned table,
 the modules LoRA adapts by default, and the shape of a tiny random model for tests
-(:func:`metakv_cl.testing.tiny_model`). Adding a family is one entry here plus its name in the
-family tests (``tests/modeling/test_families.py`` runs every entry).
+(:func:`metakv_cl.testing.tiny_model`). Adding a family is one entry here: the family tests
+(``tests/modeling/test_families.py``) run every entry, and take a test of whatever is new in it.
 """
 
 from __future__ import annotations
