@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+from transformers import PretrainedConfig
 
 from metakv_cl.modeling.adapters import AttentionSite, FusedQKV, NormedK, SeparateKV
 
@@ -63,7 +64,7 @@ FAMILIES: dict[str, ModelFamily] = {
 }
 
 
-def model_family(model: str | nn.Module | Any) -> ModelFamily:
+def model_family(model: str | nn.Module | PretrainedConfig) -> ModelFamily:
     """The family of a model, its config, or a model type.
 
     Raises:
