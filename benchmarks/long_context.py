@@ -190,10 +190,10 @@ def meta_kv_config(source: str, state_dim: int, args: argparse.Namespace):
 
 def meta_kv_parameter_count(model: nn.Module, config) -> int:
     """Trainable parameters Meta-KV with ``config`` adds to ``model`` (counted on the meta device)."""
-    from metakv_cl.modeling.adapters import find_attention_sites
+    from metakv_cl.modeling.families import attention_sites
     from metakv_cl.modeling.meta_kv import MetaKV
 
-    adapter, sites = find_attention_sites(model)
+    adapter, sites = attention_sites(model)
     with torch.device("meta"):
         return sum(p.numel() for p in MetaKV(config, adapter, sites).parameters())
 

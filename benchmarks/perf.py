@@ -226,7 +226,7 @@ def run_decode(args, base) -> list[dict]:
         variants["mean/factorized fused"] = copy.deepcopy(dynamic)
         if args.compile:  # the prompt through compiled Meta-KV layers (any length), the steps through the kernel
             variants["mean/factorized fused, compiled prefill"] = compile_meta_kv(copy.deepcopy(dynamic), dynamic=True)
-    max_positions = getattr(base.config, "n_positions", None) or base.config.max_position_embeddings
+    max_positions = base.config.max_position_embeddings  # GPT-2's config maps it to n_positions
     for batch in args.decode_batches:
         for context in args.decode_contexts:
             if context + args.new_tokens > max_positions:

@@ -61,14 +61,10 @@ from metakv_cl.kv.protocol import (
 )
 from metakv_cl.kv.quantization import KVStorage, owned
 from metakv_cl.kv.registry import get_method
+from metakv_cl.modeling.families import model_family
 from transformers.cache_utils import Cache, DynamicLayer
 
 POSITION_POLICIES = ("auto", "kept", "seen")
-
-
-def uses_rope(config: Any) -> bool:
-    """Whether a model config describes rotary position embeddings."""
-    return getattr(config, "rope_parameters", None) is not None or getattr(config, "rope_theta", None) is not None
 
 
 class CompactedLayer(DynamicLayer):
@@ -437,10 +433,10 @@ class CompactedCache(Cache):
         self.max_tokens = max_tokens
         self.headroom = headroom
         self.reference_queries = reference_queries
-        rope = config is not None and uses_rope(config)
+        family = None if config is None else model_family(config)
+        rope = family is not None and family.rope
         self.position_policy = ("seen" if rope else "kept") if position_policy == "auto" else position_policy
-        # Learned absolute positions have a table size; RoPE positions do not.
-        self.position_limit = None if rope or config is None else getattr(config, "max_position_embeddings", None)
+        self.position_limit = None if family is None else family.position_limit(config)
         # Under the "kept" policy positions count entries, so entries are capped as well as bytes
         # (a quantized cache would otherwise hold more entries than the position table).
         self.entry_limit = max_tokens if self.position_policy == "kept" and self.position_limit is not None else None

@@ -61,7 +61,7 @@ class GraphedDecoder:
         attention = getattr(model.config, "_attn_implementation", "eager")
         if attention not in ("eager", "sdpa"):
             raise ValueError(f"GraphedDecoder passes an additive 4-D attention mask, which {attention!r} attention does not take; use 'sdpa' or 'eager'")
-        positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2's config maps it to n_positions
         if positions is not None and max_cache_len > positions:
             raise ValueError(f"max_cache_len {max_cache_len} exceeds the model's {positions} positions")
         parameter = next(model.parameters())

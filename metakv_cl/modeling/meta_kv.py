@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from transformers.masking_utils import find_packed_sequence_indices
 
-from metakv_cl.modeling.adapters import find_attention_sites
 from metakv_cl.modeling.cache_state import running_states
 from metakv_cl.modeling.config import MetaKVConfig
+from metakv_cl.modeling.families import attention_sites
 from metakv_cl.modeling.modulation import build_modulation, delta_weights
 from metakv_cl.modeling.sources import AddressedMemory, ConsolidatedMemory, PackedDocuments, build_dynamic_source
 from metakv_cl.transformers_api import cache_argument_name, passed_cache
@@ -373,7 +373,7 @@ def add_meta_kv(model: nn.Module, config: MetaKVConfig | None = None) -> nn.Modu
     """Add Meta-KV attention to a loaded transformers causal LM, in place.
 
     Args:
-        model: a GPT-2 or Llama-family model (``...ForCausalLM``).
+        model: a causal LM of a registered family (:mod:`metakv_cl.modeling.families`).
         config: the Meta-KV configuration (default ``MetaKVConfig()``).
 
     Returns:
@@ -381,13 +381,13 @@ def add_meta_kv(model: nn.Module, config: MetaKVConfig | None = None) -> nn.Modu
         exactly what it computed before (B starts at zero).
 
     Raises:
-        ValueError: unsupported architecture, a rank above the head dimension, or a model that
+        ValueError: an unregistered model type, a rank above the head dimension, or a model that
             already has Meta-KV.
     """
     config = config or MetaKVConfig()
     if has_meta_kv(model):
         raise ValueError("the model already has Meta-KV; remove_meta_kv(model) first")
-    adapter, sites = find_attention_sites(model)
+    adapter, sites = attention_sites(model)
     head_dim = sites[0].head_dim
     if config.rank > head_dim:
         raise ValueError(

@@ -38,8 +38,8 @@ class MetaKVModel(nn.Module):
     the wrapper drops in wherever the model was used.
 
     Args:
-        model: a transformers causal LM (GPT-2 or Llama family). It gets Meta-KV with ``config``
-            unless it already has Meta-KV.
+        model: a transformers causal LM of a registered model type (:mod:`metakv_cl.modeling.families`).
+            It gets Meta-KV with ``config`` unless it already has Meta-KV.
         config: the Meta-KV configuration for a model without Meta-KV (default
             ``MetaKVConfig()``); for a model that has Meta-KV it must be None or equal its config.
 

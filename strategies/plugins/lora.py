@@ -19,6 +19,7 @@ from typing import Any, Literal, Sequence
 import metakv_cl  # noqa: F401  (torchvision import fix before peft loads)
 from peft import LoraConfig, LoraModel
 
+from metakv_cl.modeling.families import model_family
 from metakv_cl.strategies.plugins.base import MethodPlugin
 
 LORA_MODES = ("shared", "per_experience")
@@ -30,21 +31,21 @@ def make_lora_config(
     """A peft ``LoraConfig`` for ``model`` (GPT-2's Conv1D projections need ``fan_in_fan_out``).
 
     Args:
-        model: the model the adapter goes on.
+        model: the model the adapter goes on, of a registered family (:mod:`metakv_cl.modeling.families`).
         rank: LoRA rank r.
         alpha: LoRA scaling numerator (scale = alpha / r).
         dropout: LoRA dropout.
-        target_modules: module name suffixes to adapt; default: peft's choice for the architecture.
+        target_modules: module name suffixes to adapt; default: the family's ``lora_targets``.
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = model_family(model)
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(target_modules) if target_modules else None,
-        fan_in_fan_out=model_type == "gpt2",
+        target_modules=list(target_modules or family.lora_targets),
+        fan_in_fan_out=family.conv1d,
         bias="none",
     )
 
@@ -79,7 +80,8 @@ class LoRA(MethodPlugin):
         rank: LoRA rank.
         alpha: LoRA alpha (scale alpha / rank).
         dropout: LoRA dropout.
-        target_modules: module name suffixes to adapt (default: peft's choice, e.g. GPT-2's ``c_attn``).
+        target_modules: module name suffixes to adapt (default: the model family's ``lora_targets``,
+            e.g. GPT-2's ``c_attn``).
         route_by_experience: per-experience mode only: score experience j with adapter j alone.
 
     Raises:

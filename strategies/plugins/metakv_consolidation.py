@@ -64,7 +64,7 @@ class MetaKVConsolidation(MethodPlugin):
             the dynamic source of a hybrid meta-state).
         fast_rank: rank of the fast LoRA adapter.
         fast_alpha: alpha of the fast LoRA adapter.
-        fast_target_modules: modules the fast adapter adapts (default: peft's choice).
+        fast_target_modules: modules the fast adapter adapts (default: the model family's ``lora_targets``).
         fast_epochs: epochs of the fast phase (default: the Trainer's ``max_epochs``).
         fast_lr: learning rate of the fast phase (default: the module's).
         consolidation_epochs: epochs of the consolidation (default: ``max_epochs``).

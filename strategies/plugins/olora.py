@@ -37,7 +37,7 @@ class OLoRA(LoRA):
         rank: rank of every adapter.
         alpha: LoRA alpha (scale alpha / rank).
         dropout: LoRA dropout.
-        target_modules: linear module name suffixes to adapt (default: peft's choice, as for
+        target_modules: linear module name suffixes to adapt (default: the model family's ``lora_targets``, as for
             :class:`~metakv_cl.strategies.plugins.lora.LoRA`: GPT-2's ``c_attn``, Llama's Q and V).
         lambda_orth: weight of the orthogonality term (the paper's lambda_1).
         lambda_l2: weight of the squared L2 norm of the new adapter (the paper's lambda_2).

@@ -24,7 +24,7 @@ from metakv_cl.modeling.fused_decode import FusedDecodeStep
 from metakv_cl.modeling.graphed_decoding import GraphedDecoder
 from metakv_cl.modeling.meta_kv import MetaKVLayer
 from metakv_cl.modeling.sources import MaxSource
-from metakv_cl.testing import left_padded_batch, randomize_meta_kv
+from metakv_cl.testing import left_padded_batch, randomize_meta_kv, tiny_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_RUNS_HERE = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -173,12 +173,8 @@ def test_layers_larger_than_one_register_tile_loop_over_blocks(core):
     assert_float32_steps_match(step, layer, generator, atol=1e-5)
 
 
-@needs_kernel
-@pytest.mark.parametrize("source", ["mean", "attentive", "max", "hybrid", "consolidated"])
-def test_fused_decoding_inside_the_model_equals_generate(tiny_model_factory, source, monkeypatch):
-    """The kernel runs from the projection hooks: GPT-2 gets K and V added into c_attn's output,
-    Llama K into k_proj's and V from the returned delta at v_proj."""
-    model = add_meta_kv(tiny_model_factory(), MetaKVConfig(source=source, rank=4, state_dim=16))
+def assert_fused_decoding_equals_generate(model, monkeypatch):
+    """Greedy decoding through the kernel, run from the projection hooks, equals ``generate``."""
     randomize_meta_kv(model)
     model = model.to(DEVICE).eval()
     ids, mask, _ = left_padded_batch(length=8)
@@ -190,7 +186,30 @@ def test_fused_decoding_inside_the_model_equals_generate(tiny_model_factory, sou
     decoder = GraphedDecoder(model, batch_size=3, max_cache_len=32, cuda_graph=False, fused_meta_kv=True)
     assert torch.equal(decoder.generate(ids, attention_mask=mask, max_new_tokens=6), expected)
     assert len(calls) == 5 * len(decoder.fused_steps)  # every layer of every one-token step
-    assert all(call["k_out"] is not None for call in calls)  # added in place, not through a separate add
+    # added in place into the first K or V output to appear, not through a separate add
+    assert all(call["k_out"] is not None or call["v_out"] is not None for call in calls)
+
+
+@needs_kernel
+@pytest.mark.parametrize("source", ["mean", "attentive", "max", "hybrid", "consolidated"])
+def test_fused_decoding_inside_the_model_equals_generate(tiny_model_factory, source, monkeypatch):
+    """GPT-2 gets K and V added into c_attn's output, Llama K into k_proj's and V from the
+    returned delta at v_proj."""
+    model = add_meta_kv(tiny_model_factory(), MetaKVConfig(source=source, rank=4, state_dim=16))
+    assert_fused_decoding_equals_generate(model, monkeypatch)
+
+
+@needs_kernel
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text", "phi3"])
+def test_fused_decoding_adds_into_every_projection_layout(model_type, monkeypatch):
+    """V first and K into k_norm's output, time-major (Qwen3) or head-major (Gemma 3); Phi-3's
+    fused Linear qkv_proj."""
+    torch.manual_seed(0)
+    # GraphedDecoder masks its whole cache, which a sliding-window layer does not hold: a window
+    # longer than that cache
+    overrides = {"sliding_window": 64} if model_type == "gemma3_text" else {}
+    model = add_meta_kv(tiny_model(model_type, **overrides), MetaKVConfig(source="mean", rank=4, state_dim=16))
+    assert_fused_decoding_equals_generate(model, monkeypatch)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="concurrent programs need a GPU (the interpreter runs them in turn)")
