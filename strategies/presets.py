@@ -14,6 +14,7 @@ preset                           plugins
 ``LwF(...)``                     ``[plugins.LwF(...)]``
 ``LoRA(...)``                    ``[plugins.LoRA(...)]``
 ``OLoRA(...)``                   ``[plugins.OLoRA(...)]``
+``KNNLM(...)``                   ``[plugins.KNNLM(...)]``
 ``Replay(...)``                  ``[plugins.Replay(...)]``
 ``MetaKVConsolidation(...)``     ``[plugins.Replay(buffer_size, storage_policy),
                                  plugins.MetaKVConsolidation(...)]``, then
@@ -145,6 +146,37 @@ class OLoRA(ContinualStrategy):
         method = methods.OLoRA(
             rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, lambda_orth=lambda_orth,
             lambda_l2=lambda_l2,
+        )
+        _put_first([method], kwargs)
+        super().__init__(**kwargs)
+
+
+class KNNLM(ContinualStrategy):
+    """kNN-LM, each experience's training text added to a datastore: :class:`metakv_cl.strategies.plugins.KNNLM`
+    on the strategy.
+
+    Args:
+        interpolation, temperature, k, freeze_base, index, window: see
+            :class:`metakv_cl.strategies.plugins.KNNLM`.
+        **kwargs: arguments of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+    """
+
+    strategy_name = "knn-lm"
+
+    def __init__(
+        self,
+        *,
+        interpolation: float = 0.25,
+        temperature: float = 1.0,
+        k: int = 16,
+        freeze_base: bool = False,
+        index: Literal["flat", "ivf", "hnsw"] = "flat",
+        window: int | None = None,
+        **kwargs: Any,
+    ):
+        method = methods.KNNLM(
+            interpolation=interpolation, temperature=temperature, k=k, freeze_base=freeze_base, index=index,
+            window=window,
         )
         _put_first([method], kwargs)
         super().__init__(**kwargs)

@@ -11,7 +11,8 @@
   (:attr:`ContinualLMModule.nonfinite_check_interval` steps, and at every epoch's last batch and
   the end of a fit), so the host waits for the device once per window, not at every step; the
   error still names the first non-finite step (the weights then hold the window's updates);
-* validation = the score of one experience: token-weighted mean loss for language modelling,
+* validation = the score of one experience: token-weighted mean loss for language modelling
+  (of the distribution an evaluation-time method puts in ``eval_scorer``, e.g. kNN-LM, if any),
   label-likelihood accuracy for classification (each prompt run once and its KV cache continued
   with every candidate; candidates ranked by summed or mean log-likelihood, ``ranking``), and
   with ``exact_match`` the share of items whose greedy decoding is the gold label, accumulated in
@@ -168,6 +169,10 @@ class ContinualLMModule(pl.LightningModule):
         # (batch, outputs, loss) -> the loss to train: the strategy fires Avalanche's
         # after_forward / before_backward there, where plugins may add to the loss
         self.loss_hook: Callable[[dict, Any, torch.Tensor], torch.Tensor] | None = None
+        # (model, batch) -> [batch, length, vocab] next-token logits or log-probabilities that score a
+        # language-modelling evaluation batch in place of the model's logits (None: the model's). An
+        # evaluation-time method sets it for its evaluations and clears it after (the KNNLM plugin).
+        self.eval_scorer: Callable[[nn.Module, dict], torch.Tensor] | None = None
         self.lm_loss_weight = 1.0
         self.experience_label = "(no experience)"
         # evaluation sums (synchronised across ranks by torchmetrics). Not MeanMetric: the token and
@@ -426,8 +431,11 @@ class ContinualLMModule(pl.LightningModule):
                 self.eval_generations.update(batch["index"], generated_correct=generated_correct)
             return -gold_ll.sum() / (labels[:, 1:] != -100).sum().clamp_min(1)
         else:
-            outputs = self(batch["input_ids"], batch["attention_mask"])
-            nll, count = sequence_nll(outputs.logits, batch["labels"])
+            if self.eval_scorer is None:
+                logits = self(batch["input_ids"], batch["attention_mask"]).logits
+            else:
+                logits = self.eval_scorer(self.model, batch)
+            nll, count = sequence_nll(logits, batch["labels"])
             self.eval_nll.update(nll.sum())
             self.eval_tokens.update(count.sum())
             self.eval_examples.update(torch.tensor(float(nll.shape[0])))

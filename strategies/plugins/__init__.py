@@ -7,6 +7,7 @@ They compose by list, as Avalanche's plugins do, and mix with Avalanche's own::
 
 from metakv_cl.strategies.plugins.base import MethodPlugin, PhaseFit, PluginConflictError, UnsupportedPluginError
 from metakv_cl.strategies.plugins.ewc import EWC
+from metakv_cl.strategies.plugins.knn_lm import KNNLM
 from metakv_cl.strategies.plugins.lora import LoRA
 from metakv_cl.strategies.plugins.lwf import LwF
 from metakv_cl.strategies.plugins.metakv_consolidation import MetaKVConsolidation
@@ -16,6 +17,7 @@ from metakv_cl.strategies.plugins.validated import Validated
 
 __all__ = [
     "EWC",
+    "KNNLM",
     "LoRA",
     "LwF",
     "MetaKVConsolidation",

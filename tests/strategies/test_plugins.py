@@ -18,7 +18,7 @@ from avalanche.training.plugins import (
 
 from metakv_cl.metrics import ContinualMatrixPluginMetric
 from metakv_cl.modeling import MetaKVConfig
-from metakv_cl.strategies import EWC, ContinualStrategy, LoRA, LwF, MetaKVConsolidation, Naive, OLoRA, Replay
+from metakv_cl.strategies import EWC, KNNLM, ContinualStrategy, LoRA, LwF, MetaKVConsolidation, Naive, OLoRA, Replay
 from metakv_cl.strategies import plugins
 from metakv_cl.strategies.plugins import PluginConflictError, UnsupportedPluginError
 from metakv_cl.training.runner import run_stream
@@ -47,6 +47,7 @@ def make(tmp_path, plugin_list=(), num_experiences=2, epochs=1, strategy_cls=Con
     (LoRA, {"mode": "per_experience"}, [plugins.LoRA]),
     (OLoRA, {}, [plugins.OLoRA]),
     (Replay, {"buffer_size": 8}, [plugins.Replay]),
+    (KNNLM, {"freeze_base": True}, [plugins.KNNLM]),
     (MetaKVConsolidation, {"buffer_size": 8}, [plugins.Replay, plugins.MetaKVConsolidation]),
     (MetaKVConsolidation, {"validation_fraction": 0.25},
      [plugins.Replay, plugins.MetaKVConsolidation, plugins.Validated]),

@@ -55,7 +55,7 @@ def run(strategy_cls, tmp_path, **kwargs):
 @pytest.mark.parametrize("name", sorted(STRATEGIES) + ["metakv-distill"])
 def test_every_strategy_learns_each_experience_end_to_end(name, tmp_path):
     strategy, result = run(
-        STRATEGIES[name.split("-")[0]], tmp_path, meta_kv=META_KV if name.startswith("metakv") else None,
+        STRATEGIES[name.removesuffix("-distill")], tmp_path, meta_kv=META_KV if name.startswith("metakv") else None,
         **EXTRA_ARGS.get(name, {}),
     )
     assert result.score_name == "loss" and result.experience_names == strategy.experience_names

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from metakv_cl.modeling import MetaKVConfig
-from metakv_cl.strategies import MetaKVConsolidation, OLoRA, Replay, plugins
+from metakv_cl.strategies import KNNLM, MetaKVConsolidation, OLoRA, Replay, plugins
 from metakv_cl.training.runner import StreamState, run_stream, warm_up
 from metakv_cl.training.testing import toy_setup, toy_trainer_kwargs
 
@@ -42,6 +42,8 @@ CASES = {
     "metakv": (MetaKVConsolidation, {"mode": "distill", "buffer_size": 8}, KillAt("exp_001", "consolidate", epoch=1, batch=2)),
     # O-LoRA: killed while training the second adapter (the first one is rebuilt from the stream state)
     "olora": (OLoRA, {}, KillAt("exp_001", "train", epoch=1, batch=1)),
+    # kNN-LM: killed while training the second experience (the first one's datastore comes from the stream state)
+    "knn-lm": (KNNLM, {}, KillAt("exp_001", "train", epoch=1, batch=1)),
     # replay: killed in the second epoch of the first experience
     "replay": (Replay, {"buffer_size": 8}, KillAt("exp_000", "train", epoch=1, batch=1)),
     # the same with packed training batches (rows of 32 tokens: the longest toy item fits)

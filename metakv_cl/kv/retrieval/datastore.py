@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,10 +175,30 @@ class Datastore:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(directory / INDEX_FILE))
-        settings = {"dim": self.dim, "metric": self.metric, "index": self.kind, "ivf_cells": self.ivf_cells,
-                    "ivf_probes": self.ivf_probes, "hnsw_neighbors": self.hnsw_neighbors, "seed": self.seed}
-        (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+        (directory / SETTINGS_FILE).write_text(json.dumps(self.settings(), indent=2))
         return directory
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments of this store (plain values)."""
+        return {"dim": self.dim, "metric": self.metric, "index": self.kind, "ivf_cells": self.ivf_cells,
+                "ivf_probes": self.ivf_probes, "hnsw_neighbors": self.hnsw_neighbors, "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The settings and the serialised index as a uint8 tensor (what a stream state file holds)."""
+        return {"settings": self.settings(), "index": torch.from_numpy(faiss.serialize_index(self.index))}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Datastore:
+        """Rebuild a store from :meth:`state_dict` output."""
+        store = cls(**state["settings"])
+        store._set_index(faiss.deserialize_index(state["index"].numpy()))
+        return store
+
+    def _set_index(self, index) -> None:
+        # a read index forgets the search-time setting nprobe
+        self.index = index
+        if self.kind == "ivf":
+            self.index.nprobe = self.ivf_probes
 
     @classmethod
     def load(cls, directory: str | Path) -> Datastore:
@@ -191,7 +212,5 @@ class Datastore:
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} is missing: not a directory written by Datastore.save")
         store = cls(**json.loads((directory / SETTINGS_FILE).read_text()))
-        store.index = faiss.read_index(str(directory / INDEX_FILE))
-        if store.kind == "ivf":
-            store.index.nprobe = store.ivf_probes
+        store._set_index(faiss.read_index(str(directory / INDEX_FILE)))
         return store

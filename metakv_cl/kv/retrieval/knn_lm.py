@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -187,6 +187,16 @@ class KNNLM:
         settings = {"interpolation": self.interpolation, "temperature": self.temperature, "k": self.k}
         (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         return directory
+
+    def state_dict(self) -> dict[str, Any]:
+        """The datastore, next tokens and settings as tensors and plain values (a stream state's format)."""
+        return {"datastore": self.datastore.state_dict(), "next_tokens": self.next_tokens,
+                "settings": {"interpolation": self.interpolation, "temperature": self.temperature, "k": self.k}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> KNNLM:
+        """Rebuild a kNN-LM from :meth:`state_dict` output."""
+        return cls(Datastore.from_state_dict(state["datastore"]), state["next_tokens"], **state["settings"])
 
     @classmethod
     def load(cls, directory: str | Path) -> KNNLM:
