@@ -43,10 +43,11 @@ class KNNLM(MethodPlugin):
         window: tokens per forward call when storing a document (default: the model's position limit).
 
     Raises:
-        ValueError: settings out of range (when the strategy is built: the datastore checks them).
+        ValueError: a window below 2 tokens; settings out of range (when the strategy is built: the
+            datastore checks them).
     """
 
-    # one slot on the module (its eval_scorer), and a frozen base leaves no training schedule to share
+    # the module has one eval_scorer slot: two plugins scoring evaluation would overwrite each other
     exclusive = ("evaluation scorer",)
 
     def __init__(
@@ -58,6 +59,9 @@ class KNNLM(MethodPlugin):
         index: Literal["flat", "ivf", "hnsw"] = "flat",
         window: int | None = None,
     ):
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2):
+            raise ValueError(f"window: {window!r} is not a token count; give an integer >= 2 (a context and its "
+                             "next token), or None for the model's position limit")
         super().__init__()
         self.interpolation, self.temperature, self.k = interpolation, temperature, k
         self.freeze_base, self.index, self.window = freeze_base, index, window

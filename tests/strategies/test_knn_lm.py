@@ -92,6 +92,8 @@ def test_conflicts_and_bad_settings_are_refused(tmp_path):
         make(MetaKVConsolidation, tmp_path, plugins=[plugins.KNNLM(freeze_base=True)])
     with pytest.raises(ValueError, match=r"interpolation \(lambda\) must be in \[0, 1\], got 1.5"):
         make(KNNLM, tmp_path, interpolation=1.5)
+    with pytest.raises(ValueError, match="window: 1 is not a token count"):
+        plugins.KNNLM(window=1)
 
 
 def test_classification_streams_are_refused(tmp_path):
