@@ -50,9 +50,10 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 class BlockCompiler:
     """Compiled versions of a model's blocks (:func:`repeated_blocks`), switched on per forward.
 
-    A block is compiled the first time it runs here; a block replaced later (a peft adapter
-    injected into it keeps the block, a new model brings new blocks) gets its own compiled callable,
-    which reuses the graphs already traced for its class wherever dynamo's guards allow.
+    The blocks of a model are found and their compiled callables made once, the first time the
+    model runs here (not at every step); a new model object (a peft wrapper, a copy) gets its own,
+    which reuse the graphs already traced for the block class wherever dynamo's guards allow.
+    Adapters injected into a block keep the block, so they need no new callable.
 
     Args:
         dynamic: ``torch.compile``'s ``dynamic`` (default True: batch and length vary from step to step).
@@ -63,19 +64,10 @@ class BlockCompiler:
 
     def __init__(self, dynamic: bool | None = True):
         self.dynamic = dynamic
-        self._compiled: dict[int, tuple[nn.Module, Callable]] = {}
+        self._model: nn.Module | None = None
+        self._calls: list[tuple[nn.Module, Callable]] = []  # (block, its compiled call) of _model
 
-    def _compiled_call(self, block: nn.Module) -> Callable:
-        entry = self._compiled.get(id(block))
-        if entry is None or entry[0] is not block:
-            entry = (block, torch.compile(block._call_impl, dynamic=self.dynamic))
-            self._compiled[id(block)] = entry
-        return entry[1]
-
-    @contextmanager
-    def active(self, model: nn.Module) -> Iterator[None]:
-        """Run ``model``'s blocks compiled inside the block (their backward too, since autograd
-        records the compiled graphs); eager again on exit."""
+    def _prepare(self, model: nn.Module) -> None:
         blocks = repeated_blocks(model)
         if not blocks:
             raise ValueError(
@@ -89,19 +81,28 @@ class BlockCompiler:
         for limit in ("recompile_limit", "accumulated_recompile_limit"):
             if getattr(torch._dynamo.config, limit) < wanted:
                 setattr(torch._dynamo.config, limit, wanted)
+        self._model = model
+        self._calls = [(block, torch.compile(block._call_impl, dynamic=self.dynamic)) for block in blocks]
+
+    @contextmanager
+    def active(self, model: nn.Module) -> Iterator[None]:
+        """Run ``model``'s blocks compiled inside the block (their backward too, since autograd
+        records the compiled graphs); eager again on exit."""
+        if model is not self._model:
+            self._prepare(model)
         # nn.Module.__call__ runs _compiled_call_impl when set: this is what Module.compile() sets,
         # here only for the duration of one forward
-        for block in blocks:
-            block._compiled_call_impl = self._compiled_call(block)
+        for block, call in self._calls:
+            block._compiled_call_impl = call
         try:
             yield
         finally:
-            for block in blocks:
+            for block, _ in self._calls:
                 block._compiled_call_impl = None
 
     def __getstate__(self) -> dict:
         # compiled callables do not pickle or deep-copy; a copy compiles its own blocks
-        return {"dynamic": self.dynamic, "_compiled": {}}
+        return {"dynamic": self.dynamic, "_model": None, "_calls": []}
 
     def __deepcopy__(self, memo: dict) -> "BlockCompiler":
         return BlockCompiler(self.dynamic)

@@ -158,9 +158,7 @@ class MetaKVConsolidation(MethodPlugin):
                 f"(source 'consolidated' or 'hybrid') or the addressed bank (source 'addressed'); "
                 f"this model's source is {meta_kv.config.source!r}"
             )
-        if "generator" not in self.consolidate_groups and all(
-            not p.any() for layer in meta_kv.layers if layer.modulation is not None for p in [layer.modulation.B]
-        ):
+        if "generator" not in self.consolidate_groups and not any(layer.modulation.B.any() for layer in meta_kv.layers):
             # delta = (X A(C)) B(C) with B = 0 has no gradient with respect to C, so neither has M
             raise ValueError(
                 f"consolidate_groups={list(self.consolidate_groups)} cannot learn: the generator's B is still zero "
