@@ -5,8 +5,8 @@ A suite config (``configs/benchmarks/cl_suite.yaml``) names models, streams, met
 method, seed) is one *cell*: one :func:`~metakv_cl.training.runner.run_stream` of one strategy.
 Commands::
 
-    python benchmarks/cl_suite.py plan   [--config C] [--plans P ...]      # cells and GPU-time estimate
-    python benchmarks/cl_suite.py run    [--config C] [--plans P ...] --workers 8 --time-budget 480 \\
+    python benchmarks/cl_suite.py plan   [--config C] [--plans P ...] [--methods M ...] [--streams S ...]  # cells, estimate
+    python benchmarks/cl_suite.py run    [--config C] [--plans P ...] [--methods M ...] [--streams S ...] --workers 8 --time-budget 480 \\
                                          [--pack OUT.tar.gz] [--commit SHA]
     python benchmarks/cl_suite.py tune   [--config C] --runs-dir DIR [DIR ...] [--out DIR/tuning.json]
     python benchmarks/cl_suite.py report [--config C] --runs-dir DIR [DIR ...] [--out benchmarks/results/cl_suite]
@@ -285,23 +285,34 @@ class Suite:
             raise FileNotFoundError(f"suite config not found: {path}")
         return cls(yaml.safe_load(path.read_text()), str(path))
 
-    def cells(self, plans: Sequence[str] | None = None) -> list[Cell]:
+    def cells(self, plans: Sequence[str] | None = None, methods: Sequence[str] | None = None,
+              streams: Sequence[str] | None = None) -> list[Cell]:
         """Every cell of the chosen plans (all by default), without duplicates, in plan order.
 
+        Args:
+            plans: the plans whose cells to list (default: all).
+            methods: keep only these methods' cells (default: all).
+            streams: keep only these streams' cells (default: all). Either filter keeps the plans'
+                own cells, so a later call without it runs only the rest.
+
         Raises:
-            ValueError: an unknown plan name.
+            ValueError: an unknown plan, method or stream name.
         """
         names = list(plans) if plans else list(self.plans)
         unknown = [name for name in names if name not in self.plans]
         if unknown:
             raise ValueError(f"unknown plan(s) {unknown}; known: {sorted(self.plans)}")
+        for option, chosen, known in (("--methods", methods, self.methods), ("--streams", streams, self.streams)):
+            unknown = [name for name in chosen or () if name not in known]
+            if unknown:
+                raise ValueError(f"unknown name(s) {unknown} in {option}; known: {sorted(known)}")
         cells: dict[str, Cell] = {}
         for name in names:
             plan = self.plans[name]
             for seed in plan.get("seeds", self.seeds):
                 for model in plan["models"]:
-                    for stream in plan["streams"]:
-                        for method in plan["methods"]:
+                    for stream in (name for name in plan["streams"] if not streams or name in streams):
+                        for method in (m for m in plan["methods"] if not methods or m in methods):
                             points = (range(len(grid_points(self.tuning["grids"][method]))) if plan.get("tune")
                                       else [-1])
                             for point in points:
@@ -820,7 +831,7 @@ def run_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     started = time.time()
     deadline = started + args.time_budget
     suite = Suite.load(args.config)
-    cells = suite.cells(args.plans)
+    cells = suite.cells(args.plans, args.methods, args.streams)
     runs_dir = Path(args.runs_dir)
     tuned = sorted({cell.plan for cell in cells if suite.plans[cell.plan].get("tuned")})
     if tuned and not (runs_dir / TUNING_FILE).is_file():
@@ -1060,7 +1071,7 @@ def tune_main(args: argparse.Namespace) -> int:
 def plan_main(args: argparse.Namespace) -> int:
     """Print the cells, their estimates and the total device time."""
     suite = Suite.load(args.config)
-    plan = make_plan(suite, suite.cells(args.plans), Path(args.runs_dir))
+    plan = make_plan(suite, suite.cells(args.plans, args.methods, args.streams), Path(args.runs_dir))
     todo = [entry for entry in plan if not entry["done"]]
     print(f"{'':4} {'priority':8} {'cell':66} {'device s':>9} {'host s':>7}")
     for entry in plan:
@@ -1096,9 +1107,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = common(commands.add_parser("plan", help="list the cells and the estimated device time"))
     plan.add_argument("--plans", nargs="*", help="plans to include (default: all)")
+    plan.add_argument("--methods", nargs="*", help="only these methods of the plans (default: all)")
+    plan.add_argument("--streams", nargs="*", help="only these streams of the plans (default: all)")
     plan.add_argument("--workers", type=int, default=8, help="parallel workers the estimate assumes")
     run = common(commands.add_parser("run", help="run the cells with parallel workers"))
     run.add_argument("--plans", nargs="*", help="plans to run (default: all)")
+    run.add_argument("--methods", nargs="*", help="only these methods of the plans (default: all)")
+    run.add_argument("--streams", nargs="*", help="only these streams of the plans (default: all)")
     run.add_argument("--workers", type=int, default=8, help="parallel worker processes on the device")
     run.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     run.add_argument("--time-budget", type=float, default=480.0, help="seconds until the workers are stopped")

@@ -11,6 +11,11 @@ weights on the same mini-batches of documents (the engine's own loader and seeds
 * ``engine <preset>``: ``metakv-cl``'s strategies (``strategy.train(experience)``, Lightning
   underneath), one per preset of :data:`PRESETS`, in the ``--layout`` of the reference.
 
+With ``--compile`` the bare loops compile as the engine does: the blocks and the loss over the
+logits, nothing else. With ``--eval-batch-size N`` the run also times the engine's evaluation
+(``strategy.eval`` of every experience, batches of N documents, end to end: Lightning's validate
+calls included) over the same documents, as scored tokens per second.
+
 The reference is the bare loop in the engine's layout (``bare packed`` by default). Every path is
 timed by the same clock: from the start of a fit's ``--skip-steps + 1``-th batch to the end of its
 last (the device synchronised at both ends; Lightning's set-up, checkpoints and validation fall
@@ -22,7 +27,8 @@ tables report the median tokens/s of each path and its ratio to the reference.
         --presets naive --batch-size 8 --max-length 64 --documents 24 --threads 1 --out benchmarks/results/engine_throughput_cpu_smollm2
     python benchmarks/engine_throughput.py --device cuda --model smollm2-shape --vocab-size 50304 \\
         --data dbpedia --precision bf16 --compile --batch-size 112 --max-length 256 --pack-length 1024 \\
-        --experiences 6 --documents 400 --skip-steps 1 --rounds 2 --warmup-rounds 1 --out benchmarks/results/engine_throughput
+        --experiences 6 --documents 400 --skip-steps 1 --rounds 2 --warmup-rounds 1 --eval-batch-size 128 \\
+        --out benchmarks/results/engine_throughput
 
 ``--out STEM`` writes ``STEM.json`` (the command, commit, device, library versions, settings and
 every round) and ``STEM.md``, rendered from that JSON by :func:`render_markdown`.
@@ -193,7 +199,7 @@ def bare_loop(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Nam
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             with autocast, blocks.active(model) if blocks else contextlib.nullcontext():
                 outputs = model(**model_inputs(batch))
-            nll, count = token_nll(outputs.logits, batch["labels"])  # the engine's loss
+            nll, count = (blocks.compiled(token_nll) if blocks else token_nll)(outputs.logits, batch["labels"])  # the engine's loss
             loss = nll.sum() / count.sum().clamp_min(1)
             loss.backward()
             optimizer.step()
@@ -233,6 +239,27 @@ def engine_run(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Na
         strategy.train(experience, eval_streams=[])
 
 
+def engine_evaluation(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Namespace,
+                      stopwatch: Stopwatch, root: Path) -> int:
+    """Time ``strategy.eval`` over every experience's test set; return the scored tokens."""
+    module = ContinualLMModule(model)
+    strategy = strategy_class("naive")(
+        module=module,
+        eval_mb_size=args.eval_batch_size,
+        seed=args.seed,
+        trainer_kwargs=dict(accelerator="gpu" if stopwatch.device.type == "cuda" else "cpu", devices=1,
+                            strategy="single_device_resident",
+                            precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+                            enable_progress_bar=False, enable_model_summary=False, logger=False),
+        root_dir=root / "evaluation",
+    )
+    stopwatch.start()
+    strategy.eval(benchmark.test_stream)
+    stopwatch.stop()
+    # a document of n tokens scores its n - 1 next-token predictions
+    return sum(int(item["input_ids"].shape[0]) - 1 for experience in benchmark.test_stream for item in experience.dataset)
+
+
 def build_stream(args: argparse.Namespace) -> tuple[LMBenchmark, int]:
     """(the benchmark, the vocabulary size a from-scratch model needs) of ``--data``."""
     texts: list[list[str]]
@@ -251,7 +278,8 @@ def build_stream(args: argparse.Namespace) -> tuple[LMBenchmark, int]:
     tokenizer = load_tokenizer(MODELS[args.model][2])
     if args.model == "tiny":  # a tiny model's compute would go to an output layer of unused tokens
         tokenizer = CompactVocabulary(tokenizer, [text for group in texts for text in group])
-    stream = [TextTask(f"topic{k}", train=group, test=group[:2]) for k, group in enumerate(texts)]
+    # the test sets are the training documents: what the evaluation path scores
+    stream = [TextTask(f"topic{k}", train=group, test=group) for k, group in enumerate(texts)]
     benchmark = make_benchmark(stream, tokenizer, max_length=args.max_length, overflow="truncate")
     return benchmark, len(tokenizer)
 
@@ -290,6 +318,7 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
         )
     speeds: dict[str, list[float]] = {name: [] for name in paths}
     tokens: dict[str, int] = {}
+    evaluation_speeds: list[float] = []
     with tempfile.TemporaryDirectory() as folder:
         for round_index in range(-args.warmup_rounds, args.rounds):
             label = f"warm-up {round_index + args.warmup_rounds + 1}" if round_index < 0 else f"round {round_index + 1}/{args.rounds}"
@@ -297,14 +326,18 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
                 pl.seed_everything(args.seed, workers=True, verbose=False)
                 stopwatch = Stopwatch(device)
                 run(copy.deepcopy(initial), stopwatch, Path(folder) / f"round{round_index}")
-                # a path's model, optimizer and trainer sit in reference cycles: free them before the next path
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                _free(device)
                 print(f"{label}  {name:16s} {stopwatch.tokens_per_second:12,.1f} tokens/s", flush=True)
                 if round_index >= 0:
                     speeds[name].append(stopwatch.tokens_per_second)
                     tokens[name] = stopwatch.token_count
+            if args.eval_batch_size:
+                stopwatch = Stopwatch(device)
+                scored = engine_evaluation(copy.deepcopy(initial), benchmark, args, stopwatch, Path(folder) / f"round{round_index}")
+                _free(device)
+                print(f"{label}  {'engine evaluation':16s} {scored / stopwatch.seconds:12,.1f} scored tokens/s", flush=True)
+                if round_index >= 0:
+                    evaluation_speeds.append(scored / stopwatch.seconds)
     reference = BARE_PACKED if args.layout == "packed" else BARE_PADDED
     medians = {name: statistics.median(values) for name, values in speeds.items()}
     lengths = [int(item["input_ids"].shape[0]) for experience in benchmark.train_stream for item in experience.dataset]
@@ -325,7 +358,17 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
                    "timed_tokens": tokens[name], "tokens_per_s_rounds": speeds[name]}
             for name in paths
         },
+        "evaluation": ({"scored_tokens_per_s": statistics.median(evaluation_speeds), "batch_size": args.eval_batch_size,
+                        "scored_tokens": scored, "scored_tokens_per_s_rounds": evaluation_speeds}
+                       if evaluation_speeds else None),
     }
+
+
+def _free(device: torch.device) -> None:
+    """Free a finished path's model, optimizer and trainer (they sit in reference cycles) before the next."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _commit() -> str:
@@ -364,6 +407,12 @@ def render_markdown(result: dict[str, Any]) -> str:
     for name, row in result["paths"].items():
         rounds = ", ".join(f"{value:,.0f}" for value in row["tokens_per_s_rounds"])
         lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['ratio']:.2f} | {row['timed_tokens']:,} | {rounds} |")
+    evaluation = result.get("evaluation")
+    if evaluation:
+        rounds = ", ".join(f"{value:,.0f}" for value in evaluation["scored_tokens_per_s_rounds"])
+        lines += ["", f"Evaluation (`strategy.eval` of every experience end to end, batches of {evaluation['batch_size']} "
+                  f"documents, {evaluation['scored_tokens']:,} scored tokens): **{evaluation['scored_tokens_per_s']:,.0f} "
+                  f"scored tokens/s** (per round: {rounds})."]
     return "\n".join(lines) + "\n"
 
 
@@ -383,6 +432,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, fp32 weights")
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine, the packed bare loop and the bare loop in the engine's layout")
     parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=list(PRESETS))
+    parser.add_argument("--eval-batch-size", type=int, default=0,
+                        help="also time the engine's evaluation of every experience in batches of this many documents (0: not)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--skip-steps", type=int, default=1, help="untimed batches at the start of each fit")
     parser.add_argument("--rounds", type=int, default=3)
@@ -396,7 +447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("experiences", "documents", "batch_size", "rounds", "lr"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("skip_steps", "warmup_rounds"):
+    for name in ("skip_steps", "warmup_rounds", "eval_batch_size"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     return args

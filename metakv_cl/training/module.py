@@ -95,8 +95,9 @@ class ContinualLMModule(pl.LightningModule):
         compile: run the training forward's transformer blocks through ``torch.compile``
             (:class:`~metakv_cl.training.compilation.BlockCompiler`: one graph per block class,
             compiled in seconds, reused by every layer; the Meta-KV hooks are traced with the
-            blocks). On a GPU this removes the host-side cost of eager training. Evaluation stays
-            eager. Blocks swapped in later (a new model) compile their own callables.
+            blocks) and the loss over the logits. On a GPU this removes the host-side cost of eager
+            training. Evaluation stays eager. Blocks swapped in later (a new model) compile their own
+            callables.
     """
 
     #: training steps whose losses are queued on the device between two non-finite checks (each
@@ -256,8 +257,9 @@ class ContinualLMModule(pl.LightningModule):
         return total / count.clamp_min(1)
 
     def lm_loss(self, batch: dict, outputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, nll_sum, token_count) of a batch with ``labels``."""
-        nll, count = token_nll(outputs.logits, batch["labels"])
+        """(loss, nll_sum, token_count) of a batch with ``labels`` (compiled with the blocks)."""
+        nll_of = token_nll if self.block_compiler is None else self.block_compiler.compiled(token_nll)
+        nll, count = nll_of(outputs.logits, batch["labels"])
         total, tokens = nll.sum(), count.sum()
         return self.token_mean(total, tokens), total, tokens
 

@@ -227,3 +227,11 @@ def test_suite_config_errors_name_the_problem(tmp_path):
         cl_suite.Suite(config).cells(["absent"])
     cells = cl_suite.Suite(config).cells()
     assert len(cells) == 6 and cells[0].key == "tiny-scratch/topics/replay/seed0"
+    kept = cl_suite.Suite(config).cells(methods=["replay"])
+    assert kept and all(cell.method == "replay" for cell in kept)
+    assert {cell.key for cell in kept} == {cell.key for cell in cells if cell.method == "replay"}
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['nope'\] in --methods"):
+        cl_suite.Suite(config).cells(methods=["nope"])
+    assert cl_suite.Suite(config).cells(streams=["tasks"]) == [cell for cell in cells if cell.stream == "tasks"]
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['nope'\] in --streams"):
+        cl_suite.Suite(config).cells(streams=["nope"])

@@ -11,7 +11,7 @@ def test_every_path_trains_the_same_batches_and_the_page_is_rendered_from_the_js
     out = tmp_path / "throughput"
     result = engine_throughput.main([
         "--documents", "16", "--batch-size", "4", "--rounds", "1", "--threads", "1",
-        "--presets", "naive", "replay", "--out", str(out),
+        "--presets", "naive", "replay", "--eval-batch-size", "8", "--out", str(out),
     ])
     paths = result["paths"]
     assert list(paths) == ["bare padded", "bare packed", "engine naive", "engine replay"]
@@ -25,6 +25,10 @@ def test_every_path_trains_the_same_batches_and_the_page_is_rendered_from_the_js
     assert saved["command"].startswith("python ") and saved["versions"]["torch"]
     page = out.with_suffix(".md").read_text()
     assert page == engine_throughput.render_markdown(saved)
+    evaluation = result["evaluation"]  # every training document scored: its tokens but the first
+    documents = result["documents"]
+    assert evaluation["scored_tokens"] == round(result["document_tokens"]["mean"] * documents) - documents
+    assert evaluation["scored_tokens_per_s"] > 0 and f"{evaluation['scored_tokens_per_s']:,.0f} scored tokens/s" in page
     row = next(line for line in page.splitlines() if line.startswith("| engine naive |"))
     assert f"{paths['engine naive']['tokens_per_s']:,.0f}" in row and f"{paths['engine naive']['ratio']:.2f}" in row
 

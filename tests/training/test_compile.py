@@ -36,6 +36,11 @@ def compiled_graphs(monkeypatch):
     torch._dynamo.reset()
 
 
+def block_graphs(graphs) -> list:
+    """The graphs of transformer blocks (not of the loss over the logits)."""
+    return [graph for graph in graphs if "cross_entropy" not in graph.code]
+
+
 @pytest.mark.parametrize(("pack_length", "most_graphs"), [(None, 2), (64, 2)], ids=["padded", "packed"])
 def test_varying_batch_shapes_compile_a_bounded_number_of_graphs(tmp_path, compiled_graphs, pack_length, most_graphs):
     torch.manual_seed(0)
@@ -50,7 +55,9 @@ def test_varying_batch_shapes_compile_a_bounded_number_of_graphs(tmp_path, compi
     # one without (a batch with no padding needs none); packed, one more for a batch of a single
     # row, since dynamo specialises size 1
     assert len(repeated_blocks(module.model)) == 2
-    assert 1 <= len(compiled_graphs) <= most_graphs, f"{len(compiled_graphs)} graphs for shapes {sorted(set(shapes.shapes))}"
+    blocks = block_graphs(compiled_graphs)
+    assert 1 <= len(blocks) <= most_graphs, f"{len(blocks)} graphs for shapes {sorted(set(shapes.shapes))}"
+    assert 1 <= len(compiled_graphs) - len(blocks) <= most_graphs  # the loss: dynamic too
 
 
 def test_blocks_are_found_through_peft_and_for_llama():
@@ -73,7 +80,8 @@ def test_compiled_blocks_are_active_only_inside_the_training_forward(compiled_gr
     module = ContinualLMModule(tiny_gpt2(), compile=True)
     ids = torch.randint(1, 90, (2, 8))
     module.training_step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, 0)
-    assert len(compiled_graphs) == 1  # every layer ran the one graph of its block
+    assert len(block_graphs(compiled_graphs)) == 1  # every layer ran the one graph of its block
+    assert len(compiled_graphs) == 2  # and the loss its own
     assert all(block._compiled_call_impl is None for block in repeated_blocks(module.model))
     copy.deepcopy(module)  # nothing compiled stays on the model or the compiler for a copy to meet
 
@@ -83,3 +91,21 @@ def test_a_model_without_repeated_blocks_is_refused():
     with pytest.raises(ValueError, match="compile: found no repeated transformer blocks in Linear"):
         with compiler.active(torch.nn.Linear(2, 2)):
             pass
+
+
+def test_the_compiled_loss_equals_the_eager_loss():
+    from metakv_cl.testing import tiny_gpt2
+    from metakv_cl.training.module import ContinualLMModule
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    eager, compiled = ContinualLMModule(model), ContinualLMModule(model, compile=True)
+    ids = torch.randint(1, 90, (3, 12))
+    labels = ids.masked_fill(torch.arange(12) >= 9, -100)  # unscored tail positions, as padding has
+    outputs = model(input_ids=ids)
+    batch = {"input_ids": ids, "labels": labels}
+    expected, got = eager.lm_loss(batch, outputs), compiled.lm_loss(batch, outputs)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+    assert int(got[2]) == int(expected[2]) == 3 * 8
+    assert compiled.block_compiler._functions  # the loss did go through the compiler
