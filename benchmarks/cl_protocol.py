@@ -308,6 +308,24 @@ def contrast_markdown(contrasts: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def readme_contrasts(protocol: dict[str, Any], results_folder: str) -> str:
+    """The README's results block: every declared contrast that ran, from ``protocol.json``.
+
+    Args:
+        protocol: the ``protocol.json`` that ``report`` wrote.
+        results_folder: that folder, relative to the README (for the links).
+    """
+    ran = [contrast for contrast in protocol["contrasts"] if contrast["streams"]]
+    lines = [f"From `{results_folder}/protocol.json`, written by `cl_suite.py report` (per-stream tables: "
+             f"`{results_folder}/INDEX.md`). Differences with 95% paired-bootstrap intervals over seeds and test "
+             "items; p-values Holm-adjusted across each contrast's streams.", ""]
+    lines += contrast_markdown(ran) if ran else ["No declared contrast has both of its methods on the same seeds yet.", ""]
+    missing = [f"{c['table']}: {c['method']} minus {c['reference']}" for c in protocol["contrasts"] if not c["streams"]]
+    if missing:
+        lines += ["Declared but not run yet: " + "; ".join(missing) + ".", ""]
+    return "\n".join(lines)
+
+
 def tuning_markdown(tuning: dict[str, Any] | None, grids: dict[str, dict]) -> list[str]:
     """The tuning section of the index page: each method's grid, and its choice once ``tune`` has run."""
     if not tuning:

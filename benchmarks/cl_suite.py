@@ -77,6 +77,7 @@ LOGS_DIR = "logs"
 SCRATCH_DIR = "scratch"
 PLAN_FILE = "plan.json"
 TUNING_FILE = "tuning.json"
+README_BLOCK = "cl_suite primary contrasts"  # the README's block that `report --readme` rewrites
 log = logging.getLogger("cl_suite")
 
 
@@ -112,10 +113,11 @@ from metakv_cl.benchmarks.cl_protocol import (  # noqa: E402
     grid_points,
     nominal_item_passes,
     parse_protocol,
+    readme_contrasts,
     select_points,
     tuning_markdown,
 )
-from metakv_cl.report import MethodResult, json_text, write_seed_report  # noqa: E402
+from metakv_cl.report import MethodResult, json_text, replace_generated_block, write_seed_report  # noqa: E402
 from metakv_cl.runfolder import atomic_write_text  # noqa: E402
 from metakv_cl.strategies import ContinualStrategy  # noqa: E402
 from metakv_cl.strategies.plugins import Replay, Validated  # noqa: E402
@@ -1034,6 +1036,11 @@ def report_main(args: argparse.Namespace) -> int:
               "split; the chosen point ran on every reported stream.", "",
               *tuning_markdown(tuning, grids)]
     (out / "INDEX.md").write_text("\n".join(index) + "\n")
+    if args.readme:
+        readme = Path(args.readme)
+        folder = os.path.relpath(out.resolve(), readme.resolve().parent)
+        readme.write_text(replace_generated_block(readme.read_text(), README_BLOCK, readme_contrasts(protocol, folder)))
+        print(f"[cl_suite] {readme}: the '{README_BLOCK}' block")
     return 0
 
 
@@ -1123,6 +1130,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--call-id", help="this call's id (default: the start time)")
     report = common(commands.add_parser("report", help="write per-stream tables, JSON and plots"), runs_dirs=True)
     report.add_argument("--out", default="benchmarks/results/cl_suite", help="results folder")
+    report.add_argument("--readme", help="also rewrite the page's generated block of primary contrasts (README.md)")
     tune = common(commands.add_parser("tune", help="choose each method's grid point from the tuning plans' cells"),
                   runs_dirs=True)
     tune.add_argument("--out", help=f"the choices (default: the first runs dir's {TUNING_FILE}, which run reads)")

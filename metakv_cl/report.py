@@ -278,6 +278,22 @@ def item_outcomes(score_name: str, evaluations: Sequence[Sequence[dict[str, Any]
 _VALUE_ARRAY = re.compile(r"\[\n\s*((?:[^\[\]{}\n\"]+,\n\s*)*[^\[\]{}\n\"]+)\n\s*\]")
 
 
+def replace_generated_block(text: str, name: str, content: str) -> str:
+    """``text`` with the block between ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->``
+    replaced by ``content``: how a page such as the README quotes results that a report command wrote,
+    so that no number in it is typed by hand.
+
+    Raises:
+        ValueError: the page lacks either marker, or holds the block twice.
+    """
+    start, end = f"<!-- generated: {name} -->", f"<!-- end generated: {name} -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"the page needs exactly one '{start}' followed by one '{end}' to hold the generated block")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{content.strip()}\n{end}{tail}"
+
+
 def json_text(data: Any) -> str:
     """``data`` as indented JSON with every array of numbers (or null / booleans) on one line:
     per-item outcomes stay a few lines per experience instead of one line per item.

@@ -201,6 +201,25 @@ def test_report_merges_calls_into_per_stream_folders(finished_call, tmp_path):
     assert average["p_holm"] == average["p_value"]  # one stream: Holm leaves a family of one unchanged
     index = (out / "INDEX.md").read_text()
     assert "### topics: metakv-replay minus replay" in index and "No tuning.json in the runs dirs" in index
+    # --readme rewrites only the page's generated block, with the contrast's interval from protocol.json
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- generated: cl_suite primary contrasts -->\nold\n"
+                      "<!-- end generated: cl_suite primary contrasts -->\nrest\n")
+    cl_suite.main(["report", "--config", str(config), "--runs-dir", str(first), str(second), "--out", str(out),
+                   "--readme", str(readme)])
+    page = readme.read_text()
+    assert page.startswith("intro\n") and page.endswith("rest\n") and "old" not in page
+    assert "From `report/protocol.json`" in page
+    assert f"{average['estimate']:.3f} [{average['low']:.3f}, {average['high']:.3f}]" in page
+
+
+def test_a_page_without_its_generated_block_markers_is_refused():
+    from metakv_cl.report import replace_generated_block
+
+    with pytest.raises(ValueError, match="the page needs exactly one '<!-- generated: x -->'"):
+        replace_generated_block("no markers", "x", "content")
+    assert replace_generated_block("a<!-- generated: x -->b<!-- end generated: x -->c", "x", "new") == (
+        "a<!-- generated: x -->\nnew\n<!-- end generated: x -->c")
 
 
 def test_report_leaves_differences_out_until_every_method_ran_the_references_seeds(finished_call, tmp_path):
