@@ -2,6 +2,7 @@
 protected, the bank's history kept for resume, and the routing recorded per test experience."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,30 @@ def test_the_routing_of_each_test_experience_is_recorded_and_plotted(tmp_path):
     saved = json.loads(paths["json"].read_text())["methods"][0]["extra"]
     assert saved["slot_read_weights"] == routing
 
+
+
+def test_the_ablation_config_runs_every_arm_on_a_tiny_model(tmp_path, capsys):
+    """configs/metakv_addressed_ablation.yaml with its stream and model shrunk to the toy ones."""
+    import yaml
+
+    from metakv_cl.cli import main
+    from metakv_cl.training.testing import TOY_MODEL_SHAPE, toy_config, write_config
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "metakv_addressed_ablation.yaml").read_text())
+    toy = toy_config(tmp_path / "ablation")
+    config["trainer"], config["data"] = toy["trainer"], toy["data"]
+    config["model"]["init_args"]["config_overrides"] = dict(TOY_MODEL_SHAPE)
+    main(["compare", "--config", write_config(tmp_path, config)])
+    methods = {m["method"]: m for m in json.loads((tmp_path / "ablation" / "report.json").read_text())["methods"]}
+    assert list(methods) == [entry.get("init_args", {}).get("name", "naive") for entry in config["strategies"]]
+    opened = {"addressed-s1": 2, "addressed-s16": 32}
+    for name, method in methods.items():
+        if name.startswith("addressed"):
+            owners = method["extra"]["slot_experience"]
+            assert sum(owner is not None for owner in owners) == opened.get(name, 8), name
+            assert (tmp_path / "ablation" / f"routing_{name.replace('-', '_')}.png").is_file()
+        else:
+            assert "slot_read_weights" not in method["extra"]
+    # equal parameters: the constant M consolidates as many as the reference arm's bank (+ the same generator)
+    assert (methods["constant-m-equal-params"]["extra"]["trainable_params"]
+            == methods["addressed-s4-frozen-mean"]["extra"]["trainable_params"])
