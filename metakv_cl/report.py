@@ -597,22 +597,23 @@ def plot_slot_routing(result: MethodResult, path: Path) -> Path:
     opened them.
 
     Args:
-        result: a method whose ``extra`` holds ``slot_read_weights`` (and ``slot_experience``).
+        result: a method whose ``extra`` holds the routing of
+            :meth:`~metakv_cl.strategies.plugins.BankSchedule.routing` (``slot_read_weights``,
+            ``slot_read_experiences``, ``slot_experience``).
         path: where to write the PNG.
 
     Returns:
         ``path``.
     """
     weights = result.extra["slot_read_weights"]
-    owners = result.extra.get("slot_experience") or [None] * len(weights[0])
+    rows, owners = result.extra["slot_read_experiences"], result.extra["slot_experience"]
     figure = new_figure(figsize=(2.5 + 0.35 * len(owners), 1.4 + 0.5 * len(weights)))
     axes = figure.add_subplot()
     image = axes.imshow(weights, cmap="magma", vmin=0.0, vmax=max(max(row) for row in weights) or 1.0, aspect="auto")
     figure.colorbar(image, ax=axes).set_label("mean read weight")
     axes.set_xticks(range(len(owners)), [f"{slot}" if owner is None else f"{slot} (e{owner + 1})"
                                          for slot, owner in enumerate(owners)], rotation=60, ha="right", fontsize=7)
-    axes.set_yticks(range(len(weights)), [_wrap(f"{j}: {name}") for j, name in enumerate(result.experience_names, 1)],
-                    fontsize=8)
+    axes.set_yticks(range(len(weights)), [_wrap(f"{j + 1}: {result.experience_names[j]}") for j in rows], fontsize=8)
     axes.set_xlabel("slot (e<k>: opened for experience k)")
     axes.set_ylabel("test experience")
     axes.set_title(f"{result.method}: slots read per experience")

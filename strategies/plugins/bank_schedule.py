@@ -194,9 +194,11 @@ class BankSchedule(MethodPlugin):
         """The latest read weights of each evaluated experience.
 
         Returns:
-            ``slot_read_weights`` (experiences x slots, the mean over layers; each row sums to 1),
-            ``slot_read_weights_per_layer`` (layers x experiences x slots) and ``slot_experience``
-            (for each slot, the training experience that opened it, or None), as plain lists.
+            ``slot_read_weights`` (evaluated experiences x slots, the mean over layers; each row
+            sums to 1), ``slot_read_weights_per_layer`` (layers x evaluated experiences x slots),
+            ``slot_read_experiences`` (the index of each row's test experience) and
+            ``slot_experience`` (for each slot, the training experience that opened it, or None),
+            as plain lists.
         """
         experiences = sorted(self.read_weights)
         per_layer = torch.stack([self.read_weights[index] for index in experiences], dim=1)  # [layers, exps, slots]
@@ -207,6 +209,7 @@ class BankSchedule(MethodPlugin):
         return {
             "slot_read_weights": per_layer.mean(dim=0).tolist(),
             "slot_read_weights_per_layer": per_layer.tolist(),
+            "slot_read_experiences": experiences,
             "slot_experience": owner,
         }
 

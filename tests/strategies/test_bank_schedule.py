@@ -116,6 +116,7 @@ def test_the_routing_of_each_test_experience_is_recorded_and_plotted(tmp_path):
     assert all(row[4:] == [0.0] * 4 for row in routing)  # closed slots are never read
     assert torch.tensor(result.extra["slot_read_weights_per_layer"]).shape == (2, 2, 8)
     assert result.extra["slot_experience"] == [0, 0, 1, 1, None, None, None, None]
+    assert result.extra["slot_read_experiences"] == [0, 1]
     paths = write_report([result], tmp_path / "report")
     assert paths[f"routing:{result.method}"].read_bytes()[:4] == b"\x89PNG"
     saved = json.loads(paths["json"].read_text())["methods"][0]["extra"]
