@@ -512,7 +512,9 @@ class SlotReadRecorder:
     def __init__(self, model: nn.Module):
         self.meta_kv = get_meta_kv(model)
         if not self.meta_kv.config.uses_bank:
-            raise ValueError(f"reading slots needs source 'addressed'; this model's source is {self.meta_kv.config.source!r}")
+            raise ValueError(
+                f"reading slots needs source 'addressed'; this model's source is {self.meta_kv.config.source!r}"
+            )
         slots = self.meta_kv.config.memory_slots
         self.sums = torch.zeros(len(self.meta_kv.layers), slots, dtype=torch.float64)
         self.tokens = 0

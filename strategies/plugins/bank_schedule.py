@@ -61,14 +61,15 @@ class BankSchedule(MethodPlugin):
         old_slots: Literal["frozen", "regularised", "trained"] = "frozen",
         old_slots_weight: float = 1.0,
     ):
-        if isinstance(slots_per_experience, bool) or not isinstance(slots_per_experience, int) or slots_per_experience < 1:
+        if type(slots_per_experience) is not int or slots_per_experience < 1:  # bool is no count
             raise ValueError(f"slots_per_experience must be an integer >= 1, got {slots_per_experience!r}")
         if old_slots not in OLD_SLOT_POLICIES:
             raise ValueError(f"unknown old_slots {old_slots!r}; choose one of {', '.join(OLD_SLOT_POLICIES)}")
         if not 0 <= old_slots_weight < math.inf:  # also refuses NaN
             raise ValueError(f"old_slots_weight must be a finite number >= 0, got {old_slots_weight}")
         super().__init__()
-        self.slots_per_experience, self.old_slots, self.old_slots_weight = slots_per_experience, old_slots, old_slots_weight
+        self.slots_per_experience = slots_per_experience
+        self.old_slots, self.old_slots_weight = old_slots, old_slots_weight
         self.experience_slots: list[list[int]] = []
         self.slot_snapshots: list[dict[str, torch.Tensor]] = []
         self.read_weights: dict[int, torch.Tensor] = {}
@@ -87,11 +88,14 @@ class BankSchedule(MethodPlugin):
             meta_kv = None
         if meta_kv is None or not meta_kv.config.uses_bank:
             source = "none (no Meta-KV)" if meta_kv is None else repr(meta_kv.config.source)
-            raise ValueError(f"BankSchedule needs a Meta-KV model with source 'addressed' (model.meta_kv); its source is {source}")
+            raise ValueError(
+                f"BankSchedule needs a Meta-KV model with source 'addressed' (model.meta_kv); its source is {source}"
+            )
         capacity = meta_kv.config.memory_slots
         if self.slots_per_experience > capacity:
             raise ValueError(
-                f"slots_per_experience={self.slots_per_experience} does not fit the bank's meta_kv.memory_slots={capacity}"
+                f"slots_per_experience={self.slots_per_experience} does not fit the bank's "
+                f"meta_kv.memory_slots={capacity}"
             )
         if self.old_slots == "frozen" and strategy.module.weight_decay > 0:
             raise ValueError(
@@ -116,6 +120,7 @@ class BankSchedule(MethodPlugin):
         """Slots opened so far (by every experience started)."""
         return sum(len(slots) for slots in self.experience_slots)
 
+    @property
     def old_slot_count(self) -> int:
         """Slots of the experiences finished before the current one."""
         return sum(len(slots) for slots in self.experience_slots[: len(self.slot_snapshots)])
@@ -126,17 +131,17 @@ class BankSchedule(MethodPlugin):
             capacity = self._banks[0].open.numel()
             if start + count > capacity:
                 raise ValueError(
-                    f"{strategy.experience_label()}: slots_per_experience={count} needs slots {start}..{start + count - 1} "
-                    f"but the bank holds meta_kv.memory_slots={capacity}; raise memory_slots to at least "
-                    f"{start + count} or lower slots_per_experience"
+                    f"{strategy.experience_label()}: slots_per_experience={count} needs slots "
+                    f"{start}..{start + count - 1} but the bank holds meta_kv.memory_slots={capacity}; "
+                    f"raise memory_slots to at least {start + count} or lower slots_per_experience"
                 )
             self.experience_slots.append(list(range(start, start + count)))
         for bank in self._banks:
             bank.open_slots(self.open_slot_count)
 
     def configure_fit(self, strategy, fit: PhaseFit) -> None:
-        self._release()
-        old = self.old_slot_count()
+        self._release()  # hooks left by a fit that raised before finish_fit
+        old = self.old_slot_count
         trains_bank = any(bank.keys.requires_grad or bank.values.requires_grad for bank in self._banks)
         if old == 0 or not trains_bank:
             return
@@ -159,15 +164,15 @@ class BankSchedule(MethodPlugin):
 
     def old_slots_penalty(self, module, batch: dict, outputs: Any) -> torch.Tensor:
         """``old_slots_weight`` x sum over layers and old slots of ||k - k*||^2 + ||v - v*||^2."""
-        old = self.old_slot_count()
+        old = self.old_slot_count
         keys = torch.cat([snapshot["keys"] for snapshot in self.slot_snapshots], dim=1)  # [layers, old, dim]
         values = torch.cat([snapshot["values"] for snapshot in self.slot_snapshots], dim=1)
-        total = None
-        for layer, bank in enumerate(self._banks):
-            anchor_keys, anchor_values = keys[layer].to(bank.keys.device), values[layer].to(bank.values.device)
-            term = (bank.keys[:old] - anchor_keys).square().sum() + (bank.values[:old] - anchor_values).square().sum()
-            total = term if total is None else total + term
-        return self.old_slots_weight * total
+        distance = sum(
+            (bank.keys[:old] - keys[layer].to(bank.keys.device)).square().sum()
+            + (bank.values[:old] - values[layer].to(bank.values.device)).square().sum()
+            for layer, bank in enumerate(self._banks)
+        )
+        return self.old_slots_weight * distance
 
     def after_training_exp(self, strategy, **kwargs: Any) -> None:
         slots = self.experience_slots[-1]
@@ -223,10 +228,7 @@ class BankSchedule(MethodPlugin):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.experience_slots = [list(slots) for slots in state["experience_slots"]]
-        self.slot_snapshots = list(state["slot_snapshots"])
-        if self.experience_slots:
-            for bank in self._banks:
-                bank.open_slots(self.open_slot_count)
+        self.slot_snapshots = list(state["slot_snapshots"])  # the open slots come back with the model's weights
 
 
 def _zero_rows(count: int):
