@@ -14,7 +14,9 @@ writes, into one folder:
   method's matrix (and exact-match matrix);
 - ``heatmap_<method>.png``: R as an annotated heatmap (the just-trained cells outlined);
 - ``curves_<method>.png``: each experience's score across the stream;
-- ``forgetting.png``: forgetting per experience and on average, one bar per method.
+- ``forgetting.png``: forgetting per experience and on average, one bar per method;
+- ``routing_<method>.png``: for a method with an addressed Meta-KV bank (its ``extra`` has
+  ``slot_read_weights``), the mean read weights of each test experience over the slots.
 
 :func:`aggregate_seeds` turns several seeds' results into a mean +- std table, and
 :func:`write_seed_report` writes a stream's multi-seed report (table, JSON, mean-R heatmaps,
@@ -53,6 +55,7 @@ __all__ = [
     "plot_heatmap",
     "plot_curves",
     "plot_forgetting",
+    "plot_slot_routing",
     "seed_statistics",
     "aggregate_seeds",
     "mean_result",
@@ -602,6 +605,37 @@ def plot_forgetting(results: Sequence[MethodResult], path: Path) -> Path:
     return save_figure(figure, path, tight=True)
 
 
+def plot_slot_routing(result: MethodResult, path: Path) -> Path:
+    """Which slots of the addressed bank each test experience reads: a heatmap experience x slot.
+
+    Each cell is the mean read weight of the slot over the experience's test tokens (averaged
+    over layers; a row sums to 1); the slots are labelled with the training experience that
+    opened them.
+
+    Args:
+        result: a method whose ``extra`` holds the routing of
+            :meth:`~metakv_cl.strategies.plugins.BankSchedule.routing` (``slot_read_weights``,
+            ``slot_read_experiences``, ``slot_experience``).
+        path: where to write the PNG.
+
+    Returns:
+        ``path``.
+    """
+    weights = result.extra["slot_read_weights"]
+    rows, owners = result.extra["slot_read_experiences"], result.extra["slot_experience"]
+    figure = new_figure(figsize=(2.5 + 0.35 * len(owners), 1.4 + 0.5 * len(weights)))
+    axes = figure.add_subplot()
+    image = axes.imshow(weights, cmap="magma", vmin=0.0, vmax=max(max(row) for row in weights) or 1.0, aspect="auto")
+    figure.colorbar(image, ax=axes).set_label("mean read weight")
+    axes.set_xticks(range(len(owners)), [f"{slot}" if owner is None else f"{slot} (e{owner + 1})"
+                                         for slot, owner in enumerate(owners)], rotation=60, ha="right", fontsize=7)
+    axes.set_yticks(range(len(weights)), [_wrap(f"{j + 1}: {result.experience_names[j]}") for j in rows], fontsize=8)
+    axes.set_xlabel("slot (e<k>: opened for experience k)")
+    axes.set_ylabel("test experience")
+    axes.set_title(f"{result.method}: slots read per experience")
+    return save_figure(figure, path, tight=True)
+
+
 def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and the PNG plots for a set of methods.
 
@@ -610,8 +644,9 @@ def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[s
         out_dir: output folder; created if missing. Existing report files are overwritten.
 
     Returns:
-        Paths by key: ``"json"``, ``"markdown"``, ``"forgetting_plot"``, and per method
-        ``"heatmap:<method>"`` and ``"curves:<method>"``.
+        Paths by key: ``"json"``, ``"markdown"``, ``"forgetting_plot"``, per method
+        ``"heatmap:<method>"`` and ``"curves:<method>"``, and ``"routing:<method>"`` for a method
+        with recorded slot reads.
 
     Raises:
         ValueError: if ``results`` is empty or repeats a method name.
@@ -623,6 +658,8 @@ def write_report(results: Sequence[MethodResult], out_dir: str | Path) -> dict[s
     for result, slug in zip(results, _method_slugs(results)):
         paths[f"heatmap:{result.method}"] = plot_heatmap(result, out / f"heatmap_{slug}.png")
         paths[f"curves:{result.method}"] = plot_curves(result, out / f"curves_{slug}.png")
+        if "slot_read_weights" in result.extra:
+            paths[f"routing:{result.method}"] = plot_slot_routing(result, out / f"routing_{slug}.png")
     paths["forgetting_plot"] = plot_forgetting(results, out / "forgetting.png")
 
     report = {

@@ -20,6 +20,9 @@ preset                           plugins
                                  plugins.MetaKVConsolidation(...)]``, then
                                  ``plugins.Validated(validation_fraction, patience,
                                  phases=["consolidate"])`` when ``validation_fraction`` > 0
+``MetaKVAddressed(...)``         the list of ``MetaKVConsolidation(...)``, then
+                                 ``plugins.BankSchedule(slots_per_experience, old_slots,
+                                 old_slots_weight)``
 ===============================  ===========================================================
 """
 
@@ -255,3 +258,36 @@ class MetaKVConsolidation(ContinualStrategy):
 
     def default_method_name(self) -> str:
         return self.consolidation.method_name  # its buffer and schedule are part of the method
+
+
+class MetaKVAddressed(MetaKVConsolidation):
+    """Meta-KV consolidation into the addressed bank: new slots per experience, old slots protected.
+
+    The model needs ``meta_kv: {source: addressed, memory_slots: ...}`` with room for
+    ``slots_per_experience`` slots per experience of the stream.
+
+    Args:
+        slots_per_experience, old_slots, old_slots_weight: see
+            :class:`metakv_cl.strategies.plugins.BankSchedule`.
+        **kwargs: arguments of :class:`MetaKVConsolidation` (the consolidation, its replay
+            buffer and validation) and of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+    """
+
+    strategy_name = "metakv-addressed"
+
+    def __init__(
+        self,
+        *,
+        slots_per_experience: int = 4,
+        old_slots: Literal["frozen", "regularised", "trained"] = "frozen",
+        old_slots_weight: float = 1.0,
+        **kwargs: Any,
+    ):
+        self.bank_schedule = methods.BankSchedule(
+            slots_per_experience=slots_per_experience, old_slots=old_slots, old_slots_weight=old_slots_weight,
+        )
+        _put_first([self.bank_schedule], kwargs)  # MetaKVConsolidation puts its own plugins before it
+        super().__init__(**kwargs)
+
+    def default_method_name(self) -> str:
+        return f"{self.consolidation.method_name}+{self.bank_schedule.method_name}"

@@ -4,6 +4,7 @@ from metakv_cl.modeling.config import DYNAMIC_SOURCES, FORMS, SOURCES, MetaKVCon
 from metakv_cl.modeling.io import load_meta_kv, save_meta_kv
 from metakv_cl.modeling.meta_kv import (
     MetaKV,
+    SlotReadRecorder,
     add_meta_kv,
     compile_meta_kv,
     freeze_base,
@@ -24,6 +25,7 @@ __all__ = [
     "MetaKV",
     "MetaKVConfig",
     "MetaKVModel",
+    "SlotReadRecorder",
     "add_meta_kv",
     "compile_meta_kv",
     "freeze_base",

@@ -493,3 +493,65 @@ def freeze_base(model: nn.Module) -> nn.Module:
         if id(parameter) not in meta:
             parameter.requires_grad_(False)
     return model
+
+
+class SlotReadRecorder:
+    """Sums each addressed bank's read weights over the real tokens the model reads while recording.
+
+    Use as a context manager around forward passes of a model with ``source="addressed"``: on
+    exit the hooks are gone and :attr:`sums` ([layers, slots], float64) and :attr:`tokens` hold
+    what was read; :meth:`mean` is the mean read distribution per layer.
+
+    Args:
+        model: a model with Meta-KV attention whose source is ``"addressed"``.
+
+    Raises:
+        ValueError: the model has no Meta-KV, or its layers have no addressed bank.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.meta_kv = get_meta_kv(model)
+        if not self.meta_kv.config.uses_bank:
+            raise ValueError(
+                f"reading slots needs source 'addressed'; this model's source is {self.meta_kv.config.source!r}"
+            )
+        slots = self.meta_kv.config.memory_slots
+        self.sums = torch.zeros(len(self.meta_kv.layers), slots, dtype=torch.float64)
+        self.tokens = 0
+        self._hooks: list = []
+
+    def __enter__(self) -> "SlotReadRecorder":
+        for index, layer in enumerate(self.meta_kv.layers):
+            self._hooks.append(layer.bank.register_forward_hook(self._reader(index)))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _reader(self, layer: int):
+        def record(bank: AddressedMemory, args, output) -> None:
+            summary = args[0]
+            with torch.no_grad():
+                weights = bank.read_weights(summary).double()  # [batch, time, slots]
+                mask = self.meta_kv._padding_mask
+                if mask is None:
+                    real = torch.ones(weights.shape[:2], dtype=torch.double, device=weights.device)
+                else:  # the same real tokens as the layer's own forward (a cached chunk is the mask's tail)
+                    real = mask[:, -weights.shape[1]:].double()
+                self.sums[layer] += (weights * real.unsqueeze(-1)).sum(dim=(0, 1)).cpu()
+                if layer == 0:
+                    self.tokens += int(real.sum())
+
+        return record
+
+    def mean(self) -> torch.Tensor:
+        """The mean read weights per layer over the recorded tokens, [layers, slots] (each row sums to 1).
+
+        Raises:
+            ValueError: no token was recorded.
+        """
+        if self.tokens == 0:
+            raise ValueError("no token was read from the bank while recording")
+        return self.sums / self.tokens

@@ -5,6 +5,7 @@ They compose by list, as Avalanche's plugins do, and mix with Avalanche's own::
     ContinualStrategy(module=module, plugins=[Replay(buffer_size=64), EWC(mode="online")])
 """
 
+from metakv_cl.strategies.plugins.bank_schedule import BankSchedule
 from metakv_cl.strategies.plugins.base import MethodPlugin, PhaseFit, PluginConflictError, UnsupportedPluginError
 from metakv_cl.strategies.plugins.ewc import EWC
 from metakv_cl.strategies.plugins.knn_lm import KNNLM
@@ -16,6 +17,7 @@ from metakv_cl.strategies.plugins.replay import Replay, ReplayMemory
 from metakv_cl.strategies.plugins.validated import Validated
 
 __all__ = [
+    "BankSchedule",
     "EWC",
     "KNNLM",
     "LoRA",

@@ -19,7 +19,9 @@ Consolidation trains on the experience's adapted dataset: with a
 :class:`~metakv_cl.strategies.plugins.replay.Replay` plugin that is the new items plus its buffer
 (the ``metakv`` preset always adds one), with a
 :class:`~metakv_cl.strategies.plugins.validated.Validated` plugin the consolidation fit selects its
-best epoch on held-out items. After each experience M's value is appended to
+best epoch on held-out items. With an addressed bank (``source="addressed"``), a
+:class:`~metakv_cl.strategies.plugins.bank_schedule.BankSchedule` plugin gives each experience its
+own slots and protects the earlier ones. After each experience M's value is appended to
 :attr:`MetaKVConsolidation.memory_history` (also written to ``<root>/memory_history.pt``).
 
 How the defaults were chosen (``configs/metakv_ablation.yaml``: tiny GPT-2, warm-up topic + 3

@@ -6,7 +6,14 @@ are covered by the parametrized tests of every source; these tests cover what is
 import pytest
 import torch
 
-from metakv_cl.modeling import MetaKVConfig, add_meta_kv, freeze_base, get_meta_kv, meta_kv_parameters
+from metakv_cl.modeling import (
+    MetaKVConfig,
+    SlotReadRecorder,
+    add_meta_kv,
+    freeze_base,
+    get_meta_kv,
+    meta_kv_parameters,
+)
 from metakv_cl.modeling.sources import AddressedMemory
 from metakv_cl.testing import VOCAB, left_padded_batch, randomize_meta_kv, tiny_llama
 
@@ -55,3 +62,22 @@ def test_addressed_layers_stay_on_the_torch_decoding_path_and_refuse_a_shared_ba
         MetaKVConfig(source="addressed", share_memory=True)
     with pytest.raises(ValueError, match="meta_kv.addressed_summary: unknown addressed_summary source 'hybrid'"):
         MetaKVConfig(source="addressed", addressed_summary="hybrid")
+
+
+def test_the_slot_reads_are_counted_on_real_tokens_only():
+    torch.manual_seed(0)
+    model = add_meta_kv(tiny_llama(), MetaKVConfig(source="addressed", memory_slots=4, rank=4, state_dim=16))
+    randomize_meta_kv(model)
+    ids, mask, positions = left_padded_batch()
+    with SlotReadRecorder(model) as padded:
+        model(ids, attention_mask=mask, position_ids=positions)
+    assert padded.tokens == int(mask.sum())
+    with SlotReadRecorder(model) as row_by_row:  # each row alone, without its padding
+        for row in range(ids.shape[0]):
+            real = mask[row].bool()
+            model(ids[row][real][None], position_ids=positions[row][real][None])
+    torch.testing.assert_close(padded.mean(), row_by_row.mean())
+    torch.testing.assert_close(padded.mean().sum(-1), torch.ones(2, dtype=torch.float64))
+    assert not get_meta_kv(model).layers[0].bank._forward_hooks  # the recorder let go of the model
+    with pytest.raises(ValueError, match="reading slots needs source 'addressed'; this model's source is 'mean'"):
+        SlotReadRecorder(add_meta_kv(tiny_llama(), MetaKVConfig(source="mean", rank=4, state_dim=16)))

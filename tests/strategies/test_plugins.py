@@ -353,16 +353,19 @@ def test_avalanche_tensorboard_logger_writes_the_metrics(tmp_path):
     assert events and sum(event.stat().st_size for event in events) > 1000
 
 
-@pytest.mark.parametrize("name", ["EWC", "LwF", "LoRA", "OLoRA", "Replay", "MetaKVConsolidation"])
-def test_a_preset_s_defaults_are_its_plugin_s(name):
+@pytest.mark.parametrize("preset_name, plugin_name", [
+    *((name, name) for name in ["EWC", "LwF", "LoRA", "OLoRA", "Replay", "MetaKVConsolidation"]),
+    ("MetaKVAddressed", "BankSchedule"),
+])
+def test_a_preset_s_defaults_are_its_plugin_s(preset_name, plugin_name):
     """Presets repeat their plugin's arguments (jsonargparse reads signatures): the defaults must not drift."""
     import inspect
 
     from metakv_cl import strategies
     from metakv_cl.strategies import plugins as method_plugins
 
-    preset = inspect.signature(getattr(strategies, name).__init__).parameters
-    plugin = inspect.signature(getattr(method_plugins, name).__init__).parameters
+    preset = inspect.signature(getattr(strategies, preset_name).__init__).parameters
+    plugin = inspect.signature(getattr(method_plugins, plugin_name).__init__).parameters
     shared = [key for key in plugin if key != "self" and key in preset]
     assert shared, "the preset takes none of its plugin's arguments"
     assert {key: preset[key].default for key in shared} == {key: plugin[key].default for key in shared}

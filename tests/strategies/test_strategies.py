@@ -27,10 +27,13 @@ from metakv_cl.training.runner import run_stream, warm_up
 from metakv_cl.training.testing import toy_setup, toy_trainer_kwargs
 
 META_KV = MetaKVConfig(source="consolidated", rank=4, state_dim=16)
+ADDRESSED_META_KV = MetaKVConfig(source="addressed", memory_slots=4, rank=4, state_dim=16)
 # consolidation into a rank-4 modulation needs more optimisation than a toy epoch gives
 EXTRA_ARGS = {
     "replay": {"buffer_size": 8},
     "metakv": {"buffer_size": 8, "consolidation_lr": 1e-2, "consolidation_epochs": 3, "warmup": 4},
+    "metakv-addressed": {"buffer_size": 8, "consolidation_lr": 1e-2, "consolidation_epochs": 3, "warmup": 4,
+                         "slots_per_experience": 2},
     "metakv-distill": {"mode": "distill", "buffer_size": 8, "fast_lr": 1e-2, "fast_epochs": 2,
                        "consolidation_lr": 1e-2, "consolidation_epochs": 6, "warmup": 4},
 }
@@ -54,10 +57,8 @@ def run(strategy_cls, tmp_path, **kwargs):
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES) + ["metakv-distill"])
 def test_every_strategy_learns_each_experience_end_to_end(name, tmp_path):
-    strategy, result = run(
-        STRATEGIES[name.removesuffix("-distill")], tmp_path, meta_kv=META_KV if name.startswith("metakv") else None,
-        **EXTRA_ARGS.get(name, {}),
-    )
+    meta_kv = ADDRESSED_META_KV if name == "metakv-addressed" else META_KV if name.startswith("metakv") else None
+    strategy, result = run(STRATEGIES[name.removesuffix("-distill")], tmp_path, meta_kv=meta_kv, **EXTRA_ARGS.get(name, {}))
     assert result.score_name == "loss" and result.experience_names == strategy.experience_names
     assert len(result.experience_names) == 2
     assert len(result.matrix) == 3 and all(len(row) == 2 and all(math.isfinite(v) for v in row) for row in result.matrix)

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from metakv_cl.modeling import MetaKVConfig
-from metakv_cl.strategies import KNNLM, MetaKVConsolidation, OLoRA, Replay, plugins
+from metakv_cl.strategies import KNNLM, MetaKVAddressed, MetaKVConsolidation, OLoRA, Replay, plugins
 from metakv_cl.training.runner import StreamState, run_stream, warm_up
 from metakv_cl.training.testing import toy_setup, toy_trainer_kwargs
 
@@ -40,6 +40,9 @@ class CountBatches(pl.Callback):
 CASES = {
     # Meta-KV (distill): killed during the consolidation of the second experience (fast phase finished)
     "metakv": (MetaKVConsolidation, {"mode": "distill", "buffer_size": 8}, KillAt("exp_001", "consolidate", epoch=1, batch=2)),
+    # Meta-KV into the addressed bank: killed while the second experience's slots train, the first's regularised
+    "metakv-addressed": (MetaKVAddressed, {"slots_per_experience": 2, "old_slots": "regularised", "buffer_size": 8},
+                         KillAt("exp_001", "consolidate", epoch=1, batch=1)),
     # O-LoRA: killed while training the second adapter (the first one is rebuilt from the stream state)
     "olora": (OLoRA, {}, KillAt("exp_001", "train", epoch=1, batch=1)),
     # kNN-LM: killed while training the second experience (the first one's datastore comes from the stream state)
@@ -55,7 +58,10 @@ CASES = {
 
 def start(strategy_cls, root, callbacks, **kwargs):
     torch.manual_seed(0)
-    meta_kv = MetaKVConfig(rank=4, state_dim=16) if strategy_cls is MetaKVConsolidation else None
+    meta_kv = {
+        MetaKVConsolidation: MetaKVConfig(rank=4, state_dim=16),
+        MetaKVAddressed: MetaKVConfig(source="addressed", memory_slots=4, rank=4, state_dim=16),
+    }.get(strategy_cls)
     benchmark, module = toy_setup(2, meta_kv=meta_kv, warmup_experiences=1)
     trainer_kwargs = toy_trainer_kwargs(root, max_epochs=2, callbacks=callbacks)
     warm_up(module, benchmark, root_dir=root, epochs=1, trainer_kwargs=toy_trainer_kwargs(root), train_mb_size=8)
