@@ -25,7 +25,8 @@ from one ``fit`` to the next, while each phase here needs its own epochs, its ow
 validated schedule's early stopping and best-weights restore) and its own ``last.ckpt`` to resume
 from; one Trainer would carry early-stopping counters and the epoch count from one experience
 into the next. The cost is a Trainer set-up per fit (outside the training steps; see
-``benchmarks/engine_throughput.py``). All fits share one logger (:meth:`logger`).
+``benchmarks/engine_throughput.py``). All fits share one logger (:meth:`logger`), whose steps run
+on from fit to fit (:class:`~metakv_cl.training.callbacks.ContinuingLogSteps`).
 
 Avalanche's contract: at each event the strategy holds what Avalanche's SGD templates hold
 (``model``, ``optimizer``, ``device``, ``experience``, ``adapted_dataset``, ``dataloader``,
@@ -69,7 +70,14 @@ from metakv_cl.data.collate import positional
 from metakv_cl.data.scoring import sequence_nll
 from metakv_cl.strategies.plugins.base import MethodPlugin, PhaseFit, check_conflicts, check_supported
 from metakv_cl.training.bucketing import check_token_budget
-from metakv_cl.training.callbacks import AvalancheBridge, BatchSeeding, TrainingThroughput, derived_seed, seed_all
+from metakv_cl.training.callbacks import (
+    AvalancheBridge,
+    BatchSeeding,
+    ContinuingLogSteps,
+    TrainingThroughput,
+    derived_seed,
+    seed_all,
+)
 from metakv_cl.training.datamodule import (
     EvaluationDataModule,
     GivenTrainingLoader,
@@ -258,6 +266,7 @@ class ContinualStrategy(BaseTemplate):
         self._experience_trained: dict[int, torch.nn.Parameter] = {}
         self.trainable_params = 0  # the most parameters one experience trained, over all its phases
         self.throughput = TrainingThroughput()  # shared by every fit
+        self.log_steps = ContinuingLogSteps()  # shared by every fit
         for plugin in self.method_plugins:
             plugin.attach(self)
 
@@ -472,6 +481,7 @@ class ContinualStrategy(BaseTemplate):
             AvalancheBridge(self),
             BatchSeeding(self.seed, (self.stage, phase)),
             self.throughput,
+            self.log_steps,
             *fit.callbacks,
         ]
         if self.checkpointing:
@@ -626,6 +636,7 @@ class ContinualStrategy(BaseTemplate):
             "clock": copy.deepcopy(vars(self.clock)),
             "matrix_metric": copy.deepcopy(vars(self.matrix_metric)) if self.matrix_metric is not None else None,
             "throughput": self.throughput.state_dict(),
+            "log_steps": self.log_steps.state_dict(),
             "trainable_params": self.trainable_params,
             "plugins": [{"type": type(p).__name__, "state": p.state_dict()} for p in self.method_plugins],
             "unsaved_plugins": [type(p).__name__ for p in self.plugins_without_saved_state()],
@@ -651,6 +662,8 @@ class ContinualStrategy(BaseTemplate):
             vars(self.matrix_metric).update(state["matrix_metric"])
         if "throughput" in state:  # absent from streams saved before it was measured
             self.throughput.load_state_dict(state["throughput"])
+        if "log_steps" in state:  # absent from streams saved before logged steps ran on across fits
+            self.log_steps.load_state_dict(state["log_steps"])
         self.trainable_params = int(state.get("trainable_params", 0))  # absent from older stream states
         saved = [entry["type"] for entry in state["plugins"]]
         ours = [type(p).__name__ for p in self.method_plugins]

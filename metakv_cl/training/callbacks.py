@@ -115,6 +115,35 @@ class AvalancheBridge(pl.Callback):
         self.strategy.loss = None
 
 
+class ContinuingLogSteps(pl.Callback):
+    """Logged steps that run on from one fit to the next, so one logger draws a stream as one curve.
+
+    A strategy runs a Trainer per phase and experience, and each Trainer counts its steps from 0:
+    in the shared logger every fit's curves would lie on top of the previous ones. Lightning logs
+    at the fit loop's count of optimiser-stepping batches (its only use), so a fresh fit starts that
+    count where the previous fit ended; a fit resumed from its checkpoint already holds the count it
+    saved. One instance serves all the fits of a strategy; :meth:`state_dict` carries the count
+    across a restart.
+    """
+
+    def __init__(self):
+        self.logged_steps = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        if loop._batches_that_stepped == 0:
+            loop._batches_that_stepped = self.logged_steps
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.logged_steps = trainer.fit_loop.epoch_loop._batches_that_stepped
+
+    def state_dict(self) -> dict[str, int]:
+        return {"logged_steps": self.logged_steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.logged_steps = int(state["logged_steps"])
+
+
 class TrainingThroughput(pl.Callback):
     """Training tokens and training seconds of every fit it is put on, summed over the fits.
 

@@ -500,3 +500,24 @@ def test_best_weights_restores_the_best_epoch(tmp_path):
 def test_validation_fraction_is_checked(tmp_path):
     with pytest.raises(ValueError, match="validation_fraction"):
         make(MetaKVConsolidation, tmp_path, meta_kv=META_KV, validation_fraction=1.0)
+
+
+def test_logged_steps_run_on_across_fits_and_a_restart(tmp_path):
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    benchmark, module = toy_setup(2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    logger = CSVLogger(str(tmp_path), name="logs", version="naive")
+    kwargs = toy_trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=False, logger=logger, log_every_n_steps=1)
+    strategy = Naive(module=module, trainer_kwargs=kwargs, train_mb_size=8)
+    for experience in benchmark.train_stream:
+        strategy.train(experience, eval_streams=[])
+    logger.save()
+    with open(tmp_path / "logs" / "naive" / "metrics.csv") as file:
+        steps = [int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")]
+    # two fits of 2 epochs: one stream of steps, each logged once, none drawn over another fit's
+    assert len(steps) > 2 and steps == list(range(strategy.log_steps.logged_steps))
+    restarted = Naive(module=module, trainer_kwargs=kwargs, train_mb_size=8)
+    restarted.load_state_dict(strategy.state_dict())
+    assert restarted.log_steps.logged_steps == len(steps)  # a resumed stream logs on from there
