@@ -10,10 +10,21 @@ the short names used by configs and reports) are presets that build fixed plugin
 
 from metakv_cl.strategies.base import ContinualStrategy
 from metakv_cl.strategies.joint import JointTraining
-from metakv_cl.strategies.presets import EWC, KNNLM, LoRA, LwF, MetaKVConsolidation, Naive, OLoRA, Replay
+from metakv_cl.strategies.presets import (
+    EWC,
+    KNNLM,
+    LoRA,
+    LwF,
+    MetaKVConsolidation,
+    Naive,
+    OLoRA,
+    Replay,
+    RetrievedExamples,
+)
 
 STRATEGIES: dict[str, type[ContinualStrategy]] = {
-    cls.strategy_name: cls for cls in (Naive, EWC, LoRA, OLoRA, Replay, LwF, JointTraining, MetaKVConsolidation, KNNLM)
+    cls.strategy_name: cls
+    for cls in (Naive, EWC, LoRA, OLoRA, Replay, LwF, JointTraining, MetaKVConsolidation, KNNLM, RetrievedExamples)
 }
 
 
@@ -40,6 +51,7 @@ __all__ = [
     "Naive",
     "OLoRA",
     "Replay",
+    "RetrievedExamples",
     "STRATEGIES",
     "strategy_class",
 ]
