@@ -154,8 +154,14 @@ class RetrievedExamples(MethodPlugin):
         from metakv_cl.kv.retrieval.rag import MeanPooledEmbedder
 
         embedder, size = MeanPooledEmbedder(model), self.embed_batch_size
-        return lambda sequences: torch.cat([embedder(sequences[start : start + size])
-                                            for start in range(0, len(sequences), size)])
+
+        def embed(sequences: Sequence[torch.Tensor]) -> torch.Tensor:
+            # in full precision even inside a mixed-precision evaluation: the keys are embedded
+            # outside it, and a query should find its near-duplicate whatever the autocast
+            with torch.autocast(model.device.type, enabled=False):
+                return torch.cat([embedder(sequences[start : start + size]) for start in range(0, len(sequences), size)])
+
+        return embed
 
     def report_extra(self, strategy) -> dict[str, Any]:
         return {"retrieval_icl_entries": len(self.store), "retrieval_icl_bytes": self.store.nbytes}

@@ -59,6 +59,10 @@ def test_a_frozen_base_reads_the_near_duplicate_training_item(tmp_path):
         result = run_stream(strategy, benchmark)
         assert all(torch.equal(before[name], value) for name, value in strategy.module.state_dict().items())
         accuracies[k] = result.matrix[-1]
+        # the per-item outcomes (recorded by batch index) are what the accuracies count
+        last = result.items["predicted"][-1]
+        assert [sum(p == g for p, g in zip(predicted, gold)) / len(gold)
+                for predicted, gold in zip(last, result.items["gold"])] == result.matrix[-1]
     assert strategy.method_name == "retrieval-icl-frozen" and result.extra["trainable_params"] == 0
     # labels are drawn at random: without the stored item the model guesses (about 1 in 3)
     mean = {k: sum(row) / len(row) for k, row in accuracies.items()}
