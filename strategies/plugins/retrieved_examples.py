@@ -56,8 +56,8 @@ class RetrievedExamples(MethodPlugin):
 
     Raises:
         ValueError: ``k`` below 0, ``max_length`` below 2 or ``embed_batch_size`` below 1; when the
-            strategy is built, a model without an output layer, or without a position limit and no
-            ``max_length``.
+            strategy is built, a model without an output layer, a ``max_length`` beyond the model's
+            position limit, or no limit at all.
     """
 
     # the module has one eval_context slot: two plugins putting context before prompts would overwrite each other
@@ -95,7 +95,10 @@ class RetrievedExamples(MethodPlugin):
         head = strategy.module.model.get_output_embeddings()
         if head is None:
             raise ValueError("RetrievedExamples needs a model with an output layer (get_output_embeddings() is None)")
-        self.row_limit = self.max_length or strategy.module.max_positions or 0
+        positions = strategy.module.max_positions
+        if self.max_length is not None and positions is not None and self.max_length > positions:
+            raise ValueError(f"RetrievedExamples: max_length {self.max_length} exceeds the model's {positions} positions")
+        self.row_limit = self.max_length or positions or 0
         if not self.row_limit:
             raise ValueError("RetrievedExamples: the model has no position limit in its config; give max_length")
         self.store = ExampleStore(head.weight.shape[-1], index=self.index, seed=strategy.seed)

@@ -146,6 +146,8 @@ def test_conflicts_bad_settings_and_language_modelling_are_refused(tmp_path):
         plugins.RetrievedExamples(k=-1)
     with pytest.raises(ValueError, match="max_length: 1 is not an integer >= 2"):
         plugins.RetrievedExamples(max_length=1)
+    with pytest.raises(ValueError, match="RetrievedExamples: max_length 65 exceeds the model's 64 positions"):
+        make(RetrievedExamples, tmp_path, max_length=65)
     benchmark, module = toy_setup(2)
     strategy = RetrievedExamples(module=module, trainer_kwargs=toy_trainer_kwargs(tmp_path))
     message = "RetrievedExamples puts labelled training items before classification prompts only"
