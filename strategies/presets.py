@@ -206,8 +206,7 @@ class RetrievedExamples(ContinualStrategy):
         **kwargs: Any,
     ):
         method = methods.RetrievedExamples(
-            k=k, freeze_base=freeze_base, index=index, max_length=max_length,
-            embed_batch_size=embed_batch_size,
+            k=k, freeze_base=freeze_base, index=index, max_length=max_length, embed_batch_size=embed_batch_size
         )
         _put_first([method], kwargs)
         super().__init__(**kwargs)
