@@ -20,11 +20,13 @@ from metakv_cl.strategies.presets import (
     Naive,
     OLoRA,
     Replay,
+    RetrievedExamples,
 )
 
 STRATEGIES: dict[str, type[ContinualStrategy]] = {
     cls.strategy_name: cls
-    for cls in (Naive, EWC, LoRA, OLoRA, Replay, LwF, JointTraining, MetaKVConsolidation, MetaKVAddressed, KNNLM)
+    for cls in (Naive, EWC, LoRA, OLoRA, Replay, LwF, JointTraining, MetaKVConsolidation, MetaKVAddressed, KNNLM,
+                RetrievedExamples)
 }
 
 
@@ -52,6 +54,7 @@ __all__ = [
     "Naive",
     "OLoRA",
     "Replay",
+    "RetrievedExamples",
     "STRATEGIES",
     "strategy_class",
 ]

@@ -15,6 +15,7 @@ preset                           plugins
 ``LoRA(...)``                    ``[plugins.LoRA(...)]``
 ``OLoRA(...)``                   ``[plugins.OLoRA(...)]``
 ``KNNLM(...)``                   ``[plugins.KNNLM(...)]``
+``RetrievedExamples(...)``       ``[plugins.RetrievedExamples(...)]``
 ``Replay(...)``                  ``[plugins.Replay(...)]``
 ``MetaKVConsolidation(...)``     ``[plugins.Replay(buffer_size, storage_policy),
                                  plugins.MetaKVConsolidation(...)]``, then
@@ -180,6 +181,35 @@ class KNNLM(ContinualStrategy):
         method = methods.KNNLM(
             interpolation=interpolation, temperature=temperature, k=k, freeze_base=freeze_base, index=index,
             window=window,
+        )
+        _put_first([method], kwargs)
+        super().__init__(**kwargs)
+
+
+class RetrievedExamples(ContinualStrategy):
+    """Retrieval-augmented classification, each experience's labelled training items retrieved as
+    in-context examples: :class:`metakv_cl.strategies.plugins.RetrievedExamples` on the strategy.
+
+    Args:
+        k, freeze_base, index, max_length, embed_batch_size: see
+            :class:`metakv_cl.strategies.plugins.RetrievedExamples`.
+        **kwargs: arguments of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+    """
+
+    strategy_name = "retrieval-icl"
+
+    def __init__(
+        self,
+        *,
+        k: int = 4,
+        freeze_base: bool = False,
+        index: Literal["flat", "ivf", "hnsw"] = "flat",
+        max_length: int | None = None,
+        embed_batch_size: int = 32,
+        **kwargs: Any,
+    ):
+        method = methods.RetrievedExamples(
+            k=k, freeze_base=freeze_base, index=index, max_length=max_length, embed_batch_size=embed_batch_size
         )
         _put_first([method], kwargs)
         super().__init__(**kwargs)

@@ -162,6 +162,12 @@ class TokenizedItems(Dataset):
         return dict(self.items[index])
 
 
+def is_classification_item(item: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a stream item is a classification item: a test item with candidate rows, or a
+    training item whose labels mask its prompt (language-modelling items score every token)."""
+    return "choice_input_ids" in item or bool((item["labels"] == IGNORE_INDEX).any())
+
+
 def make_benchmark(
     tasks: Sequence[Task],
     tokenizer,

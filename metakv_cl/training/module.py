@@ -13,8 +13,10 @@
   error still names the first non-finite step (the weights then hold the window's updates);
 * validation = the score of one experience: token-weighted mean loss for language modelling
   (of the distribution an evaluation-time method puts in ``eval_scorer``, e.g. kNN-LM, if any),
-  label-likelihood accuracy for classification (each prompt run once and its KV cache continued
-  with every candidate; candidates ranked by summed or mean log-likelihood, ``ranking``), and
+  label-likelihood accuracy for classification (after the context an evaluation-time method puts
+  before each prompt through ``eval_context``, e.g. retrieved in-context examples, if any; each
+  prompt run once and its KV cache continued with every candidate; candidates ranked by summed
+  or mean log-likelihood, ``ranking``), and
   with ``exact_match`` the share of items whose greedy decoding is the gold label, accumulated in
   torchmetrics ``SumMetric`` states so that DDP ranks (each seeing a shard) agree on the result
   (:attr:`eval_result`), and each item's outcome in test-set order (:attr:`eval_items`: the
@@ -174,6 +176,10 @@ class ContinualLMModule(pl.LightningModule):
         # language-modelling evaluation batch in place of the model's logits (None: the model's). An
         # evaluation-time method sets it for its evaluations and clears it after (the KNNLM plugin).
         self.eval_scorer: Callable[[nn.Module, dict], torch.Tensor] | None = None
+        # (model, batch) -> the classification evaluation batch with more context before every candidate
+        # row's prompt, scored in its place (None: the batch as it is). An evaluation-time method sets
+        # it for its evaluations and clears it after (the RetrievedExamples plugin's in-context examples).
+        self.eval_context: Callable[[nn.Module, dict], dict] | None = None
         self.lm_loss_weight = 1.0
         self.experience_label = "(no experience)"
         # evaluation sums (synchronised across ranks by torchmetrics). Not MeanMetric: the token and
@@ -416,6 +422,8 @@ class ContinualLMModule(pl.LightningModule):
         """Accumulate the batch's scores; returns its mean NLL per label token (Avalanche's eval ``loss``)."""
         if "choice_input_ids" in batch:
             self._evaluating_classification = True
+            if self.eval_context is not None:
+                batch = self.eval_context(self.model, batch)
             choices = (batch["choice_input_ids"], batch["choice_labels"], batch["choice_attention_mask"])
             log_likelihoods, predictions = self._rank_choices(self.model, *choices, ranking=self.ranking)
             gold = batch["target"]

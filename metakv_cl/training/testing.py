@@ -2,7 +2,9 @@
 
 A toy stream is the synthetic topic stream with two entities per topic (42 training and 16 test
 sentences per experience) and a word-level tokenizer fitted on it, so a tiny GPT-2 needs fewer
-than 200 embeddings.
+than 200 embeddings. The toy lookup stream (:func:`toy_lookup_setup`) is its classification
+counterpart for retrieval: every label is drawn at random, so only a near-duplicate training item
+tells a test item's label.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Any, Iterator
 
 import torch
 
-from metakv_cl.data.stream import LMBenchmark, TaskStream
+from metakv_cl.data.stream import LMBenchmark, TaskStream, make_benchmark, word_level_tokenizer
 from metakv_cl.data.synthetic import synthetic_topic_tasks
+from metakv_cl.data.tasks import ClassificationTask, TextTask
 from metakv_cl.modeling.config import MetaKVConfig
 from metakv_cl.testing import tiny_gpt2
 from metakv_cl.training.module import ContinualLMModule
@@ -61,6 +64,59 @@ def toy_setup(
     shape = {**TOY_MODEL_SHAPE, **model_overrides}
     model = tiny_gpt2(vocab_size=stream.vocab_size, **shape)
     return benchmark, ContinualLMModule(model, meta_kv=meta_kv, lr=lr)
+
+
+TOY_LOOKUP_LABELS = ("red", "green", "blue")
+
+
+def toy_lookup_setup(
+    num_experiences: int = 2, *, items: int = 12, prompt_words: int = 4, warmup_texts: int = 0, seed: int = 0,
+    lr: float = 3e-3,
+) -> tuple[LMBenchmark, ContinualLMModule]:
+    """(benchmark, module): a classification stream whose labels only near-duplicate training items tell.
+
+    Each training item is ``prompt_words`` distinct random words from a vocabulary of 40, the template ``"{text} ="``
+    and a label drawn at random from :data:`TOY_LOOKUP_LABELS`; each test item is one training item with
+    its first word replaced, and the same label. A model that has not seen the training item can only
+    guess (about 1 in 3). The warm-up stream (``warmup_texts`` > 0) teaches reading an example: texts
+    ``"<near duplicate> = <label> <eos> <prompt> = <label>"`` on other random words and labels, the way
+    a retrieved example precedes a prompt.
+
+    Args:
+        num_experiences: experiences of the stream.
+        items: training (and test) items per experience.
+        prompt_words: words per item (one of them differs in its test twin).
+        warmup_texts: texts of the warm-up stream (0: none).
+        seed: draws the words and labels.
+        lr: learning rate.
+    """
+    import random
+
+    rng = random.Random(seed)
+    words = [f"w{index}" for index in range(40)]
+
+    def pair() -> tuple[str, str]:
+        prompt = rng.sample(words, prompt_words)
+        near = [rng.choice([word for word in words if word not in prompt]), *prompt[1:]]
+        return " ".join(prompt), " ".join(near)
+
+    tasks = []
+    for experience in range(num_experiences):
+        pairs, labels = [pair() for _ in range(items)], [rng.choice(TOY_LOOKUP_LABELS) for _ in range(items)]
+        tasks.append(ClassificationTask(
+            f"lookup{experience}", train=[(prompt, label) for (prompt, _), label in zip(pairs, labels)],
+            test=[(near, label) for (_, near), label in zip(pairs, labels)], labels=TOY_LOOKUP_LABELS,
+            template="{text} =",
+        ))
+    copies = []
+    for _ in range(warmup_texts):
+        (prompt, near), label = pair(), rng.choice(TOY_LOOKUP_LABELS)
+        copies.append(f"{prompt} = {label} <eos> {near} = {label}")
+    warmup = [TextTask("copy", train=copies, test=copies[:1])] if warmup_texts else []
+    tokenizer = word_level_tokenizer([" ".join(words + ["="] + list(TOY_LOOKUP_LABELS))])
+    benchmark = make_benchmark(tasks, tokenizer, max_length=TOY_MODEL_SHAPE["n_positions"], warmup_tasks=warmup)
+    model = tiny_gpt2(vocab_size=len(tokenizer), **TOY_MODEL_SHAPE)
+    return benchmark, ContinualLMModule(model, lr=lr)
 
 
 def toy_trainer_kwargs(root_dir: str | Path, max_epochs: int = 1, **extra: Any) -> dict[str, Any]:

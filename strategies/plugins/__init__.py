@@ -14,6 +14,7 @@ from metakv_cl.strategies.plugins.lwf import LwF
 from metakv_cl.strategies.plugins.metakv_consolidation import MetaKVConsolidation
 from metakv_cl.strategies.plugins.olora import OLoRA
 from metakv_cl.strategies.plugins.replay import Replay, ReplayMemory
+from metakv_cl.strategies.plugins.retrieved_examples import RetrievedExamples
 from metakv_cl.strategies.plugins.validated import Validated
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "PluginConflictError",
     "Replay",
     "ReplayMemory",
+    "RetrievedExamples",
     "UnsupportedPluginError",
     "Validated",
 ]

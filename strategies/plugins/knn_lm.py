@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from metakv_cl.data.collate import IGNORE_INDEX
+from metakv_cl.data.stream import is_classification_item
 from metakv_cl.strategies.plugins.base import MethodPlugin
 
 
@@ -145,9 +146,8 @@ class KNNLM(MethodPlugin):
 
 
 def _refuse_classification(item: dict) -> None:
-    """Raise for a classification item: a test item with candidate rows, or a training item whose
-    labels mask its prompt (language-modelling items score every token)."""
-    if "choice_input_ids" in item or (item["labels"] == IGNORE_INDEX).any():
+    """Raise for a classification item (:func:`~metakv_cl.data.stream.is_classification_item`)."""
+    if is_classification_item(item):
         raise ValueError(
             "KNNLM scores language-modelling experiences only: a classification experience is ranked by label "
             "likelihood, which does not read the datastore (retrieval-augmented classification is not this method)"

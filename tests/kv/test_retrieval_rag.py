@@ -6,7 +6,13 @@ import torch
 pytest.importorskip("faiss", reason="faiss-cpu is not installed (the 'retrieval' extra)")
 
 from kv_helpers import build, token_ids  # noqa: E402
-from metakv_cl.kv.retrieval.rag import ChunkRetriever, MeanPooledEmbedder, chunk_tokens, rag_log_likelihood  # noqa: E402
+from metakv_cl.kv.retrieval.rag import (  # noqa: E402
+    ChunkRetriever,
+    ExampleStore,
+    MeanPooledEmbedder,
+    chunk_tokens,
+    rag_log_likelihood,
+)
 
 
 def test_chunks_cover_the_ids_in_order():
@@ -64,3 +70,23 @@ def test_bad_settings_raise():
         retriever.retrieve(torch.arange(1, 4))
     with pytest.raises(ValueError, match=r"score_from must be in \[local_tokens=8, 19\], got 4"):
         rag_log_likelihood(model, token_ids(1, 20), retriever, local_tokens=8, stride=4, score_from=4)
+
+
+def test_an_example_store_searches_by_prompt_and_returns_whole_examples():
+    def embed(sequences):  # one-hot of the first token: a prompt's key is its first token alone
+        return torch.nn.functional.one_hot(torch.stack([s[0] for s in sequences]), 8).float()
+
+    store = ExampleStore(8)
+    store.add([torch.tensor([1, 2, 7]), torch.tensor([3, 4, 5, 6])], [2, 2], embed)
+    assert len(store) == 2 and store.nbytes == 2 * 8 * 4 + 7 * 8 + 2 * 8 + 2 * 8
+    assert [[e.tolist() for e in found] for found in store.search(embed([torch.tensor([3]), torch.tensor([1])]), 1)] \
+        == [[[3, 4, 5, 6]], [[1, 2, 7]]]
+    assert store.search(embed([torch.tensor([3])]), 0) == [[]]
+    keys = []
+    store.reembed(lambda sequences: keys.extend(sequences) or embed(sequences))
+    assert [k.tolist() for k in keys] == [[1, 2], [3, 4]]  # the prompts, never the answers
+    restored = ExampleStore.from_state_dict(store.state_dict())
+    assert [e.tolist() for e in restored.examples()] == [[1, 2, 7], [3, 4, 5, 6]]
+    assert restored.search(embed([torch.tensor([1])]), 2)[0][0].tolist() == [1, 2, 7]
+    with pytest.raises(ValueError, match=r"a prompt length must be in \[1, 3\] \(its example's length\), got 4"):
+        store.add([torch.tensor([1, 2, 3])], [4], embed)

@@ -18,7 +18,18 @@ from avalanche.training.plugins import (
 
 from metakv_cl.metrics import ContinualMatrixPluginMetric
 from metakv_cl.modeling import MetaKVConfig
-from metakv_cl.strategies import EWC, KNNLM, ContinualStrategy, LoRA, LwF, MetaKVConsolidation, Naive, OLoRA, Replay
+from metakv_cl.strategies import (
+    EWC,
+    KNNLM,
+    ContinualStrategy,
+    LoRA,
+    LwF,
+    MetaKVConsolidation,
+    Naive,
+    OLoRA,
+    Replay,
+    RetrievedExamples,
+)
 from metakv_cl.strategies import plugins
 from metakv_cl.strategies.plugins import PluginConflictError, UnsupportedPluginError
 from metakv_cl.training.runner import run_stream
@@ -48,6 +59,7 @@ def make(tmp_path, plugin_list=(), num_experiences=2, epochs=1, strategy_cls=Con
     (OLoRA, {}, [plugins.OLoRA]),
     (Replay, {"buffer_size": 8}, [plugins.Replay]),
     (KNNLM, {"freeze_base": True}, [plugins.KNNLM]),
+    (RetrievedExamples, {"freeze_base": True}, [plugins.RetrievedExamples]),
     (MetaKVConsolidation, {"buffer_size": 8}, [plugins.Replay, plugins.MetaKVConsolidation]),
     (MetaKVConsolidation, {"validation_fraction": 0.25},
      [plugins.Replay, plugins.MetaKVConsolidation, plugins.Validated]),
@@ -354,7 +366,8 @@ def test_avalanche_tensorboard_logger_writes_the_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("preset_name, plugin_name", [
-    *((name, name) for name in ["EWC", "LwF", "LoRA", "OLoRA", "Replay", "MetaKVConsolidation"]),
+    *((name, name) for name in ["EWC", "LwF", "LoRA", "OLoRA", "Replay", "MetaKVConsolidation", "KNNLM",
+                                "RetrievedExamples"]),
     ("MetaKVAddressed", "BankSchedule"),
 ])
 def test_a_preset_s_defaults_are_its_plugin_s(preset_name, plugin_name):

@@ -8,9 +8,9 @@ import pytorch_lightning as pl
 import torch
 
 from metakv_cl.modeling import MetaKVConfig
-from metakv_cl.strategies import KNNLM, MetaKVAddressed, MetaKVConsolidation, OLoRA, Replay, plugins
+from metakv_cl.strategies import KNNLM, MetaKVAddressed, MetaKVConsolidation, OLoRA, Replay, RetrievedExamples, plugins
 from metakv_cl.training.runner import StreamState, run_stream, warm_up
-from metakv_cl.training.testing import toy_setup, toy_trainer_kwargs
+from metakv_cl.training.testing import toy_lookup_setup, toy_setup, toy_trainer_kwargs
 
 
 class Killed(RuntimeError):
@@ -47,6 +47,8 @@ CASES = {
     "olora": (OLoRA, {}, KillAt("exp_001", "train", epoch=1, batch=1)),
     # kNN-LM: killed while training the second experience (the first one's datastore comes from the stream state)
     "knn-lm": (KNNLM, {}, KillAt("exp_001", "train", epoch=1, batch=1)),
+    # retrieval-augmented classification (a classification stream): killed while training the second experience
+    "retrieval-icl": (RetrievedExamples, {}, KillAt("exp_001", "train", epoch=1, batch=1)),
     # replay: killed in the second epoch of the first experience
     "replay": (Replay, {"buffer_size": 8}, KillAt("exp_000", "train", epoch=1, batch=1)),
     # the same with packed training batches (rows of 32 tokens: the longest toy item fits)
@@ -62,7 +64,10 @@ def start(strategy_cls, root, callbacks, **kwargs):
         MetaKVConsolidation: MetaKVConfig(rank=4, state_dim=16),
         MetaKVAddressed: MetaKVConfig(source="addressed", memory_slots=4, rank=4, state_dim=16),
     }.get(strategy_cls)
-    benchmark, module = toy_setup(2, meta_kv=meta_kv, warmup_experiences=1)
+    if strategy_cls is RetrievedExamples:
+        benchmark, module = toy_lookup_setup(2, items=24, warmup_texts=16)
+    else:
+        benchmark, module = toy_setup(2, meta_kv=meta_kv, warmup_experiences=1)
     trainer_kwargs = toy_trainer_kwargs(root, max_epochs=2, callbacks=callbacks)
     warm_up(module, benchmark, root_dir=root, epochs=1, trainer_kwargs=toy_trainer_kwargs(root), train_mb_size=8)
     strategy = strategy_cls(module=module, trainer_kwargs=trainer_kwargs, train_mb_size=8, **kwargs)
@@ -106,6 +111,25 @@ def test_resume_after_kill_gives_the_same_report(case, tmp_path):
     batches_per_epoch = -(-len(benchmark.train_stream[killed_stage].dataset) // 8)
     assert 0 < counter.batches[kill.where] <= batches_per_epoch + 1
     assert StreamState(root).exists()
+
+
+def test_resume_restores_the_retrieval_datastore_bitwise(tmp_path):
+    strategy_cls, kwargs, kill = CASES["retrieval-icl"]
+    strategy, benchmark = start(strategy_cls, tmp_path / "uninterrupted", [], **kwargs)
+    run_stream(strategy, benchmark)
+    expected = strategy.plugin(plugins.RetrievedExamples).store.state_dict()
+    root = tmp_path / "killed"
+    strategy, benchmark = start(strategy_cls, root, [kill], **kwargs)
+    with pytest.raises(Killed):
+        run_stream(strategy, benchmark)
+    strategy, benchmark = start(strategy_cls, root, [], **kwargs)
+    restored = strategy.plugin(plugins.RetrievedExamples)
+    StreamState(root).load(strategy, benchmark)  # the state after the first experience, as the resumed run reads it
+    assert len(restored.store) == len(benchmark.train_stream[0].dataset)
+    run_stream(strategy, benchmark, resume=True)
+    resumed = strategy.plugin(plugins.RetrievedExamples).store.state_dict()
+    assert all(torch.equal(resumed[key], expected[key]) for key in ("tokens", "lengths", "prompt_lengths"))
+    assert torch.equal(resumed["datastore"]["index"], expected["datastore"]["index"])  # the keys, bitwise
 
 
 def test_resume_refuses_a_different_stream(tmp_path):

@@ -9,7 +9,8 @@
   those of the nearest stored contexts (kNN-LM), as a ``generate()`` logits processor and a
   perplexity scorer;
 * :mod:`~metakv_cl.kv.retrieval.rag`: :class:`ChunkRetriever`, retrieval-augmented inputs
-  (RAG) built from the LM's own chunk embeddings.
+  (RAG) built from the LM's own chunk embeddings, and :class:`ExampleStore`, labelled examples
+  retrieved by their prompt's embedding (in-context examples for classification).
 
 FAISS is the optional extra ``retrieval`` (``pip install 'metakv-cl[retrieval]'``).
 """

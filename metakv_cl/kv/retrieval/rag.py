@@ -15,7 +15,7 @@ a compacted cache of that size would hold.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -125,6 +125,108 @@ class ChunkRetriever:
         input_ids = input_ids.reshape(-1)
         retrieved = self.retrieve(input_ids, k)
         return torch.cat([*reversed(retrieved), input_ids.cpu()]).to(input_ids.device)
+
+
+class ExampleStore:
+    """Examples (1-D token ids) searched by the embedding of their prompt, their first tokens.
+
+    The key of an example is its prompt's embedding, so a query (a prompt without its answer)
+    finds the examples whose prompts resemble it, whatever their answers. The token ids are kept
+    beside the keys, so every key can be recomputed by another embedder (:meth:`reembed`).
+
+    Args:
+        dim: embedding dimension.
+        index: datastore index kind (``flat``, ``ivf`` or ``hnsw``), searched by inner product.
+        seed: datastore seed.
+
+    Raises:
+        ValueError: see :class:`Datastore`.
+    """
+
+    def __init__(self, dim: int, *, index: str = "flat", seed: int = 0):
+        self.datastore = Datastore(dim, metric="ip", index=index, seed=seed)
+        self.tokens = torch.empty(0, dtype=torch.long)  # every example's ids, concatenated
+        self.lengths = torch.empty(0, dtype=torch.long)
+        self.prompt_lengths = torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys (float32), the token ids and the two lengths per example (int64)."""
+        return self.datastore.nbytes + self.tokens.nbytes + self.lengths.nbytes + self.prompt_lengths.nbytes
+
+    def examples(self) -> list[torch.Tensor]:
+        """Every stored example's token ids, in the order they were added (their ids)."""
+        return list(self.tokens.split(self.lengths.tolist()))
+
+    def prompts(self) -> list[torch.Tensor]:
+        """Every stored example's prompt (what its key embeds)."""
+        return [example[:length] for example, length in zip(self.examples(), self.prompt_lengths.tolist())]
+
+    def add(self, examples: Sequence[torch.Tensor], prompt_lengths: Sequence[int],
+            embed: Callable[[Sequence[torch.Tensor]], torch.Tensor]) -> None:
+        """Store examples under the embeddings of their prompts.
+
+        Args:
+            examples: 1-D token ids, each a prompt followed by its answer.
+            prompt_lengths: the prompt's length in each example.
+            embed: maps a list of 1-D token tensors to [n, dim] unit embeddings.
+
+        Raises:
+            ValueError: lists of different lengths, or a prompt length outside [1, example length].
+        """
+        if len(examples) != len(prompt_lengths):
+            raise ValueError(f"{len(examples)} examples but {len(prompt_lengths)} prompt lengths")
+        if not examples:
+            return
+        for example, length in zip(examples, prompt_lengths):
+            if not 1 <= length <= len(example):
+                raise ValueError(f"a prompt length must be in [1, {len(example)}] (its example's length), got {length}")
+        examples = [example.reshape(-1).cpu() for example in examples]
+        prompt_lengths = torch.tensor(list(prompt_lengths), dtype=torch.long)
+        self.datastore.add(embed([example[:length] for example, length in zip(examples, prompt_lengths.tolist())]))
+        self.tokens = torch.cat([self.tokens, *examples])
+        self.lengths = torch.cat([self.lengths, torch.tensor([len(e) for e in examples], dtype=torch.long)])
+        self.prompt_lengths = torch.cat([self.prompt_lengths, prompt_lengths])
+
+    def reembed(self, embed: Callable[[Sequence[torch.Tensor]], torch.Tensor]) -> None:
+        """Recompute every key with ``embed`` (a fresh index of the same settings)."""
+        fresh = Datastore(**self.datastore.settings())
+        if len(self):
+            fresh.add(embed(self.prompts()))
+        self.datastore = fresh
+
+    def search(self, queries: torch.Tensor, k: int) -> list[list[torch.Tensor]]:
+        """The ``min(k, len(self))`` examples nearest to each query embedding, nearest first.
+
+        Args:
+            queries: [n, dim] embeddings (as ``embed`` gives them).
+            k: examples per query (0: none).
+
+        Returns:
+            One list of 1-D token tensors per query (empty lists when ``k`` is 0 or the store is empty).
+        """
+        if k == 0 or len(self) == 0:
+            return [[] for _ in range(len(queries))]
+        examples = self.examples()
+        ids = self.datastore.search(queries, k).ids
+        return [[examples[i] for i in row] for row in ids.tolist()]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The datastore, token ids and lengths as tensors and plain values (a stream state's format)."""
+        return {"datastore": self.datastore.state_dict(), "tokens": self.tokens, "lengths": self.lengths,
+                "prompt_lengths": self.prompt_lengths}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> ExampleStore:
+        """Rebuild a store from :meth:`state_dict` output."""
+        datastore = Datastore.from_state_dict(state["datastore"])
+        store = cls(datastore.dim)
+        store.datastore = datastore
+        store.tokens, store.lengths, store.prompt_lengths = state["tokens"], state["lengths"], state["prompt_lengths"]
+        return store
 
 
 @torch.no_grad()
