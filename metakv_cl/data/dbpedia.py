@@ -87,6 +87,29 @@ def read_labelled_json(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
+# Development items do not depend on a stream's seed: every stream of a loader leaves out the same ones.
+_DEVELOPMENT_SEED = "development-items"
+
+
+def set_aside_development(pool: Sequence[Item], count: int, what: str) -> tuple[list[Item], list[Item]]:
+    """(development items, the rest): ``count`` items of a fixed shuffle of ``pool`` (no seed moves it),
+    kept for choosing hyper-parameters and left out of every reported stream.
+
+    Args:
+        pool: the items of one task or topic.
+        count: how many to set aside.
+        what: the task or topic (seeds the shuffle; names it in errors).
+
+    Raises:
+        ValueError: ``count`` leaves no item for the reported streams.
+    """
+    if count >= len(pool):
+        raise ValueError(f"development_items={count} leaves none of {what}'s {len(pool)} items to report on")
+    shuffled = list(pool)
+    random.Random(f"{_DEVELOPMENT_SEED}-{what}").shuffle(shuffled)
+    return shuffled[:count], shuffled[count:]
+
+
 def split_holdout(items: Sequence[Item], test_fraction: float, seed: int | str, what: str) -> tuple[list[Item], list[Item]]:
     """Shuffle ``items`` with ``seed`` and hold out ``test_fraction`` of them.
 
@@ -181,6 +204,9 @@ def dbpedia_topic_tasks(
     max_train_per_topic: int | None = None,
     test_fraction: float = 0.2,
     max_test_per_topic: int | None = None,
+    development_items: int = 0,
+    development: bool = False,
+    validation_fraction: float = 0.25,
 ) -> list[TextTask]:
     """The topic-split Wikipedia stream: DBpedia topics grouped into LM experiences.
 
@@ -201,6 +227,12 @@ def dbpedia_topic_tasks(
         max_train_per_topic: cap on training abstracts per topic (default: all).
         test_fraction: share of each topic's abstracts held out for evaluation.
         max_test_per_topic: cap on held-out abstracts per topic (default: all).
+        development_items: abstracts per topic set aside for choosing hyper-parameters (a fixed
+            shuffle that neither ``seed`` nor the order moves), left out of every stream unless
+            ``development``; every stream that is reported beside a development stream sets the same.
+        development: build the development stream from the set-aside abstracts alone: a seeded
+            ``validation_fraction`` of them is its test set, the rest its training set.
+        validation_fraction: the development stream's share of test abstracts.
 
     Returns:
         One :class:`TextTask` per experience, named ``"Topic A + Topic B"``; texts are
@@ -212,6 +244,8 @@ def dbpedia_topic_tasks(
     """
     if topics_per_experience < 1:
         raise ValueError(f"topics_per_experience must be at least 1, got {topics_per_experience}")
+    if development_items < 0 or (development and development_items < 2):
+        raise ValueError(f"development_items must be >= 0 (>= 2 with development=True), got {development_items}")
     for name, cap in (("max_train_per_topic", max_train_per_topic), ("max_test_per_topic", max_test_per_topic)):
         if cap is not None and cap < 1:
             raise ValueError(f"{name} must be at least 1 or None, got {cap}")
@@ -225,7 +259,13 @@ def dbpedia_topic_tasks(
         group = topics[start:start + topics_per_experience]
         train, test = [], []
         for topic in group:
-            topic_train, topic_test = split_holdout(texts_by_topic[topic], test_fraction, f"{seed}-{topic}", topic)
+            pool = texts_by_topic[topic]
+            if development_items:
+                set_aside, pool = set_aside_development(pool, development_items, topic)
+            if development:
+                topic_train, topic_test = split_holdout(set_aside, validation_fraction, f"{seed}-{topic}-validation", topic)
+            else:
+                topic_train, topic_test = split_holdout(pool, test_fraction, f"{seed}-{topic}", topic)
             train += topic_train[:max_train_per_topic]
             test += topic_test[:max_test_per_topic]
         name = " + ".join(group)

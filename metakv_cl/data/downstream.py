@@ -42,7 +42,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from metakv_cl.data.dbpedia import default_data_root, read_labelled_json, split_holdout
+from metakv_cl.data.dbpedia import default_data_root, read_labelled_json, set_aside_development, split_holdout
 from metakv_cl.data.registry import register_loader
 from metakv_cl.data.tasks import ClassificationTask
 from metakv_cl.files import read_json
@@ -95,8 +95,6 @@ _DBPEDIA_SPLIT_SEED = "dbpedia-downstream-split"
 _DBPEDIA_TEST_FRACTION = 0.2
 # MNLI's test file marks 131 examples without a gold label (annotators disagreed) with "-".
 _NO_GOLD_LABEL = "-"
-# The development items of a task do not depend on `seed`: every stream leaves out the same ones.
-_DEVELOPMENT_SEED = "development-items"
 
 
 def _order_key(order: int | str) -> str:
@@ -134,19 +132,6 @@ def _subsample(pairs: list[tuple[str, str]], limit: int | None, seed: str) -> li
     if limit is None or limit >= len(pairs):
         return list(pairs)
     return random.Random(seed).sample(pairs, limit)
-
-
-def _set_aside(pool: list[tuple[str, str]], count: int, task: str) -> tuple[list, list]:
-    """(development items, the rest): ``count`` items of a fixed shuffle of ``pool``.
-
-    Raises:
-        ValueError: ``count`` leaves no item for the reported streams.
-    """
-    if count >= len(pool):
-        raise ValueError(f"development_items={count} leaves none of {task}'s {len(pool)} training items to report on")
-    shuffled = list(pool)
-    random.Random(f"{_DEVELOPMENT_SEED}-{task}").shuffle(shuffled)
-    return shuffled[:count], shuffled[count:]
 
 
 @register_loader
@@ -207,7 +192,7 @@ def downstream_tasks(
         spec = DOWNSTREAM_TASKS[task]
         train, test = _load_splits(task, data_root)
         if development_items:
-            set_aside, train = _set_aside(train, development_items, task)
+            set_aside, train = set_aside_development(train, development_items, task)
             if development:
                 train, test = split_holdout(set_aside, validation_fraction, f"{seed}-{task}-validation", task)
         tasks.append(ClassificationTask(

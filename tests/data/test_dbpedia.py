@@ -113,3 +113,21 @@ def test_order_seed_keeps_one_shuffled_order_across_seeds(shared_data):
     same_order, second = names(seed=5, order_seed=0)
     assert same_order == documented
     assert first[0].train != second[0].train  # seed still draws the split
+
+
+def test_development_abstracts_stay_out_of_every_reported_stream(shared_data):
+    root = shared_data / "dbpedia14"
+    development = dbpedia_topic_tasks(root=root, development_items=24, development=True, validation_fraction=0.25)
+    dev_train = {text for task in development for text in task.train}
+    dev_test = {text for task in development for text in task.test}
+    assert len(dev_train) == 14 * 18 and len(dev_test) == 14 * 6 and not dev_train & dev_test
+    for order, seed in (("fixed", 1), ("shuffled", 2)):
+        reported = dbpedia_topic_tasks(root=root, order=order, seed=seed, order_seed=0, development_items=24,
+                                       test_fraction=0.5)
+        seen = {text for task in reported for text in (*task.train, *task.test)}
+        assert not seen & (dev_train | dev_test)  # the same abstracts set aside, whatever the seed and order
+        assert len(seen) == 7600 - 14 * 24
+    # without development items the stream is the one it always was
+    assert dbpedia_topic_tasks(root=root, seed=3)[0].train == dbpedia_topic_tasks(root=root, seed=3, development_items=0)[0].train
+    with pytest.raises(ValueError, match=r"development_items must be >= 0 \(>= 2 with development=True\), got 0"):
+        dbpedia_topic_tasks(root=root, development=True)

@@ -102,7 +102,7 @@ def test_protocol_streams_keep_test_validation_and_development_items_apart(share
 
 
 def test_development_items_errors(tiny_root):
-    with pytest.raises(ValueError, match="development_items=6 leaves none of amazon's 6 training items"):
+    with pytest.raises(ValueError, match="development_items=6 leaves none of amazon's 6 items"):
         downstream_tasks(1, root=tiny_root, development_items=6)
     with pytest.raises(ValueError, match="development_items must be >= 0 \\(>= 2 with development=True\\), got 0"):
         downstream_tasks(1, root=tiny_root, development=True)
