@@ -338,3 +338,134 @@ def tuning_markdown(tuning: dict[str, Any] | None, grids: dict[str, dict]) -> li
             lines.append(f"| {model} | {method} | {grids.get(method, entry['grid'])} | {scores} | {entry['chosen']} |")
     return [*lines, ""]
 
+
+
+# Scoring options a stream may set for its evaluations (ContinualLMModule's arguments of the same names).
+SCORING_OPTIONS: dict[str, tuple] = {"exact_match": (True, False), "ranking": ("sum", "mean")}
+LITERATURE_METRICS = ("accuracy", "exact_match")
+
+
+def check_scoring(scoring: dict[str, Any], where: str) -> None:
+    """A stream's ``scoring`` section: generative exact match beside ranking, and how ranking normalises.
+
+    Raises:
+        ValueError: an unknown key or value (named, with what is allowed).
+    """
+    if not isinstance(scoring, dict):
+        raise ValueError(f"{where}: scoring must be a mapping of {sorted(SCORING_OPTIONS)}, got {scoring!r}")
+    for key, value in scoring.items():
+        if key not in SCORING_OPTIONS:
+            raise ValueError(f"{where}: scoring.{key} is not a scoring option; known: {sorted(SCORING_OPTIONS)}")
+        if value not in SCORING_OPTIONS[key] or type(value) is not type(SCORING_OPTIONS[key][0]):
+            raise ValueError(f"{where}: scoring.{key} must be one of {list(SCORING_OPTIONS[key])}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LiteratureAnchor:
+    """Published numbers of a setting that a plan reproduces as closely as the data allows, shown beside ours.
+
+    Attributes:
+        plan: the plan whose runs are compared.
+        streams: the plan's streams the published figure averages over.
+        source: the publication, and where in it the numbers are.
+        model: the published model.
+        metric: our figure: ``exact_match`` (generative) or ``accuracy`` (label ranking), the stream's
+            final average, in percent, averaged over ``streams``.
+        published: method -> the published figure (percent).
+        names: method -> the method's name in the publication.
+        differences: what differs between the published setting and ours (model, data, metric).
+    """
+
+    plan: str
+    streams: tuple[str, ...]
+    source: str
+    model: str
+    metric: str
+    published: dict[str, float]
+    names: dict[str, str]
+    differences: str
+
+
+def parse_literature(entries: Sequence[dict[str, Any]], plans: dict[str, dict], source: str) -> list[LiteratureAnchor]:
+    """The ``literature`` section as :class:`LiteratureAnchor` objects, checked against the plans.
+
+    Raises:
+        ValueError: a missing field, an unknown plan, a stream or method its plan does not run, an
+            unknown metric or a published figure outside [0, 100].
+    """
+    anchors = []
+    for index, entry in enumerate(entries):
+        where = f"{source}: literature[{index}]"
+        missing = [key for key in ("plan", "source", "model", "metric", "published", "differences") if key not in entry]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}")
+        plan = plans.get(entry["plan"])
+        if plan is None:
+            raise ValueError(f"{where}: unknown plan {entry['plan']!r}; known: {sorted(plans)}")
+        streams = tuple(entry.get("streams", plan["streams"]))
+        for kind, named, ran in (("stream", streams, plan["streams"]), ("method", entry["published"], plan["methods"])):
+            absent = [name for name in named if name not in ran]
+            if absent:
+                raise ValueError(f"{where}: {kind} {absent[0]!r} is not run by plan {entry['plan']!r} ({list(ran)})")
+        if entry["metric"] not in LITERATURE_METRICS:
+            raise ValueError(f"{where}: metric must be one of {list(LITERATURE_METRICS)}, got {entry['metric']!r}")
+        for method, value in entry["published"].items():
+            if not isinstance(value, (int, float)) or not 0 <= value <= 100:
+                raise ValueError(f"{where}: published[{method!r}] must be a percentage in [0, 100], got {value!r}")
+        anchors.append(LiteratureAnchor(entry["plan"], streams, entry["source"], entry["model"], entry["metric"],
+                                        {m: float(v) for m, v in entry["published"].items()},
+                                        dict(entry.get("names", {})), entry["differences"]))
+    return anchors
+
+
+def literature_comparison(anchor: LiteratureAnchor,
+                          runs: dict[str, dict[str, dict[int, "MethodResult"]]]) -> dict[str, Any]:
+    """Our figure for each published method: per stream the mean over seeds, and the mean over the streams.
+
+    Args:
+        anchor: the published numbers.
+        runs: ``{stream: {method: {seed: result}}}`` of one model.
+
+    Returns:
+        The anchor's fields and ``rows``: per method its published figure, ``ours`` (``{stream:
+        {"mean", "std", "seeds"}}`` for the streams that ran) and ``ours_average`` (the mean over
+        ``streams``; None until every stream ran).
+    """
+    from metakv_cl.metrics import continual_summary
+
+    rows = []
+    for method, published in anchor.published.items():
+        ours = {}
+        for stream in anchor.streams:
+            values = []
+            for result in runs.get(stream, {}).get(method, {}).values():
+                matrix = result.exact_match_matrix if anchor.metric == "exact_match" else result.matrix
+                if matrix is not None:
+                    values.append(100.0 * continual_summary(matrix, True)["average"])
+            if values:
+                ours[stream] = {"mean": stats.fmean(values), "std": stats.stdev(values) if len(values) > 1 else 0.0,
+                                "seeds": len(values)}
+        complete = len(ours) == len(anchor.streams)
+        rows.append({"method": method, "name": anchor.names.get(method, method), "published": published,
+                     "ours": ours, "ours_average": stats.fmean(v["mean"] for v in ours.values()) if complete else None})
+    return {**anchor.__dict__, "streams": list(anchor.streams), "rows": rows}
+
+
+def literature_markdown(comparisons: Sequence[dict[str, Any]]) -> list[str]:
+    """The index page's section that places published numbers beside ours."""
+    lines = []
+    for comparison in comparisons:
+        metric = "generative exact match" if comparison["metric"] == "exact_match" else "label-ranking accuracy"
+        lines += ["## Beside the literature", "",
+                  f"{comparison['source']}: {comparison['model']}. Ours: final average {metric} (%), mean ± std over "
+                  f"seeds, on {', '.join(comparison['streams'])}. What differs: {comparison['differences']}", "",
+                  "| method | published | ours, mean over the streams | " + " | ".join(comparison["streams"]) + " |",
+                  "|---|---:|---:|" + "---:|" * len(comparison["streams"])]
+        for row in comparison["rows"]:
+            cells = [f"{row['ours'][s]['mean']:.1f} ± {row['ours'][s]['std']:.1f} ({row['ours'][s]['seeds']})"
+                     if s in row["ours"] else "not run" for s in comparison["streams"]]
+            average = "–" if row["ours_average"] is None else f"{row['ours_average']:.1f}"
+            label = row["method"] if row["name"] == row["method"] else f"{row['name']} (`{row['method']}`)"
+            lines.append(f"| {label} | {row['published']:.1f} | {average} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines

@@ -113,6 +113,10 @@ from metakv_cl.benchmarks.cl_protocol import (  # noqa: E402
     grid_points,
     nominal_item_passes,
     parse_protocol,
+    check_scoring,
+    literature_comparison,
+    literature_markdown,
+    parse_literature,
     readme_contrasts,
     select_points,
     tuning_markdown,
@@ -207,6 +211,7 @@ class Suite:
                 raise ValueError(f"{source}: method {name!r} uses the validated schedule; add schedules.validated "
                                  "(validation_fraction, patience, max_epochs)")
         for name, stream in self.streams.items():
+            check_scoring(stream.get("scoring", {}), f"{source}: stream {name!r}")
             if "seed" in stream.get("loader_args", {}):
                 raise ValueError(f"{source}: stream {name!r}: loader_args.seed is not allowed; the data seed is "
                                  "data_seed (suite-wide, or the stream's own data_seed)")
@@ -214,6 +219,7 @@ class Suite:
         for name, plan in self.plans.items():
             self._check_plan(name, plan)
         self.families = parse_protocol(config["protocol"], self.plans, source)
+        self.literature = parse_literature(config.get("literature", []), self.plans, source)
         check_validated_twins(self.plans, self.methods, source)
         tuned = [m for plan in self.plans.values() if plan.get("tune") for m in plan["methods"]]
         if tuned:
@@ -460,7 +466,8 @@ class Workbench:
             meta_kv = MetaKVConfig.from_dict({**model_spec.get("meta_kv", {}), **overrides})
         seed_all(derived_seed(cell.seed, "added-parameters"))  # Meta-KV, LoRA: same draw for every method
         lr = self.hyperparameters(cell).get("lr", self.learning_rate(cell, method.get("lr", "full")))
-        return ContinualLMModule(base, meta_kv=meta_kv, lr=float(lr), **model_spec.get("module_args", {}))
+        scoring = self.suite.streams[cell.stream].get("scoring", {})
+        return ContinualLMModule(base, meta_kv=meta_kv, lr=float(lr), **model_spec.get("module_args", {}), **scoring)
 
     def learning_rate(self, cell: Cell, role: str) -> float:
         return float(self.suite.models[cell.model]["learning_rates"][role])
@@ -1023,14 +1030,18 @@ def report_main(args: argparse.Namespace) -> int:
             contrasts += [{"model": model, **entry}
                           for entry in contrast_differences(family, runs, label=lambda method: method + suffix)]
     grids = suite.tuning.get("grids", {})
+    literature = [literature_comparison(anchor, {stream: methods for (m, stream), methods in runs_by_stream.items()
+                                                 if m == model})
+                  for anchor in suite.literature for model in suite.plans[anchor.plan]["models"]]
     protocol = {"families": [family.to_json() for family in suite.families], "data_seed": suite.data_seed,
                 "seeds": suite.seeds, "schedules": suite.schedules, "grids": grids, "tuning": tuning,
-                "contrasts": contrasts}
+                "contrasts": contrasts, "literature": literature}
     atomic_write_text(json_text(protocol), out / "protocol.json")
     index += ["", "## Primary contrasts", "",
               "Declared in the suite config before any run. Paired bootstrap over seeds and test items; p-values "
               "Holm-adjusted across the streams of each contrast, per figure (protocol.json).", "",
               *contrast_markdown(contrasts),
+              *literature_markdown(literature),
               "## Hyper-parameters", "",
               "Each method's grid (the same size for every method), scored on the development stream's validation "
               "split; the chosen point ran on every reported stream.", "",

@@ -62,6 +62,16 @@ def test_the_suite_refuses_a_protocol_or_arm_outside_its_plan(tmp_path):
          "stream 'tasks': loader_args.seed is not allowed; the data seed is data_seed"),
         ("streams", "tasks", {**config["streams"]["tasks"], "loader_args": {"order": 1, "development_items": 2}},
          "stream 'tasks' must set loader_args.development_items: 4 like the development stream 'dev'"),
+        ("streams", "tasks", {**config["streams"]["tasks"], "scoring": {"exact_match": "yes"}},
+         r"stream 'tasks': scoring.exact_match must be one of \[True, False\], got 'yes'"),
+        ("streams", "tasks", {**config["streams"]["tasks"], "scoring": {"greedy": True}},
+         r"stream 'tasks': scoring.greedy is not a scoring option; known: \['exact_match', 'ranking'\]"),
+        ("literature", 0, {**config["literature"][0], "published": {"joint": 80.0}},
+         r"literature\[0\]: method 'joint' is not run by plan 'tasks'"),
+        ("literature", 0, {**config["literature"][0], "metric": "f1"},
+         r"literature\[0\]: metric must be one of \['accuracy', 'exact_match'\], got 'f1'"),
+        ("literature", 0, {**config["literature"][0], "published": {"naive": 0.285}, "plan": "nope"},
+         r"literature\[0\]: unknown plan 'nope'"),
     ]
     for section, key, value, message in cases:
         broken = json.loads(json.dumps(config))

@@ -68,7 +68,7 @@ def smoke_config(tmp_path: Path) -> Path:
                       "loader": "metakv_cl.data.downstream.downstream_tasks",
                       "loader_args": {"order": 1, "max_train": 6, "max_test": 4, "root": str(data)},
                       "max_length": 64, "overflow": "truncate", "train_mb_size": 4, "eval_mb_size": 4,
-                      "replay_buffer": 4},
+                      "replay_buffer": 4, "scoring": {"exact_match": True}},
         },
         "methods": {
             "naive": {"class_path": "metakv_cl.strategies.Naive"},
@@ -88,6 +88,8 @@ def smoke_config(tmp_path: Path) -> Path:
         },
         "protocol": [{"table": "topics", "plan": "main", "reference": "replay", "contrasts": [
             {"method": "metakv-replay", "reference": "replay", "claim": "Meta-KV minus replay"}]}],
+        "literature": [{"plan": "tasks", "source": "A paper", "model": "a bigger model", "metric": "exact_match",
+                        "published": {"naive": 28.5}, "names": {"naive": "SeqFT"}, "differences": "the model"}],
     }
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -201,6 +203,14 @@ def test_report_merges_calls_into_per_stream_folders(finished_call, tmp_path):
     assert average["p_holm"] == average["p_value"]  # one stream: Holm leaves a family of one unchanged
     index = (out / "INDEX.md").read_text()
     assert "### topics: metakv-replay minus replay" in index and "No tuning.json in the runs dirs" in index
+    # the stream's scoring reached the module: exact match beside ranking, and beside the published number
+    naive = json.loads((first / "results" / "tiny-pretrained" / "tasks" / "naive" / "seed0.json").read_text())
+    assert "exact_match" in naive and len(naive["exact_match"]["matrix"]) == len(naive["matrix"])
+    (anchor,) = protocol["literature"]
+    (row,) = anchor["rows"]
+    ours = 100 * naive["exact_match"]["summary"]["average"]
+    assert row["name"] == "SeqFT" and row["published"] == 28.5 and row["ours_average"] == pytest.approx(ours)
+    assert "## Beside the literature" in index and f"| SeqFT (`naive`) | 28.5 | {ours:.1f} |" in index
     # --readme rewrites only the page's generated block, with the contrast's interval from protocol.json
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- generated: cl_suite primary contrasts -->\nold\n"
