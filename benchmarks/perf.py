@@ -7,7 +7,8 @@ Sections (pick with --sections):
   parameter trainable in every variant, so the ratio is Meta-KV's own cost) of the same variants, and the model FLOPs utilisation of the plain path against the measured matmul rate.
 * ``decode``: cached greedy decoding tokens/s (weights in --dtype, no autocast), plain vs Meta-KV dynamic (mean; also
   through its fused Triton kernel where available) vs consolidated merged, at several batch sizes and context lengths,
-  through transformers' ``generate`` and through :class:`GraphedDecoder` (one CUDA graph per token). Graphed rows
+  through transformers' ``generate`` (dynamic cache, and ``cache_implementation="static"``, which transformers
+  compiles on CUDA) and through :class:`GraphedDecoder` (one CUDA graph per token). Graphed rows
   also time the prefill alone and, on the GPU, the graph replays alone (``decode_*``: the cached one-token steps).
 
 Variants are interleaved over rounds, so drift in the machine's speed hits all of them alike;
@@ -212,7 +213,9 @@ def run_decode(args, base) -> list[dict]:
     """Decoding tokens/s of each variant, in each mode; ratios are to plain in the same mode.
 
     Modes: ``generate`` (transformers' generate with its dynamic cache, one host-issued kernel at
-    a time) and ``graphed`` (:class:`GraphedDecoder`: a static cache and one CUDA graph per step).
+    a time), ``static`` (transformers' generate with ``cache_implementation="static"``, which
+    compiles the decoding step itself on CUDA: the path transformers users know) and ``graphed``
+    (:class:`GraphedDecoder`: a static cache and one CUDA graph per step).
     """
     rows = []
     base = copy.deepcopy(base).to(DTYPES[args.dtype])  # inference runs in the weights' own dtype, no autocast
@@ -233,9 +236,9 @@ def run_decode(args, base) -> list[dict]:
                 continue
             ids = torch.randint(0, base.config.vocab_size, (batch, context), device=args.device)
 
-            def generate(model):
+            def generate(model, **options):
                 return lambda: model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                              do_sample=False, pad_token_id=0)
+                                              do_sample=False, pad_token_id=0, **options)
 
             def graphed(name, model, steps):
                 decoder = GraphedDecoder(model, batch, context + args.new_tokens, fused_meta_kv="fused" in name)
@@ -254,6 +257,8 @@ def run_decode(args, base) -> list[dict]:
                 for name, model in variants.items():
                     if mode == "generate" and "fused" not in name:
                         steps[name] = generate(model)
+                    elif mode == "static" and "fused" not in name and not name.endswith("compiled"):
+                        steps[name] = generate(model, cache_implementation="static")
                     elif mode == "graphed" and not name.endswith("compiled"):
                         graphed(name, model, steps)
                 if args.profile_dir is not None and batch == args.decode_batches[0] and context == args.decode_contexts[0]:
@@ -325,8 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--decode-modes", nargs="+", choices=["generate", "graphed"], default=["generate", "graphed"],
-                        help="generate: transformers' generate; graphed: GraphedDecoder (CUDA graph per step on GPU)")
+    parser.add_argument("--decode-modes", nargs="+", choices=["generate", "static", "graphed"],
+                        default=["generate", "static", "graphed"],
+                        help="generate: transformers' generate; static: generate with its static cache (compiled by "
+                             "transformers on CUDA); graphed: GraphedDecoder (CUDA graph per step on GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant's step (plain included)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
     parser.add_argument("--pad-vocab", type=int, default=1, help="round the vocabulary up to a multiple of this")
