@@ -190,3 +190,14 @@ def test_a_cache_without_its_model_says_how_to_make_one():
         model.generate(token_ids(1, 6), max_new_tokens=3, **with_cache(model, cache), **GREEDY)
     with pytest.raises(ValueError, match="model= or config=, not both"):
         CompactedCache("h2o", 16, model=model, config=model.config)
+
+
+@torch.no_grad()
+def test_a_knn_memory_cache_builds_its_own_layers_and_generates():
+    from metakv_cl.kv.retrieval.knn_attention import KNNMemoryCache, KNNMemoryLayer
+
+    model = build("llama")
+    cache = KNNMemoryCache("h2o", 16, model=model, top_k=4)
+    assert all(type(layer) is KNNMemoryLayer for layer in cache.layers)
+    model.generate(token_ids(1, 12), max_new_tokens=20, min_new_tokens=20, **with_cache(model, cache), **GREEDY)
+    assert cache.stats()["compactions"] > 0 and cache.stats()["memory_entries"] > 0

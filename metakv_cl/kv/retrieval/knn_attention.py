@@ -277,8 +277,9 @@ class KNNMemoryCache(CompactedCache):
     """A :class:`~metakv_cl.kv.cache.CompactedCache` with a kNN memory of what it evicts (see the module docstring).
 
     A drop-in ``past_key_values`` for ``model(...)``, :func:`~metakv_cl.kv.streaming.chunked_prefill`
-    and ``generate()``, after :func:`~metakv_cl.kv.attention.enable_compacted_attention`. Wu et
-    al., "Memorizing Transformers" (ICLR 2022).
+    and ``generate()`` when built with ``model=`` (or after
+    :func:`~metakv_cl.kv.attention.enable_compacted_attention`, with the helpers). Wu et al.,
+    "Memorizing Transformers" (ICLR 2022).
 
     Args:
         method: the compaction method of the local cache, a registered name or an instance.
@@ -290,7 +291,7 @@ class KNNMemoryCache(CompactedCache):
         gate: the local share g of ``combine="gate"``: a number or a tensor [attention heads] in [0, 1].
         memory_index: ``"flat"`` (exact search) or ``"hnsw"`` (approximate, for long memories).
         seed: seed of the stores.
-        **cache_kwargs: the other arguments of :class:`CompactedCache` (``config``,
+        **cache_kwargs: the other arguments of :class:`CompactedCache` (``model``, ``config``,
             ``headroom``, ``position_policy``, ... and the method's constructor arguments).
 
     Raises:
