@@ -450,7 +450,8 @@ class CompactedLayer(DynamicLayer):
         if not self.is_initialized:
             return []
         residual = [t for t in (self.keys, self.values) if t.numel() > 0]  # empty tensors hold no bytes
-        return self.quantized_keys.tensors() + self.quantized_values.tensors() + residual + ([] if self.bias is None else [self.bias])
+        bias = [] if self.bias is None else [self.bias]
+        return self.quantized_keys.tensors() + self.quantized_values.tensors() + residual + bias
 
 
 def _split_residual(storage: KVStorage, like: torch.Tensor) -> tuple[KVStorage, torch.Tensor]:
