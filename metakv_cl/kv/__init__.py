@@ -27,6 +27,7 @@ _EXPORTS = {
     "disable_compacted_attention": "attention",
     "enable_compacted_attention": "attention",
     "CompactedCache": "cache",
+    "attach_compacted_cache": "cache",
     "CompactedLayer": "cache",
     "MASKED_BIAS": "protocol",
     "AttentionReceived": "protocol",

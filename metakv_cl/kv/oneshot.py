@@ -34,7 +34,6 @@ from typing import Any, Iterator
 
 import torch
 
-from metakv_cl.kv.attention import enable_compacted_attention
 from metakv_cl.kv.cache import CompactedCache
 from metakv_cl.kv.protocol import KVCompressor, validate_budget
 from metakv_cl.transformers_api import cache_argument_name, passed_cache
@@ -65,8 +64,7 @@ def compaction(
         ValueError: a budget outside (0, 1], an unknown method or bad method options.
     """
     budget = validate_budget(budget)
-    cache = CompactedCache(method, None, config=model.config, reference_queries=reference_queries, **method_options)
-    enable_compacted_attention(model)
+    cache = CompactedCache(method, None, model=model, reference_queries=reference_queries, **method_options)
     name = cache_argument_name(model.forward)
     signature = inspect.signature(model.forward)
 

@@ -176,9 +176,10 @@ def segment_to_float(segment: Segment) -> torch.Tensor:
 class KVStorage:
     """Keys or values of one cache layer: segments along the token axis (dim -2).
 
-    Float segments are appended to (concatenated, as transformers' ``DynamicLayer`` does);
-    quantized segments are kept as they are. ``to_float()`` materializes the whole tensor for
-    attention; for an all-float storage that is the stored tensor itself, with no copy.
+    A compaction method returns one (or a tensor, wrapped into one); a cache layer keeps the
+    part up to its last quantized segment (:class:`~metakv_cl.kv.cache.CompactedLayer`).
+    ``to_float()`` materializes the whole tensor; for a single float segment that is the stored
+    tensor itself, with no copy.
     """
 
     def __init__(self, segments: list[Segment] | None = None):
@@ -206,27 +207,10 @@ class KVStorage:
     def is_quantized(self) -> bool:
         return any(isinstance(segment, QuantizedTensor) for segment in self.segments)
 
-    def append(self, x: torch.Tensor) -> None:
-        """Append float tokens [batch, heads, new, dim] (merged into a trailing float segment)."""
-        if self.segments and isinstance(self.segments[-1], torch.Tensor):
-            self.segments[-1] = torch.cat([self.segments[-1], x], dim=-2)
-        else:
-            self.segments.append(owned(x))  # new states are often views of a larger projection output
-
     def to_float(self) -> torch.Tensor:
         """The whole [batch, heads, tokens, dim] tensor in float (the stored tensor itself when all-float)."""
         parts = [segment_to_float(segment) for segment in self.segments]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
-
-    def truncate(self, count: int) -> None:
-        """Drop the last ``count`` tokens, which must lie in the trailing float segment."""
-        if count <= 0:
-            return
-        last = self.segments[-1] if self.segments else None
-        if not isinstance(last, torch.Tensor) or last.shape[-2] < count:
-            raise ValueError(f"cannot drop the last {count} tokens: they are not all in the float tail of the storage")
-        self.segments[-1] = owned(last[..., : last.shape[-2] - count, :])
-        self.segments = [s for s in self.segments if s.shape[-2] > 0]
 
     def map_batch(self, fn) -> None:
         """Apply a batch-dimension operation (index_select, repeat_interleave) to every segment."""

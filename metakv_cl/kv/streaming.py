@@ -203,9 +203,10 @@ def generate(
     """
     input_ids = _check_ids(input_ids)
     batch, length = input_ids.shape
-    held = cache.get_seq_length()
-    if held and cache.layers[0].key_storage.segments[0].shape[0] != batch:
-        raise ValueError(f"the cache holds batch {cache.layers[0].key_storage.segments[0].shape[0]}, input_ids has {batch}")
+    held = cache.held_entries()
+    held_batch = next((layer.keys.shape[0] for layer in cache.layers if layer.is_initialized), batch)
+    if held_batch != batch:
+        raise ValueError(f"the cache holds batch {held_batch}, input_ids has {batch}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:

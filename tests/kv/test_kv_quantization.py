@@ -77,15 +77,10 @@ def test_requantizing_and_promoting_are_lossless():
 
 def test_storage_mixes_segments_and_counts_every_byte():
     x = sample()
-    storage = KVStorage([quantize(x[..., :32, :], 4, axis="channel", group_size=32), x[..., 32:, :]])
-    storage.append(x[..., :3, :])
+    storage = KVStorage([quantize(x[..., :32, :], 4, axis="channel", group_size=32), x[..., 32:, :], x[..., :3, :]])
     assert storage.seq_len == 67 and storage.is_quantized
     assert storage.nbytes == sum(t.nbytes for t in storage.tensors())
     assert torch.allclose(storage.to_float()[..., 32:64, :], x[..., 32:, :])
-    storage.truncate(3)
-    assert storage.seq_len == 64
-    with pytest.raises(ValueError, match="float tail"):
-        storage.truncate(40)
 
 
 def test_bad_arguments_are_rejected():

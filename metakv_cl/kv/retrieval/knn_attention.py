@@ -40,7 +40,7 @@ from metakv_cl.kv.retrieval.datastore import Datastore
 
 COMBINE_MODES = ("softmax", "gate")
 # CompactedCache's own keyword arguments; KNNMemoryCache passes the others to the method.
-CACHE_ARGUMENTS = ("config", "headroom", "reference_queries", "position_policy")
+CACHE_ARGUMENTS = ("model", "config", "headroom", "reference_queries", "position_policy")
 MEMORY_INDEX_KINDS = ("flat", "hnsw")  # an IVF store trains on its first batch; evictions come in small ones
 # Bias floor of a search vector: a padding entry's bias (MASKED_BIAS, the float32 minimum) would
 # swamp the other coordinates of an approximate index.
@@ -277,8 +277,9 @@ class KNNMemoryCache(CompactedCache):
     """A :class:`~metakv_cl.kv.cache.CompactedCache` with a kNN memory of what it evicts (see the module docstring).
 
     A drop-in ``past_key_values`` for ``model(...)``, :func:`~metakv_cl.kv.streaming.chunked_prefill`
-    and ``generate()``, after :func:`~metakv_cl.kv.attention.enable_compacted_attention`. Wu et
-    al., "Memorizing Transformers" (ICLR 2022).
+    and ``generate()`` when built with ``model=`` (or after
+    :func:`~metakv_cl.kv.attention.enable_compacted_attention`, with the helpers). Wu et al.,
+    "Memorizing Transformers" (ICLR 2022).
 
     Args:
         method: the compaction method of the local cache, a registered name or an instance.
@@ -290,7 +291,7 @@ class KNNMemoryCache(CompactedCache):
         gate: the local share g of ``combine="gate"``: a number or a tensor [attention heads] in [0, 1].
         memory_index: ``"flat"`` (exact search) or ``"hnsw"`` (approximate, for long memories).
         seed: seed of the stores.
-        **cache_kwargs: the other arguments of :class:`CompactedCache` (``config``,
+        **cache_kwargs: the other arguments of :class:`CompactedCache` (``model``, ``config``,
             ``headroom``, ``position_policy``, ... and the method's constructor arguments).
 
     Raises:
@@ -299,6 +300,7 @@ class KNNMemoryCache(CompactedCache):
     """
 
     method: EvictionRecorder
+    layer_class = KNNMemoryLayer
 
     def __init__(self, method: str | KVCompressor, max_tokens: int | None = None, *,
                  memory_layers: Iterable[int] | None = None, top_k: int | None = 32, combine: str = "softmax",
@@ -333,11 +335,6 @@ class KNNMemoryCache(CompactedCache):
         return (f"KNNMemoryCache({type(self.method.method).__name__}, max_tokens={self.max_tokens}, top_k={self.top_k}, "
                 f"combine={self.combine!r}, layers={len(self.layers)})")
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        while len(self.layers) <= layer_idx:
-            self.layers.append(KNNMemoryLayer(self, len(self.layers)))
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
     def compact(self, budget: float, *, method: str | KVCompressor | None = None, batch_layers: bool = True) -> None:
         """One-shot compaction as :meth:`CompactedCache.compact`, layer by layer: each layer keeps what it drops."""
         super().compact(budget, method=method, batch_layers=False)
@@ -356,14 +353,14 @@ class KNNMemoryCache(CompactedCache):
     @property
     def memory_nbytes(self) -> int:
         """Bytes of every layer's memory (entries and store vectors)."""
-        return sum(layer.memory_nbytes for layer in self.layers)
+        return sum(layer.memory_nbytes for layer in self.compacted_layers)
 
     def stats(self) -> dict[str, float]:
         """:meth:`CompactedCache.stats` plus the memory's entries (per layer, at most), bytes and search time."""
         return {
             **super().stats(),
-            "memory_entries": max((layer.memory_size for layer in self.layers), default=0),
+            "memory_entries": max((layer.memory_size for layer in self.compacted_layers), default=0),
             "memory_bytes": self.memory_nbytes,
-            "retrieval_seconds": sum(layer.retrieval_seconds for layer in self.layers),
+            "retrieval_seconds": sum(layer.retrieval_seconds for layer in self.compacted_layers),
         }
 
