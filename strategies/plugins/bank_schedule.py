@@ -75,6 +75,7 @@ class BankSchedule(MethodPlugin):
         self.read_weights: dict[int, torch.Tensor] = {}
         self._banks: list = []
         self._hooks: list = []
+        self._targets: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, the old slots' consolidated values
         self._recorder: SlotReadRecorder | None = None
 
     @property
@@ -151,10 +152,17 @@ class BankSchedule(MethodPlugin):
                     if parameter.requires_grad:
                         self._hooks.append(parameter.register_hook(_zero_rows(old)))
         elif self.old_slots == "regularised":
+            # the consolidated values, on the banks' device once per fit rather than at every step
+            self._targets = [
+                (torch.cat([snapshot["keys"][layer] for snapshot in self.slot_snapshots]).to(bank.keys.device),
+                 torch.cat([snapshot["values"][layer] for snapshot in self.slot_snapshots]).to(bank.values.device))
+                for layer, bank in enumerate(self._banks)
+            ]
             strategy.module.penalties["old_slots"] = self.old_slots_penalty
 
     def finish_fit(self, strategy, fit: PhaseFit) -> None:
         self._release()
+        self._targets = []
         strategy.module.penalties.pop("old_slots", None)
 
     def _release(self) -> None:
@@ -165,12 +173,9 @@ class BankSchedule(MethodPlugin):
     def old_slots_penalty(self, module, batch: dict, outputs: Any) -> torch.Tensor:
         """``old_slots_weight`` x sum over layers and old slots of ||k - k*||^2 + ||v - v*||^2."""
         old = self.old_slot_count
-        keys = torch.cat([snapshot["keys"] for snapshot in self.slot_snapshots], dim=1)  # [layers, old, dim]
-        values = torch.cat([snapshot["values"] for snapshot in self.slot_snapshots], dim=1)
         distance = sum(
-            (bank.keys[:old] - keys[layer].to(bank.keys.device)).square().sum()
-            + (bank.values[:old] - values[layer].to(bank.values.device)).square().sum()
-            for layer, bank in enumerate(self._banks)
+            (bank.keys[:old] - keys).square().sum() + (bank.values[:old] - values).square().sum()
+            for bank, (keys, values) in zip(self._banks, self._targets)
         )
         return self.old_slots_weight * distance
 
@@ -198,6 +203,11 @@ class BankSchedule(MethodPlugin):
     def routing(self) -> dict[str, Any]:
         """The latest read weights of each evaluated experience.
 
+        They average every real token the evaluation runs through the banks: a language-modelling
+        test set's documents; for classification, the rows its scoring runs (the shared prompt and
+        each candidate label, and the decoded tokens when exact match is on), so a prompt's tokens
+        weigh as often as it is run.
+
         Returns:
             ``slot_read_weights`` (evaluated experiences x slots, the mean over layers; each row
             sums to 1), ``slot_read_weights_per_layer`` (layers x evaluated experiences x slots),
@@ -224,11 +234,13 @@ class BankSchedule(MethodPlugin):
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"experience_slots": self.experience_slots, "slot_snapshots": self.slot_snapshots}
+        return {"experience_slots": self.experience_slots, "slot_snapshots": self.slot_snapshots,
+                "read_weights": dict(self.read_weights)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.experience_slots = [list(slots) for slots in state["experience_slots"]]
         self.slot_snapshots = list(state["slot_snapshots"])  # the open slots come back with the model's weights
+        self.read_weights = dict(state.get("read_weights", {}))  # the routing of evaluations before the restart
 
 
 def _zero_rows(count: int):

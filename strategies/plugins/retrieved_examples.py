@@ -115,7 +115,12 @@ class RetrievedExamples(MethodPlugin):
         # the experience's own items (never a replay buffer's, which are stored already)
         items = list(strategy.experience.dataset)
         # a training item's labels ignore its prompt: the prompt ends at the first scored token
-        prompt_lengths = [int((item["labels"] != IGNORE_INDEX).int().argmax()) for item in items]
+        scored = [item["labels"] != IGNORE_INDEX for item in items]
+        unlabelled = [index for index, tokens in enumerate(scored) if not tokens.any()]
+        if unlabelled:
+            raise ValueError(f"RetrievedExamples: training item {unlabelled[0]} of {strategy.experience_label()} has no "
+                             "scored label token (cut off by max_length?), so its prompt and label cannot be told apart")
+        prompt_lengths = [int(tokens.int().argmax()) for tokens in scored]
         was_training = model.training
         model.eval()  # keys without dropout, as evaluation queries them
         try:
@@ -179,7 +184,11 @@ class RetrievedExamples(MethodPlugin):
 
 
 def fit_examples(examples: Sequence[torch.Tensor], budget: int) -> torch.Tensor:
-    """The context of one item: its examples, nearest last, cut from the front to ``budget`` tokens.
+    """The context of one item: as many whole examples as fit in ``budget`` tokens, nearest last.
+
+    The farthest examples are dropped whole, so no demonstration starts in the middle of its prompt;
+    only when the nearest example alone is longer than the budget is it cut, from the front (its
+    label and the end of its prompt stay).
 
     Args:
         examples: 1-D token ids, nearest first (as retrieved).
@@ -190,8 +199,15 @@ def fit_examples(examples: Sequence[torch.Tensor], budget: int) -> torch.Tensor:
     """
     if not examples or budget <= 0:
         return torch.empty(0, dtype=torch.long)
-    context = torch.cat(list(reversed(examples)))
-    return context[max(len(context) - budget, 0) :]
+    kept, room = [], budget
+    for example in examples:
+        if len(example) > room:
+            break
+        kept.append(example)
+        room -= len(example)
+    if not kept:
+        return examples[0][-budget:]
+    return torch.cat(list(reversed(kept)))
 
 
 def with_context(

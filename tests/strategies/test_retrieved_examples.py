@@ -109,10 +109,11 @@ def test_a_run_is_deterministic(tmp_path):
     assert torch.equal(stores[0]["datastore"]["index"], stores[1]["datastore"]["index"])
 
 
-def test_examples_are_cut_from_the_front_and_the_item_never(tmp_path):
+def test_examples_are_dropped_whole_from_the_farthest_and_the_item_never(tmp_path):
     near, far = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6, 7])
     assert fit_examples([near, far], 100).tolist() == [4, 5, 6, 7, 1, 2, 3]  # nearest last, next to the prompt
-    assert fit_examples([near, far], 5).tolist() == [6, 7, 1, 2, 3]
+    assert fit_examples([near, far], 5).tolist() == [1, 2, 3]  # the farthest dropped whole, not cut to [6, 7]
+    assert fit_examples([near, far], 2).tolist() == [2, 3]  # the nearest alone is too long: its end stays
     assert fit_examples([near, far], 0).numel() == 0 and fit_examples([], 5).numel() == 0
     ids = torch.tensor([[[9, 8, 30, 0], [9, 8, 31, 32]]])  # one item, two candidates, the first one padded
     labels = torch.tensor([[[IGNORE_INDEX, IGNORE_INDEX, 30, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 31, 32]]])
@@ -131,10 +132,11 @@ def test_examples_are_cut_from_the_front_and_the_item_never(tmp_path):
     run_stream(strategy, benchmark)
     batch = augmented[-1]
     lengths = batch["choice_attention_mask"].sum(dim=-1)
-    assert int(lengths.max()) == 24  # 4 examples of 7 tokens do not fit beside an item of 7
+    assert int(lengths.max()) == 21  # of 4 examples of 7 tokens, 2 fit whole beside an item of 7 (3 would make 28)
     item = benchmark.test_stream[1].dataset[0]
     own = item["choice_input_ids"][0][item["choice_attention_mask"][0].bool()]
-    assert torch.equal(batch["choice_input_ids"][0, 0, 24 - len(own) : 24], own)
+    end = int(lengths[0, 0])  # the row ends with the item's own prompt and label
+    assert torch.equal(batch["choice_input_ids"][0, 0, end - len(own) : end], own)
 
 
 def test_conflicts_bad_settings_and_language_modelling_are_refused(tmp_path):
