@@ -8,6 +8,7 @@ Commands::
     metakv-cl compare  --config configs/quickstart.yaml [--ckpt_path last]
     metakv-cl kv-eval  ...   (compacted-KV-cache evaluation, metakv_cl.kv.evaluate)
     metakv-cl niah     ...   (needle-in-a-haystack, metakv_cl.kv.evaluate)
+    metakv-cl ruler    ...   (RULER-style task accuracy under compaction, metakv_cl.kv.evaluate)
 
 ``fit``/``validate``/``test`` are a ``LightningCLI``: the config has ``trainer`` (Lightning
 Trainer arguments, used for every fit of the stream; ``max_epochs`` = epochs per experience,
@@ -35,7 +36,7 @@ unless its ``model:`` sets ``meta_kv``. Every module is built from the same seed
 side-by-side report goes to ``default_root_dir``.
 
 This module imports only what the chosen command needs: ``--help``, a usage error and the
-``kv-eval``/``niah`` options load no torch; fit/validate/test/compare import
+``kv-eval``/``niah``/``ruler`` options load no torch; fit/validate/test/compare import
 :mod:`metakv_cl.lightning_cli` (Lightning, Avalanche, the models).
 """
 
@@ -53,6 +54,10 @@ from typing import Any, Sequence
 # The LightningCLI commands (metakv_cl.lightning_cli, imported only when one of them runs).
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "compare")
 
+# The compacted-KV-cache commands: (parser in metakv_cl.kv.arguments, entry point in metakv_cl.kv.evaluate).
+KV_COMMANDS = {"kv-eval": ("kv_eval_parser", "main"), "niah": ("niah_parser", "niah_main"),
+               "ruler": ("ruler_parser", "ruler_main")}
+
 INTERRUPTED_MESSAGE = "interrupted; resume with --ckpt_path last"
 
 USAGE = """usage: metakv-cl COMMAND [options]
@@ -64,6 +69,7 @@ commands:
   compare    run several strategies on one stream and seed:    metakv-cl compare --config configs/quickstart.yaml
   kv-eval    evaluate compacted KV caches (metakv_cl.kv.evaluate)
   niah       needle-in-a-haystack evaluation (metakv_cl.kv.evaluate)
+  ruler      RULER-style task accuracy under one-shot compaction (metakv_cl.kv.evaluate)
 
 `metakv-cl COMMAND --help` lists a command's options; `--print_config` prints the full config.
 An error is one line naming what is wrong; add --debug to see its full traceback.
@@ -170,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
         argv: arguments (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status of ``kv-eval``/``niah`` (None for the other commands). From Python,
+        The exit status of ``kv-eval``/``niah``/``ruler`` (None for the other commands). From Python,
         ``metakv_cl.lightning_cli.CompareCLI(args=[...]).run()`` returns the results and raises on errors.
 
     Raises:
@@ -235,16 +241,16 @@ def _run_command(argv: list[str]) -> int | None:
         print(USAGE)
         return None
     command, rest = argv[0], argv[1:]
-    if command in ("kv-eval", "niah"):
-        from metakv_cl.kv.arguments import kv_eval_parser, niah_parser
+    if command in KV_COMMANDS:
+        from metakv_cl.kv import arguments
 
         # --help and a bad option answer here, before torch and the models load
-        (kv_eval_parser() if command == "kv-eval" else niah_parser()).parse_args(rest)
+        getattr(arguments, KV_COMMANDS[command][0])().parse_args(rest)
         try:
             from metakv_cl.kv import evaluate
         except ImportError as error:
             raise SystemExit(f"metakv-cl {command}: the KV-cache evaluation module is unavailable ({error})") from None
-        status = evaluate.main(rest) if command == "kv-eval" else evaluate.niah_main(rest)
+        status = getattr(evaluate, KV_COMMANDS[command][1])(rest)
         return status if isinstance(status, int) else None
     if command not in LIGHTNING_COMMANDS:
         print(f"metakv-cl: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

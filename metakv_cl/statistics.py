@@ -37,7 +37,8 @@ import numpy as np
 if TYPE_CHECKING:
     from metakv_cl.report import MethodResult
 
-__all__ = ["BOOTSTRAP_FIGURES", "Interval", "ItemScores", "item_scores", "paired_bootstrap", "holm", "intervals_json"]
+__all__ = ["BOOTSTRAP_FIGURES", "Interval", "ItemScores", "item_scores", "mean_interval", "paired_bootstrap", "holm",
+           "intervals_json"]
 
 # The figures the bootstrap gives intervals for, in display order.
 BOOTSTRAP_FIGURES = ("average", "forgetting", "bwt")
@@ -256,6 +257,33 @@ def _interval(estimate: np.ndarray | None, samples: np.ndarray | None, confidenc
         below, above = (samples <= 0).sum(), (samples >= 0).sum()
         p_value = min(1.0, 2 * (1 + min(below, above)) / (len(samples) + 1))
     return Interval(float(estimate), float(low), float(high), p_value)
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> Interval:
+    """The mean of some per-item scores with its percentile bootstrap interval (items drawn with replacement).
+
+    Args:
+        values: the per-item scores (at least one).
+        confidence: the interval's coverage, in (0, 1).
+        resamples: bootstrap rounds.
+        seed: the resampling seed.
+
+    Returns:
+        The mean and its interval (no p-value).
+
+    Raises:
+        ValueError: no values, or a confidence outside (0, 1).
+    """
+    if len(values) == 0:
+        raise ValueError("mean_interval needs at least one value")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    items = np.asarray(values, dtype=float)
+    draws = np.random.default_rng(seed).integers(0, len(items), size=(resamples, len(items)))
+    means = items[draws].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return Interval(float(items.mean()), float(low), float(high))
 
 
 def holm(p_values: Sequence[float | None]) -> list[float | None]:

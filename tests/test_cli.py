@@ -211,19 +211,20 @@ def test_compare_refuses_a_bad_module_override_naming_it(tmp_path, cli_error, en
     assert not (tmp_path / "compare" / "naive").exists()
 
 
-@pytest.mark.parametrize("command, function", [("kv-eval", "main"), ("niah", "niah_main")])
+@pytest.mark.parametrize("command, function", [("kv-eval", "main"), ("niah", "niah_main"), ("ruler", "ruler_main")])
 def test_kv_commands_dispatch_to_the_kv_evaluator(command, function, monkeypatch):
     calls = []
     fake = types.ModuleType("metakv_cl.kv.evaluate")
     fake.main = lambda argv: calls.append(("main", argv)) or 0
     fake.niah_main = lambda argv: calls.append(("niah_main", argv)) or 3
+    fake.ruler_main = lambda argv: calls.append(("ruler_main", argv)) or 4
     monkeypatch.setitem(sys.modules, "metakv_cl.kv.evaluate", fake)
     import metakv_cl.kv
 
     monkeypatch.setattr(metakv_cl.kv, "evaluate", fake, raising=False)
     status = main([command, "--model", "tiny", "--out-dir", "out"])
     assert calls == [(function, ["--model", "tiny", "--out-dir", "out"])]
-    assert status == (0 if function == "main" else 3)
+    assert status == {"main": 0, "niah_main": 3, "ruler_main": 4}[function]
 
 
 HEAVY_MODULES = ("torch", "pytorch_lightning", "avalanche", "transformers", "jsonargparse")
@@ -231,8 +232,8 @@ HEAVY_MODULES = ("torch", "pytorch_lightning", "avalanche", "transformers", "jso
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], [], ["train"], ["kv-eval", "--help"], ["niah", "--help"]],
-    ids=["help", "no-arguments", "unknown-command", "kv-eval-help", "niah-help"],
+    [["--help"], [], ["train"], ["kv-eval", "--help"], ["niah", "--help"], ["ruler", "--help"]],
+    ids=["help", "no-arguments", "unknown-command", "kv-eval-help", "niah-help", "ruler-help"],
 )
 def test_help_and_usage_errors_load_no_heavy_module(argv):
     """What makes `metakv-cl --help` answer at once: none of the stack is imported for it."""

@@ -90,3 +90,17 @@ def test_holm_adjusts_a_hand_computed_family():
     assert holm([0.5, None, 0.6]) == pytest.approx([1.0, None, 1.0]) and holm([0.5, None, 0.6])[1] is None
     with pytest.raises(ValueError, match="p-values must lie in"):
         holm([1.5])
+
+
+def test_mean_interval_brackets_the_mean_of_per_item_scores():
+    from metakv_cl.statistics import mean_interval
+
+    interval = mean_interval([1.0, 0.0, 1.0, 1.0, 0.5], seed=3)
+    assert interval.estimate == pytest.approx(0.7)
+    assert 0.0 <= interval.low < 0.7 < interval.high <= 1.0
+    assert interval == mean_interval([1.0, 0.0, 1.0, 1.0, 0.5], seed=3)
+    assert mean_interval([0.25, 0.25]) == mean_interval([0.25])  # no spread, no width
+    with pytest.raises(ValueError, match="at least one value"):
+        mean_interval([])
+    with pytest.raises(ValueError, match="confidence"):
+        mean_interval([1.0], confidence=1.0)

@@ -15,13 +15,15 @@ The pieces:
 * :mod:`metakv_cl.kv.streaming`: chunked prefill past the position limit, streaming
   likelihood and ``generate`` from a compacted cache;
 * :mod:`metakv_cl.kv.oneshot`: one-shot compaction, ``with compaction(model, method, budget):``;
-* :mod:`metakv_cl.kv.evaluate`: the ``kv-eval`` (perplexity vs cache size) and ``niah``
-  (needle in a haystack) commands; their options: :mod:`metakv_cl.kv.arguments`.
+* :mod:`metakv_cl.kv.ruler`: RULER-style synthetic tasks (needles, variable tracking, common
+  words) and their scoring;
+* :mod:`metakv_cl.kv.evaluate`: the ``kv-eval`` (perplexity vs cache size), ``niah`` (needle in
+  a haystack) and ``ruler`` (task accuracy) commands; their options: :mod:`metakv_cl.kv.arguments`.
 """
 
 import importlib
 
-# Public name -> submodule, loaded on first use: `metakv-cl kv-eval --help` and `niah --help`
+# Public name -> submodule, loaded on first use: `metakv-cl kv-eval --help`, `niah --help` and `ruler --help`
 # (metakv_cl.kv.arguments) need none of them, and the cache and attention code load transformers.
 _EXPORTS = {
     "disable_compacted_attention": "attention",

@@ -1,4 +1,4 @@
-"""The options of ``metakv-cl kv-eval`` and ``metakv-cl niah`` (:mod:`metakv_cl.kv.evaluate`).
+"""The options of ``metakv-cl kv-eval``, ``metakv-cl niah`` and ``metakv-cl ruler`` (:mod:`metakv_cl.kv.evaluate`).
 
 Apart from the evaluation code, so that ``--help`` and a mistyped option answer before torch and
 the models load.
@@ -59,4 +59,20 @@ def niah_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lengths", default="1024,2048", help="haystack lengths in tokens (question included)")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
     parser.add_argument("--samples", type=int, default=4, help="haystacks per length and depth (one batch)")
+    return parser
+
+
+def ruler_parser() -> argparse.ArgumentParser:
+    """The options of ``metakv-cl ruler``."""
+    parser = argparse.ArgumentParser(
+        prog="metakv-cl ruler", description="RULER-style task accuracy through one-shot compacted caches"
+    )
+    _common_arguments(parser)
+    parser.add_argument("--tasks", default="all",
+                        help="comma-separated tasks (niah_single, niah_multikey, niah_multivalue, variable_tracking, "
+                             "common_words_extraction), or 'all'")
+    parser.add_argument("--lengths", default="4096", help="tokens of context plus question, comma-separated")
+    parser.add_argument("--examples", type=int, default=10, help="examples per task and length")
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                        help="needle depths in [0, 1], example i taking the (i mod count)-th")
     return parser

@@ -1,4 +1,4 @@
-"""Evaluation of compacted KV caches: ``metakv-cl kv-eval`` and ``metakv-cl niah``.
+"""Evaluation of compacted KV caches: ``metakv-cl kv-eval``, ``metakv-cl niah`` and ``metakv-cl ruler``.
 
 ``kv-eval``: perplexity of the continuation of long articles (WikiText-2 by default, or
 ``--data-root``: any text file or folder of ``.txt`` articles), read through a cache compacted
@@ -24,6 +24,16 @@ to ``niah.json`` and a heatmap per method and budget, ``niah.png``::
 
     metakv-cl niah --model smollm2 --lengths 1024,2048 --depths 0,0.5,1 --budgets 0.2,0.05
 
+``ruler``: task accuracy, not only perplexity. RULER-style synthetic tasks
+(:mod:`metakv_cl.kv.ruler`: single, multi-key and multi-value needles, variable tracking,
+common-word extraction) at chosen lengths; each example's context is read once per method with a
+full cache, compacted one-shot to every budget, and the question is answered greedily through the
+compacted cache. Mean score (with a bootstrap interval) per task, length, method and budget, and
+every example's answer, to ``ruler.json``; a heatmap of the scores, ``ruler.png``::
+
+    metakv-cl ruler --model smollm2 --tasks niah_single,variable_tracking --lengths 2048 --examples 5 \\
+        --methods full,h2o,attention_matching --budgets 0.5,0.2 --out-dir results/ruler
+
 Models: ``gpt2-tiny-random`` (a 2-layer random GPT-2 with the real tokenizer, for smoke
 runs), ``smollm2`` (SmolLM2-135M from the offline GGUF), or any transformers name or path.
 ``--meta-kv SOURCE`` adds Meta-KV attention (``--meta-kv-weights DIR`` loads trained weights).
@@ -37,6 +47,7 @@ import copy
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +56,10 @@ from typing import Any, Sequence
 import torch
 
 from metakv_cl.files import read_text
-from metakv_cl.kv.arguments import PROTOCOLS, SMOLLM2, TINY_RANDOM_GPT2, kv_eval_parser, niah_parser
+from metakv_cl.kv.arguments import PROTOCOLS, SMOLLM2, TINY_RANDOM_GPT2, kv_eval_parser, niah_parser, ruler_parser
 from metakv_cl.kv.cache import CompactedCache
 from metakv_cl.kv.registry import available_methods, get_method
+from metakv_cl.kv.ruler import TASKS, RulerExample, RulerGenerator, haystack_sentences, score_prediction, vocabulary
 from metakv_cl.kv.streaming import (
     chunked_prefill,
     continuation_log_likelihood,
@@ -261,6 +273,64 @@ def _skip_reason(cache: CompactedCache, chunk: int, total: int) -> str | None:
     return None
 
 
+def method_budgets(method: str, budgets: Sequence[float]) -> list[float]:
+    """The budgets a method runs at: ``budgets``, or only 1.0 for a method that never drops anything (the full cache)."""
+    return [1.0] if get_method(method).unbounded else list(budgets)
+
+
+@dataclass
+class OneshotPrefill:
+    """A context read once with a full cache for one method: the start of every budget's one-shot compaction.
+
+    Attributes:
+        method: the method's name.
+        cache: the full cache, with what the method needs captured (:mod:`metakv_cl.kv.oneshot`); never compacted.
+        last_logits: the logits of the context's last token [batch, vocab].
+        chunk_size: tokens per forward call of the prefill (and of what follows).
+        seconds: the prefill's time.
+        full_bytes: the full cache's size.
+    """
+
+    method: str
+    cache: CompactedCache
+    last_logits: torch.Tensor
+    chunk_size: int
+    seconds: float
+    full_bytes: int
+
+    def compacted(self, budget: float) -> tuple[CompactedCache, float]:
+        """A copy of the prefilled cache compacted to ``budget`` (all layers at once), and the compaction's time."""
+        cache = copy.deepcopy(self.cache)
+        started = time.perf_counter()
+        cache.compact(budget)
+        return cache, time.perf_counter() - started
+
+
+def oneshot_prefill(model, context_ids: torch.Tensor, method: str, settings: RunSettings,
+                    follow: int = 0) -> OneshotPrefill | str:
+    """Read ``context_ids`` [batch, tokens] with a full cache that captures what ``method`` needs.
+
+    Args:
+        model: the causal LM.
+        context_ids: the context, on the model's device.
+        method: a registered method name (its options from ``settings``).
+        settings: shared run settings.
+        follow: tokens that will be read after the context (to check the model has positions for them).
+
+    Returns:
+        The prefill, or why it cannot run (a model with learned positions too short for it).
+    """
+    compressor = get_method(method, **settings.method_options.get(method, {}))
+    cache = CompactedCache(compressor, None, config=model.config, reference_queries=settings.reference_queries)
+    chunk = default_chunk_size(cache, settings.chunk_size)
+    reason = _skip_reason(cache, chunk, context_ids.shape[1] + follow)
+    if reason is not None:
+        return reason
+    started = time.perf_counter()
+    last_logits = chunked_prefill(model, cache, context_ids, chunk_size=chunk)
+    return OneshotPrefill(method, cache, last_logits, chunk, time.perf_counter() - started, cache.nbytes)
+
+
 # --- perplexity ----------------------------------------------------------------------------
 def perplexity_sweep(model, token_windows: torch.Tensor, context: int, methods: Sequence[str], budgets: Sequence[float],
                      settings: RunSettings, log=None, on_row=None, protocol: str = "streaming") -> list[dict[str, Any]]:
@@ -294,7 +364,7 @@ def perplexity_sweep(model, token_windows: torch.Tensor, context: int, methods: 
     device = next(model.parameters()).device
     ids = token_windows.to(device)
     total = ids.shape[1]
-    runs = [(m, b) for m in methods for b in ([1.0] if get_method(m).unbounded else budgets)]
+    runs = [(m, b) for m in methods for b in method_budgets(m, budgets)]
     for method, budget in tqdm(runs, desc="kv-eval", unit="run"):
         cache = settings.cache(model, method, budget, context)
         chunk = default_chunk_size(cache, settings.chunk_size)
@@ -352,31 +422,23 @@ def oneshot_sweep(model, token_windows: torch.Tensor, context: int, methods: Seq
     device = next(model.parameters()).device
     ids = token_windows.to(device)
     for method in tqdm(methods, desc="kv-eval oneshot", unit="method"):
-        compressor = get_method(method, **settings.method_options.get(method, {}))
-        prefilled = CompactedCache(compressor, None, config=model.config, reference_queries=settings.reference_queries)
-        chunk = default_chunk_size(prefilled, settings.chunk_size)
-        method_budgets = [1.0] if compressor.unbounded else budgets
-        reason = _skip_reason(prefilled, chunk, ids.shape[1])
-        if reason is not None:
-            rows.extend({"protocol": "oneshot", "method": method, "budget": b, "skipped": reason} for b in method_budgets)
-            log(f"skip {method}: {reason}")
+        prefill = oneshot_prefill(model, ids[:, :context], method, settings, follow=ids.shape[1] - context)
+        if isinstance(prefill, str):
+            rows.extend({"protocol": "oneshot", "method": method, "budget": b, "skipped": prefill}
+                        for b in method_budgets(method, budgets))
+            log(f"skip {method}: {prefill}")
             continue
-        started = time.perf_counter()
-        last_logits = chunked_prefill(model, prefilled, ids[:, :context], chunk_size=chunk)
-        prefill_seconds = time.perf_counter() - started
-        full_bytes = prefilled.nbytes
-        for budget in method_budgets:
-            cache = copy.deepcopy(prefilled)
-            started = time.perf_counter()
-            cache.compact(budget)
-            compaction_seconds = time.perf_counter() - started
-            cache_bytes = cache.nbytes
-            nll, scored = continuation_log_likelihood(model, cache, last_logits, ids[:, context:], chunk_size=chunk)
+        for budget in method_budgets(method, budgets):
+            cache, compaction_seconds = prefill.compacted(budget)
+            cache_bytes = cache.nbytes  # before the continuation joins the cache
+            nll, scored = continuation_log_likelihood(model, cache, prefill.last_logits, ids[:, context:],
+                                                      chunk_size=prefill.chunk_size)
             row = {
-                "protocol": "oneshot", "method": method, "budget": budget, "chunk_size": chunk,
+                "protocol": "oneshot", "method": method, "budget": budget, "chunk_size": prefill.chunk_size,
                 "perplexity": math.exp(nll / scored), "nll_per_token": nll / scored, "scored_tokens": scored,
-                "cache_bytes": cache_bytes, "context_full_bytes": full_bytes, "cache_fraction_of_full": cache_bytes / full_bytes,
-                "compaction_seconds": compaction_seconds, "prefill_seconds": prefill_seconds,
+                "cache_bytes": cache_bytes, "context_full_bytes": prefill.full_bytes,
+                "cache_fraction_of_full": cache_bytes / prefill.full_bytes,
+                "compaction_seconds": compaction_seconds, "prefill_seconds": prefill.seconds,
             }
             rows.append(row)
             log(f"{method:>20} @ {budget:<5g} one-shot ppl {row['perplexity']:9.3f}  cache {cache_bytes / 2**20:8.2f} MiB  "
@@ -465,8 +527,7 @@ def needle_sweep(model, tokenizer, haystack_ids: Sequence[int], methods: Sequenc
     log = log or tqdm.write
     device = next(model.parameters()).device
     rows = []
-    runs = [(m, b, n, d) for m in methods for b in ([1.0] if get_method(m).unbounded else budgets)
-            for n in lengths for d in depths]
+    runs = [(m, b, n, d) for m in methods for b in method_budgets(m, budgets) for n in lengths for d in depths]
     for method, budget, length, depth in tqdm(runs, desc="niah", unit="run"):
         contexts, questions, codes = needle_samples(tokenizer, haystack_ids, length, depth, samples, seed)
         cache = settings.cache(model, method, budget, contexts.shape[1])
@@ -524,6 +585,135 @@ def plot_needle(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     save_figure(figure, path)
 
 
+# --- RULER-style tasks ---------------------------------------------------------------------
+def ruler_generator(tokenizer, articles: Sequence[str]) -> RulerGenerator:
+    """A :class:`RulerGenerator` whose haystack sentences and word pool come from WikiText-formatted articles.
+
+    Heading lines are dropped and WikiText's tokenisation is undone (:func:`detokenize_wikitext`).
+
+    Raises:
+        ValueError: the articles have too few sentences or words.
+    """
+    from metakv_cl.data.wikitext import detokenize_wikitext
+
+    paragraphs = [detokenize_wikitext(line) for article in articles for line in article.splitlines()
+                  if line.strip() and not line.strip().startswith("=")]
+    return RulerGenerator(tokenizer, haystack_sentences(paragraphs), vocabulary(paragraphs))
+
+
+def ruler_sweep(model, tokenizer, examples: Sequence[RulerExample], methods: Sequence[str], budgets: Sequence[float],
+                settings: RunSettings, log=None, on_example=None) -> list[dict[str, Any]]:
+    """Greedy answers to RULER-style examples through one-shot compacted caches, for every method and budget.
+
+    Per example and method, the context is read once with a full cache (:func:`oneshot_prefill`);
+    each budget compacts a copy of it, the question is read through the compacted cache and the
+    answer is decoded greedily (``example.answer_tokens`` tokens) and scored
+    (:func:`~metakv_cl.kv.ruler.score_prediction`). Examples are read one at a time.
+
+    Args:
+        model: the causal LM.
+        tokenizer: its tokenizer (decodes the answers).
+        examples: the examples (:meth:`RulerGenerator.examples`).
+        methods, budgets: the sweep (the full cache runs at 1.0 only).
+        settings: shared run settings.
+        log: progress printer (default: tqdm.write).
+        on_example: called with the records so far after each example (to save partial results).
+
+    Returns:
+        One record per example, method and budget: ``task``, ``length``, ``index``, ``depth``,
+        ``answers``, ``method``, ``budget``, and ``prediction``, ``score``, ``cache_fraction_of_full``,
+        or ``skipped`` (why the run could not happen).
+    """
+    from tqdm.auto import tqdm
+
+    log = log or tqdm.write
+    device = next(model.parameters()).device
+    records: list[dict[str, Any]] = []
+    for example in tqdm(examples, desc="ruler", unit="example"):
+        context = torch.tensor([example.context_ids], device=device)
+        question = torch.tensor([example.question_ids], device=device)
+        about = {"task": example.task, "length": example.length, "index": example.index, "depth": example.depth,
+                 "answers": list(example.answers)}
+        first = len(records)
+        for method in methods:
+            prefill = oneshot_prefill(model, context, method, settings, follow=question.shape[1] + example.answer_tokens)
+            if isinstance(prefill, str):
+                records.extend({**about, "method": method, "budget": b, "skipped": prefill} for b in method_budgets(method, budgets))
+                continue
+            for budget in method_budgets(method, budgets):
+                cache, _ = prefill.compacted(budget)
+                cache_fraction = cache.nbytes / prefill.full_bytes  # before the question and answer join the cache
+                output = generate(model, cache, question, max_new_tokens=example.answer_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+                prediction = tokenizer.decode(output[0, question.shape[1]:], skip_special_tokens=True)
+                records.append({**about, "method": method, "budget": budget, "prediction": prediction,
+                                "score": score_prediction(prediction, example.answers, example.metric),
+                                "cache_fraction_of_full": cache_fraction})
+        done = [r for r in records[first:] if "score" in r]
+        log(f"{example.task} #{example.index} ({example.length} tokens): "
+            + "  ".join(f"{r['method']}@{r['budget']:g} {r['score']:.2f}" for r in done))
+        if on_example is not None:
+            on_example(records)
+    return records
+
+
+def ruler_scores(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task, length, method and budget: the mean score over examples with its 95% bootstrap interval.
+
+    Args:
+        records: what :func:`ruler_sweep` returns.
+
+    Returns:
+        One row per (task, length, method, budget): ``score``, ``score_low``, ``score_high``,
+        ``examples``, ``score_by_depth`` ({depth: mean score}, niah and variable tracking),
+        ``cache_fraction_of_full`` (mean), and ``skipped`` (how many runs could not happen).
+    """
+    from metakv_cl.statistics import mean_interval
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((record["task"], record["length"], record["method"], record["budget"]), []).append(record)
+    rows = []
+    for (task, length, method, budget), group in groups.items():
+        scored = [r for r in group if "score" in r]
+        row: dict[str, Any] = {"task": task, "length": length, "method": method, "budget": budget,
+                               "examples": len(scored), "skipped": len(group) - len(scored)}
+        if scored:
+            interval = mean_interval([r["score"] for r in scored])
+            depths = sorted({r["depth"] for r in scored if r["depth"] is not None})
+            row.update(score=interval.estimate, score_low=interval.low, score_high=interval.high,
+                       cache_fraction_of_full=sum(r["cache_fraction_of_full"] for r in scored) / len(scored),
+                       score_by_depth={str(d): sum(r["score"] for r in scored if r["depth"] == d)
+                                       / sum(r["depth"] == d for r in scored) for d in depths})
+        rows.append(row)
+    return rows
+
+
+def plot_task_scores(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """A heatmap of mean scores: one line per task and length, one column per method and budget."""
+    from metakv_cl.plotting import new_figure, save_figure
+
+    done = [r for r in rows if "score" in r]
+    lines = sorted({(r["task"], r["length"]) for r in done})
+    columns = sorted({(r["method"], r["budget"]) for r in done}, key=lambda mb: (mb[0] != "full", mb[0], -mb[1]))
+    grid = torch.full((len(lines), len(columns)), float("nan"))
+    for r in done:
+        grid[lines.index((r["task"], r["length"])), columns.index((r["method"], r["budget"]))] = r["score"]
+    figure = new_figure(figsize=(1.1 * len(columns) + 3.5, 0.5 * len(lines) + 2.2), layout="constrained")
+    axis = figure.subplots()
+    image = axis.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for line in range(len(lines)):
+        for column in range(len(columns)):
+            value = float(grid[line, column])
+            if not math.isnan(value):
+                axis.text(column, line, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    axis.set_xticks(range(len(columns)), [f"{m}\n@ {b:g}" for m, b in columns], fontsize=7)
+    axis.set_yticks(range(len(lines)), [f"{t} ({n})" for t, n in lines], fontsize=7)
+    figure.colorbar(image, ax=axis, shrink=0.8, label="mean score")
+    axis.set_title(title, fontsize=9)
+    save_figure(figure, path)
+
+
 # --- command lines ---------------------------------------------------------------------------
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
@@ -536,10 +726,10 @@ def _settings(args: argparse.Namespace) -> RunSettings:
                        parse_method_options(args.method_option))
 
 
-def _write(out_dir: Path, name: str, config: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
+def _write(out_dir: Path, name: str, config: dict[str, Any], rows: list[dict[str, Any]], **more: Any) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps({"config": config, "results": rows}, indent=2, default=str))
+    path.write_text(json.dumps({"config": config, "results": rows, **more}, indent=2, default=str))
     return path
 
 
@@ -604,4 +794,43 @@ def niah_main(argv: Sequence[str] | None = None) -> int:
     path = _write(args.out_dir, "niah", config, rows)
     plot_needle(rows, args.out_dir / "niah.png", f"{args.model}: needle retrieval by haystack length and depth")
     print(f"wrote {path} and {args.out_dir / 'niah.png'}")
+    return 0
+
+
+def ruler_main(argv: Sequence[str] | None = None) -> int:
+    """``metakv-cl ruler``: RULER-style task accuracy through one-shot compacted caches.
+
+    Returns:
+        The exit status (0 on success).
+    """
+    parser = ruler_parser()
+    args = _parse(parser, argv)
+    try:
+        methods, budgets = _methods(args.methods), _budgets(args.budgets)
+        tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"unknown task {unknown[0] if unknown else args.tasks!r} in --tasks; choose from {', '.join(TASKS)} or all")
+        lengths = [int(n) for n in args.lengths.split(",")]
+        depths = [float(d) for d in args.depths.split(",")]
+        if any(not 0 <= d <= 1 for d in depths) or args.examples < 1:
+            raise ValueError("--depths must be in [0, 1] and --examples >= 1")
+        model, tokenizer = load_model(args.model, meta_kv=args.meta_kv, meta_kv_weights=args.meta_kv_weights,
+                                      seed=args.seed, device=args.device)
+        generator = ruler_generator(tokenizer, long_articles(args.data_root))
+        examples = [example for task in tasks for length in lengths
+                    for example in generator.examples(task, length, args.examples, args.seed, depths)]
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    config = {**vars(args), "methods": methods, "budgets": budgets, "tasks": tasks, "lengths": lengths, "depths": depths,
+              "command": "metakv-cl ruler " + " ".join(sys.argv[1:] if argv is None else argv)}
+
+    def save(records: list[dict[str, Any]]) -> Path:
+        return _write(args.out_dir, "ruler", config, ruler_scores(records), examples=records)
+
+    records = ruler_sweep(model, tokenizer, examples, methods, budgets, _settings(args), on_example=save)
+    path = save(records)
+    plot_task_scores(ruler_scores(records), args.out_dir / "ruler.png",
+                     f"{args.model}: RULER-style tasks, one-shot compaction ({args.examples} examples per task)")
+    print(f"wrote {path} and {args.out_dir / 'ruler.png'}")
     return 0
