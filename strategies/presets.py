@@ -4,7 +4,9 @@ of method plugins.
 A preset takes its method's options and the strategy's own (``train_mb_size``, ``name``, ...)
 as keyword arguments, so a config names it by class path
 (``class_path: metakv_cl.strategies.EWC``, ``init_args: {mode: online}``); ``plugins`` adds
-more plugins after the preset's own. Every preset builds exactly this list:
+more plugins after the preset's own. The method's options are its plugins' own arguments, read
+from the plugins' signatures and docstrings (:class:`PluginArguments`, :func:`takes_plugin_arguments`),
+so a plugin argument is written once, in its plugin. Every preset builds exactly this list:
 
 ===============================  ===========================================================
 preset                           plugins
@@ -29,12 +31,87 @@ preset                           plugins
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+import inspect
+from typing import Any, Callable, Mapping, Sequence
 
+import docstring_parser
 from avalanche.core import BasePlugin
 
 from metakv_cl.strategies import plugins as methods
 from metakv_cl.strategies.base import ContinualStrategy
+
+
+class PluginArguments:
+    """The arguments of a method plugin that a preset takes as keyword arguments of its own.
+
+    Read from the plugin's ``__init__`` (names, types, defaults) and docstring (``Args``).
+
+    Args:
+        plugin_class: the method plugin.
+        leave_out: arguments the preset sets itself rather than taking them.
+        defaults: the preset's defaults where they differ from the plugin's.
+
+    Raises:
+        TypeError: ``defaults`` names an argument that the plugin does not take.
+    """
+
+    def __init__(self, plugin_class: type, *, leave_out: Sequence[str] = (), defaults: Mapping[str, Any] | None = None):
+        self.plugin_class = plugin_class
+        overridden = dict(defaults or {})
+        # eval_str: the plugin modules postpone their annotations, and jsonargparse would evaluate
+        # the strings in this module, which does not import the plugins' types
+        signature = inspect.signature(plugin_class.__init__, eval_str=True)
+        self.parameters = [
+            parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY, default=overridden.pop(name, parameter.default))
+            for name, parameter in list(signature.parameters.items())[1:]  # after self
+            if name not in leave_out
+        ]
+        if overridden:
+            raise TypeError(f"{plugin_class.__name__} takes no argument {', '.join(overridden)}")
+
+    def pop(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Take these arguments out of a preset's ``kwargs``: each given value, else its default."""
+        return {parameter.name: kwargs.pop(parameter.name, parameter.default) for parameter in self.parameters}
+
+    def docstring_args(self) -> str:
+        """The plugin's ``Args`` entries of these arguments, as lines of a Google-style ``Args`` section."""
+        names = {parameter.name for parameter in self.parameters}
+        lines = []
+        for source in (self.plugin_class, self.plugin_class.__init__):
+            for param in docstring_parser.parse(source.__doc__ or "").params:
+                if param.arg_name in names and param.description:
+                    first, *rest = param.description.splitlines()
+                    lines += [f"    {param.arg_name}: {first}", *(f"        {line}" for line in rest)]
+        return "\n".join(lines)
+
+
+def takes_plugin_arguments(*plugin_arguments: PluginArguments) -> Callable[[Callable], Callable]:
+    """Give a preset's ``__init__(self, **kwargs)`` the plugins' arguments in its signature and docstring.
+
+    jsonargparse (LightningCLI) and ``benchmarks/cl_suite.py`` read a preset's arguments from
+    ``inspect.signature(Preset.__init__)``, which returns ``__signature__``; jsonargparse takes
+    their help from the ``Args`` of the ``__init__`` docstring, and follows ``**kwargs`` into
+    ``super().__init__(**kwargs)`` for the strategy's own arguments, as for a written-out signature.
+
+    Raises:
+        TypeError: two plugins take an argument of the same name.
+    """
+
+    def decorate(init: Callable) -> Callable:
+        self_parameter, kwargs_parameter = inspect.signature(init).parameters.values()
+        taken = [parameter for arguments in plugin_arguments for parameter in arguments.parameters]
+        names = [parameter.name for parameter in taken]
+        if repeated := sorted({name for name in names if names.count(name) > 1}):
+            raise TypeError(f"plugins of one preset take the same arguments: {', '.join(repeated)}")
+        init.__signature__ = inspect.Signature([self_parameter, *taken, kwargs_parameter])
+        plugin_names = ", ".join(arguments.plugin_class.__name__ for arguments in plugin_arguments)
+        # docstring-parser reads an Args section only after a summary line
+        init.__doc__ = f"Takes the arguments of the plugins {plugin_names}.\n\nArgs:\n" + "\n".join(
+            arguments.docstring_args() for arguments in plugin_arguments
+        )
+        return init
+
+    return decorate
 
 
 def _put_first(method_plugins: list[BasePlugin], kwargs: dict[str, Any]) -> None:
@@ -55,239 +132,177 @@ class Naive(ContinualStrategy):
     strategy_name = "naive"
 
 
+_EWC_ARGUMENTS = PluginArguments(methods.EWC)
+
+
 class EWC(ContinualStrategy):
     """Elastic Weight Consolidation: :class:`metakv_cl.strategies.plugins.EWC` on the strategy.
 
-    Args:
-        ewc_lambda, mode, decay_factor, fisher_batches: see :class:`metakv_cl.strategies.plugins.EWC`.
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+    Takes the arguments of :class:`metakv_cl.strategies.plugins.EWC` and of
+    :class:`~metakv_cl.strategies.base.ContinualStrategy`.
     """
 
     strategy_name = "ewc"
 
-    def __init__(
-        self,
-        *,
-        ewc_lambda: float = 1e4,
-        mode: Literal["separate", "online"] = "separate",
-        decay_factor: float = 0.9,
-        fisher_batches: int | None = None,
-        **kwargs: Any,
-    ):
-        method = methods.EWC(ewc_lambda=ewc_lambda, mode=mode, decay_factor=decay_factor, fisher_batches=fisher_batches)
-        _put_first([method], kwargs)
+    @takes_plugin_arguments(_EWC_ARGUMENTS)
+    def __init__(self, **kwargs: Any):
+        _put_first([methods.EWC(**_EWC_ARGUMENTS.pop(kwargs))], kwargs)
         super().__init__(**kwargs)
+
+
+_LWF_ARGUMENTS = PluginArguments(methods.LwF)
 
 
 class LwF(ContinualStrategy):
     """Learning without Forgetting: :class:`metakv_cl.strategies.plugins.LwF` on the strategy.
 
-    Args:
-        alpha, temperature: see :class:`metakv_cl.strategies.plugins.LwF`.
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+    Takes the arguments of :class:`metakv_cl.strategies.plugins.LwF` and of
+    :class:`~metakv_cl.strategies.base.ContinualStrategy`.
     """
 
     strategy_name = "lwf"
 
-    def __init__(self, *, alpha: float = 1.0, temperature: float = 2.0, **kwargs: Any):
-        _put_first([methods.LwF(alpha=alpha, temperature=temperature)], kwargs)
+    @takes_plugin_arguments(_LWF_ARGUMENTS)
+    def __init__(self, **kwargs: Any):
+        _put_first([methods.LwF(**_LWF_ARGUMENTS.pop(kwargs))], kwargs)
         super().__init__(**kwargs)
+
+
+_LORA_ARGUMENTS = PluginArguments(methods.LoRA)
 
 
 class LoRA(ContinualStrategy):
     """LoRA adapters: :class:`metakv_cl.strategies.plugins.LoRA` on the strategy.
 
-    Args:
-        mode, rank, alpha, dropout, target_modules, route_by_experience: see
-            :class:`metakv_cl.strategies.plugins.LoRA`.
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+    Takes the arguments of :class:`metakv_cl.strategies.plugins.LoRA` and of
+    :class:`~metakv_cl.strategies.base.ContinualStrategy`.
     """
 
     strategy_name = "lora"
 
-    def __init__(
-        self,
-        *,
-        mode: Literal["shared", "per_experience"] = "shared",
-        rank: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.0,
-        target_modules: list[str] | None = None,
-        route_by_experience: bool = False,
-        **kwargs: Any,
-    ):
-        method = methods.LoRA(
-            mode=mode, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
-            route_by_experience=route_by_experience,
-        )
-        _put_first([method], kwargs)
+    @takes_plugin_arguments(_LORA_ARGUMENTS)
+    def __init__(self, **kwargs: Any):
+        _put_first([methods.LoRA(**_LORA_ARGUMENTS.pop(kwargs))], kwargs)
         super().__init__(**kwargs)
+
+
+_OLORA_ARGUMENTS = PluginArguments(methods.OLoRA)
 
 
 class OLoRA(ContinualStrategy):
     """O-LoRA, orthogonal LoRA subspaces per experience: :class:`metakv_cl.strategies.plugins.OLoRA`
     on the strategy.
 
-    Args:
-        rank, alpha, dropout, target_modules, lambda_orth, lambda_l2: see
-            :class:`metakv_cl.strategies.plugins.OLoRA`.
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+    Takes the arguments of :class:`metakv_cl.strategies.plugins.OLoRA` and of
+    :class:`~metakv_cl.strategies.base.ContinualStrategy`.
     """
 
     strategy_name = "olora"
 
-    def __init__(
-        self,
-        *,
-        rank: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.0,
-        target_modules: list[str] | None = None,
-        lambda_orth: float = 0.5,
-        lambda_l2: float = 0.0,
-        **kwargs: Any,
-    ):
-        method = methods.OLoRA(
-            rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, lambda_orth=lambda_orth,
-            lambda_l2=lambda_l2,
-        )
-        _put_first([method], kwargs)
+    @takes_plugin_arguments(_OLORA_ARGUMENTS)
+    def __init__(self, **kwargs: Any):
+        _put_first([methods.OLoRA(**_OLORA_ARGUMENTS.pop(kwargs))], kwargs)
         super().__init__(**kwargs)
+
+
+_KNNLM_ARGUMENTS = PluginArguments(methods.KNNLM)
 
 
 class KNNLM(ContinualStrategy):
     """kNN-LM, each experience's training text added to a datastore: :class:`metakv_cl.strategies.plugins.KNNLM`
     on the strategy.
 
-    Args:
-        interpolation, temperature, k, freeze_base, index, window: see
-            :class:`metakv_cl.strategies.plugins.KNNLM`.
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+    Takes the arguments of :class:`metakv_cl.strategies.plugins.KNNLM` and of
+    :class:`~metakv_cl.strategies.base.ContinualStrategy`.
     """
 
     strategy_name = "knn-lm"
 
-    def __init__(
-        self,
-        *,
-        interpolation: float = 0.25,
-        temperature: float = 1.0,
-        k: int = 16,
-        freeze_base: bool = False,
-        index: Literal["flat", "ivf", "hnsw"] = "flat",
-        window: int | None = None,
-        **kwargs: Any,
-    ):
-        method = methods.KNNLM(
-            interpolation=interpolation, temperature=temperature, k=k, freeze_base=freeze_base, index=index,
-            window=window,
-        )
-        _put_first([method], kwargs)
+    @takes_plugin_arguments(_KNNLM_ARGUMENTS)
+    def __init__(self, **kwargs: Any):
+        _put_first([methods.KNNLM(**_KNNLM_ARGUMENTS.pop(kwargs))], kwargs)
         super().__init__(**kwargs)
+
+
+_RETRIEVEDEXAMPLES_ARGUMENTS = PluginArguments(methods.RetrievedExamples)
 
 
 class RetrievedExamples(ContinualStrategy):
     """Retrieval-augmented classification, each experience's labelled training items retrieved as
     in-context examples: :class:`metakv_cl.strategies.plugins.RetrievedExamples` on the strategy.
 
-    Args:
-        k, freeze_base, index, max_length, embed_batch_size: see
-            :class:`metakv_cl.strategies.plugins.RetrievedExamples`.
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+    Takes the arguments of :class:`metakv_cl.strategies.plugins.RetrievedExamples` and of
+    :class:`~metakv_cl.strategies.base.ContinualStrategy`.
     """
 
     strategy_name = "retrieval-icl"
 
-    def __init__(
-        self,
-        *,
-        k: int = 4,
-        freeze_base: bool = False,
-        index: Literal["flat", "ivf", "hnsw"] = "flat",
-        max_length: int | None = None,
-        embed_batch_size: int = 32,
-        **kwargs: Any,
-    ):
-        method = methods.RetrievedExamples(
-            k=k, freeze_base=freeze_base, index=index, max_length=max_length, embed_batch_size=embed_batch_size
-        )
-        _put_first([method], kwargs)
+    @takes_plugin_arguments(_RETRIEVEDEXAMPLES_ARGUMENTS)
+    def __init__(self, **kwargs: Any):
+        _put_first([methods.RetrievedExamples(**_RETRIEVEDEXAMPLES_ARGUMENTS.pop(kwargs))], kwargs)
         super().__init__(**kwargs)
+
+
+_REPLAY_ARGUMENTS = PluginArguments(methods.Replay)
 
 
 class Replay(ContinualStrategy):
     """Experience replay: :class:`metakv_cl.strategies.plugins.Replay` on the strategy.
 
-    Args:
-        buffer_size, storage_policy: see :class:`metakv_cl.strategies.plugins.Replay`.
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+    Takes the arguments of :class:`metakv_cl.strategies.plugins.Replay` and of
+    :class:`~metakv_cl.strategies.base.ContinualStrategy`.
     """
 
     strategy_name = "replay"
 
-    def __init__(
-        self,
-        *,
-        buffer_size: int = 64,
-        storage_policy: Literal["experience_balanced", "reservoir"] = "experience_balanced",
-        **kwargs: Any,
-    ):
-        _put_first([methods.Replay(buffer_size=buffer_size, storage_policy=storage_policy)], kwargs)
+    @takes_plugin_arguments(_REPLAY_ARGUMENTS)
+    def __init__(self, **kwargs: Any):
+        _put_first([methods.Replay(**_REPLAY_ARGUMENTS.pop(kwargs))], kwargs)
         super().__init__(**kwargs)
+
+
+_CONSOLIDATION_ARGUMENTS = PluginArguments(methods.MetaKVConsolidation)
+# the consolidation fit alone is validated, and only when asked: validation_fraction 0 is off
+_CONSOLIDATION_VALIDATION_ARGUMENTS = PluginArguments(
+    methods.Validated, leave_out=("phases",), defaults={"validation_fraction": 0.0}
+)
+_CONSOLIDATION_REPLAY_ARGUMENTS = PluginArguments(methods.Replay)
 
 
 class MetaKVConsolidation(ContinualStrategy):
     """Meta-KV consolidation on a replay buffer, optionally validated.
 
+    Takes the arguments of :class:`metakv_cl.strategies.plugins.MetaKVConsolidation`, of its
+    replay buffer (:class:`metakv_cl.strategies.plugins.Replay`), of its validated schedule
+    (:class:`metakv_cl.strategies.plugins.Validated` but ``phases``) and of
+    :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+
     Args:
-        mode, fast_weights, consolidate_groups, fast_rank, fast_alpha, fast_target_modules,
-        fast_epochs, fast_lr, consolidation_epochs, consolidation_lr, temperature,
-        lm_loss_weight: see :class:`metakv_cl.strategies.plugins.MetaKVConsolidation`.
         validation_fraction: if > 0, a :class:`metakv_cl.strategies.plugins.Validated` schedule
             on the consolidation fit with this share of its items held out.
         patience: the validated schedule's patience.
-        buffer_size, storage_policy: the replay buffer (:class:`metakv_cl.strategies.plugins.Replay`).
-        **kwargs: arguments of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
     """
 
     strategy_name = "metakv"
     uses_meta_kv = True
 
-    def __init__(
-        self,
-        *,
-        mode: Literal["replay", "distill"] = "replay",
-        fast_weights: Literal["lora", "none"] | None = None,
-        consolidate_groups: Sequence[str] = ("memory", "generator"),
-        fast_rank: int = 8,
-        fast_alpha: float = 16.0,
-        fast_target_modules: list[str] | None = None,
-        fast_epochs: int | None = None,
-        fast_lr: float | None = None,
-        consolidation_epochs: int | None = None,
-        consolidation_lr: float | None = None,
-        validation_fraction: float = 0.0,
-        patience: int = 1,
-        temperature: float = 1.0,
-        lm_loss_weight: float = 1.0,
-        buffer_size: int = 64,
-        storage_policy: Literal["experience_balanced", "reservoir"] = "experience_balanced",
-        **kwargs: Any,
-    ):
-        self.consolidation = methods.MetaKVConsolidation(
-            mode=mode, fast_weights=fast_weights, consolidate_groups=consolidate_groups, fast_rank=fast_rank,
-            fast_alpha=fast_alpha, fast_target_modules=fast_target_modules, fast_epochs=fast_epochs, fast_lr=fast_lr,
-            consolidation_epochs=consolidation_epochs, consolidation_lr=consolidation_lr, temperature=temperature,
-            lm_loss_weight=lm_loss_weight,
-        )
-        chosen = [methods.Replay(buffer_size=buffer_size, storage_policy=storage_policy), self.consolidation]
-        if validation_fraction != 0:
-            chosen.append(methods.Validated(validation_fraction, patience, phases=["consolidate"]))
+    @takes_plugin_arguments(
+        _CONSOLIDATION_ARGUMENTS, _CONSOLIDATION_VALIDATION_ARGUMENTS, _CONSOLIDATION_REPLAY_ARGUMENTS
+    )
+    def __init__(self, **kwargs: Any):
+        self.consolidation = methods.MetaKVConsolidation(**_CONSOLIDATION_ARGUMENTS.pop(kwargs))
+        validation = _CONSOLIDATION_VALIDATION_ARGUMENTS.pop(kwargs)
+        chosen = [methods.Replay(**_CONSOLIDATION_REPLAY_ARGUMENTS.pop(kwargs)), self.consolidation]
+        if validation["validation_fraction"] != 0:
+            chosen.append(methods.Validated(**validation, phases=["consolidate"]))
         _put_first(chosen, kwargs)
         super().__init__(**kwargs)
 
     def default_method_name(self) -> str:
         return self.consolidation.method_name  # its buffer and schedule are part of the method
+
+
+_BANK_SCHEDULE_ARGUMENTS = PluginArguments(methods.BankSchedule)
 
 
 class MetaKVAddressed(MetaKVConsolidation):
@@ -296,26 +311,16 @@ class MetaKVAddressed(MetaKVConsolidation):
     The model needs ``meta_kv: {source: addressed, memory_slots: ...}`` with room for
     ``slots_per_experience`` slots per experience of the stream.
 
-    Args:
-        slots_per_experience, old_slots, old_slots_weight: see
-            :class:`metakv_cl.strategies.plugins.BankSchedule`.
-        **kwargs: arguments of :class:`MetaKVConsolidation` (the consolidation, its replay
-            buffer and validation) and of :class:`~metakv_cl.strategies.base.ContinualStrategy`.
+    Takes the arguments of :class:`metakv_cl.strategies.plugins.BankSchedule`, of
+    :class:`MetaKVConsolidation` (the consolidation, its replay buffer and validation) and of
+    :class:`~metakv_cl.strategies.base.ContinualStrategy`.
     """
 
     strategy_name = "metakv-addressed"
 
-    def __init__(
-        self,
-        *,
-        slots_per_experience: int = 4,
-        old_slots: Literal["frozen", "regularised", "trained"] = "frozen",
-        old_slots_weight: float = 1.0,
-        **kwargs: Any,
-    ):
-        self.bank_schedule = methods.BankSchedule(
-            slots_per_experience=slots_per_experience, old_slots=old_slots, old_slots_weight=old_slots_weight,
-        )
+    @takes_plugin_arguments(_BANK_SCHEDULE_ARGUMENTS)
+    def __init__(self, **kwargs: Any):
+        self.bank_schedule = methods.BankSchedule(**_BANK_SCHEDULE_ARGUMENTS.pop(kwargs))
         _put_first([self.bank_schedule], kwargs)  # MetaKVConsolidation puts its own plugins before it
         super().__init__(**kwargs)
 

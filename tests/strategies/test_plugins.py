@@ -371,7 +371,7 @@ def test_avalanche_tensorboard_logger_writes_the_metrics(tmp_path):
     ("MetaKVAddressed", "BankSchedule"),
 ])
 def test_a_preset_s_defaults_are_its_plugin_s(preset_name, plugin_name):
-    """Presets repeat their plugin's arguments (jsonargparse reads signatures): the defaults must not drift."""
+    """Presets take their plugin's arguments from its signature (jsonargparse reads signatures): same defaults."""
     import inspect
 
     from metakv_cl import strategies
@@ -382,3 +382,19 @@ def test_a_preset_s_defaults_are_its_plugin_s(preset_name, plugin_name):
     shared = [key for key in plugin if key != "self" and key in preset]
     assert shared, "the preset takes none of its plugin's arguments"
     assert {key: preset[key].default for key in shared} == {key: plugin[key].default for key in shared}
+
+
+def test_a_preset_s_arguments_carry_its_plugin_s_types_and_help():
+    """jsonargparse (the CLI's help and type checks) reads a preset's plugin arguments as the plugin's."""
+    from jsonargparse._parameter_resolvers import get_signature_parameters
+
+    from metakv_cl import strategies
+
+    parameters = {parameter.name: parameter for parameter in get_signature_parameters(strategies.EWC)}
+    assert parameters["fisher_batches"].annotation == int | None
+    assert parameters["decay_factor"].doc.startswith("online mode: how much of the old Fisher")
+    assert parameters["train_mb_size"].doc == "training mini-batch size per process."  # the strategy's own
+    consolidation = {parameter.name: parameter for parameter in get_signature_parameters(strategies.MetaKVAddressed)}
+    assert consolidation["validation_fraction"].default == 0.0  # the preset's default, not Validated's
+    assert "phases" not in consolidation
+    assert {"slots_per_experience", "buffer_size", "temperature", "module"} <= set(consolidation)
