@@ -241,3 +241,39 @@ def test_repeated_compaction_under_bfloat16_autocast_stays_as_good_as_h2o_on_smo
         return math.exp(nll / scored)
 
     assert perplexity("attention_matching") < 1.5 * perplexity("h2o")
+
+
+def test_h2o_refit_without_its_fits_is_h2o(real_attention_block):
+    keys, values, queries = real_attention_block
+    importance = torch.softmax(queries @ keys.transpose(-1, -2), dim=-1).sum(dim=-2)
+    h2o = get_method("h2o").compact(keys, values, queries, 0.25, importance=importance)
+    keys_only = get_method("h2o_refit", fit_bias=False, fit_values=False).compact(keys, values, queries, 0.25,
+                                                                                  importance=importance)
+    order = h2o.kept.argsort(dim=-1).unsqueeze(-1)
+    assert torch.equal(keys_only.kept, h2o.kept.sort(dim=-1).values)
+    assert torch.equal(keys_only.keys, torch.gather(h2o.keys, 2, order.expand_as(h2o.keys)))
+    assert torch.equal(keys_only.values, torch.gather(h2o.values, 2, order.expand_as(h2o.values)))
+    assert torch.all(keys_only.bias == 0)
+
+
+def test_only_the_accumulated_attention_selection_tracks_attention():
+    assert get_method("h2o_refit").tracks_attention
+    assert not get_method("attention_matching").tracks_attention
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.1])
+def test_h2o_refit_matches_held_out_mass_better_than_h2o_at_the_same_keys(real_attention_block, budget):
+    """The bias fitted on half the context's queries carries the attention mass of the other half better.
+
+    (The output error on held-out queries is not lower on this random-model block: at 25 % it is
+    higher, 0.220 against 0.195; the perplexity on SmolLM2 is the measure that decides.)
+    """
+    keys, values, queries = real_attention_block
+    fit_queries, held_out = queries[:, :, 0::2], queries[:, :, 1::2]
+    importance = torch.softmax(fit_queries @ keys.transpose(-1, -2), dim=-1).sum(dim=-2)
+    refit = get_method("h2o_refit").compact(keys, values, fit_queries, budget, importance=importance)
+    h2o = get_method("h2o").compact(keys, values, fit_queries, budget, importance=importance)
+    assert torch.equal(refit.kept, h2o.kept.sort(dim=-1).values)  # the same keys
+    refit_mass = errors(held_out, keys, values, *refit)[0]
+    h2o_mass = errors(held_out, keys, values, *h2o)[0]
+    assert refit_mass < 0.9 * h2o_mass, (refit_mass, h2o_mass)

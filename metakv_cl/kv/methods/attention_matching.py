@@ -11,7 +11,7 @@ import torch
 from metakv_cl.kv.protocol import MASKED_BIAS, CompactedKV, KVCompressor, entries_for_budget, float32_math
 from metakv_cl.kv.registry import register_method
 
-SELECTIONS = ("highest_attention", "omp")
+SELECTIONS = ("highest_attention", "omp", "accumulated_attention")
 SCORES = ("max", "mean", "rms")
 HEAD_BUDGETS = ("uniform", "adaptive")
 QUERY_SAMPLINGS = ("spread", "recent")
@@ -118,6 +118,7 @@ def nonnegative_least_squares_normal(gram: torch.Tensor, moment: torch.Tensor, i
 
 
 @register_method("attention_matching")
+@register_method("h2o_refit", selection="accumulated_attention", sinks=0, recent_fraction=0.5)
 @dataclass
 class AttentionMatching(KVCompressor):
     """Attention Matching (AM): per layer and KV head, a smaller block that attends like the original.
@@ -127,8 +128,9 @@ class AttentionMatching(KVCompressor):
     ``s_j = q.k_j + b_j`` over the block being compacted:
 
     1. compact keys are a subset of the block's keys, chosen by highest attention (the max,
-       mean or RMS over queries of each key's attention weight) or by orthogonal matching
-       pursuit on the attention-mass targets ``Z(q) = sum_j exp(s_j)``;
+       mean or RMS over queries of each key's attention weight), by orthogonal matching
+       pursuit on the attention-mass targets ``Z(q) = sum_j exp(s_j)``, or by H2O's
+       accumulated attention (the refit mode, below);
     2. a per-key bias ``beta = log w`` makes the compact block carry the original mass:
        ``w = argmin_{w >= 0} sum_q (sum_i w_i exp(s_i) / Z(q) - 1)^2`` (non-negative least
        squares on the relative error, so that every query counts alike, also those whose
@@ -148,8 +150,21 @@ class AttentionMatching(KVCompressor):
     when the model runs under autocast (see :func:`float32_math`): in bfloat16 its errors
     compound over repeated compactions.
 
+    Refit mode, registered as ``h2o_refit``: the keys H2O keeps (Zhang et al., "H2O:
+    Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models", NeurIPS
+    2023; the attention each entry accumulated while the context was read, with half of the
+    kept entries the most recent tokens and no sinks), with the bias and values fitted on top.
+    With ``fit_bias=False, fit_values=False`` it is H2O itself, so the fit's effect on H2O's
+    own choice of keys is measured alone.
+    Measured (issue 20, ``benchmarks/results/kv_eval_oneshot_refit_smollm2_cpu/``): on
+    SmolLM2-135M one-shot the fit makes H2O's keys worse at every budget from 50 to 2 %; the
+    value solve, fitted on the context's queries, raises the attention-output error on the
+    continuation's queries. A tool to study the fit, not a method to use.
+
     Args:
-        selection: ``"highest_attention"`` or ``"omp"``.
+        selection: ``"highest_attention"``, ``"omp"`` or ``"accumulated_attention"`` (H2O's
+            statistic, tracked by the cache; without it, the attention the reference queries
+            give the block, summed).
         score: aggregate of attention over queries for highest-attention selection. ``"rms"``
             by default: on SmolLM2-135M one-shot (issue 20) it beat ``"max"`` at 10, 5 and 2 %
             (perplexity 20.03 / 22.39 / 25.18 against 21.05 / 22.68 / 25.60).
@@ -188,6 +203,11 @@ class AttentionMatching(KVCompressor):
     sinks: int = 4
     recent_fraction: float = 0.1
     needs_queries: ClassVar[bool] = True
+
+    @property
+    def tracks_attention(self) -> bool:
+        """The cache tracks accumulated attention only for the selection that ranks by it."""
+        return self.selection == "accumulated_attention"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("selection", self.selection, SELECTIONS), ("score", self.score, SCORES),
@@ -232,10 +252,12 @@ class AttentionMatching(KVCompressor):
         prior = torch.zeros(flat, tokens, device=keys.device) if bias is None else bias.reshape(flat, tokens).float()
         middle = slice(sinks, tokens - recent)
         per_head_cap = min(tokens, max_entries or tokens) - sinks - recent
+        accumulated = None if importance is None else importance.reshape(flat, tokens)[:, middle].float()
         with float32_math(keys.device):
             kept, fitted_keys, fitted_values, fitted_bias = self._fit_block(
                 key_block[:, middle], value_block[:, middle], prior[:, middle],
                 queries.reshape(flat, -1, keys.shape[-1]).float(), count - sinks - recent, batch, per_head_cap,
+                accumulated,
             )
 
         def around(first: torch.Tensor, fitted: torch.Tensor) -> torch.Tensor:
@@ -252,7 +274,8 @@ class AttentionMatching(KVCompressor):
         )
 
     def _fit_block(self, key_block: torch.Tensor, value_block: torch.Tensor, prior: torch.Tensor, queries: torch.Tensor,
-                   count: int, batch: int, max_count: int) -> tuple[torch.Tensor, ...]:
+                   count: int, batch: int, max_count: int,
+                   accumulated: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Attention Matching of one block per (batch, head) row: keys, bias and values for the queries.
 
         Args:
@@ -260,6 +283,7 @@ class AttentionMatching(KVCompressor):
             queries: pre-scaled reference queries [flat, n, d].
             count: keys per row (the adaptive split keeps the layer total); batch: rows of heads.
             max_count: the most keys one row may get.
+            accumulated: the block's tracked attention [flat, tokens] for ``"accumulated_attention"``, or None.
 
         Returns:
             (kept indices into the block [flat, slots], keys [flat, slots, d], values [flat, slots, dv],
@@ -274,6 +298,9 @@ class AttentionMatching(KVCompressor):
         slots = count if self.head_budgets == "uniform" else int(counts.max())
         if self.selection == "omp":
             chosen = self._omp(attention, valid, slots)
+        elif self.selection == "accumulated_attention":
+            scores = attention.sum(dim=1) if accumulated is None else accumulated
+            chosen = scores.masked_fill(~valid, float("-inf")).topk(slots, dim=-1).indices
         else:
             chosen = self._highest_attention(attention, valid, slots)
         in_budget = torch.arange(slots, device=key_block.device) < counts.unsqueeze(-1)  # by selection rank
