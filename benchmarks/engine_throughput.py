@@ -209,30 +209,33 @@ def bare_loop(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Nam
         stopwatch.stop()
 
 
+def engine_trainer_kwargs(args: argparse.Namespace, device: torch.device, **extra: Any) -> dict[str, Any]:
+    """The Trainer arguments of every engine path: one device, resident model, ``--precision``, quiet."""
+    return dict(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        strategy="single_device_resident",
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        **extra,
+    )
+
+
 def engine_run(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Namespace, preset: str,
                stopwatch: Stopwatch, root: Path) -> None:
     """Train ``model`` on every experience through the engine's strategy ``preset``."""
     name, init_args, uses_meta_kv = PRESETS[preset]
     module = ContinualLMModule(model, lr=args.lr, compile=args.compile, meta_kv=META_KV if uses_meta_kv else None)
-    trainer_kwargs = dict(
-        accelerator="gpu" if stopwatch.device.type == "cuda" else "cpu",
-        devices=1,
-        strategy="single_device_resident",
-        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
-        max_epochs=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        callbacks=[EngineClock(stopwatch, args.skip_steps)],
-    )
     strategy = strategy_class(name)(
         **init_args,
         module=module,
         train_mb_size=args.batch_size,
         train_pack_length=args.pack_length if args.layout == "packed" else None,
         seed=args.seed,
-        trainer_kwargs=trainer_kwargs,
+        trainer_kwargs=engine_trainer_kwargs(args, stopwatch.device, max_epochs=1, enable_checkpointing=False,
+                                             callbacks=[EngineClock(stopwatch, args.skip_steps)]),
         root_dir=root / preset,
     )
     for experience in benchmark.train_stream:
@@ -247,10 +250,7 @@ def engine_evaluation(model: torch.nn.Module, benchmark: LMBenchmark, args: argp
         module=module,
         eval_mb_size=args.eval_batch_size,
         seed=args.seed,
-        trainer_kwargs=dict(accelerator="gpu" if stopwatch.device.type == "cuda" else "cpu", devices=1,
-                            strategy="single_device_resident",
-                            precision="bf16-mixed" if args.precision == "bf16" else "32-true",
-                            enable_progress_bar=False, enable_model_summary=False, logger=False),
+        trainer_kwargs=engine_trainer_kwargs(args, stopwatch.device),
         root_dir=root / "evaluation",
     )
     stopwatch.start()
