@@ -231,6 +231,24 @@ def _protocols(spec: str) -> list[str]:
     return protocols
 
 
+def _numbers(spec: str, option: str, kind: type) -> list:
+    """The comma-separated ``kind`` values of ``option`` (``--lengths``, ``--depths``).
+
+    Raises:
+        ValueError: an entry is not a number of that kind (the option and entry named).
+    """
+    try:
+        return [kind(entry) for entry in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated {kind.__name__} values, got {spec!r}") from None
+
+
+def _model(args: argparse.Namespace):
+    """(model, tokenizer) of the evaluation commands' shared model options."""
+    return load_model(args.model, meta_kv=args.meta_kv, meta_kv_weights=args.meta_kv_weights, seed=args.seed,
+                      device=args.device)
+
+
 def _budgets(spec: str) -> list[float]:
     try:
         budgets = [float(b) for b in spec.split(",") if b.strip()]
@@ -745,8 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods, budgets = _methods(args.methods), _budgets(args.budgets)
         if args.articles < 1 or args.context < 1 or args.continuation < 1:
             raise ValueError("--articles, --context and --continuation must be >= 1")
-        model, tokenizer = load_model(args.model, meta_kv=args.meta_kv, meta_kv_weights=args.meta_kv_weights,
-                                      seed=args.seed, device=args.device)
+        model, tokenizer = _model(args)
         protocols = _protocols(args.protocol)
         articles = long_articles(args.data_root)
         windows = article_windows(tokenizer, articles, args.context + args.continuation, args.articles)
@@ -779,12 +796,11 @@ def niah_main(argv: Sequence[str] | None = None) -> int:
     args = _parse(parser, argv)
     try:
         methods, budgets = _methods(args.methods), _budgets(args.budgets)
-        lengths = [int(n) for n in args.lengths.split(",")]
-        depths = [float(d) for d in args.depths.split(",")]
+        lengths = _numbers(args.lengths, "--lengths", int)
+        depths = _numbers(args.depths, "--depths", float)
         if any(not 0 <= d <= 1 for d in depths) or any(n < 8 for n in lengths) or args.samples < 1:
             raise ValueError("depths must be in [0, 1], lengths >= 8 and samples >= 1")
-        model, tokenizer = load_model(args.model, meta_kv=args.meta_kv, meta_kv_weights=args.meta_kv_weights,
-                                      seed=args.seed, device=args.device)
+        model, tokenizer = _model(args)
         articles = long_articles(args.data_root)
         haystack = tokenizer("\n".join(articles), add_special_tokens=False)["input_ids"]
     except (ValueError, FileNotFoundError) as error:
@@ -811,12 +827,11 @@ def ruler_main(argv: Sequence[str] | None = None) -> int:
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
             raise ValueError(f"unknown task {unknown[0] if unknown else args.tasks!r} in --tasks; choose from {', '.join(TASKS)} or all")
-        lengths = [int(n) for n in args.lengths.split(",")]
-        depths = [float(d) for d in args.depths.split(",")]
+        lengths = _numbers(args.lengths, "--lengths", int)
+        depths = _numbers(args.depths, "--depths", float)
         if any(not 0 <= d <= 1 for d in depths) or args.examples < 1:
             raise ValueError("--depths must be in [0, 1] and --examples >= 1")
-        model, tokenizer = load_model(args.model, meta_kv=args.meta_kv, meta_kv_weights=args.meta_kv_weights,
-                                      seed=args.seed, device=args.device)
+        model, tokenizer = _model(args)
         generator = ruler_generator(tokenizer, long_articles(args.data_root))
         examples = [example for task in tasks for length in lengths
                     for example in generator.examples(task, length, args.examples, args.seed, depths)]

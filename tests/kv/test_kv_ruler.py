@@ -168,7 +168,8 @@ def test_ruler_command_writes_scores_examples_and_a_heatmap(tmp_path, capsys):
     assert all(r["examples"] == 2 and 0 <= r["score_low"] <= r["score"] <= r["score_high"] <= 1 for r in report["results"])
     assert len(report["examples"]) == 2 * 2 * 2 and all("prediction" in r for r in report["examples"])
     assert (tmp_path / "ruler.png").stat().st_size > 10_000
-    for bad, message in ((["--tasks", "qa"], "unknown task 'qa'"), (["--depths", "2"], "--depths must be in [0, 1]")):
+    for bad, message in ((["--tasks", "qa"], "unknown task 'qa'"), (["--depths", "2"], "--depths must be in [0, 1]"),
+                         (["--lengths", "1k"], "--lengths must be comma-separated int values, got '1k'")):
         with pytest.raises(SystemExit):
             ruler_main(["--out-dir", str(tmp_path), "--model", "gpt2-tiny-random", *bad])
         assert message in capsys.readouterr().err
