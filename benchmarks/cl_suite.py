@@ -914,10 +914,11 @@ def _call_summary(cells: list[Cell], runs_dir: Path, call_id: str, wall_time_s: 
 
 
 def pack(runs_dir: Path, archive: Path) -> Path:
-    """Pack the runs dir's results, call records and logs (not the scratch run folders) into a tar.gz."""
+    """Pack the runs dir's results, call records, logs and tuned choices (not the scratch run folders) into a
+    tar.gz: a report of the archive alone names the hyper-parameters its tuned cells ran with."""
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
-        for name in (RESULTS_DIR, CALLS_DIR, LOGS_DIR):
+        for name in (RESULTS_DIR, CALLS_DIR, LOGS_DIR, TUNING_FILE):
             if (runs_dir / name).exists():
                 tar.add(runs_dir / name, arcname=name)
     return archive

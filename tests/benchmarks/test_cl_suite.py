@@ -264,3 +264,15 @@ def test_suite_config_errors_name_the_problem(tmp_path):
     assert cl_suite.Suite(config).cells(streams=["tasks"]) == [cell for cell in cells if cell.stream == "tasks"]
     with pytest.raises(ValueError, match=r"unknown name\(s\) \['nope'\] in --streams"):
         cl_suite.Suite(config).cells(streams=["nope"])
+
+
+def test_pack_carries_the_tuned_choices(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "results" / "m" / "s").mkdir(parents=True)
+    (runs / "results" / "m" / "s" / "seed0.json").write_text("{}")
+    (runs / "tuning.json").write_text('{"chosen": {}}')
+    (runs / "scratch").mkdir()
+    with tarfile.open(cl_suite.pack(runs, tmp_path / "out.tar.gz")) as tar:
+        names = tar.getnames()
+    assert "tuning.json" in names and "results/m/s/seed0.json" in names
+    assert not any(name.startswith("scratch") for name in names)
