@@ -301,7 +301,8 @@ def contrast_markdown(contrasts: Sequence[dict[str, Any]]) -> list[str]:
                 else:
                     interval = f"{value['estimate']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
                     cells += [interval, f"{value['p_holm']:.3g}"]
-            lines.append(f"| {stream} ({len(figures['seeds'])} seeds) | " + " | ".join(cells) + " |")
+            seeds = len(figures["seeds"])
+            lines.append(f"| {stream} ({seeds} seed{'' if seeds == 1 else 's'}) | " + " | ".join(cells) + " |")
         if not contrast["streams"]:
             lines.append("| (no stream has both methods on the same seeds) | | | | | | |")
         lines.append("")
