@@ -18,8 +18,11 @@ finished cell's result as JSON at once (``<runs-dir>/results/<model>/<stream>/<m
 so a call that is killed keeps every finished cell. Cells whose JSON exists are skipped: unpack
 an earlier call's pack into the runs dir and the next call continues where it stopped.
 Within ``--time-budget`` seconds a worker starts no cell that its (online-calibrated) estimate
-says cannot finish; at the budget the workers are stopped. ``--pack`` writes the runs dir's
-results, call records and logs (no weights) into one tar.gz.
+says cannot finish; at the budget the workers are stopped. A cell keeps its stream state (weights
+included) after every experience in ``scratch/cells/`` until its result is written, so a cell
+that the budget stopped resumes at that experience in the next call on the same runs dir, and
+the estimate counts only what it has left. ``--pack`` writes the runs dir's results, call
+records, logs and tuned choices (no weights) into one tar.gz.
 
 ``report`` merges the results of any number of runs dirs (several calls) and writes one folder
 per (model, stream) under ``--out``, listed in ``INDEX.md``: ``README.md`` (mean +- std over seeds of average,
@@ -58,6 +61,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +79,7 @@ CLAIMS_DIR = "claims"
 CALLS_DIR = "calls"
 LOGS_DIR = "logs"
 SCRATCH_DIR = "scratch"
+CELLS_DIR = "cells"
 PLAN_FILE = "plan.json"
 TUNING_FILE = "tuning.json"
 README_BLOCK = "cl_suite primary contrasts"  # the README's block that `report --readme` rewrites
@@ -123,6 +128,7 @@ from metakv_cl.benchmarks.cl_protocol import (  # noqa: E402
 )
 from metakv_cl.report import MethodResult, json_text, replace_generated_block, write_seed_report  # noqa: E402
 from metakv_cl.runfolder import atomic_write_text  # noqa: E402
+from metakv_cl.training.runner import STATE_DIR  # noqa: E402
 from metakv_cl.strategies import ContinualStrategy  # noqa: E402
 from metakv_cl.strategies.plugins import Replay, Validated  # noqa: E402
 
@@ -158,6 +164,22 @@ class Cell:
 
     def error_path(self, runs_dir: Path) -> Path:
         return self.result_path(runs_dir).with_suffix(".error.txt")
+
+    def run_folder(self, runs_dir: Path) -> Path:
+        """The cell's run folder: its stream state after every experience, until its result is written.
+
+        The same in every call, so a cell that a call's time budget stopped resumes in the next
+        call at the experience it reached.
+        """
+        return runs_dir / SCRATCH_DIR / CELLS_DIR / self.key
+
+    def share_done(self, runs_dir: Path) -> float:
+        """The share of the cell's experiences that a stopped call finished (0 when none)."""
+        progress = self.run_folder(runs_dir) / STATE_DIR / "progress.json"
+        if not progress.is_file():
+            return 0.0
+        record = json.loads(progress.read_text())
+        return int(record["next_experience"]) / max(1, int(record["num_experiences"]))
 
 
 class Suite:
@@ -540,12 +562,13 @@ class Workbench:
         """
         from metakv_cl.training.runner import run_stream
 
-        root = self.runs_dir / SCRATCH_DIR / self.call_id / cell.key
+        root = cell.run_folder(self.runs_dir)
+        resumed_at = cell.share_done(self.runs_dir)
         benchmark = self.benchmark(cell.model, cell.stream)
         started = time.perf_counter()
         module = self.module(cell)
         strategy = self.strategy(cell, module, root)
-        result = run_stream(strategy, benchmark, root_dir=root, save_weights=False, echo=log.info)
+        result = run_stream(strategy, benchmark, root_dir=root, resume=True, echo=log.info)
         method = self.suite.methods[cell.method]
         result.extra.update({
             "cell": cell.key,
@@ -565,8 +588,10 @@ class Workbench:
             "call": self.call_id,
             "estimated_s": estimated_s,
             "cell_wall_time_s": time.perf_counter() - started,
+            "resumed_at_share": resumed_at,
         })
         atomic_write_text(json_text(result.to_json()), cell.result_path(self.runs_dir))
+        shutil.rmtree(root, ignore_errors=True)  # the weights of every finished cell would fill the disk
         return result
 
 
@@ -754,7 +779,7 @@ def worker_main(args: argparse.Namespace) -> int:
         if cell.result_path(runs_dir).is_file():
             continue
         uncalibrated = _estimate(entry).wall_s(args.workers)
-        expected = uncalibrated * calibration(runs_dir, args.call_id)
+        expected = uncalibrated * calibration(runs_dir, args.call_id) * (1.0 - cell.share_done(runs_dir))
         if time.time() + expected > args.deadline:
             log.info("skip %s: needs ~%.0fs, %.0fs left", cell.key, expected, args.deadline - time.time())
             continue

@@ -12,6 +12,7 @@ import yaml
 
 from metakv_cl.benchmarks import cl_suite
 from metakv_cl.testing import tiny_llama
+from metakv_cl.training.runner import StreamState
 
 TRAINER = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "strategy": "single_device_resident",
            "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False, "logger": False}
@@ -276,3 +277,32 @@ def test_pack_carries_the_tuned_choices(tmp_path):
         names = tar.getnames()
     assert "tuning.json" in names and "results/m/s/seed0.json" in names
     assert not any(name.startswith("scratch") for name in names)
+
+
+def test_a_cell_stopped_between_experiences_resumes_there(finished_call, tmp_path, monkeypatch):
+    config, runs, _ = finished_call
+    suite = cl_suite.Suite.load(config)
+    cell = next(c for c in suite.cells(["tasks"]) if c.key == "tiny-pretrained/tasks/naive/seed0")
+    later_runs = tmp_path / "runs"
+    original_save, saves = StreamState.save, []
+
+    def save_then_stop(self, *args, **kwargs):  # the call's budget stops the cell after its first experience
+        original_save(self, *args, **kwargs)
+        saves.append(1)
+        if len(saves) == 2:  # the row before training, then the first experience's
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StreamState, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        cl_suite.Workbench(suite, later_runs, "stopped").run(cell)
+    monkeypatch.undo()
+    assert not cell.result_path(later_runs).exists() and cell.share_done(later_runs) == 0.25
+    trained = []
+    original_train = cl_suite.ContinualStrategy.train
+    monkeypatch.setattr(cl_suite.ContinualStrategy, "train",
+                        lambda self, *args, **kwargs: trained.append(1) or original_train(self, *args, **kwargs))
+    resumed = cl_suite.Workbench(suite, later_runs, "next").run(cell)
+    assert len(trained) == 3  # the experiences after the first, not the first again
+    assert resumed.extra["resumed_at_share"] == 0.25
+    assert resumed.matrix == json.loads(cell.result_path(runs).read_text())["matrix"]  # as if never stopped
+    assert not cell.run_folder(later_runs).exists()  # a finished cell's weights are not kept
