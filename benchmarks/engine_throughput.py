@@ -30,8 +30,13 @@ tables report the median tokens/s of each path and its ratio to the reference.
         --experiences 6 --documents 400 --skip-steps 1 --rounds 2 --warmup-rounds 1 --eval-batch-size 128 \\
         --out benchmarks/results/engine_throughput
 
-``--out STEM`` writes ``STEM.json`` (the command, commit, device, library versions, settings and
-every round) and ``STEM.md``, rendered from that JSON by :func:`render_markdown`.
+Every path run also records its wall time (the whole path: Lightning's set-up, compilation, untimed
+batches, evaluation) beside its timed seconds, on the console and in the results. ``--out STEM``
+writes ``STEM.json`` (the command, commit, device, library versions, settings and every path run)
+and ``STEM.md``, rendered from that JSON by :func:`render_markdown`, after every path run, so a run
+that is killed keeps what it measured; ``complete`` and ``progress`` say how far it got, and the
+page of a partial run says so. ``--time-budget SECONDS`` stops the run cleanly, partial, before a
+path whose last wall time would take it past SECONDS.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from time import monotonic as wall_clock  # whole paths and --time-budget; a name of its own, so tests can advance it
 from typing import Any, Callable, Iterable
 
 import torch
@@ -60,6 +66,7 @@ from metakv_cl.data.stream import CompactVocabulary, LMBenchmark, make_benchmark
 from metakv_cl.data.tasks import TextTask
 from metakv_cl.hub import load_causal_lm, load_tokenizer
 from metakv_cl.modeling import MetaKVConfig
+from metakv_cl.runfolder import atomic_write_text
 from metakv_cl.strategies import strategy_class
 from metakv_cl.training.callbacks import derived_seed
 from metakv_cl.training.compilation import BlockCompiler
@@ -86,7 +93,7 @@ MODELS: dict[str, tuple[str, dict[str, Any], str]] = {
                                 "tie_word_embeddings": True}, "gpt2"),
     "smollm2-135m": ("smollm2-135m", {}, "smollm2-135m"),
 }
-BARE_PADDED, BARE_PACKED = "bare padded", "bare packed"
+BARE_PADDED, BARE_PACKED, EVALUATION = "bare padded", "bare packed", "engine evaluation"
 
 
 class Stopwatch:
@@ -123,9 +130,9 @@ class Stopwatch:
             self.seconds += self._now() - self._since
             self._since = None
 
-    def count(self, batch: dict[str, torch.Tensor]) -> None:
-        """Add a timed batch's document tokens."""
-        self._tokens = self._tokens + batch["attention_mask"].sum()
+    def count(self, tokens: torch.Tensor | int) -> None:
+        """Add tokens to the stretch's tally (a tensor stays on the device until :attr:`token_count`)."""
+        self._tokens = self._tokens + tokens
 
     @property
     def token_count(self) -> int:
@@ -159,7 +166,7 @@ class EngineClock(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.stopwatch.running:
-            self.stopwatch.count(batch)
+            self.stopwatch.count(batch["attention_mask"].sum())
         self._batches += 1
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -205,7 +212,7 @@ def bare_loop(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Nam
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if stopwatch.running:
-                stopwatch.count(batch)
+                stopwatch.count(batch["attention_mask"].sum())
         stopwatch.stop()
 
 
@@ -243,8 +250,8 @@ def engine_run(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Na
 
 
 def engine_evaluation(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Namespace,
-                      stopwatch: Stopwatch, root: Path) -> int:
-    """Time ``strategy.eval`` over every experience's test set; return the scored tokens."""
+                      stopwatch: Stopwatch, root: Path) -> None:
+    """Time ``strategy.eval`` over every experience's test set, counting its scored tokens."""
     module = ContinualLMModule(model)
     strategy = strategy_class("naive")(
         module=module,
@@ -257,7 +264,8 @@ def engine_evaluation(model: torch.nn.Module, benchmark: LMBenchmark, args: argp
     strategy.eval(benchmark.test_stream)
     stopwatch.stop()
     # a document of n tokens scores its n - 1 next-token predictions
-    return sum(int(item["input_ids"].shape[0]) - 1 for experience in benchmark.test_stream for item in experience.dataset)
+    stopwatch.count(sum(int(item["input_ids"].shape[0]) - 1 for experience in benchmark.test_stream
+                        for item in experience.dataset))
 
 
 def build_stream(args: argparse.Namespace) -> tuple[LMBenchmark, int]:
@@ -298,17 +306,12 @@ def build_model(args: argparse.Namespace, tokenizer_size: int) -> torch.nn.Modul
     return load_causal_lm(architecture, from_scratch=True, config_overrides=overrides)
 
 
-def run_paths(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure every path ``--rounds`` times, interleaved; return the result (see the module docstring)."""
-    commit = args.commit or _commit()  # before the run: the code measured, whatever changes while it runs
-    device = torch.device(args.device)
-    benchmark, tokenizer_size = build_stream(args)
-    longest = max(int(item["input_ids"].shape[0]) for experience in benchmark.train_stream for item in experience.dataset)
-    if args.pack_length < longest:
-        raise ValueError(f"--pack-length {args.pack_length} is shorter than the longest document ({longest} tokens)")
-    pl.seed_everything(args.seed, workers=True, verbose=False)
-    initial = build_model(args, tokenizer_size)
-    paths: dict[str, Callable[[torch.nn.Module, Stopwatch, Path], None]] = {
+PathRun = Callable[[torch.nn.Module, Stopwatch, Path], None]
+
+
+def build_paths(args: argparse.Namespace, benchmark: LMBenchmark) -> dict[str, PathRun]:
+    """Every path of a round, in the order a round runs them: the bare loops, the presets, the evaluation."""
+    paths: dict[str, PathRun] = {
         BARE_PADDED: lambda model, watch, root: bare_loop(model, benchmark, args, False, watch),
         BARE_PACKED: lambda model, watch, root: bare_loop(model, benchmark, args, True, watch),
     }
@@ -316,30 +319,41 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
         paths[f"engine {preset}"] = lambda model, watch, root, preset=preset: engine_run(
             model, benchmark, args, preset, watch, root
         )
-    speeds: dict[str, list[float]] = {name: [] for name in paths}
-    tokens: dict[str, int] = {}
-    evaluation_speeds: list[float] = []
-    with tempfile.TemporaryDirectory() as folder:
-        for round_index in range(-args.warmup_rounds, args.rounds):
-            label = f"warm-up {round_index + args.warmup_rounds + 1}" if round_index < 0 else f"round {round_index + 1}/{args.rounds}"
-            for name, run in paths.items():
-                pl.seed_everything(args.seed, workers=True, verbose=False)
-                stopwatch = Stopwatch(device)
-                run(copy.deepcopy(initial), stopwatch, Path(folder) / f"round{round_index}")
-                _free(device)
-                print(f"{label}  {name:16s} {stopwatch.tokens_per_second:12,.1f} tokens/s", flush=True)
-                if round_index >= 0:
-                    speeds[name].append(stopwatch.tokens_per_second)
-                    tokens[name] = stopwatch.token_count
-            if args.eval_batch_size:
-                stopwatch = Stopwatch(device)
-                scored = engine_evaluation(copy.deepcopy(initial), benchmark, args, stopwatch, Path(folder) / f"round{round_index}")
-                _free(device)
-                print(f"{label}  {'engine evaluation':16s} {scored / stopwatch.seconds:12,.1f} scored tokens/s", flush=True)
-                if round_index >= 0:
-                    evaluation_speeds.append(scored / stopwatch.seconds)
-    reference = BARE_PACKED if args.layout == "packed" else BARE_PADDED
-    medians = {name: statistics.median(values) for name, values in speeds.items()}
+    if args.eval_batch_size:
+        paths[EVALUATION] = lambda model, watch, root: engine_evaluation(model, benchmark, args, watch, root)
+    return paths
+
+
+def measure(run: PathRun, initial: torch.nn.Module, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Run one path from the initial weights: its timed tokens and seconds, and its wall time.
+
+    The wall time is the whole path (copying the model, Lightning's set-up, compilation, untimed
+    batches, freeing memory): what a run's deadline pays, next to the timed stretch.
+    """
+    began = wall_clock()
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    stopwatch = Stopwatch(torch.device(args.device))
+    run(copy.deepcopy(initial), stopwatch, root)
+    _free(stopwatch.device)
+    return {"tokens": stopwatch.token_count, "tokens_per_s": stopwatch.tokens_per_second,
+            "timed_s": stopwatch.seconds, "wall_s": wall_clock() - began}
+
+
+def over_budget(args: argparse.Namespace, started: float, name: str, measurements: list[dict[str, Any]]) -> bool:
+    """Whether running path ``name`` now would end past ``--time-budget``.
+
+    Its last wall time predicts its next (a warm-up's, with compilation, errs long); a path not run
+    yet is predicted at 0 s, so only an already spent budget stops it.
+    """
+    if args.time_budget is None:
+        return False
+    last_wall = next((run["wall_s"] for run in reversed(measurements) if run["path"] == name), 0.0)
+    return wall_clock() - started + last_wall > args.time_budget
+
+
+def run_header(args: argparse.Namespace, commit: str, benchmark: LMBenchmark, initial: torch.nn.Module) -> dict[str, Any]:
+    """What a run measured with: command, commit, device, versions, settings, model and documents."""
+    device = torch.device(args.device)
     lengths = [int(item["input_ids"].shape[0]) for experience in benchmark.train_stream for item in experience.dataset]
     return {
         "command": shlex.join(["python", *sys.argv]),
@@ -352,16 +366,91 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
         "model_parameters": sum(p.numel() for p in initial.parameters()),
         "documents": len(lengths),
         "document_tokens": {"mean": statistics.mean(lengths), "min": min(lengths), "max": max(lengths)},
-        "reference": reference,
-        "paths": {
-            name: {"tokens_per_s": medians[name], "ratio": medians[name] / medians[reference],
-                   "timed_tokens": tokens[name], "tokens_per_s_rounds": speeds[name]}
-            for name in paths
-        },
-        "evaluation": ({"scored_tokens_per_s": statistics.median(evaluation_speeds), "batch_size": args.eval_batch_size,
-                        "scored_tokens": scored, "scored_tokens_per_s_rounds": evaluation_speeds}
-                       if evaluation_speeds else None),
     }
+
+
+def round_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A path's median tokens/s over its timed rounds, with every round's tokens/s and wall time."""
+    speeds = [run["tokens_per_s"] for run in runs]
+    return {"tokens_per_s": statistics.median(speeds), "tokens_per_s_rounds": speeds,
+            "wall_s_rounds": [run["wall_s"] for run in runs]}
+
+
+def summarise(args: argparse.Namespace, names: list[str], measurements: list[dict[str, Any]],
+              stopped: str | None) -> dict[str, Any]:
+    """The progress and the tables of the path runs finished so far (all of them once ``complete``)."""
+    timed = {name: [run for run in measurements if run["path"] == name and not run["warm_up"]] for name in names}
+    reference = BARE_PACKED if args.layout == "packed" else BARE_PADDED
+    reference_speed = statistics.median(run["tokens_per_s"] for run in timed[reference]) if timed[reference] else None
+    planned = len(names) * (args.warmup_rounds + args.rounds)
+    paths = {name: {**round_summary(runs), "timed_tokens": runs[-1]["tokens"]}
+             for name, runs in timed.items() if runs and name != EVALUATION}
+    for row in paths.values():
+        row["ratio"] = row["tokens_per_s"] / reference_speed if reference_speed else None
+    evaluation = timed.get(EVALUATION)
+    return {
+        "complete": len(measurements) == planned,
+        "progress": {"path_runs_finished": len(measurements), "path_runs_planned": planned,
+                     # a round runs its paths in order, so it is finished once its last path is
+                     "rounds_finished": len(timed[names[-1]]), "stopped": stopped},
+        "reference": reference,
+        "paths": paths,
+        "evaluation": ({**round_summary(evaluation), "batch_size": args.eval_batch_size,
+                        "scored_tokens": evaluation[-1]["tokens"]} if evaluation else None),
+        "measurements": measurements,
+    }
+
+
+def run_label(warm_up: bool, number: int, rounds: int) -> str:
+    return f"warm-up {number}" if warm_up else f"round {number}/{rounds}"
+
+
+def console_line(run: dict[str, Any], rounds: int) -> str:
+    unit = "scored tokens/s" if run["path"] == EVALUATION else "tokens/s"
+    return (f"{run_label(run['warm_up'], run['round'], rounds)}  {run['path']:17s} {run['tokens_per_s']:12,.1f} {unit}  "
+            f"wall {run['wall_s']:7.1f} s (timed steps {run['timed_s']:.1f} s)")
+
+
+def run_paths(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
+    """Measure every path ``--rounds`` times, interleaved; return the result (see the module docstring).
+
+    ``save`` gets the result so far after every path run (and once before the first), so a run
+    killed or stopped by ``--time-budget`` keeps what it measured.
+    """
+    started = wall_clock()  # --time-budget counts the set-up too: a deadline does
+    commit = args.commit or _commit()  # before the run: the code measured, whatever changes while it runs
+    benchmark, tokenizer_size = build_stream(args)
+    longest = max(int(item["input_ids"].shape[0]) for experience in benchmark.train_stream for item in experience.dataset)
+    if args.pack_length < longest:
+        raise ValueError(f"--pack-length {args.pack_length} is shorter than the longest document ({longest} tokens)")
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    initial = build_model(args, tokenizer_size)
+    paths = build_paths(args, benchmark)
+    header = run_header(args, commit, benchmark, initial)
+    measurements: list[dict[str, Any]] = []
+    stopped = None
+
+    def result() -> dict[str, Any]:
+        return {**header, **summarise(args, list(paths), measurements, stopped)}
+
+    rounds = [(True, k + 1) for k in range(args.warmup_rounds)] + [(False, k + 1) for k in range(args.rounds)]
+    plan = [(warm_up, number, name) for warm_up, number in rounds for name in paths]
+    save(result())
+    with tempfile.TemporaryDirectory() as folder:
+        for warm_up, number, name in plan:
+            if over_budget(args, started, name, measurements):
+                stopped = (f"--time-budget {args.time_budget:g} s: stopped before "
+                           f"{run_label(warm_up, number, args.rounds)} {name}")
+                break
+            run = {"warm_up": warm_up, "round": number, "path": name,
+                   **measure(paths[name], initial, args, Path(folder) / str(len(measurements)))}
+            measurements.append(run)
+            print(console_line(run, args.rounds), flush=True)
+            save(result())
+    if stopped:
+        print(stopped, flush=True)
+        save(result())
+    return result()
 
 
 def _free(device: torch.device) -> None:
@@ -389,6 +478,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Engine training throughput against a bare PyTorch loop",
         "",
+        *partial_run_lines(result),
         f"Command: `{result['command']}`  ",
         f"Commit: `{result['commit']}`; device: {result['device']} ({result['torch_threads']} torch threads); "
         + ", ".join(f"{name} {version}" for name, version in result["versions"].items()),
@@ -406,14 +496,38 @@ def render_markdown(result: dict[str, Any]) -> str:
     ]
     for name, row in result["paths"].items():
         rounds = ", ".join(f"{value:,.0f}" for value in row["tokens_per_s_rounds"])
-        lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['ratio']:.2f} | {row['timed_tokens']:,} | {rounds} |")
-    evaluation = result.get("evaluation")
+        ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}"  # the reference has no finished round
+        lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {ratio} | {row['timed_tokens']:,} | {rounds} |")
+    evaluation = result["evaluation"]
     if evaluation:
-        rounds = ", ".join(f"{value:,.0f}" for value in evaluation["scored_tokens_per_s_rounds"])
+        rounds = ", ".join(f"{value:,.0f}" for value in evaluation["tokens_per_s_rounds"])
         lines += ["", f"Evaluation (`strategy.eval` of every experience end to end, batches of {evaluation['batch_size']} "
-                  f"documents, {evaluation['scored_tokens']:,} scored tokens): **{evaluation['scored_tokens_per_s']:,.0f} "
+                  f"documents, {evaluation['scored_tokens']:,} scored tokens): **{evaluation['tokens_per_s']:,.0f} "
                   f"scored tokens/s** (per round: {rounds})."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + wall_time_lines(result)) + "\n"
+
+
+def partial_run_lines(result: dict[str, Any]) -> list[str]:
+    """The warning that opens the page of a run that did not finish (none for a complete one)."""
+    if result["complete"]:
+        return []
+    progress = result["progress"]
+    why = progress["stopped"] or "the run ended there (killed, or a path failed: see its console)"
+    return [f"**Partial run**: {progress['path_runs_finished']} of {progress['path_runs_planned']} path runs finished, "
+            f"{progress['rounds_finished']} of {result['settings']['rounds']} timed rounds; {why}. Medians and "
+            "ratios are over the finished rounds only.", ""]
+
+
+def wall_time_lines(result: dict[str, Any]) -> list[str]:
+    """Every path run's wall time beside its timed stretch: where a run's time went outside the timed steps."""
+    lines = ["", "Wall time of every path run (the whole path: Lightning's set-up, compilation, untimed batches, "
+             "evaluation), against its timed steps:", "",
+             "| run | path | tokens/s | timed steps s | wall s | outside timed steps s |", "|---|---|---:|---:|---:|---:|"]
+    for run in result["measurements"]:
+        label = run_label(run["warm_up"], run["round"], result["settings"]["rounds"])
+        lines.append(f"| {label} | {run['path']} | {run['tokens_per_s']:,.0f} | {run['timed_s']:.2f} | "
+                     f"{run['wall_s']:.2f} | {run['wall_s'] - run['timed_s']:.2f} |")
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -441,7 +555,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="untimed rounds first (every path once): compilation and caches warm, as in a long run")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="stop before a path whose last wall time would end the run past this many seconds "
+                             "from its start, and write a partial result (default: no budget)")
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md after every path run (a partial run says so)")
     parser.add_argument("--commit", help="the commit being measured (default: git rev-parse HEAD; for a copy without .git)")
     args = parser.parse_args(argv)
     for name in ("experiences", "documents", "batch_size", "rounds", "lr"):
@@ -450,6 +567,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("skip_steps", "warmup_rounds", "eval_batch_size"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error(f"--time-budget must be > 0, got {args.time_budget}")
     return args
 
 
@@ -462,14 +581,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_float32_matmul_precision("high")
         if device.index is not None:
             torch.cuda.set_device(device)  # the engine's resident strategy trains on the current device
-    result = run_paths(args)
+    result = run_paths(args, save=lambda result: write_result(result, args.out) if args.out else None)
     print(render_markdown(result))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        json_path = args.out.with_suffix(".json")
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(render_markdown(json.loads(json_path.read_text())))
     return result
+
+
+def write_result(result: dict[str, Any], out: Path) -> None:
+    """Replace ``OUT.json`` and ``OUT.md``, each atomically: a run killed mid-write leaves whole files."""
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write_text(text, out.with_suffix(".json"))
+    atomic_write_text(render_markdown(json.loads(text)), out.with_suffix(".md"))  # the page of the JSON as saved
 
 
 if __name__ == "__main__":
