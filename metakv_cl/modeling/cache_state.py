@@ -27,99 +27,108 @@ HISTORY = 8  # chunk boundaries a crop can return to, per layer
 class RunningStates:
     """Per-layer running states of one cache, with the recent chunk boundaries a crop can return to.
 
+    A compileable cache (a transformers ``StaticCache``) keeps its keys and values in buffers
+    allocated once and written in place, because transformers compiles its decoding step (with
+    CUDA graphs on a GPU: ``mode="reduce-overhead"``), and a graph's outputs are overwritten by its
+    next replay. The states of such a cache live the same way: each layer's state is a set of
+    buffers at fixed addresses (marked static for ``torch.compile``) that every chunk writes in
+    place, so a compiled step returns no state tensor that must outlive the next replay. Other
+    caches keep each chunk's new state tensors as they come.
+
+    Args:
+        in_place: keep the states in fixed buffers, written in place (a compileable cache).
+
     Attributes:
         states: the state after the cache's last chunk, per layer (absent: a new sequence).
-        pinned: states kept at fixed addresses for CUDA graphs (see :meth:`pin`), or None.
+        buffers: with ``in_place``, the fixed buffers of each layer's state; they outlive
+            :meth:`reset`, so every sequence on the cache uses the same addresses.
         lengths: tokens each layer's state has read (padding included, as the cache counts).
         history: per layer, ``(length, state)`` before each of the last chunks, newest last.
+
+    With ``in_place``, ``lengths`` and ``history`` stay empty: buffers written in place keep no
+    earlier state to return to, and a count kept here would be a Python int that a compiled step
+    specialises on, recompiling (and re-recording its CUDA graph) at every token; the cache's own
+    count, a tensor, stands for it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, in_place: bool = False) -> None:
+        self.in_place = in_place
         self.states: dict[int, State] = {}
-        self.pinned: dict[int, State] | None = None
+        self.buffers: dict[int, State] = {}
         self.lengths: dict[int, int] = {}
         self.history: dict[int, list[tuple[int, State | None]]] = {}
 
     def get(self, layer: int) -> State | None:
         return self.states.get(layer)
 
-    def advance(self, layer: int, tokens: int, new_state: State | None, in_place: bool) -> None:
-        """Record the state after a chunk of ``tokens`` tokens.
-
-        Args:
-            new_state: the state after the chunk; None when a kernel already wrote it in place.
-            in_place: write it into the pinned tensors instead of replacing them.
-        """
-        old = self.states.get(layer)
+    def advance(self, layer: int, tokens: int, new_state: State) -> None:
+        """Record the state after a chunk of ``tokens`` tokens (with ``in_place``, write it into the buffers)."""
+        if self.in_place:
+            self.states[layer] = self._write(layer, new_state)
+            return
         length = self.lengths.get(layer, 0)
-        if in_place:
-            if new_state is not None:
-                for target, value in zip(old, new_state):
-                    target.copy_(value)
-            self.history.pop(layer, None)  # pinned tensors change in place: older entries would alias them
-        else:
-            boundaries = self.history.setdefault(layer, [])
-            boundaries.append((length, old))
-            del boundaries[:-HISTORY]
-            self.states[layer] = new_state
+        boundaries = self.history.setdefault(layer, [])
+        boundaries.append((length, self.states.get(layer)))
+        del boundaries[:-HISTORY]
+        self.states[layer] = new_state
         self.lengths[layer] = length + tokens
 
-    def reset(self) -> None:
-        """Start a new sequence; pinned tensors stay allocated for the next :meth:`pin`."""
-        self.states, self.lengths, self.history = {}, {}, {}
+    def _write(self, layer: int, values: State) -> State:
+        """Copy ``values`` into the layer's buffers and return them.
 
-    def pin(self) -> None:
-        """Keep the states at fixed addresses from now on (the first call allocates them).
-
-        Later chunks then update the tensors in place, so a CUDA graph that recorded a decoding
-        step keeps reading and writing the live state. A compiled layer may return broadcast
-        views, which cannot be written in place, so the first call pins dense copies; later calls
-        copy a new prefill's states into them (the batch size must not change).
-
-        Raises:
-            ValueError: a new prefill's state has another shape than the pinned one.
+        The first call allocates the buffers, as does a call whose shapes differ from them (a row
+        operation that changed the batch size); generate() runs both the prefill and the row
+        operations eagerly, so the buffers exist and are marked static before a compiled step
+        reads them. A compiled layer may return broadcast views, which cannot be written in
+        place, so the buffers are dense copies.
         """
-        if self.pinned is None:
-            self.pinned = {layer: tuple(t.clone(memory_format=torch.contiguous_format) for t in state)
-                           for layer, state in self.states.items()}
-        else:
-            for layer, state in self.states.items():
-                for target, value in zip(self.pinned[layer], state):
-                    if target.shape != value.shape:
-                        raise ValueError(f"the pinned state has shape {tuple(target.shape)}, "
-                                         f"the new prefill {tuple(value.shape)}")
-                    target.copy_(value)
-        self.states = dict(self.pinned)
-        self.history = {}
+        buffers = self.buffers.get(layer)
+        if buffers is not None and all(b.shape == v.shape and b.dtype == v.dtype and b.device == v.device
+                                       for b, v in zip(buffers, values)):
+            for target, value in zip(buffers, values):
+                target.copy_(value)
+            return buffers
+        buffers = tuple(value.clone(memory_format=torch.contiguous_format) for value in values)
+        if not torch.compiler.is_compiling():  # marking is refused while tracing (as for StaticCache's own buffers)
+            for buffer in buffers:
+                torch._dynamo.mark_static_address(buffer)
+        self.buffers[layer] = buffers
+        return buffers
 
-    def is_pinned(self, layer: int) -> bool:
-        return self.pinned is not None and self.states.get(layer) is self.pinned.get(layer)
+    def reset(self) -> None:
+        """Start a new sequence; the buffers stay allocated for it."""
+        self.states, self.lengths, self.history = {}, {}, {}
 
     def map_rows(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch-row operation (select, reorder, repeat) to every state, history included."""
         def apply(state: State | None) -> State | None:
             return None if state is None else tuple(rows(t) for t in state)
 
-        if self.pinned is not None:
-            moved = {layer: apply(state) for layer, state in self.pinned.items()}
-            if all(new.shape == old.shape for layer in moved for new, old in zip(moved[layer], self.pinned[layer])):
-                for layer, state in moved.items():  # same shapes: stay at the pinned addresses
-                    for target, value in zip(self.pinned[layer], state):
-                        target.copy_(value)
-            else:
-                self.pinned = None  # the batch size changed: a graph recorded for the old one cannot run
-        self.states = {layer: (self.pinned[layer] if self.pinned is not None and self.pinned.get(layer) is state
-                               else apply(state)) for layer, state in self.states.items()}
+        moved = {layer: apply(state) for layer, state in self.states.items()}
+        self.states = {layer: self._write(layer, state) if self.in_place else state for layer, state in moved.items()}
         self.history = {layer: [(length, apply(state)) for length, state in entries]
                         for layer, entries in self.history.items()}
 
-    def crop_to(self, length: int) -> None:
+    def crop_to(self, length: int, seen: int) -> None:
         """Return every layer's state to the end of an earlier chunk that ended at ``length`` tokens.
 
+        Args:
+            length: the tokens to keep.
+            seen: the tokens the cache holds now.
+
         Raises:
-            ValueError: ``length`` falls inside a chunk, or further back than the kept history:
-                the state there was never materialised.
+            ValueError: ``length`` falls inside a chunk, or further back than the kept history
+                (the state there was never materialised); with ``in_place``, any ``length``
+                below ``seen`` while a state exists.
         """
+        if self.in_place:
+            if self.states and length < seen:
+                raise ValueError(
+                    f"cannot crop the cache to {length} tokens: a static cache writes the dynamic Meta-KV state in "
+                    f"place, so it keeps only the state after its last forward call ({seen} tokens); use a dynamic "
+                    "cache, decode step by step (no assisted decoding) or use a consolidated source"
+                )
+            return
         for layer, current in list(self.lengths.items()):
             if length >= current:
                 continue
@@ -170,11 +179,12 @@ class MetaKVCacheMixin:
 
     def crop(self, tokens_to_remove: int) -> None:
         states = self.meta_kv_states
-        seen = max(states.lengths.values(), default=0)
+        # in-place states keep no count of their own (see RunningStates): the static cache's stands for it
+        seen = int(super().get_seq_length()) if states.in_place else max(states.lengths.values(), default=0)
         # a positive argument is transformers < 5.18's absolute length to keep
         target = seen + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, seen)
         saved = dict(states.states), dict(states.lengths), {layer: list(e) for layer, e in states.history.items()}
-        states.crop_to(target)  # first: a crop the state cannot follow leaves the keys and values alone
+        states.crop_to(target, seen)  # first: a crop the state cannot follow leaves the keys and values alone
         try:
             super().crop(tokens_to_remove)
         except Exception:  # the cache refused (transformers >= 5.18 refuses a positive argument)
@@ -199,5 +209,6 @@ def running_states(cache) -> RunningStates:
     """The Meta-KV running states carried by ``cache``, mixing :class:`MetaKVCacheMixin` into its class on first use."""
     if not isinstance(cache, MetaKVCacheMixin):
         cache.__class__ = _carrying_class(type(cache))
-        cache.meta_kv_states = RunningStates()
+        # transformers compiles the decoding step of a compileable cache: its states must stay in place
+        cache.meta_kv_states = RunningStates(in_place=cache.is_compileable)
     return cache.meta_kv_states

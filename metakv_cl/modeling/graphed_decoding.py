@@ -6,9 +6,10 @@ graph records one whole decoding step (embedding, every layer with its Meta-KV w
 head and the choice of the next token) and replays it with one launch.
 
 A graph replays fixed memory addresses, so everything a step reads or writes lives in static
-buffers: a transformers ``StaticCache`` for K and V, the Meta-KV running state pinned beside it
-(updated in place, see :meth:`MetaKV.pin_running_state`), and this module's token, position,
-mask and output buffers. The step advances them itself, so the host only replays.
+buffers: a transformers ``StaticCache`` for K and V, the Meta-KV running state beside it (a
+static cache keeps it in fixed buffers written in place, see
+:class:`~metakv_cl.modeling.cache_state.RunningStates`), and this module's token, position, mask
+and output buffers. The step advances them itself, so the host only replays.
 
 The prompt is prefilled eagerly (any length, left padding allowed); the graph is captured once
 per decoder and reused by later ``generate`` calls of the same batch size. Without CUDA (or with
@@ -157,8 +158,6 @@ class GraphedDecoder:
         logits = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **self.cache_argument
         ).logits[:, -1]
-        if self.meta_kv is not None:
-            self.meta_kv.pin_running_state(self.cache)
         first = self._choose(logits)
         self.tokens.copy_(first)
         self.positions.copy_(positions[:, -1:] + 1)

@@ -134,15 +134,8 @@ class MetaKV(nn.Module):
         """Start a new sequence on ``cache``: its next chunk sees no earlier state."""
         running_states(cache).reset()
 
-    def pin_running_state(self, cache) -> None:
-        """Keep the running states of ``cache`` at fixed addresses from now on (for CUDA graphs).
-
-        Called after each prefill; see :meth:`RunningStates.pin`.
-        """
-        running_states(cache).pin()
-
     def enable_fused_decoding(self) -> list:
-        """Decode single tokens of pinned caches through the fused kernel where a layer supports it.
+        """Decode single tokens of static caches through the fused kernel where a layer supports it.
 
         The kernel packs each layer's weights once, here: call again after the weights change.
 
@@ -180,21 +173,20 @@ class MetaKV(nn.Module):
             )
         memory = self.memory_for(layer)
         memory_state = None if memory is None else memory.state()
-        # pinned tensors (CUDA graphs) take the new state in place; a prefill after a reset, not yet
-        # pinned again, holds ordinary tensors (maybe broadcast views) that must not be written
-        in_place = states is not None and states.pinned is not None and (
-            states.is_pinned(layer) if state is not None else self.layers[layer].source is None)
+        # the kernel writes the state in place, so it needs a static cache's buffers (a new
+        # sequence's first chunk, with no state yet, runs the torch path, which allocates them)
+        state_in_buffers = states is not None and states.in_place and (
+            state is not None or self.layers[layer].source is None)
         fused = self._fused_steps[layer] if self._fused_steps is not None else None
-        if in_place and fused is not None and real is None and x.shape[1] == 1 and not torch.is_grad_enabled():
-            # Run by the first K/V projection's hook, adding straight into its output.
+        if state_in_buffers and fused is not None and real is None and x.shape[1] == 1 and not torch.is_grad_enabled():
+            # Run by the first K/V projection's hook, adding straight into its output and the state's buffers.
             self._pending[layer] = _FusedModulation(fused, x, state, memory_state)
-            states.advance(layer, 1, None, in_place=True)  # the kernel writes the state itself
             return
         # packed documents (transformers masks their attention apart only without a cache)
         documents = self._documents if cache is None else None
         delta, new_state = self.layers[layer](x, real, state, memory_state, documents)
         if states is not None and new_state is not None:
-            states.advance(layer, x.shape[1], new_state, in_place)
+            states.advance(layer, x.shape[1], new_state)
         self._pending[layer] = delta
 
     def hook(self, model: nn.Module) -> None:

@@ -1,7 +1,7 @@
 """GraphedDecoder: the static-buffer decoding step decodes exactly what model.generate decodes.
 
 On CPU the step runs eagerly (no CUDA graph), which checks everything the graph replays: the
-StaticCache, the pinned in-place Meta-KV state, the additive mask and the self-advancing buffers.
+StaticCache, the Meta-KV state it keeps in place, the additive mask and the self-advancing buffers.
 """
 
 import os
@@ -50,9 +50,9 @@ def test_decoder_is_reusable_and_keeps_the_state_in_place(tiny_model_factory):
     assert {layer: [t.data_ptr() for t in tensors] for layer, tensors in state.items()} == addresses
 
 
-def test_running_state_given_as_broadcast_views_is_pinned_as_dense_copies(tiny_model_factory, monkeypatch):
+def test_running_state_given_as_broadcast_views_is_kept_in_dense_buffers(tiny_model_factory, monkeypatch):
     """A compiled layer may return its state as broadcast views of one row (identical rows here);
-    the pinned state must still take in-place updates, and a second prefill's copy."""
+    the static cache's buffers must still take in-place updates, and a second prefill's copy."""
     model = meta_kv_model(tiny_model_factory, "mean")
     original_forward = MetaKVLayer.forward
 
