@@ -6,12 +6,12 @@ For every method (``--methods``):
   tokenizer are there, else random ids) is read into a :class:`~metakv_cl.kv.CompactedCache`
   that never compacts on its own (``max_tokens=None``), capturing the method's reference
   queries or attention statistics; then every layer and KV head is compacted to ``--budget``
-  of it at once (``cache.compact``: layers of equal shapes stacked into one call where the
-  method allows) and, side by side in the same run, layer by layer
-  (``cache.compact(batch_layers=False)``: a Python loop over layers, how the cache compacted
-  before). Timed with the device synchronised around the call, after one warm-up, as the
-  median of ``--repeats`` runs, each on a fresh copy of the prefilled cache (copied outside
-  the timed region). On CUDA the host synchronisations of one compaction are counted
+  of it at once, stacked (``cache.compact(batch_layers=True)``: layers of equal shapes in one
+  call where the method allows) and, interleaved with it in the same run, layer by layer
+  (``batch_layers=False``: a Python loop over layers). ``cache.compact`` stacks by default on an
+  accelerator and loops on the CPU (``default_path``). Timed with the device synchronised
+  around the call, after one warm-up of each, as the median of ``--repeats`` runs, each on a
+  fresh copy of the prefilled cache (copied outside the timed region). On CUDA the host synchronisations of one compaction are counted
   too (``torch.cuda.set_sync_debug_mode``).
 * **chunked prefill**: ``--prefill-tokens`` tokens read in ``--prefill-chunk``-token chunks into
   a cache of ``--prefill-max-tokens``, compacting whenever it is full; tokens per second, after
@@ -26,7 +26,8 @@ Shapes: ``smollm2`` (SmolLM2-135M from ``metakv_cl.hub``: the hub or the offline
 (a 2-layer Llama for smoke tests). bf16 on CUDA, fp32 on CPU. ::
 
     python benchmarks/compaction_speed.py --shape random-smollm2 --context 2048 --repeats 2   # CPU
-    python benchmarks/compaction_speed.py --shape smollm2 --device cpu --context 2048 --repeats 1 --prefill-tokens 0 \
+    python benchmarks/compaction_speed.py --shape smollm2 --device cpu --context 2048 --repeats 5 --prefill-tokens 0 \
+        --methods attention_matching,attention_matching:selection=omp,h2o \
         --out benchmarks/results/compaction_speed_cpu_2048.json    # the committed CPU measurement
     python benchmarks/compaction_speed.py --shape smollm2 --device cuda --out compaction_speed.json
 """
@@ -190,14 +191,16 @@ def compaction_speed(model, spec: MethodSpec, ids: torch.Tensor, args: argparse.
     """Time compacting every layer of a prefilled cache to ``args.budget`` (see the module docstring)."""
     prefilled = prefilled_cache(model, spec, ids, args.reference_queries, args.chunk)
 
-    def compact_a_copy(batch_layers: bool = True) -> tuple[float, int | None, int | None, CompactedCache]:
+    def compact_a_copy(batch_layers: bool) -> tuple[float, int | None, int | None, CompactedCache]:
         cache = copy.deepcopy(prefilled)  # outside the timed region
         return (*measured(args.device, lambda: cache.compact(args.budget, batch_layers=batch_layers)), cache)
 
-    compact_a_copy()  # warm-up
-    runs = [compact_a_copy() for _ in range(args.repeats)]
+    compact_a_copy(batch_layers=True), compact_a_copy(batch_layers=False)  # warm-up
+    runs, layer_loop = [], []
+    for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits both alike
+        runs.append(compact_a_copy(batch_layers=True))
+        layer_loop.append(compact_a_copy(batch_layers=False)[0])
     seconds = [run[0] for run in runs]
-    layer_loop = [compact_a_copy(batch_layers=False)[0] for _ in range(args.repeats)]
     compacted = runs[-1][3]
     fresh = copy.deepcopy(prefilled)
     row: dict[str, Any] = {
@@ -213,6 +216,7 @@ def compaction_speed(model, spec: MethodSpec, ids: torch.Tensor, args: argparse.
         "compaction_seconds_all": seconds,
         "layer_loop_seconds": statistics.median(layer_loop),
         "layer_loop_seconds_all": layer_loop,
+        "default_path": "stacked" if prefilled.on_accelerator() else "layer loop",
         "compaction_peak_bytes": runs[-1][1],
         "compaction_extra_peak_bytes": runs[-1][2],
         "compaction_host_syncs": host_syncs(args.device, lambda: fresh.compact(args.budget)),
@@ -278,7 +282,7 @@ def _mib(value: int | None) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per method: compaction time (median, per layer), host syncs, peak memory, prefill speed."""
     lines = [
-        "| method | compaction s (median) | min s | layer by layer s | ms / layer | host syncs "
+        "| method | stacked s (median) | min s | layer by layer s | ms / layer | host syncs "
         "| compaction peak MiB (+extra) | prefill tok/s | prefill compactions | prefill peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

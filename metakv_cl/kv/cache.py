@@ -702,7 +702,8 @@ class CompactedCache(Cache):
         """Layers of the model (from its config), or the layers created so far when no config was given."""
         return self.configured_layers or len(self.layers)
 
-    def compact(self, budget: float, *, method: str | KVCompressor | None = None, batch_layers: bool = True) -> None:
+    def compact(self, budget: float, *, method: str | KVCompressor | None = None,
+                batch_layers: bool | None = None) -> None:
         """Compact every layer now, to ``budget`` of its held full-precision size (one-shot compaction).
 
         Args:
@@ -713,13 +714,19 @@ class CompactedCache(Cache):
                 :meth:`CompactedLayer.compaction_inputs` for methods that track attention).
             batch_layers: for methods whose ``rows_independent`` is set, stack the layers that
                 share shapes and budget along the batch axis and compact them in one call (the
-                same result as layer by layer, without a Python loop over layers).
+                same result as layer by layer, without a Python loop over layers). None (the
+                default) stacks on an accelerator, where one call saves the launches of many
+                small ones, and loops on the CPU, where the loop costs nothing to launch and
+                stacking costs a copy of every layer's keys and values
+                (``benchmarks/compaction_speed.py`` times both).
 
         Raises:
             ValueError: budget outside (0, 1], or an unknown method.
         """
         budget = validate_budget(budget)
         method = self.method if method is None else get_method(method) if isinstance(method, str) else method
+        if batch_layers is None:
+            batch_layers = self.on_accelerator()
         batches: dict[Any, list[tuple[CompactedLayer, dict[str, Any]]]] = {}
         for layer in self.compacted_layers:
             layer_budget = min(1.0, budget * method.layer_share(layer.layer_idx, self.layer_count(), budget))
@@ -732,6 +739,10 @@ class CompactedCache(Cache):
             batches.setdefault((layer_budget, _stacking_signature(inputs)), []).append((layer, inputs))
         for (layer_budget, _), members in batches.items():
             self._compact_stacked(method, layer_budget, members)
+
+    def on_accelerator(self) -> bool:
+        """Whether the held entries live on a device other than the CPU."""
+        return any(layer.is_initialized and layer.keys.device.type != "cpu" for layer in self.compacted_layers)
 
     @staticmethod
     def _compact_stacked(method: KVCompressor, budget: float, members: list[tuple[CompactedLayer, dict[str, Any]]]) -> None:

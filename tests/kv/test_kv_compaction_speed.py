@@ -39,6 +39,7 @@ def test_tiny_run_writes_every_measurement_and_ends_with_the_table(tmp_path, cap
         assert row["entries_before"] == 160 and row["entries_after"] == math.floor(0.1 * 160)
         assert len(row["compaction_seconds_all"]) == 2 and row["compaction_seconds"] > 0
         assert len(row["layer_loop_seconds_all"]) == 2 and row["layer_loop_seconds"] > 0
+        assert row["default_path"] == "layer loop"  # what cache.compact does on the CPU
         assert row["prefill_tokens_per_second"] > 0 and row["prefill_compactions"] > 0
         assert row["compaction_host_syncs"] is None and row["compaction_peak_bytes"] is None  # CPU
     assert rows["attention_matching"]["reference_queries"] == 160 * 2  # two query heads per KV head

@@ -71,6 +71,23 @@ def test_a_cache_passed_by_the_caller_is_left_alone_and_an_error_skips_the_compa
 
 
 @torch.no_grad()
+def test_compaction_stacks_layers_only_off_the_cpu_by_default(monkeypatch):
+    model = build("llama")
+    prefilled = CompactedCache(get_method("h2o"), None, config=model.config)
+    chunked_prefill(model, prefilled, token_ids(1, 32), chunk_size=16)
+    stacked_calls = []
+    original = CompactedCache._compact_stacked
+    monkeypatch.setattr(CompactedCache, "_compact_stacked",
+                        staticmethod(lambda *a: stacked_calls.append(1) or original(*a)))
+    assert not prefilled.on_accelerator()
+    copy.deepcopy(prefilled).compact(0.5)
+    assert stacked_calls == []  # keys on the CPU: layer by layer
+    monkeypatch.setattr(CompactedCache, "on_accelerator", lambda self: True)
+    copy.deepcopy(prefilled).compact(0.5)
+    assert stacked_calls == [1]  # keys on an accelerator: one stacked call
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("method", STACKABLE + ["attention_matching:omp"])
 def test_stacked_layers_give_the_per_layer_result(method, monkeypatch):
     name, _, selection = method.partition(":")
@@ -82,7 +99,7 @@ def test_stacked_layers_give_the_per_layer_result(method, monkeypatch):
     original = KVCompressor.compact
     monkeypatch.setattr(KVCompressor, "compact", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     stacked, looped = copy.deepcopy(prefilled), copy.deepcopy(prefilled)
-    stacked.compact(0.25)
+    stacked.compact(0.25, batch_layers=True)
     layer_budgets = {get_method(name).layer_share(index, 2, 0.25) for index in range(2)}
     assert len(calls) == len(layer_budgets)  # layers of one budget in one call
     looped.compact(0.25, batch_layers=False)

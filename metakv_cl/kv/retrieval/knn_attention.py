@@ -335,7 +335,8 @@ class KNNMemoryCache(CompactedCache):
         return (f"KNNMemoryCache({type(self.method.method).__name__}, max_tokens={self.max_tokens}, top_k={self.top_k}, "
                 f"combine={self.combine!r}, layers={len(self.layers)})")
 
-    def compact(self, budget: float, *, method: str | KVCompressor | None = None, batch_layers: bool = True) -> None:
+    def compact(self, budget: float, *, method: str | KVCompressor | None = None,
+                batch_layers: bool | None = None) -> None:
         """One-shot compaction as :meth:`CompactedCache.compact`, layer by layer: each layer keeps what it drops."""
         super().compact(budget, method=method, batch_layers=False)
 
