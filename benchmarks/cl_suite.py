@@ -609,18 +609,32 @@ def _training_tokens(dataset) -> int:
     return sum(int(dataset[i]["input_ids"].numel()) for i in range(len(dataset)))
 
 
-def _evaluation_tokens(dataset) -> int:
-    """Tokens one evaluation of a test set runs: LM texts, or prompt once + every candidate."""
-    total = 0
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if "choice_input_ids" not in item:
-            total += int(item["input_ids"].numel())
-            continue
-        labels = item["choice_labels"] != -100
-        prompt = int(labels[0].float().argmax())
-        total += prompt + int(labels.sum())
-    return total
+def _evaluation_cost(dataset, batch_size: int, exact_match: bool) -> tuple[int, int]:
+    """Tokens and model forward calls that one evaluation of a test set runs.
+
+    Tokens: LM texts, or each classification prompt once + every candidate. Forward calls, per
+    batch of ``batch_size`` items in order: one for LM texts; for classification the shared
+    prompt pass and the candidates' pass, and with ``exact_match`` one decoding step per gold
+    label token after the first of the batch's longest gold label (an upper bound: decoding stops
+    once every item's verdict is settled). On a GPU the small evaluation batches are bound by
+    the calls' latency more than by their tokens.
+    """
+    tokens = calls = 0
+    for start in range(0, len(dataset), batch_size):
+        longest_gold = 0
+        for i in range(start, min(start + batch_size, len(dataset))):
+            item = dataset[i]
+            if "choice_input_ids" not in item:
+                tokens += int(item["input_ids"].numel())
+                continue
+            labels = item["choice_labels"] != -100
+            tokens += int(labels[0].float().argmax()) + int(labels.sum())
+            longest_gold = max(longest_gold, int(labels[int(item["target"])].sum()))
+        if longest_gold == 0:
+            calls += 1
+        else:
+            calls += 2 + (longest_gold - 1 if exact_match else 0)
+    return tokens, calls
 
 
 @dataclass(frozen=True)
@@ -650,7 +664,9 @@ def estimate_cell(suite: Suite, cell: Cell, benchmark) -> Estimate:
 
     From the stream's token counts and the ``throughput`` section (the suite's, then the
     model's): ``train_tokens_per_s`` (forward + backward) and ``eval_tokens_per_s`` (forward) of
-    the whole device, ``fit_overhead_s`` and ``eval_overhead_s`` of the host per Trainer call. A
+    the whole device, ``eval_call_s`` the device time of one evaluation forward call beyond its
+    tokens (:func:`_evaluation_cost`), ``startup_s`` of the host per cell (model and strategy
+    set-up), ``fit_overhead_s`` and ``eval_overhead_s`` of the host per Trainer call. A
     method's ``train_cost`` multiplies its training compute (EWC's Fisher pass, LwF's teacher,
     the fast phase of distillation), replayed items add to the training tokens, the validated
     schedule counts its maximum epochs, the fixed-compute arm its item-pass budget, joint training
@@ -662,7 +678,9 @@ def estimate_cell(suite: Suite, cell: Cell, benchmark) -> Estimate:
     joint = bool(getattr(strategy, "trains_jointly", False))
     experiences = benchmark.num_experiences
     train = [_training_tokens(e.dataset) for e in benchmark.train_stream]
-    evaluation = sum(_evaluation_tokens(e.dataset) for e in benchmark.test_stream)
+    exact_match = bool(stream.get("scoring", {}).get("exact_match", False))
+    costs = [_evaluation_cost(e.dataset, int(stream.get("eval_mb_size", 32)), exact_match) for e in benchmark.test_stream]
+    evaluation_tokens, evaluation_calls = (sum(column) for column in zip(*costs))
     items = sum(len(e.dataset) for e in benchmark.train_stream)
     per_item = sum(train) / max(items, 1)
     if cell.compute == "fixed":
@@ -674,9 +692,11 @@ def estimate_cell(suite: Suite, cell: Cell, benchmark) -> Estimate:
         train_tokens = (sum(train) + replayed) * epochs * float(method.get("train_cost", 1.0))
     rows = 2 if joint else experiences + 1
     fits = (1 if joint else experiences) * int(method.get("fits_per_experience", 1))
-    device_s = (train_tokens / float(rates.get("train_tokens_per_s", 6e4))
-                + rows * evaluation / float(rates.get("eval_tokens_per_s", 1.5e5)))
-    host_s = fits * float(rates.get("fit_overhead_s", 0.5)) + rows * experiences * float(rates.get("eval_overhead_s", 0.05))
+    evaluation_s = (evaluation_tokens / float(rates.get("eval_tokens_per_s", 1.5e5))
+                    + evaluation_calls * float(rates.get("eval_call_s", 0.0)))
+    device_s = train_tokens / float(rates.get("train_tokens_per_s", 6e4)) + rows * evaluation_s
+    host_s = (float(rates.get("startup_s", 0.0)) + fits * float(rates.get("fit_overhead_s", 0.5))
+              + rows * experiences * float(rates.get("eval_overhead_s", 0.05)))
     return Estimate(device_s, host_s)
 
 
@@ -702,18 +722,46 @@ def init_parameters(cls: type) -> set[str]:
     return names - {"self", "args", "kwargs"}
 
 
+def whole_cell_wall_time(extra: dict[str, Any]) -> float | None:
+    """A finished cell's wall seconds, or None when it resumed in a later call (its time is a part's)."""
+    if extra.get("cell_wall_time_s") is None or extra.get("resumed_at_share"):
+        return None
+    return float(extra["cell_wall_time_s"])
+
+
+def measured_wall_times(runs_dir: Path) -> dict[tuple[str, str, str], list[tuple[float, int]]]:
+    """``(wall seconds, concurrency)`` of the finished cells in ``runs_dir``, by (model, stream, method label)."""
+    measured: dict[tuple[str, str, str], list[tuple[float, int]]] = {}
+    for path in (runs_dir / RESULTS_DIR).glob("*/*/*/seed*.json"):
+        extra = json.loads(path.read_text()).get("extra", {})
+        wall = whole_cell_wall_time(extra)
+        if wall is not None and extra.get("concurrency"):
+            key = (path.parts[-4], path.parts[-3], path.parts[-2])
+            measured.setdefault(key, []).append((wall, int(extra["concurrency"])))
+    return measured
+
+
 def make_plan(suite: Suite, cells: Sequence[Cell], runs_dir: Path) -> list[dict[str, Any]]:
     """The cells with their estimates, in the order workers take them.
 
+    Where cells of the same model, stream and method (other seeds, earlier calls) have finished
+    in ``runs_dir``, a cell's device seconds come from their wall times: by the estimate's model
+    of sharing (:meth:`Estimate.wall_s`), ``(wall - host_s) / concurrency``, averaged, so a
+    measurement taken with one number of workers predicts another; ``measured_cells`` says how
+    many were averaged. Otherwise they are :func:`estimate_cell`'s.
     Order: plan priority, then seed, then the longest cell first (so the short ones fill the
     end of the budget). Cells already finished in ``runs_dir`` are marked ``done``.
     """
     bench = Workbench(suite, runs_dir)
+    measured = measured_wall_times(runs_dir)
     entries = []
     for cell in cells:
         estimate = estimate_cell(suite, cell, bench.benchmark(cell.model, cell.stream))
-        entries.append({**cell.__dict__, "key": cell.key, "device_s": estimate.device_s, "host_s": estimate.host_s,
-                        "done": cell.result_path(runs_dir).is_file()})
+        same_cells = measured.get((cell.model, cell.stream, cell.label), [])
+        device_s = (sum(max(wall - estimate.host_s, 0.0) / concurrency for wall, concurrency in same_cells)
+                    / len(same_cells) if same_cells else estimate.device_s)
+        entries.append({**cell.__dict__, "key": cell.key, "device_s": device_s, "host_s": estimate.host_s,
+                        "measured_cells": len(same_cells), "done": cell.result_path(runs_dir).is_file()})
     entries.sort(key=lambda e: (e["priority"], e["seed"], -(e["device_s"] + e["host_s"])))
     return entries
 
@@ -747,8 +795,9 @@ def calibration(runs_dir: Path, call_id: str, minimum: int = 3) -> float:
     count = 0
     for path in (runs_dir / RESULTS_DIR).rglob("seed*.json"):
         extra = json.loads(path.read_text()).get("extra", {})
-        if extra.get("call") == call_id and extra.get("estimated_s"):
-            measured += float(extra["cell_wall_time_s"])
+        wall = whole_cell_wall_time(extra)
+        if extra.get("call") == call_id and extra.get("estimated_s") and wall is not None:
+            measured += wall
             estimated += float(extra["estimated_s"])
             count += 1
     return measured / estimated if count >= minimum and estimated > 0 else 1.0
@@ -1117,10 +1166,10 @@ def plan_main(args: argparse.Namespace) -> int:
     suite = Suite.load(args.config)
     plan = make_plan(suite, suite.cells(args.plans, args.methods, args.streams), Path(args.runs_dir))
     todo = [entry for entry in plan if not entry["done"]]
-    print(f"{'':4} {'priority':8} {'cell':66} {'device s':>9} {'host s':>7}")
+    print(f"{'':4} {'priority':8} {'cell':66} {'device s':>9} {'host s':>7} {'measured':>8}")
     for entry in plan:
         print(f"{'done' if entry['done'] else '':4} {entry['priority']:<8} {entry['key']:66} "
-              f"{entry['device_s']:9.1f} {entry['host_s']:7.1f}")
+              f"{entry['device_s']:9.1f} {entry['host_s']:7.1f} {entry['measured_cells'] or '':>8}")
     by_plan: dict[str, list[Estimate]] = {}
     for entry in todo:
         by_plan.setdefault(entry["plan"], []).append(_estimate(entry))
@@ -1129,7 +1178,7 @@ def plan_main(args: argparse.Namespace) -> int:
               f"~{total_seconds(estimates, args.workers):.0f}s wall with {args.workers} workers")
     total = total_seconds((_estimate(e) for e in todo), args.workers)
     print(f"{len(todo)} of {len(plan)} cells to run: about {total:.0f}s ({total / 60:.1f} min) of wall time with "
-          f"{args.workers} workers at the config's throughput")
+          f"{args.workers} workers at the config's throughput and the finished cells' wall times")
     return 0
 
 

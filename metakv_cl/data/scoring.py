@@ -14,11 +14,16 @@
   meta-state travels with the repeated cache.
 * Generative exact match (the metric of the O-LoRA line of work): the prompt is greedily
   continued (:func:`greedy_decode`) and the item is right when the decoded tokens are the gold
-  label's tokens (:func:`generated_exact_match`).
+  label's tokens (:func:`generated_exact_match`). Decoding stops once every item's verdict is
+  settled (it has left its gold label or decoded all of it), and the prompt pass that the shared
+  ranking ran can be handed to it (:func:`run_prompts`), so ranking and exact match of a batch
+  run the prompts once (:func:`rank_choices_and_exact_match`).
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -140,12 +145,52 @@ def shared_prompts(
     return prompt_ids, prompt_mask, prompt_lengths, label_lengths
 
 
+@dataclass
+class PromptPass:
+    """One run of right-padded prompts through the model, for candidates or decoding to continue.
+
+    Attributes:
+        cache: the model's KV cache after the prompts (Meta-KV state included).
+        last_logits: ``[B, V]`` logits at each prompt's last token: they predict the first
+            continuation token.
+        mask: ``[B, P]`` 1 on prompt tokens, 0 on padding.
+        lengths: ``[B]`` prompt lengths.
+    """
+
+    cache: Any
+    last_logits: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+
+    def copy(self) -> "PromptPass":
+        """A pass whose cache can be extended without changing this one's (continuing a cache appends to it)."""
+        return PromptPass(copy.deepcopy(self.cache), self.last_logits, self.mask, self.lengths)
+
+
+def run_prompts(forward: Callable[..., Any], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> PromptPass:
+    """Run right-padded prompts once with ``use_cache=True``.
+
+    Args:
+        forward: the causal LM, called with ``input_ids``, ``attention_mask`` and ``use_cache``.
+        prompt_ids: ``[B, P]`` prompts, right-padded.
+        prompt_mask: ``[B, P]`` 1 on prompt tokens, 0 on padding.
+
+    Returns:
+        The :class:`PromptPass`.
+    """
+    prompt_lengths = prompt_mask.sum(dim=-1)
+    outputs = forward(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
+    last_logits = outputs.logits[torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_lengths - 1]
+    return PromptPass(output_cache(outputs), last_logits, prompt_mask, prompt_lengths)
+
+
 def rank_choices_with_shared_prompt(
     forward: Callable[..., Any],
     choice_input_ids: torch.Tensor,
     choice_labels: torch.Tensor,
     choice_attention_mask: torch.Tensor,
     ranking: str = "sum",
+    prompts: PromptPass | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rank_choices`, running each example's prompt once and continuing its KV cache.
 
@@ -163,6 +208,9 @@ def rank_choices_with_shared_prompt(
         choice_labels: ``[B, C, L]`` the candidate tokens, ``IGNORE_INDEX`` elsewhere.
         choice_attention_mask: ``[B, C, L]``.
         ranking: how the prediction is chosen (:func:`best_choices`).
+        prompts: the pass of these rows' :func:`shared_prompts` (:func:`run_prompts`), used up: its cache is
+            repeated and extended in place (hand over :meth:`PromptPass.copy` to keep it).
+            None runs the prompts here.
 
     Returns:
         ``(log_likelihoods [B, C], predictions [B])``, as :func:`rank_choices`.
@@ -171,35 +219,33 @@ def rank_choices_with_shared_prompt(
         ValueError: see :func:`shared_prompts`.
     """
     batch, choices, length = choice_input_ids.shape
-    prompt_ids, prompt_mask, prompt_lengths, label_lengths = shared_prompts(
-        choice_input_ids, choice_labels, choice_attention_mask
-    )
+    prompt_ids, prompt_mask, _, label_lengths = shared_prompts(choice_input_ids, choice_labels, choice_attention_mask)
+    if prompts is None:
+        prompts = run_prompts(forward, prompt_ids, prompt_mask)
     device = choice_input_ids.device
-    prompt_out = forward(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
-    examples = torch.arange(batch, device=device)
-    first_logits = prompt_out.logits[examples, prompt_lengths - 1]  # predicts every candidate's first token
 
     label_width = int(label_lengths.max())
     offsets = torch.arange(label_width, device=device)
-    positions = (prompt_lengths[:, None, None] + offsets).expand(batch, choices, label_width)
+    positions = (prompts.lengths[:, None, None] + offsets).expand(batch, choices, label_width)
     label_mask = offsets < label_lengths[..., None]
     label_ids = choice_input_ids.gather(2, positions.clamp_max(length - 1)).masked_fill(~label_mask, 0)
-    cache = output_cache(prompt_out)
-    cache.batch_repeat_interleave(choices)
+    prompts.cache.batch_repeat_interleave(choices)
     rows = batch * choices
     continuation = forward(
         input_ids=label_ids.reshape(rows, label_width),
         attention_mask=torch.cat(
-            [prompt_mask.repeat_interleave(choices, dim=0), label_mask.reshape(rows, label_width).to(prompt_mask.dtype)],
+            [prompts.mask.repeat_interleave(choices, dim=0),
+             label_mask.reshape(rows, label_width).to(prompts.mask.dtype)],
             dim=1,
         ),
         position_ids=positions.reshape(rows, label_width),
         use_cache=True,
-        **with_cache(forward, cache),
+        **with_cache(forward, prompts.cache),
     )
     # candidate token j is predicted by the prompt's last position (j = 0) or by candidate token j - 1
     predicting = torch.cat(
-        [first_logits.repeat_interleave(choices, dim=0)[:, None], continuation.logits[:, : label_width - 1]], dim=1
+        [prompts.last_logits.repeat_interleave(choices, dim=0)[:, None], continuation.logits[:, : label_width - 1]],
+        dim=1,
     )
     targets = label_ids.reshape(rows, label_width)
     mask = label_mask.reshape(rows, label_width)
@@ -210,13 +256,19 @@ def rank_choices_with_shared_prompt(
 
 
 def greedy_decode(
-    forward: Callable[..., Any], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
+    forward: Callable[..., Any],
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    prompts: PromptPass | None = None,
+    settled: Callable[[torch.Tensor], bool] | None = None,
 ) -> torch.Tensor:
     """Greedy (argmax) continuation of right-padded prompts, through the model's KV cache.
 
     Each new token runs at its row's true position (prompt length + step) with a mask that hides
     the prompt padding, so a row decodes what it would decode alone (up to floating-point
-    rounding). Decoding does not stop at end-of-text: every row gets ``max_new_tokens`` tokens.
+    rounding). Decoding does not stop at end-of-text: every row gets ``max_new_tokens`` tokens,
+    unless ``settled`` stops it earlier.
 
     Args:
         forward: the causal LM; called with ``input_ids``, ``attention_mask`` and ``use_cache``,
@@ -224,30 +276,37 @@ def greedy_decode(
         prompt_ids: ``[B, P]`` prompts, right-padded.
         prompt_mask: ``[B, P]`` 1 on prompt tokens, 0 on padding.
         max_new_tokens: tokens to decode per row, at least 1.
+        prompts: the pass of these prompts (:func:`run_prompts`), used up (its cache is
+            extended in place); None runs the prompts here.
+        settled: called with the ``[B, n]`` tokens decoded so far; True stops decoding there
+            (the caller needs no further token of any row).
 
     Returns:
-        ``[B, max_new_tokens]`` the decoded token ids.
+        ``[B, n]`` the decoded token ids, ``n = max_new_tokens`` unless ``settled`` stopped earlier.
 
     Raises:
         ValueError: ``max_new_tokens`` < 1.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    prompt_lengths = prompt_mask.sum(dim=-1)
-    outputs = forward(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
-    logits = outputs.logits[torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_lengths - 1]
-    mask, decoded = prompt_mask, [logits.argmax(dim=-1)]
+    if prompts is None:
+        prompts = run_prompts(forward, prompt_ids, prompt_mask)
+    cache, mask = prompts.cache, prompts.mask
+    decoded = prompts.last_logits.argmax(dim=-1)[:, None]
     for step in range(max_new_tokens - 1):
+        if settled is not None and settled(decoded):
+            break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         outputs = forward(
-            input_ids=decoded[-1][:, None],
+            input_ids=decoded[:, -1:],
             attention_mask=mask,
-            position_ids=(prompt_lengths + step)[:, None],
+            position_ids=(prompts.lengths + step)[:, None],
             use_cache=True,
-            **with_cache(forward, output_cache(outputs)),
+            **with_cache(forward, cache),
         )
-        decoded.append(outputs.logits[:, -1].argmax(dim=-1))
-    return torch.stack(decoded, dim=1)
+        cache = output_cache(outputs)
+        decoded = torch.cat([decoded, outputs.logits[:, -1].argmax(dim=-1)[:, None]], dim=1)
+    return decoded
 
 
 def generated_exact_match(
@@ -256,14 +315,17 @@ def generated_exact_match(
     choice_labels: torch.Tensor,
     choice_attention_mask: torch.Tensor,
     target: torch.Tensor,
+    prompts: PromptPass | None = None,
 ) -> torch.Tensor:
     """Whether greedy decoding after each example's prompt produces its gold label.
 
-    Each prompt is decoded for as many tokens as its batch's longest candidate label
-    (:func:`greedy_decode`), and the item is right when its first decoded tokens are exactly the
-    gold label's tokens. Token ids are compared, not strings (the module has no tokenizer): the
-    gold tokens are those the stream built, a space and the label string, then end-of-text when
-    the stream appends it (the default), so a generation must also end where the label ends.
+    Each prompt is decoded (:func:`greedy_decode`) for at most as many tokens as the batch's
+    longest gold label, and the item is right when its first decoded tokens are exactly the gold
+    label's tokens. Decoding stops once no item can change its verdict: every item has decoded a
+    token off its gold label or all of its gold label (the tokens after those do not count).
+    Token ids are compared, not strings (the module has no tokenizer): the gold tokens are those
+    the stream built, a space and the label string, then end-of-text when the stream appends it
+    (the default), so a generation must also end where the label ends.
 
     Args:
         forward: the causal LM (as for :func:`greedy_decode`).
@@ -271,6 +333,8 @@ def generated_exact_match(
         choice_labels: ``[B, C, L]`` the candidate tokens, ``IGNORE_INDEX`` elsewhere.
         choice_attention_mask: ``[B, C, L]``.
         target: ``[B]`` index of the gold candidate.
+        prompts: the pass of these rows' :func:`shared_prompts` (:func:`run_prompts`), used up as by
+            :func:`greedy_decode`; None runs the prompts here.
 
     Returns:
         ``[B]`` bool: the decoded tokens equal the gold label's.
@@ -281,11 +345,55 @@ def generated_exact_match(
     prompt_ids, prompt_mask, prompt_lengths, label_lengths = shared_prompts(
         choice_input_ids, choice_labels, choice_attention_mask
     )
-    decoded = greedy_decode(forward, prompt_ids, prompt_mask, int(label_lengths.max()))
     examples = torch.arange(target.shape[0], device=target.device)
     gold_labels = choice_labels[examples, target]  # [B, L]
     gold_lengths = label_lengths[examples, target]
-    offsets = torch.arange(decoded.shape[1], device=decoded.device)
+    offsets = torch.arange(int(gold_lengths.max()), device=target.device)
     in_label = offsets < gold_lengths[:, None]
     gold_ids = gold_labels.gather(1, (prompt_lengths[:, None] + offsets).clamp_max(gold_labels.shape[1] - 1))
-    return ((decoded == gold_ids) | ~in_label).all(dim=-1)
+
+    def matches(decoded: torch.Tensor) -> torch.Tensor:
+        steps = decoded.shape[1]
+        return ((decoded == gold_ids[:, :steps]) | ~in_label[:, :steps]).all(dim=-1)
+
+    def settled(decoded: torch.Tensor) -> bool:
+        return not bool((matches(decoded) & (gold_lengths > decoded.shape[1])).any())
+
+    decoded = greedy_decode(forward, prompt_ids, prompt_mask, len(offsets), prompts=prompts, settled=settled)
+    return matches(decoded)
+
+
+def rank_choices_and_exact_match(
+    forward: Callable[..., Any],
+    choice_input_ids: torch.Tensor,
+    choice_labels: torch.Tensor,
+    choice_attention_mask: torch.Tensor,
+    target: torch.Tensor,
+    ranking: str = "sum",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`rank_choices_with_shared_prompt` and :func:`generated_exact_match` on one prompt pass.
+
+    The ranking and the decoding continue copies of the same prompt cache, so each gets the
+    prompt pass it would have run itself, and a batch costs one prompt pass, the candidates' pass
+    and the decoding steps.
+
+    Args:
+        forward: the causal LM (as for :func:`rank_choices_with_shared_prompt`).
+        choice_input_ids: ``[B, C, L]`` prompt + candidate label tokens.
+        choice_labels: ``[B, C, L]`` the candidate tokens, ``IGNORE_INDEX`` elsewhere.
+        choice_attention_mask: ``[B, C, L]``.
+        target: ``[B]`` index of the gold candidate.
+        ranking: how the prediction is chosen (:func:`best_choices`).
+
+    Returns:
+        ``(log_likelihoods [B, C], predictions [B], generated_correct [B])``.
+
+    Raises:
+        ValueError: see :func:`shared_prompts`.
+    """
+    choices = (choice_input_ids, choice_labels, choice_attention_mask)
+    prompt_ids, prompt_mask, _, _ = shared_prompts(*choices)
+    prompts = run_prompts(forward, prompt_ids, prompt_mask)
+    generated_correct = generated_exact_match(forward, *choices, target, prompts=prompts.copy())
+    log_likelihoods, predictions = rank_choices_with_shared_prompt(forward, *choices, ranking=ranking, prompts=prompts)
+    return log_likelihoods, predictions, generated_correct

@@ -46,6 +46,7 @@ from metakv_cl.data.scoring import (
     check_ranking,
     generated_exact_match,
     rank_choices,
+    rank_choices_and_exact_match,
     rank_choices_with_shared_prompt,
     sequence_nll,
 )
@@ -200,7 +201,7 @@ class ContinualLMModule(pl.LightningModule):
         self.shared_prompt_scoring = shared_prompt_scoring
         self.ranking, self.exact_match = ranking, exact_match
         self._evaluating_classification = False
-        self._rank_choices = rank_choices
+        self._shares_prompt = shared_prompt_scoring
         self.block_compiler = BlockCompiler() if compile else None
         # (global step, epoch, batch), component names, [loss, *components] of the unchecked steps
         self._loss_window: list[tuple[tuple[int | None, int | None, int], tuple[str, ...], torch.Tensor]] = []
@@ -409,7 +410,7 @@ class ContinualLMModule(pl.LightningModule):
                        self.eval_texts, self.eval_generated_correct, self.eval_generations):
             metric.reset()
         self._evaluating_classification = False
-        self._rank_choices = rank_choices_with_shared_prompt if self.scores_on_shared_prompt() else rank_choices
+        self._shares_prompt = self.scores_on_shared_prompt()
 
     def scores_on_shared_prompt(self) -> bool:
         """Whether classification candidates are scored on one shared prompt run.
@@ -425,8 +426,17 @@ class ContinualLMModule(pl.LightningModule):
             if self.eval_context is not None:
                 batch = self.eval_context(self.model, batch)
             choices = (batch["choice_input_ids"], batch["choice_labels"], batch["choice_attention_mask"])
-            log_likelihoods, predictions = self._rank_choices(self.model, *choices, ranking=self.ranking)
             gold = batch["target"]
+            if not self._shares_prompt:
+                log_likelihoods, predictions = rank_choices(self.model, *choices, ranking=self.ranking)
+                if self.exact_match:
+                    generated_correct = generated_exact_match(self.model, *choices, gold)
+            elif self.exact_match:  # the decoding continues the ranking's prompt pass
+                log_likelihoods, predictions, generated_correct = rank_choices_and_exact_match(
+                    self.model, *choices, gold, ranking=self.ranking
+                )
+            else:
+                log_likelihoods, predictions = rank_choices_with_shared_prompt(self.model, *choices, ranking=self.ranking)
             gold_ll = log_likelihoods.gather(1, gold[:, None]).squeeze(1)
             labels = batch["choice_labels"][torch.arange(gold.shape[0]), gold]
             self.eval_nll.update(-gold_ll.sum())
@@ -436,7 +446,6 @@ class ContinualLMModule(pl.LightningModule):
             self.eval_choices.update(batch["index"], predicted=predictions, gold=gold)
             self._num_choices = log_likelihoods.shape[1]
             if self.exact_match:
-                generated_correct = generated_exact_match(self.model, *choices, gold)
                 self.eval_generated_correct.update(generated_correct.sum())
                 self.eval_generations.update(batch["index"], generated_correct=generated_correct)
             return -gold_ll.sum() / (labels[:, 1:] != -100).sum().clamp_min(1)

@@ -306,3 +306,48 @@ def test_a_cell_stopped_between_experiences_resumes_there(finished_call, tmp_pat
     assert resumed.extra["resumed_at_share"] == 0.25
     assert resumed.matrix == json.loads(cell.result_path(runs).read_text())["matrix"]  # as if never stopped
     assert not cell.run_folder(later_runs).exists()  # a finished cell's weights are not kept
+
+
+def test_the_estimate_prices_evaluation_forward_calls_and_start_up(tmp_path):
+    suite = cl_suite.Suite.load(smoke_config(tmp_path))
+    benchmark = cl_suite.Workbench(suite, tmp_path / "runs").benchmark("tiny-pretrained", "tasks")
+    test_set = benchmark.test_stream[0].dataset
+    items = [test_set[i] for i in range(len(test_set))]
+    gold_lengths = [int((item["choice_labels"][int(item["target"])] != -100).sum()) for item in items]
+    # per batch: the prompt pass, the candidates' pass and a decoding step per gold token after the first
+    assert cl_suite._evaluation_cost(test_set, 1, exact_match=True)[1] == sum(2 + g - 1 for g in gold_lengths)
+    assert cl_suite._evaluation_cost(test_set, len(items), exact_match=True)[1] == 2 + max(gold_lengths) - 1
+    assert cl_suite._evaluation_cost(test_set, 1, exact_match=False)[1] == 2 * len(items)
+    assert max(gold_lengths) > 1
+
+    cell = cl_suite.Cell("tiny-pretrained", "tasks", "naive", 0)
+    unpriced = cl_suite.estimate_cell(suite, cell, benchmark)
+    suite.throughput.update(eval_call_s=0.5, startup_s=7.0)
+    priced = cl_suite.estimate_cell(suite, cell, benchmark)
+    calls = sum(cl_suite._evaluation_cost(e.dataset, 4, exact_match=True)[1] for e in benchmark.test_stream)
+    evaluations = benchmark.num_experiences + 1  # before training and after each experience
+    assert priced.device_s - unpriced.device_s == pytest.approx(evaluations * calls * 0.5)
+    assert priced.host_s - unpriced.host_s == pytest.approx(7.0)
+
+
+def test_the_plan_takes_device_seconds_from_finished_cells_of_the_same_method_and_stream(tmp_path):
+    config = smoke_config(tmp_path)
+    suite, runs = cl_suite.Suite.load(config), tmp_path / "runs"
+    for seed, wall, concurrency in [(0, 90.0, 2), (1, 50.0, 1)]:
+        path = cl_suite.Cell("tiny-pretrained", "tasks", "naive", seed).result_path(runs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"extra": {"cell_wall_time_s": wall, "concurrency": concurrency}}))
+    plan = {entry["method"]: entry for entry in cl_suite.make_plan(suite, suite.cells(["tasks"]), runs)}
+    naive, distill = plan["naive"], plan["metakv-distill"]
+    host = naive["host_s"]
+    assert naive["measured_cells"] == 2
+    assert naive["device_s"] == pytest.approx(((90.0 - host) / 2 + (50.0 - host) / 1) / 2)
+    benchmark = cl_suite.Workbench(suite, runs).benchmark("tiny-pretrained", "tasks")
+    estimate = cl_suite.estimate_cell(suite, cl_suite.Cell("tiny-pretrained", "tasks", "metakv-distill", 0), benchmark)
+    assert distill["measured_cells"] == 0 and distill["device_s"] == pytest.approx(estimate.device_s)
+
+
+def test_a_resumed_cell_does_not_calibrate_the_estimates():
+    assert cl_suite.whole_cell_wall_time({"cell_wall_time_s": 300.0, "resumed_at_share": 0.0}) == 300.0
+    assert cl_suite.whole_cell_wall_time({"cell_wall_time_s": 300.0}) == 300.0  # cells run before resuming existed
+    assert cl_suite.whole_cell_wall_time({"cell_wall_time_s": 90.0, "resumed_at_share": 0.75}) is None

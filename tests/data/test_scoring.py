@@ -15,7 +15,9 @@ from metakv_cl.data.scoring import (
     generated_exact_match,
     greedy_decode,
     rank_choices,
+    rank_choices_and_exact_match,
     rank_choices_with_shared_prompt,
+    run_prompts,
     sequence_nll,
     shared_prompts,
 )
@@ -173,6 +175,105 @@ def test_exact_match_is_right_only_for_the_decoded_label_and_does_not_depend_on_
         together = generated_exact_match(model, *choice_rows(prompts, candidates), gold)
         alone = [bool(generated_exact_match(model, *choice_rows([p], candidates), gold[:1])) for p in prompts]
     assert together.tolist() == alone == [True, False]
+
+
+class CountingForward:
+    """A model's forward that counts its calls (``forward`` is what the scoring functions ask for the cache name)."""
+
+    def __init__(self, model):
+        self.forward, self.calls = model.forward, 0
+
+    def __call__(self, **inputs):
+        self.calls += 1
+        return self.forward(**inputs)
+
+
+def exact_match_by_full_decoding(model, choice_input_ids, choice_labels, choice_attention_mask, target):
+    """Exact match as a plain reading of its definition: decode the longest candidate's length, compare the gold prefix."""
+    prompt_ids, prompt_mask, prompt_lengths, label_lengths = shared_prompts(
+        choice_input_ids, choice_labels, choice_attention_mask
+    )
+    decoded = greedy_decode(model, prompt_ids, prompt_mask, int(label_lengths.max()))
+    verdicts = []
+    for b, gold in enumerate(target.tolist()):
+        length = int(label_lengths[b, gold])
+        start = int(prompt_lengths[b])
+        verdicts.append(torch.equal(decoded[b, :length], choice_labels[b, gold, start : start + length]))
+    return torch.tensor(verdicts)
+
+
+def continuation_rows(model):
+    """Prompts of 7, 2 and 4 tokens (right-padded together) with candidates that are, per prompt, its own greedy
+    continuation of 3 tokens, of 1 token, of 3 tokens with the last one changed, and another prompt's."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
+    rows = choice_rows(prompts, [[1]])
+    with torch.no_grad():
+        prompt_ids, prompt_mask, _, _ = shared_prompts(*rows)
+        own = greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens=3).tolist()
+    changed_last = [continuation[:2] + [(continuation[2] + 1) % 64] for continuation in own]
+    # one candidate list per batch: each gold is one prompt's own continuation, a prefix of it or a near miss
+    candidates = [own[0], own[1][:1], changed_last[2], own[2], own[1]]
+    return prompts, candidates
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("variant", ["plain", "lora", *SOURCES])
+def test_one_prompt_pass_ranks_and_matches_as_separate_prompt_passes(make, variant):
+    """Ranking on the shared prompt pass and decoding a copy of it give the ranking of its own pass bit for bit and
+    the verdicts of decoding every prompt to the longest candidate; dynamic Meta-KV state included."""
+    model = make_variant(make, variant)
+    prompts, candidates = continuation_rows(model)
+    inputs = choice_rows(prompts, candidates)
+    golds = [torch.tensor(gold) for gold in ([0, 1, 3], [0, 4, 2], [2, 1, 4], [4, 4, 4])]
+    verdicts = set()
+    for ranking in RANKINGS:
+        for gold in golds:
+            with torch.no_grad():
+                alone = rank_choices_with_shared_prompt(model, *inputs, ranking=ranking)
+                expected = exact_match_by_full_decoding(model, *inputs, gold)
+                log_likelihoods, predictions, generated_correct = rank_choices_and_exact_match(
+                    model, *inputs, gold, ranking=ranking
+                )
+                separately = generated_exact_match(model, *inputs, gold)
+            assert torch.equal(log_likelihoods, alone[0]) and torch.equal(predictions, alone[1])
+            assert generated_correct.tolist() == separately.tolist() == expected.tolist(), gold
+            verdicts.update(expected.tolist())
+    assert verdicts == {True, False}
+
+
+def test_a_decoding_that_continues_a_prompt_pass_decodes_what_its_own_pass_decodes():
+    model = make_variant(tiny_llama, "plain")
+    batch = choice_batch()
+    prompt_ids, prompt_mask, _, _ = shared_prompts(
+        batch["choice_input_ids"], batch["choice_labels"], batch["choice_attention_mask"]
+    )
+    with torch.no_grad():
+        own = greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens=5)
+        prompts = run_prompts(model, prompt_ids, prompt_mask)
+        first = greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens=5, prompts=prompts.copy())
+        second = greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens=5, prompts=prompts)
+    assert torch.equal(first, own) and torch.equal(second, own)  # the copy left the pass as it was
+
+
+def test_exact_match_costs_one_prompt_pass_and_stops_decoding_once_every_verdict_is_settled():
+    model = make_variant(tiny_gpt2, "plain")
+    prompts, candidates = continuation_rows(model)
+    inputs = choice_rows(prompts, candidates)
+    counting = CountingForward(model)
+
+    def calls(gold, score):
+        counting.calls = 0
+        with torch.no_grad():
+            score(counting, *inputs, torch.tensor(gold))
+        return counting.calls
+
+    both = rank_choices_and_exact_match
+    # prompt pass + candidates' pass + decoding steps after the first token (the prompt pass predicts it)
+    assert calls([0, 1, 3], both) == 2 + 2  # prompt 0 matches its 3-token gold to the end
+    assert calls([1, 1, 1], both) == 2 + 0  # one-token golds: settled by the prompt pass
+    assert calls([4, 0, 4], both) == 2 + 0  # every item is off its gold label at the first token
+    assert calls([2, 4, 2], both) == 2 + 2  # prompt 2 is on its gold label until the last token
+    assert calls([0, 1, 3], generated_exact_match) == 1 + 2
 
 
 def test_shared_prompt_refuses_rows_with_different_prompts():
