@@ -26,6 +26,8 @@ import statistics as stats
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from metakv_cl.report import mean_and_spread
+
 if TYPE_CHECKING:
     from metakv_cl.report import MethodResult
 
@@ -444,7 +446,7 @@ def literature_comparison(anchor: LiteratureAnchor,
                 if matrix is not None:
                     values.append(100.0 * continual_summary(matrix, True)["average"])
             if values:
-                ours[stream] = {"mean": stats.fmean(values), "std": stats.stdev(values) if len(values) > 1 else 0.0,
+                ours[stream] = {"mean": stats.fmean(values), "std": stats.stdev(values) if len(values) > 1 else None,
                                 "seeds": len(values)}
         complete = len(ours) == len(anchor.streams)
         rows.append({"method": method, "name": anchor.names.get(method, method), "published": published,
@@ -463,7 +465,7 @@ def literature_markdown(comparisons: Sequence[dict[str, Any]]) -> list[str]:
                   "| method | published | ours, mean over the streams | " + " | ".join(comparison["streams"]) + " |",
                   "|---|---:|---:|" + "---:|" * len(comparison["streams"])]
         for row in comparison["rows"]:
-            cells = [f"{row['ours'][s]['mean']:.1f} ± {row['ours'][s]['std']:.1f} ({row['ours'][s]['seeds']})"
+            cells = [f"{mean_and_spread(row['ours'][s]['mean'], row['ours'][s]['std'], 1)} ({row['ours'][s]['seeds']})"
                      if s in row["ours"] else "not run" for s in comparison["streams"]]
             average = "–" if row["ours_average"] is None else f"{row['ours_average']:.1f}"
             label = row["method"] if row["name"] == row["method"] else f"{row['name']} (`{row['method']}`)"

@@ -701,7 +701,7 @@ def seed_statistics(results_by_seed: Sequence[Sequence[MethodResult]]) -> dict[s
         (average, forgetting, bwt, fwt, perplexity for losses), ``exact_match`` (the average of the
         exact-match matrix) where every seed recorded generative exact match, and the run facts
         ``wall_time_s``, ``peak_memory_bytes`` and ``trainable_params``. ``std`` is the sample
-        standard deviation (0 with one seed); undefined values of a seed are left out and ``n``
+        standard deviation (None with one seed: no spread); undefined values of a seed are left out and ``n``
         counts the rest.
 
     Raises:
@@ -721,7 +721,7 @@ def seed_statistics(results_by_seed: Sequence[Sequence[MethodResult]]) -> dict[s
             present = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(float(v))]
             entry[key] = {
                 "mean": statistics.fmean(present) if present else None,
-                "std": statistics.stdev(present) if len(present) > 1 else (0.0 if present else None),
+                "std": statistics.stdev(present) if len(present) > 1 else None,  # one seed has no spread
                 "n": len(present),
             }
         statistics_by_method[method] = entry
@@ -743,10 +743,15 @@ def _runs_by_method(results_by_seed: Sequence[Sequence[MethodResult]]) -> dict[s
     return by_method
 
 
+def mean_and_spread(mean: float, std: float | None, digits: int = 3) -> str:
+    """``mean ± std``, or the mean alone where there is no spread to give (a single seed)."""
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 def _mean_std_cell(entry: dict[str, Any] | None, digits: int = 3, scale: float = 1.0) -> str:
     if entry is None or entry["mean"] is None:
         return "–"
-    return f"{entry['mean'] / scale:.{digits}f} ± {entry['std'] / scale:.{digits}f}"
+    return mean_and_spread(entry["mean"] / scale, None if entry["std"] is None else entry["std"] / scale, digits)
 
 
 def aggregate_seeds(results_by_seed: Sequence[Sequence[MethodResult]]) -> str:
@@ -1015,7 +1020,7 @@ def write_seed_report(
 
     sections = [f"# {title}", ""]
     sections += [f"- **{key}**: {value}" for key, value in header.items()]
-    sections += ["", "Mean ± sample standard deviation over seeds.", "", aggregate_seeds(results_by_seed), ""]
+    sections += ["", "Mean ± sample standard deviation over seeds (a method run on one seed: its value alone).", "", aggregate_seeds(results_by_seed), ""]
     sections += [f"- **{method} did not learn {', '.join(names)}**: mean final accuracy over seeds not above the "
                  "majority rate." for method, names in did_not_learn.items() if names]
     if intervals["intervals"]:
