@@ -609,19 +609,18 @@ def _training_tokens(dataset) -> int:
     return sum(int(dataset[i]["input_ids"].numel()) for i in range(len(dataset)))
 
 
-def _evaluation_cost(dataset, batch_size: int, exact_match: bool) -> tuple[int, int]:
+def _evaluation_cost(dataset, batch_size: int) -> tuple[int, int]:
     """Tokens and model forward calls that one evaluation of a test set runs.
 
     Tokens: LM texts, or each classification prompt once + every candidate. Forward calls, per
     batch of ``batch_size`` items in order: one for LM texts; for classification the shared
-    prompt pass and the candidates' pass, and with ``exact_match`` one decoding step per gold
-    label token after the first of the batch's longest gold label (an upper bound: decoding stops
-    once every item's verdict is settled). On a GPU the small evaluation batches are bound by
-    the calls' latency more than by their tokens.
+    prompt pass and the candidates' pass (exact match is read off the latter:
+    :func:`~metakv_cl.data.scoring.rank_choices_and_exact_match`). On a GPU the small evaluation
+    batches are bound by the calls' latency more than by their tokens.
     """
     tokens = calls = 0
     for start in range(0, len(dataset), batch_size):
-        longest_gold = 0
+        classification = False
         for i in range(start, min(start + batch_size, len(dataset))):
             item = dataset[i]
             if "choice_input_ids" not in item:
@@ -629,11 +628,8 @@ def _evaluation_cost(dataset, batch_size: int, exact_match: bool) -> tuple[int, 
                 continue
             labels = item["choice_labels"] != -100
             tokens += int(labels[0].float().argmax()) + int(labels.sum())
-            longest_gold = max(longest_gold, int(labels[int(item["target"])].sum()))
-        if longest_gold == 0:
-            calls += 1
-        else:
-            calls += 2 + (longest_gold - 1 if exact_match else 0)
+            classification = True
+        calls += 2 if classification else 1
     return tokens, calls
 
 
@@ -678,8 +674,7 @@ def estimate_cell(suite: Suite, cell: Cell, benchmark) -> Estimate:
     joint = bool(getattr(strategy, "trains_jointly", False))
     experiences = benchmark.num_experiences
     train = [_training_tokens(e.dataset) for e in benchmark.train_stream]
-    exact_match = bool(stream.get("scoring", {}).get("exact_match", False))
-    costs = [_evaluation_cost(e.dataset, int(stream.get("eval_mb_size", 32)), exact_match) for e in benchmark.test_stream]
+    costs = [_evaluation_cost(e.dataset, int(stream.get("eval_mb_size", 32))) for e in benchmark.test_stream]
     evaluation_tokens, evaluation_calls = (sum(column) for column in zip(*costs))
     items = sum(len(e.dataset) for e in benchmark.train_stream)
     per_item = sum(train) / max(items, 1)

@@ -15,14 +15,14 @@
 * Generative exact match (the metric of the O-LoRA line of work): the prompt is greedily
   continued (:func:`greedy_decode`) and the item is right when the decoded tokens are the gold
   label's tokens (:func:`generated_exact_match`). Decoding stops once every item's verdict is
-  settled (it has left its gold label or decoded all of it), and the prompt pass that the shared
-  ranking ran can be handed to it (:func:`run_prompts`), so ranking and exact match of a batch
-  run the prompts once (:func:`rank_choices_and_exact_match`).
+  settled (it has left its gold label or decoded all of it). Beside the shared-prompt ranking no
+  decoding runs at all (:func:`rank_choices_and_exact_match`): greedy decoding reproduces the
+  gold label exactly when, at every gold position, the most likely next token given the gold
+  prefix is the gold token, and the gold candidate's pass already computed those logits.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -162,10 +162,6 @@ class PromptPass:
     mask: torch.Tensor
     lengths: torch.Tensor
 
-    def copy(self) -> "PromptPass":
-        """A pass whose cache can be extended without changing this one's (continuing a cache appends to it)."""
-        return PromptPass(copy.deepcopy(self.cache), self.last_logits, self.mask, self.lengths)
-
 
 def run_prompts(forward: Callable[..., Any], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> PromptPass:
     """Run right-padded prompts once with ``use_cache=True``.
@@ -190,7 +186,6 @@ def rank_choices_with_shared_prompt(
     choice_labels: torch.Tensor,
     choice_attention_mask: torch.Tensor,
     ranking: str = "sum",
-    prompts: PromptPass | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rank_choices`, running each example's prompt once and continuing its KV cache.
 
@@ -208,9 +203,6 @@ def rank_choices_with_shared_prompt(
         choice_labels: ``[B, C, L]`` the candidate tokens, ``IGNORE_INDEX`` elsewhere.
         choice_attention_mask: ``[B, C, L]``.
         ranking: how the prediction is chosen (:func:`best_choices`).
-        prompts: the pass of these rows' :func:`shared_prompts` (:func:`run_prompts`), used up: its cache is
-            repeated and extended in place (hand over :meth:`PromptPass.copy` to keep it).
-            None runs the prompts here.
 
     Returns:
         ``(log_likelihoods [B, C], predictions [B])``, as :func:`rank_choices`.
@@ -218,10 +210,24 @@ def rank_choices_with_shared_prompt(
     Raises:
         ValueError: see :func:`shared_prompts`.
     """
+    log_likelihoods, predictions, _ = _score_candidates_on_shared_prompt(
+        forward, choice_input_ids, choice_labels, choice_attention_mask, ranking
+    )
+    return log_likelihoods, predictions
+
+
+def _score_candidates_on_shared_prompt(
+    forward: Callable[..., Any],
+    choice_input_ids: torch.Tensor,
+    choice_labels: torch.Tensor,
+    choice_attention_mask: torch.Tensor,
+    ranking: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`rank_choices_with_shared_prompt`'s work; also ``[B, C]`` whether each candidate is the
+    greedy continuation of its prompt (the argmax at each of its positions is its own token)."""
     batch, choices, length = choice_input_ids.shape
     prompt_ids, prompt_mask, _, label_lengths = shared_prompts(choice_input_ids, choice_labels, choice_attention_mask)
-    if prompts is None:
-        prompts = run_prompts(forward, prompt_ids, prompt_mask)
+    prompts = run_prompts(forward, prompt_ids, prompt_mask)
     device = choice_input_ids.device
 
     label_width = int(label_lengths.max())
@@ -252,7 +258,8 @@ def rank_choices_with_shared_prompt(
     scored = F.cross_entropy(predicting[mask].float(), targets[mask], reduction="none")
     nll = torch.zeros(targets.shape, dtype=scored.dtype, device=device).masked_scatter(mask, scored)
     log_likelihoods = -nll.sum(dim=-1).view(batch, choices)
-    return log_likelihoods, best_choices(log_likelihoods, label_lengths, ranking)
+    greedy = ((predicting.argmax(dim=-1) == targets) | ~mask).all(dim=-1).view(batch, choices)
+    return log_likelihoods, best_choices(log_likelihoods, label_lengths, ranking), greedy
 
 
 def greedy_decode(
@@ -260,7 +267,6 @@ def greedy_decode(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_new_tokens: int,
-    prompts: PromptPass | None = None,
     settled: Callable[[torch.Tensor], bool] | None = None,
 ) -> torch.Tensor:
     """Greedy (argmax) continuation of right-padded prompts, through the model's KV cache.
@@ -276,8 +282,6 @@ def greedy_decode(
         prompt_ids: ``[B, P]`` prompts, right-padded.
         prompt_mask: ``[B, P]`` 1 on prompt tokens, 0 on padding.
         max_new_tokens: tokens to decode per row, at least 1.
-        prompts: the pass of these prompts (:func:`run_prompts`), used up (its cache is
-            extended in place); None runs the prompts here.
         settled: called with the ``[B, n]`` tokens decoded so far; True stops decoding there
             (the caller needs no further token of any row).
 
@@ -289,8 +293,7 @@ def greedy_decode(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if prompts is None:
-        prompts = run_prompts(forward, prompt_ids, prompt_mask)
+    prompts = run_prompts(forward, prompt_ids, prompt_mask)
     cache, mask = prompts.cache, prompts.mask
     decoded = prompts.last_logits.argmax(dim=-1)[:, None]
     for step in range(max_new_tokens - 1):
@@ -315,7 +318,6 @@ def generated_exact_match(
     choice_labels: torch.Tensor,
     choice_attention_mask: torch.Tensor,
     target: torch.Tensor,
-    prompts: PromptPass | None = None,
 ) -> torch.Tensor:
     """Whether greedy decoding after each example's prompt produces its gold label.
 
@@ -333,8 +335,6 @@ def generated_exact_match(
         choice_labels: ``[B, C, L]`` the candidate tokens, ``IGNORE_INDEX`` elsewhere.
         choice_attention_mask: ``[B, C, L]``.
         target: ``[B]`` index of the gold candidate.
-        prompts: the pass of these rows' :func:`shared_prompts` (:func:`run_prompts`), used up as by
-            :func:`greedy_decode`; None runs the prompts here.
 
     Returns:
         ``[B]`` bool: the decoded tokens equal the gold label's.
@@ -359,7 +359,7 @@ def generated_exact_match(
     def settled(decoded: torch.Tensor) -> bool:
         return not bool((matches(decoded) & (gold_lengths > decoded.shape[1])).any())
 
-    decoded = greedy_decode(forward, prompt_ids, prompt_mask, len(offsets), prompts=prompts, settled=settled)
+    decoded = greedy_decode(forward, prompt_ids, prompt_mask, len(offsets), settled=settled)
     return matches(decoded)
 
 
@@ -371,11 +371,13 @@ def rank_choices_and_exact_match(
     target: torch.Tensor,
     ranking: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`rank_choices_with_shared_prompt` and :func:`generated_exact_match` on one prompt pass.
+    """:func:`rank_choices_with_shared_prompt` and :func:`generated_exact_match` from its two forward calls.
 
-    The ranking and the decoding continue copies of the same prompt cache, so each gets the
-    prompt pass it would have run itself, and a batch costs one prompt pass, the candidates' pass
-    and the decoding steps.
+    Greedy decoding reproduces the gold label exactly when, at every gold position, the most
+    likely next token given the gold prefix is the gold token: while it matches, the decoder has
+    read exactly that prefix. The candidates' pass computes those next-token logits for the gold
+    candidate, so the verdicts need no decoding step; they equal :func:`generated_exact_match`'s
+    up to floating-point rounding (a near-tie between two tokens can fall either way).
 
     Args:
         forward: the causal LM (as for :func:`rank_choices_with_shared_prompt`).
@@ -391,9 +393,7 @@ def rank_choices_and_exact_match(
     Raises:
         ValueError: see :func:`shared_prompts`.
     """
-    choices = (choice_input_ids, choice_labels, choice_attention_mask)
-    prompt_ids, prompt_mask, _, _ = shared_prompts(*choices)
-    prompts = run_prompts(forward, prompt_ids, prompt_mask)
-    generated_correct = generated_exact_match(forward, *choices, target, prompts=prompts.copy())
-    log_likelihoods, predictions = rank_choices_with_shared_prompt(forward, *choices, ranking=ranking, prompts=prompts)
-    return log_likelihoods, predictions, generated_correct
+    log_likelihoods, predictions, greedy = _score_candidates_on_shared_prompt(
+        forward, choice_input_ids, choice_labels, choice_attention_mask, ranking
+    )
+    return log_likelihoods, predictions, greedy.gather(1, target[:, None]).squeeze(1)

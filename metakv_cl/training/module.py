@@ -431,7 +431,7 @@ class ContinualLMModule(pl.LightningModule):
                 log_likelihoods, predictions = rank_choices(self.model, *choices, ranking=self.ranking)
                 if self.exact_match:
                     generated_correct = generated_exact_match(self.model, *choices, gold)
-            elif self.exact_match:  # the decoding continues the ranking's prompt pass
+            elif self.exact_match:  # the verdicts come from the ranking's own forward calls
                 log_likelihoods, predictions, generated_correct = rank_choices_and_exact_match(
                     self.model, *choices, gold, ranking=self.ranking
                 )

@@ -17,7 +17,6 @@ from metakv_cl.data.scoring import (
     rank_choices,
     rank_choices_and_exact_match,
     rank_choices_with_shared_prompt,
-    run_prompts,
     sequence_nll,
     shared_prompts,
 )
@@ -218,9 +217,9 @@ def continuation_rows(model):
 
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 @pytest.mark.parametrize("variant", ["plain", "lora", *SOURCES])
-def test_one_prompt_pass_ranks_and_matches_as_separate_prompt_passes(make, variant):
-    """Ranking on the shared prompt pass and decoding a copy of it give the ranking of its own pass bit for bit and
-    the verdicts of decoding every prompt to the longest candidate; dynamic Meta-KV state included."""
+def test_exact_match_from_the_candidates_pass_gives_the_verdicts_of_decoding(make, variant):
+    """Verdicts read off the gold candidate's pass equal those of decoding every prompt to the longest candidate,
+    and the ranking is the shared-prompt ranking's bit for bit; dynamic Meta-KV state included."""
     model = make_variant(make, variant)
     prompts, candidates = continuation_rows(model)
     inputs = choice_rows(prompts, candidates)
@@ -241,21 +240,7 @@ def test_one_prompt_pass_ranks_and_matches_as_separate_prompt_passes(make, varia
     assert verdicts == {True, False}
 
 
-def test_a_decoding_that_continues_a_prompt_pass_decodes_what_its_own_pass_decodes():
-    model = make_variant(tiny_llama, "plain")
-    batch = choice_batch()
-    prompt_ids, prompt_mask, _, _ = shared_prompts(
-        batch["choice_input_ids"], batch["choice_labels"], batch["choice_attention_mask"]
-    )
-    with torch.no_grad():
-        own = greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens=5)
-        prompts = run_prompts(model, prompt_ids, prompt_mask)
-        first = greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens=5, prompts=prompts.copy())
-        second = greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens=5, prompts=prompts)
-    assert torch.equal(first, own) and torch.equal(second, own)  # the copy left the pass as it was
-
-
-def test_exact_match_costs_one_prompt_pass_and_stops_decoding_once_every_verdict_is_settled():
+def test_exact_match_beside_the_ranking_decodes_nothing_and_alone_stops_once_settled():
     model = make_variant(tiny_gpt2, "plain")
     prompts, candidates = continuation_rows(model)
     inputs = choice_rows(prompts, candidates)
@@ -267,13 +252,13 @@ def test_exact_match_costs_one_prompt_pass_and_stops_decoding_once_every_verdict
             score(counting, *inputs, torch.tensor(gold))
         return counting.calls
 
-    both = rank_choices_and_exact_match
-    # prompt pass + candidates' pass + decoding steps after the first token (the prompt pass predicts it)
-    assert calls([0, 1, 3], both) == 2 + 2  # prompt 0 matches its 3-token gold to the end
-    assert calls([1, 1, 1], both) == 2 + 0  # one-token golds: settled by the prompt pass
-    assert calls([4, 0, 4], both) == 2 + 0  # every item is off its gold label at the first token
-    assert calls([2, 4, 2], both) == 2 + 2  # prompt 2 is on its gold label until the last token
-    assert calls([0, 1, 3], generated_exact_match) == 1 + 2
+    # beside the ranking: its prompt pass and candidates' pass, whatever the golds
+    for gold in ([0, 1, 3], [1, 1, 1], [4, 0, 4], [2, 4, 2]):
+        assert calls(gold, rank_choices_and_exact_match) == 2
+    # alone: the prompt pass, then decoding steps after the first token until every verdict is settled
+    assert calls([0, 1, 3], generated_exact_match) == 1 + 2  # prompt 0 matches its 3-token gold to the end
+    assert calls([1, 1, 1], generated_exact_match) == 1 + 0  # one-token golds: settled by the prompt pass
+    assert calls([4, 0, 4], generated_exact_match) == 1 + 0  # every item is off its gold label at the first token
 
 
 def test_shared_prompt_refuses_rows_with_different_prompts():
