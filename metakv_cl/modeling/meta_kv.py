@@ -110,7 +110,7 @@ class MetaKV(nn.Module):
         self.enabled = True
         self._padding_mask: torch.Tensor | None = None
         self._documents: PackedDocuments | None = None
-        self._pending: list[torch.Tensor | None] = [None] * len(sites)
+        self.slots = [_LayerSlot(self, index) for index in range(len(sites))]
         self._fused_steps: list | None = None
         self._hooks: list = []
 
@@ -148,15 +148,20 @@ class MetaKV(nn.Module):
         self._fused_steps = [FusedDecodeStep(layer) if FusedDecodeStep.supports(layer) else None for layer in self.layers]
         return self._fused_steps
 
-    def layer_forward(self, layer: int, x: torch.Tensor, cache) -> None:
-        """Compute and stash the K/V modulation of ``layer`` for the chunk x."""
+    def layer_forward(self, slot: "_LayerSlot", x: torch.Tensor, cache) -> None:
+        """Compute and stash (in ``slot.pending``) the K/V modulation of the slot's layer for the chunk x.
+
+        The layer is reached through its slot, and its index is read only for a cache's running
+        state or a fused kernel: a compiled block traced without a cache (training) is then the
+        same for every layer instead of being specialised, and compiled again, per index.
+        """
         if self.merged:
             if torch.is_grad_enabled() and self.training:
                 raise RuntimeError("Meta-KV is merged into the base weights: call unmerge_meta_kv(model) before training")
-            self._pending[layer] = None
+            slot.pending = None
             return
         if not self.enabled:
-            self._pending[layer] = None
+            slot.pending = None
             return
         real = None
         if self._padding_mask is not None:
@@ -164,30 +169,28 @@ class MetaKV(nn.Module):
             if real.shape[0] != x.shape[0]:
                 raise ValueError(f"attention_mask has batch {real.shape[0]} but the input has batch {x.shape[0]}")
         states = None if cache is None else running_states(cache)
-        state = None if states is None else states.get(layer)
+        state = None if states is None else states.get(slot.index)
         if state is not None and state[0].shape[0] != x.shape[0]:
             raise RuntimeError(
                 f"the cache carries a Meta-KV state for {state[0].shape[0]} rows but the input has {x.shape[0]}; "
                 "change a cache's rows through its own methods (reorder_cache, batch_select_indices, "
                 "batch_repeat_interleave), which move the state too"
             )
-        memory = self.memory_for(layer)
-        memory_state = None if memory is None else memory.state()
+        memory_state = None if slot.memory is None else slot.memory.state()
         # the kernel writes the state in place, so it needs a static cache's buffers (a new
         # sequence's first chunk, with no state yet, runs the torch path, which allocates them)
-        state_in_buffers = states is not None and states.in_place and (
-            state is not None or self.layers[layer].source is None)
-        fused = self._fused_steps[layer] if self._fused_steps is not None else None
-        if state_in_buffers and fused is not None and real is None and x.shape[1] == 1 and not torch.is_grad_enabled():
+        state_in_buffers = states is not None and states.in_place and (state is not None or slot.layer.source is None)
+        if state_in_buffers and self._fused_steps is not None and real is None and x.shape[1] == 1 \
+                and not torch.is_grad_enabled() and self._fused_steps[slot.index] is not None:
             # Run by the first K/V projection's hook, adding straight into its output and the state's buffers.
-            self._pending[layer] = _FusedModulation(fused, x, state, memory_state)
+            slot.pending = _FusedModulation(self._fused_steps[slot.index], x, state, memory_state)
             return
         # packed documents (transformers masks their attention apart only without a cache)
         documents = self._documents if cache is None else None
-        delta, new_state = self.layers[layer](x, real, state, memory_state, documents)
+        delta, new_state = slot.layer(x, real, state, memory_state, documents)
         if states is not None and new_state is not None:
-            states.advance(layer, x.shape[1], new_state)
-        self._pending[layer] = delta
+            states.advance(slot.index, x.shape[1], new_state)
+        slot.pending = delta
 
     def hook(self, model: nn.Module) -> None:
         """Register the decoder, attention and projection hooks on ``model``.
@@ -197,11 +200,11 @@ class MetaKV(nn.Module):
         """
         decoder = model.base_model
         self._hooks.append(decoder.register_forward_pre_hook(_PaddingHook(self, decoder), with_kwargs=True))
-        for index, site in enumerate(self.sites):
-            self._hooks.append(site.attention.register_forward_pre_hook(_AttentionHook(self, index), with_kwargs=True))
-            self._hooks.append(site.attention.register_forward_hook(_ClearHook(self, index), with_kwargs=True))
+        for site, slot in zip(self.sites, self.slots):
+            self._hooks.append(site.attention.register_forward_pre_hook(_AttentionHook(self, slot), with_kwargs=True))
+            self._hooks.append(site.attention.register_forward_hook(_ClearHook(slot), with_kwargs=True))
             for module, target in self.adapter.output_hook_points(site):
-                self._hooks.append(module.register_forward_hook(_ProjectionHook(self, index, target)))
+                self._hooks.append(module.register_forward_hook(_ProjectionHook(self, slot, target)))
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:
@@ -293,29 +296,40 @@ class _PaddingHook:
                 self.meta_kv._documents = None if segments is None else PackedDocuments(segments)
 
 
+class _LayerSlot:
+    """What the hooks of one attention layer share: its Meta-KV layer, its consolidated memory, and
+    the modulation its attention pre-hook computed for the projection hooks to add (``pending``)."""
+
+    def __init__(self, meta_kv: MetaKV, index: int):
+        self.index = index
+        self.layer = meta_kv.layers[index]
+        self.memory = meta_kv.memory_for(index)
+        self.pending: torch.Tensor | _FusedModulation | None = None
+
+
 class _AttentionHook:
     """Attention pre-hook: compute the layer's K/V modulation for this chunk."""
 
-    def __init__(self, meta_kv: MetaKV, index: int):
-        self.meta_kv, self.index = meta_kv, index
-        forward = meta_kv.sites[index].attention.forward
+    def __init__(self, meta_kv: MetaKV, slot: _LayerSlot):
+        self.meta_kv, self.slot = meta_kv, slot
+        forward = meta_kv.sites[slot.index].attention.forward
         cache_argument_name(forward)  # refuses, at hook time, an attention module that takes no cache
         self.signature = inspect.signature(forward)
 
     def __call__(self, module, args, kwargs):
         hidden_states = args[0] if args else _argument(self.signature, args, kwargs, "hidden_states")
         cache = passed_cache(self.signature, args, kwargs)
-        self.meta_kv.layer_forward(self.index, hidden_states, cache)
+        self.meta_kv.layer_forward(self.slot, hidden_states, cache)
 
 
 class _ClearHook:
     """Attention post-hook: drop the stashed modulation once the layer is done."""
 
-    def __init__(self, meta_kv: MetaKV, index: int):
-        self.meta_kv, self.index = meta_kv, index
+    def __init__(self, slot: _LayerSlot):
+        self.slot = slot
 
     def __call__(self, module, args, kwargs, output):
-        self.meta_kv._pending[self.index] = None
+        self.slot.pending = None
 
 
 class _FusedModulation:
@@ -333,14 +347,14 @@ class _FusedModulation:
 class _ProjectionHook:
     """K/V projection post-hook: add the stashed modulation to the projection's output."""
 
-    def __init__(self, meta_kv: MetaKV, index: int, target: int | None):
-        self.meta_kv, self.index, self.target = meta_kv, index, target
+    def __init__(self, meta_kv: MetaKV, slot: _LayerSlot, target: int | None):
+        self.meta_kv, self.slot, self.target = meta_kv, slot, target
 
     def __call__(self, module, inputs, output):
-        pending = self.meta_kv._pending[self.index]
+        pending = self.slot.pending
         if isinstance(pending, _FusedModulation):
             # The kernel adds this projection's targets in place; a later projection adds the rest.
-            self.meta_kv._pending[self.index] = pending(*self.meta_kv.adapter.output_targets(output, self.target))
+            self.slot.pending = pending(*self.meta_kv.adapter.output_targets(output, self.target))
             return output
         return output if pending is None else self.meta_kv.adapter.add_delta(output, pending, self.target)
 

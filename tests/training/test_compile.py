@@ -109,3 +109,21 @@ def test_the_compiled_loss_equals_the_eager_loss():
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
     assert int(got[2]) == int(expected[2]) == 3 * 8
     assert compiled.block_compiler._functions  # the loss did go through the compiler
+
+
+@pytest.mark.parametrize("source", ["mean", "consolidated"])
+def test_meta_kv_blocks_share_one_graph_across_layers(compiled_graphs, source):
+    """Every layer's Meta-KV hooks trace to the same code: a 4-layer model compiles its block once
+    per shape family, as the plain model does, not once per layer index."""
+    from metakv_cl.modeling import MetaKVConfig, add_meta_kv
+    from metakv_cl.testing import tiny_llama
+    from metakv_cl.training.module import ContinualLMModule
+
+    torch.manual_seed(0)
+    model = add_meta_kv(tiny_llama(num_hidden_layers=4), MetaKVConfig(source=source, rank=4, state_dim=16))
+    module = ContinualLMModule(model, compile=True)
+    for length in (12, 16):
+        ids = torch.randint(1, 90, (3, length))
+        module.training_step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, 0).backward()
+    blocks = block_graphs(compiled_graphs)
+    assert 1 <= len(blocks) <= 2, f"{len(blocks)} block graphs for 4 layers"
