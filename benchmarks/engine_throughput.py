@@ -251,8 +251,9 @@ def engine_run(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Na
 
 def engine_evaluation(model: torch.nn.Module, benchmark: LMBenchmark, args: argparse.Namespace,
                       stopwatch: Stopwatch, root: Path) -> None:
-    """Time ``strategy.eval`` over every experience's test set, counting its scored tokens."""
-    module = ContinualLMModule(model)
+    """Time ``strategy.eval`` over every experience's test set, counting its scored tokens
+    (compiled blocks under ``--compile``, as a compiled module scores language-modelling test sets)."""
+    module = ContinualLMModule(model, compile=args.compile)
     strategy = strategy_class("naive")(
         module=module,
         eval_mb_size=args.eval_batch_size,

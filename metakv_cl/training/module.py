@@ -99,8 +99,9 @@ class ContinualLMModule(pl.LightningModule):
             (:class:`~metakv_cl.training.compilation.BlockCompiler`: one graph per block class,
             compiled in seconds, reused by every layer; the Meta-KV hooks are traced with the
             blocks) and the loss over the logits. On a GPU this removes the host-side cost of eager
-            training. Evaluation stays eager. Blocks swapped in later (a new model) compile their own
-            callables.
+            training. Scoring language-modelling test sets runs the same compiled blocks (a graph
+            of its own, without gradients); classification scoring, which runs KV caches, stays
+            eager. Blocks swapped in later (a new model) compile their own callables.
     """
 
     #: training steps whose losses are queued on the device between two non-finite checks (each
@@ -298,16 +299,17 @@ class ContinualLMModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
 
-    def training_forward(self, **inputs: Any) -> Any:
-        """The model's training forward on :func:`~metakv_cl.training.packing.model_inputs` of a
-        batch (padded or packed, no KV cache), compiled when ``compile`` was set."""
+    def batch_forward(self, **inputs: Any) -> Any:
+        """The model's forward on a whole batch without a KV cache (a training batch's
+        :func:`~metakv_cl.training.packing.model_inputs`, padded or packed, or a language-modelling
+        test batch), compiled when ``compile`` was set."""
         if self.block_compiler is None:
             return self.model(**inputs)
         with self.block_compiler.active(self.model):
             return self.model(**inputs)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        outputs = self.training_forward(**model_inputs(batch))
+        outputs = self.batch_forward(**model_inputs(batch))
         lm_loss, nll_sum, tokens = self.lm_loss(batch, outputs)
         components = {"lm": lm_loss}
         loss = self.lm_loss_weight * lm_loss
@@ -450,11 +452,14 @@ class ContinualLMModule(pl.LightningModule):
                 self.eval_generations.update(batch["index"], generated_correct=generated_correct)
             return -gold_ll.sum() / (labels[:, 1:] != -100).sum().clamp_min(1)
         else:
-            if self.eval_scorer is None:
-                logits = self(batch["input_ids"], batch["attention_mask"]).logits
+            if self.eval_scorer is not None:
+                nll, count = sequence_nll(self.eval_scorer(self.model, batch), batch["labels"])
+            elif self.block_compiler is not None:
+                logits = self.batch_forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                            use_cache=False).logits  # a cache per call: a new guard per layer
+                nll, count = self.block_compiler.compiled(token_nll)(logits, batch["labels"])
             else:
-                logits = self.eval_scorer(self.model, batch)
-            nll, count = sequence_nll(logits, batch["labels"])
+                nll, count = sequence_nll(self(batch["input_ids"], batch["attention_mask"]).logits, batch["labels"])
             self.eval_nll.update(nll.sum())
             self.eval_tokens.update(count.sum())
             self.eval_examples.update(torch.tensor(float(nll.shape[0])))

@@ -180,7 +180,7 @@ def test_fit_with_a_token_budget_trains_on_bucketed_batches_with_unchanged_item_
     batch = recorder.epochs[1][0]
     nll, count = padded_nll(module.model, batch)
     with torch.no_grad():
-        loss = module.lm_loss(batch, module.training_forward(**model_inputs(batch)))[0]
+        loss = module.lm_loss(batch, module.batch_forward(**model_inputs(batch)))[0]
     assert float(loss) == pytest.approx(float(nll.sum() / count.sum()), rel=1e-6)
 
 
