@@ -129,13 +129,21 @@ def test_meta_kv_blocks_share_one_graph_across_layers(compiled_graphs, source):
     assert 1 <= len(blocks) <= 2, f"{len(blocks)} block graphs for 4 layers"
 
 
-def test_compiled_evaluation_scores_each_item_as_the_eager_one(tmp_path, compiled_graphs):
+@pytest.mark.parametrize("source", [None, "mean"], ids=["plain", "meta_kv_mean"])
+def test_compiled_evaluation_scores_each_item_as_the_eager_one(tmp_path, compiled_graphs, source):
     """Language-modelling test sets are scored through the compiled blocks (a no-grad graph of
     their own, reused across batch lengths), item for item as eagerly."""
     import copy
 
+    from metakv_cl.modeling import MetaKVConfig, meta_kv_parameters
+
     torch.manual_seed(0)
-    benchmark, module = toy_setup(2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    meta_kv = None if source is None else MetaKVConfig(source=source, rank=4, state_dim=16)
+    benchmark, module = toy_setup(2, meta_kv=meta_kv, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if source is not None:  # a modulation that is not zero (B starts at zero)
+        with torch.no_grad():
+            for parameter in meta_kv_parameters(module.model):
+                parameter.normal_(std=0.3)
     items = []
     for compiled in (False, True):
         candidate = copy.deepcopy(module)
