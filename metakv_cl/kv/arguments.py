@@ -75,4 +75,8 @@ def ruler_parser() -> argparse.ArgumentParser:
     parser.add_argument("--examples", type=int, default=10, help="examples per task and length")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1",
                         help="needle depths in [0, 1], example i taking the (i mod count)-th")
+    parser.add_argument("--question-aware", action="store_true",
+                        help="read the question (all but its last token) before compacting, so the methods that "
+                             "rank by attention see the question's queries (SnapKV's own setting: its window is "
+                             "the question); default: question-agnostic, the question comes after the compaction")
     return parser

@@ -620,13 +620,18 @@ def ruler_generator(tokenizer, articles: Sequence[str]) -> RulerGenerator:
 
 
 def ruler_sweep(model, tokenizer, examples: Sequence[RulerExample], methods: Sequence[str], budgets: Sequence[float],
-                settings: RunSettings, log=None, on_example=None) -> list[dict[str, Any]]:
+                settings: RunSettings, log=None, on_example=None, question_aware: bool = False) -> list[dict[str, Any]]:
     """Greedy answers to RULER-style examples through one-shot compacted caches, for every method and budget.
 
     Per example and method, the context is read once with a full cache (:func:`oneshot_prefill`);
     each budget compacts a copy of it, the question is read through the compacted cache and the
     answer is decoded greedily (``example.answer_tokens`` tokens) and scored
     (:func:`~metakv_cl.kv.ruler.score_prediction`). Examples are read one at a time.
+
+    Question-aware (kvpress's query-aware setting, and SnapKV's own: its observation window is the
+    question), the prefill reads the context and the question but its last token, so the
+    attention-ranked methods see the question's queries; the compaction then covers the question's
+    entries too, the budget counting them, and decoding starts from the question's last token.
 
     Args:
         model: the causal LM.
@@ -650,6 +655,8 @@ def ruler_sweep(model, tokenizer, examples: Sequence[RulerExample], methods: Seq
     for example in tqdm(examples, desc="ruler", unit="example"):
         context = torch.tensor([example.context_ids], device=device)
         question = torch.tensor([example.question_ids], device=device)
+        if question_aware:  # the question but its last token joins the prefill; that token starts decoding
+            context, question = torch.cat([context, question[:, :-1]], dim=1), question[:, -1:]
         about = {"task": example.task, "length": example.length, "index": example.index, "depth": example.depth,
                  "answers": list(example.answers)}
         first = len(records)
@@ -843,9 +850,11 @@ def ruler_main(argv: Sequence[str] | None = None) -> int:
     def save(records: list[dict[str, Any]]) -> Path:
         return _write(args.out_dir, "ruler", config, ruler_scores(records), examples=records)
 
-    records = ruler_sweep(model, tokenizer, examples, methods, budgets, _settings(args), on_example=save)
+    records = ruler_sweep(model, tokenizer, examples, methods, budgets, _settings(args), on_example=save,
+                          question_aware=args.question_aware)
     path = save(records)
+    setting = "question-aware" if args.question_aware else "question-agnostic"
     plot_task_scores(ruler_scores(records), args.out_dir / "ruler.png",
-                     f"{args.model}: RULER-style tasks, one-shot compaction ({args.examples} examples per task)")
+                     f"{args.model}: RULER-style tasks, one-shot {setting} compaction ({args.examples} examples per task)")
     print(f"wrote {path} and {args.out_dir / 'ruler.png'}")
     return 0

@@ -173,3 +173,42 @@ def test_ruler_command_writes_scores_examples_and_a_heatmap(tmp_path, capsys):
         with pytest.raises(SystemExit):
             ruler_main(["--out-dir", str(tmp_path), "--model", "gpt2-tiny-random", *bad])
         assert message in capsys.readouterr().err
+
+
+def test_question_aware_reads_the_question_before_compacting(tiny, monkeypatch):
+    """Question-aware, the compacted prefill holds the context and the question but its last token,
+    which alone is fed to decoding; question-agnostic, the whole question follows the compaction."""
+    from metakv_cl.kv import evaluate
+    from metakv_cl.kv.arguments import ruler_parser
+
+    model, tokenizer, generator = tiny
+    example = generator.examples("niah_single", 160, 1, seed=0)[0]
+    settings = evaluate._settings(ruler_parser().parse_args(["--out-dir", "unused"]))
+    seen = []
+
+    def fake_generate(model, cache, question, **kwargs):
+        seen.append((cache.seen_tokens, question[0].tolist()))
+        return torch.cat([question, torch.tensor([[7]])], dim=1)
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    for aware in (False, True):
+        evaluate.ruler_sweep(model, tokenizer, [example], ["snapkv"], [0.5], settings, log=lambda _: None,
+                             question_aware=aware)
+    context, question = len(example.context_ids), list(example.question_ids)
+    assert seen == [(context, question), (context + len(question) - 1, question[-1:])]
+
+
+def test_question_aware_at_budget_one_answers_as_the_full_cache(tiny):
+    from metakv_cl.kv import evaluate
+    from metakv_cl.kv.arguments import ruler_parser
+
+    model, tokenizer, generator = tiny
+    examples = generator.examples("niah_single", 160, 2, seed=0)
+    settings = evaluate._settings(ruler_parser().parse_args(["--out-dir", "unused"]))
+    methods = ["full", "snapkv", "h2o"]
+    agnostic = evaluate.ruler_sweep(model, tokenizer, examples, ["full"], [1.0], settings, log=lambda _: None)
+    aware = evaluate.ruler_sweep(model, tokenizer, examples, methods, [1.0, 0.25], settings, log=lambda _: None,
+                                 question_aware=True)
+    full = {r["index"]: r["prediction"] for r in agnostic}
+    assert all(full.values())
+    assert all(r["prediction"] == full[r["index"]] for r in aware if r["budget"] == 1.0)
