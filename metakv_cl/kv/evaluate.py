@@ -820,6 +820,29 @@ def niah_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def ruler_markdown(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> str:
+    """A results page of :func:`ruler_scores` rows: the command, then one table row per method and
+    budget, one column per task and length, each cell the mean score and its 95% interval."""
+    columns = sorted({(r["task"], r["length"]) for r in rows}, key=lambda c: (c[1], TASKS.index(c[0])))
+    arms = sorted({(r["method"], r["budget"]) for r in rows}, key=lambda a: (a[0] != "full", -a[1], a[0]))
+    cells = {(r["method"], r["budget"], r["task"], r["length"]): r for r in rows}
+
+    def cell(arm, column) -> str:
+        row = cells.get((*arm, *column))
+        if row is None or "score" not in row:
+            return "—"
+        return f"{row['score']:.2f} [{row['score_low']:.2f}, {row['score_high']:.2f}]"
+
+    setting = "question-aware" if config.get("question_aware") else "question-agnostic"
+    lines = [f"# RULER-style scores, one-shot {setting} compaction", "", "```bash", config["command"], "```", "",
+             "Mean score over examples [95% bootstrap interval]; `full` is the uncompacted cache.", "",
+             "| method | budget | " + " | ".join(f"{task} @ {length}" for task, length in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
+    lines += [f"| {method} | {budget:g} | " + " | ".join(cell((method, budget), c) for c in columns) + " |"
+              for method, budget in arms]
+    return "\n".join(lines) + "\n"
+
+
 def ruler_main(argv: Sequence[str] | None = None) -> int:
     """``metakv-cl ruler``: RULER-style task accuracy through one-shot compacted caches.
 
@@ -856,5 +879,6 @@ def ruler_main(argv: Sequence[str] | None = None) -> int:
     setting = "question-aware" if args.question_aware else "question-agnostic"
     plot_task_scores(ruler_scores(records), args.out_dir / "ruler.png",
                      f"{args.model}: RULER-style tasks, one-shot {setting} compaction ({args.examples} examples per task)")
-    print(f"wrote {path} and {args.out_dir / 'ruler.png'}")
+    (args.out_dir / "ruler.md").write_text(ruler_markdown(ruler_scores(records), config))
+    print(f"wrote {path}, ruler.md and ruler.png in {args.out_dir}")
     return 0

@@ -168,6 +168,10 @@ def test_ruler_command_writes_scores_examples_and_a_heatmap(tmp_path, capsys):
     assert all(r["examples"] == 2 and 0 <= r["score_low"] <= r["score"] <= r["score_high"] <= 1 for r in report["results"])
     assert len(report["examples"]) == 2 * 2 * 2 and all("prediction" in r for r in report["examples"])
     assert (tmp_path / "ruler.png").stat().st_size > 10_000
+    page = (tmp_path / "ruler.md").read_text()
+    assert report["config"]["command"] in page and "question-agnostic" in page
+    full = next(r for r in report["results"] if r["method"] == "full" and r["task"] == "niah_single")
+    assert f"| full | 1 | {full['score']:.2f} [{full['score_low']:.2f}, {full['score_high']:.2f}] |" in page
     for bad, message in ((["--tasks", "qa"], "unknown task 'qa'"), (["--depths", "2"], "--depths must be in [0, 1]"),
                          (["--lengths", "1k"], "--lengths must be comma-separated int values, got '1k'")):
         with pytest.raises(SystemExit):
