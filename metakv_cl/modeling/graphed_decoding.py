@@ -65,6 +65,14 @@ class GraphedDecoder:
         positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2's config maps it to n_positions
         if positions is not None and max_cache_len > positions:
             raise ValueError(f"max_cache_len {max_cache_len} exceeds the model's {positions} positions")
+        text_config = model.config.get_text_config(decoder=True)
+        window = getattr(text_config, "sliding_window", None)
+        layer_types = getattr(text_config, "layer_types", None) or ()
+        if window is not None and max_cache_len > window and any(kind != "full_attention" for kind in layer_types):
+            # the static cache's sliding layers hold `window` slots, and the one captured mask covers max_cache_len
+            raise ValueError(f"GraphedDecoder masks every layer over max_cache_len slots, but this model's sliding-window "
+                             f"layers hold {window}; use max_cache_len <= {window}, or "
+                             "model.generate(cache_implementation='static') for longer sequences")
         parameter = next(model.parameters())
         self.model, self.batch_size, self.max_cache_len = model, batch_size, max_cache_len
         self.device, self.dtype = parameter.device, parameter.dtype

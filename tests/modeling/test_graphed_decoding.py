@@ -118,6 +118,18 @@ def test_bad_arguments_are_named():
             GraphedDecoder(meta_kv_model(tiny_gpt2, "mean"), batch_size=1, max_cache_len=16, fused_meta_kv=True)
 
 
+def test_sliding_window_layers_shorter_than_the_cache_are_refused_and_within_it_decode_exactly():
+    from metakv_cl.testing import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("gemma3_text").eval()  # sliding window 4 on its first layer
+    with pytest.raises(ValueError, match="sliding-window layers hold 4; use max_cache_len <= 4"):
+        GraphedDecoder(model, batch_size=1, max_cache_len=32)
+    ids = torch.randint(1, 90, (1, 2))
+    reference = model.generate(ids, max_new_tokens=2, do_sample=False)[:, 2:]
+    assert torch.equal(GraphedDecoder(model, batch_size=1, max_cache_len=4).generate(ids, max_new_tokens=2), reference)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("source", [None, "mean", "attentive", "max", "recurrent", "consolidated"])
