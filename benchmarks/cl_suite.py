@@ -583,6 +583,9 @@ class Workbench:
             "compute": cell.compute,
             "max_steps": strategy.trainer_kwargs.get("max_steps"),
             "buffer_size": next((p.memory.buffer_size for p in strategy.plugins if isinstance(p, Replay)), None),
+            # padded batches of other sizes score in other GEMM shapes: float rounding may flip a close ranking
+            "train_mb_size": strategy.train_mb_size,
+            "eval_mb_size": strategy.eval_mb_size,
             "learning_rate": module.lr,
             "concurrency": self.concurrency,
             "call": self.call_id,
@@ -1033,11 +1036,25 @@ def stream_header(suite: Suite, model: str, stream: str, results: list[MethodRes
     }
     for field in ("command", "commit", "device", "date", "versions"):
         header[field] = "; ".join(sorted({str(record.get(field, "unknown")) for record in records}))
+    header["evaluation batch"] = evaluation_batches(results)
     header["runs sharing the device"] = ", ".join(sorted({str(r.extra.get("concurrency")) for r in results}))
     header["wall time"] = "per run, measured while that many runs shared the device"
     header["peak memory"] = ("per run: torch.cuda.max_memory_allocated on a GPU (the CUDA context not included), "
                              "the process's peak resident memory on a CPU")
     return header
+
+
+def evaluation_batches(results: list[MethodResult]) -> str:
+    """The evaluation batch sizes the runs scored with, and a warning where they differ: padded
+    batches of other sizes round differently, which may flip a close ranking between runs."""
+    sizes = {r.extra.get("eval_mb_size") for r in results}
+    recorded = sorted(size for size in sizes if size is not None)
+    if not recorded:
+        return "not recorded"
+    text = ", ".join(str(size) for size in recorded) + (" (and runs that did not record it)" if None in sizes else "")
+    if len(recorded) > 1:
+        text += ": WARNING, runs scored with different batch sizes are compared here"
+    return text
 
 
 def stream_family(suite: Suite, model: str, stream: str) -> Family | None:

@@ -136,6 +136,7 @@ def test_run_writes_every_cell_with_its_facts_and_packs(finished_call):
     assert len(replay["matrix"]) == 3 and replay["summary"]["forgetting"] is not None
     facts = replay["extra"]
     assert facts["buffer_size"] == 8 and facts["call"] == "first" and facts["concurrency"] == 1
+    assert (facts["train_mb_size"], facts["eval_mb_size"]) == (8, 16)  # the stream's batch sizes, as run
     assert facts["peak_memory_bytes"] > 0 and facts["wall_time_s"] > 0 and facts["trainable_params"] > 0
     metakv = found["tiny-scratch/topics/metakv-replay/seed0.json"]["extra"]
     assert metakv["buffer_size"] == 8  # the same replay budget for every method that replays
@@ -347,3 +348,15 @@ def test_a_resumed_cell_does_not_calibrate_the_estimates():
     assert cl_suite.whole_cell_wall_time({"cell_wall_time_s": 300.0, "resumed_at_share": 0.0}) == 300.0
     assert cl_suite.whole_cell_wall_time({"cell_wall_time_s": 300.0}) == 300.0  # cells run before resuming existed
     assert cl_suite.whole_cell_wall_time({"cell_wall_time_s": 90.0, "resumed_at_share": 0.75}) is None
+
+
+def test_the_report_names_the_evaluation_batches_and_warns_where_runs_differ():
+    from types import SimpleNamespace
+
+    def runs(*sizes):
+        return [SimpleNamespace(extra={} if size is None else {"eval_mb_size": size}) for size in sizes]
+
+    assert cl_suite.evaluation_batches(runs(16, 16)) == "16"
+    assert cl_suite.evaluation_batches(runs(None)) == "not recorded"
+    assert cl_suite.evaluation_batches(runs(16, None)) == "16 (and runs that did not record it)"
+    assert cl_suite.evaluation_batches(runs(16, 64)).endswith("WARNING, runs scored with different batch sizes are compared here")
