@@ -120,6 +120,8 @@ class PrecisionWithMatchedEvictions(AttentionGuidedPrecision):
             return self.split(keys, values, bias, prior, fit_queries, share, budget * tokens * costs[-1], costs,
                               rank_relevance, ranked, distortions, max_entries)
 
+        if len(self.summary_shares) == 1:  # nothing to choose
+            return candidate(self.summary_shares[0], queries)
         fit_queries, check_queries = held_out_queries(queries, query_groups)
         _, exact = attention_outputs(check_queries, keys, values, bias)
         best_share, best_error = None, float("inf")
