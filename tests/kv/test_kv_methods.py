@@ -29,7 +29,7 @@ def entries(x) -> int:
 
 
 def test_registry_lists_every_family():
-    expected = {"attention_matching", "dynamic_precision", "full", "sliding_window", "sinks_window", "h2o", "random",
+    expected = {"attention_matching", "dynamic_precision", "dynamic_precision_am", "full", "sliding_window", "sinks_window", "h2o", "random",
                 "int8", "int4", "moving_average", "cumulative_average", "compressive_memory", "snapkv", "pyramidkv", "tova",
                 "h2o_refit"}
     assert expected == set(METHODS)

@@ -4,6 +4,7 @@ from metakv_cl.kv.methods.attention_matching import AttentionMatching
 from metakv_cl.kv.methods.compressive_memory import CompressiveMemory
 from metakv_cl.kv.methods.cumulative_average import CumulativeAverageSummary
 from metakv_cl.kv.methods.dynamic_precision import AttentionGuidedPrecision
+from metakv_cl.kv.methods.dynamic_precision_am import PrecisionWithMatchedEvictions
 from metakv_cl.kv.methods.full import FullCache
 from metakv_cl.kv.methods.h2o import H2O
 from metakv_cl.kv.methods.kivi import KIVIQuantization
@@ -24,6 +25,7 @@ __all__ = [
     "H2O",
     "KIVIQuantization",
     "MovingAverageSummary",
+    "PrecisionWithMatchedEvictions",
     "PyramidKV",
     "RandomEviction",
     "SinksWindow",

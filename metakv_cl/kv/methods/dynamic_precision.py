@@ -155,27 +155,32 @@ class AttentionGuidedPrecision(KVCompressor):
             levels[0] = int(targets[0])  # keep at least the most relevant token, at its first useful level
         return levels
 
-    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries, query_groups) -> CompactedKV:
+    def ranking(self, keys: torch.Tensor, bias: torch.Tensor | None,
+                importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(relevance of each rank [tokens], averaged over batch rows and heads; token indices by rank [b, h, tokens]).
+
+        Without tracked importance, later tokens rank higher; masked entries rank last.
+        """
         tokens = keys.shape[-2]
-        costs = self._level_costs(keys.shape[-1], values.shape[-1], keys.element_size())
         relevance = importance if importance is not None else torch.linspace(0, 1, tokens, device=keys.device).expand(keys.shape[:3])
         if bias is not None:
             relevance = relevance.masked_fill(bias <= MASKED_BIAS / 2, float("-inf"))
         ranked_relevance, ranked = relevance.sort(dim=-1, descending=True, stable=True)
-        rank_relevance = ranked_relevance.clamp_min(0.0).mean(dim=(0, 1)).cpu()
-        # The layer's mean distortion per level, the same for every rank: precision then follows relevance.
-        layer_distortions = self.distortions(keys, values, queries).mean(dim=(0, 1, 2)).cpu()
-        levels = self.plan(rank_relevance, budget * tokens * costs[-1], costs, layer_distortions.expand(tokens, -1),
-                           max_entries)
+        return ranked_relevance.clamp_min(0.0).mean(dim=(0, 1)).cpu(), ranked
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, levels: torch.Tensor,
+              ranked: torch.Tensor) -> CompactedKV:
+        """The entries of a plan: rank ``r``'s tokens (``ranked[..., r]``) at level ``levels[r]``, full precision first."""
         quantized = sorted(self.bits)
+        full_level = len(quantized) + 1
         key_parts, value_parts, kept_parts = [], [], []
-        for level in range(len(costs) - 1, 0, -1):  # full precision first
+        for level in range(full_level, 0, -1):  # full precision first
             members = (levels == level).nonzero().squeeze(-1)
             if members.numel() == 0:
                 continue
             indices = ranked[..., members.to(ranked.device)].sort(dim=-1).values
             level_keys, level_values = gather_tokens(keys, indices), gather_tokens(values, indices)
-            if level < len(costs) - 1:
+            if level < full_level:
                 bits = quantized[level - 1]
                 level_keys = quantize(level_keys, bits, axis="token", group_size=self.group_size)
                 level_values = quantize(level_values, bits, axis="token", group_size=self.group_size)
@@ -184,3 +189,13 @@ class AttentionGuidedPrecision(KVCompressor):
             kept_parts.append(indices)
         kept = torch.cat(kept_parts, dim=-1)
         return CompactedKV(KVStorage(key_parts), KVStorage(value_parts), None if bias is None else gather_tokens(bias, kept), kept)
+
+    def _compact(self, keys, values, queries, budget, *, bias, importance, max_entries, query_groups) -> CompactedKV:
+        tokens = keys.shape[-2]
+        costs = self._level_costs(keys.shape[-1], values.shape[-1], keys.element_size())
+        rank_relevance, ranked = self.ranking(keys, bias, importance)
+        # The layer's mean distortion per level, the same for every rank: precision then follows relevance.
+        layer_distortions = self.distortions(keys, values, queries).mean(dim=(0, 1, 2)).cpu()
+        levels = self.plan(rank_relevance, budget * tokens * costs[-1], costs, layer_distortions.expand(tokens, -1),
+                           max_entries)
+        return self.store(keys, values, bias, levels, ranked)
