@@ -80,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     capture = CompactedCache("attention_matching", None, config=model.config, reference_queries=4 * total * 64)
     with torch.no_grad():
         chunked_prefill(model, capture, ids, chunk_size=512)
+    compressors = {method: method_from_spec(method) for method in methods}
+    repeated = None  # the context read after itself: the queries of reference="repeat" (repeat-prefill)
+    if any(c.reference == "repeat" for c in compressors.values()):
+        context_ids = ids[:, : args.context]
+        repeated = CompactedCache("attention_matching", None, config=model.config, reference_queries=4 * total * 64)
+        with torch.no_grad():
+            chunked_prefill(model, repeated, torch.cat([context_ids, context_ids], dim=1), chunk_size=512)
     rows = []
     for index, layer in enumerate(capture.layers):
         groups = layer.query_groups
@@ -88,12 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         if queries.shape[-2] != total * groups:
             raise ValueError(f"layer {index} captured {queries.shape[-2]} queries, expected {total * groups}")
         context_queries, continuation_queries = queries[:, :, : args.context * groups], queries[:, :, args.context * groups :]
-        reference = spread_queries(context_queries, groups, args.reference_queries)
+        references = {"context": spread_queries(context_queries, groups, args.reference_queries)}
+        if repeated is not None:
+            second = repeated.layers[index].reference_queries[:, :, args.context * groups :]
+            references["repeat"] = spread_queries(second, groups, args.reference_queries)
         importance = causal_accumulated_attention(keys, context_queries, groups)
         for method in methods:
-            compressor = method_from_spec(method)
+            compressor = compressors[method]
             for budget in budgets:
-                compacted = compressor.compact(keys, values, reference, budget, importance=importance, query_groups=groups)
+                compacted = compressor.compact(keys, values, references[compressor.reference], budget,
+                                               importance=importance, query_groups=groups)
                 mass_error, output_error = block_errors(continuation_queries, keys, values, compacted)
                 rows.append({"layer": index, "method": method, "budget": budget,
                              "log_mass_error": mass_error, "output_error": output_error})

@@ -46,6 +46,7 @@ _EXPORTS = {
     "chunked_prefill": "streaming",
     "continuation_log_likelihood": "streaming",
     "generate": "streaming",
+    "repeat_prefill": "streaming",
     "stream_log_likelihood": "streaming",
 }
 

@@ -402,6 +402,12 @@ class CompactedLayer(DynamicLayer):
         new = valid.shape[-1]
         self.bias[..., -new:] = torch.where(valid, 0.0, MASKED_BIAS).unsqueeze(1).to(self.bias.dtype)
 
+    def forget_reference_queries(self) -> None:
+        """Drop the captured reference queries (before a repeat-prefill captures its own)."""
+        self.reference_queries = None
+        self._query_tokens_read = 0
+        self._query_stride = 1
+
     def add_reference_queries(self, queries: torch.Tensor, groups: int) -> None:
         """Keep up to ``cache.reference_queries`` query vectors per KV head (queries [b, heads, q, d], scaled).
 

@@ -65,6 +65,7 @@ from metakv_cl.kv.streaming import (
     continuation_log_likelihood,
     default_chunk_size,
     generate,
+    repeat_prefill,
     stream_log_likelihood,
 )
 
@@ -341,11 +342,14 @@ def oneshot_prefill(model, context_ids: torch.Tensor, method: str, settings: Run
     compressor = get_method(method, **settings.method_options.get(method, {}))
     cache = CompactedCache(compressor, None, config=model.config, reference_queries=settings.reference_queries)
     chunk = default_chunk_size(cache, settings.chunk_size)
-    reason = _skip_reason(cache, chunk, context_ids.shape[1] + follow)
+    repeat = compressor.reference == "repeat"  # a second reading of the context (Attention Matching's repeat-prefill)
+    reason = _skip_reason(cache, chunk, context_ids.shape[1] + max(follow, context_ids.shape[1] if repeat else 0))
     if reason is not None:
         return reason
     started = time.perf_counter()
     last_logits = chunked_prefill(model, cache, context_ids, chunk_size=chunk)
+    if repeat:
+        repeat_prefill(model, cache, context_ids, chunk_size=chunk)
     return OneshotPrefill(method, cache, last_logits, chunk, time.perf_counter() - started, cache.nbytes)
 
 

@@ -19,7 +19,9 @@ plain ``model(question, past_key_values=cache)`` would count positions from the 
 What each family of methods needs from the prefill:
 
 * Attention Matching: reference queries, ``reference_queries`` of them per KV head, spread
-  over the whole context by default (its ``query_sampling``);
+  over the whole context by default (its ``query_sampling``); with ``reference="repeat"``, the
+  block re-reads the context after itself on exit (:func:`~metakv_cl.kv.streaming.repeat_prefill`)
+  and takes the queries from that second reading;
 * SnapKV, PyramidKV: the queries of the last ``window`` tokens (the observation window);
 * H2O, dynamic precision, TOVA: the attention each entry receives, tracked during the prefill
   (the attention weights are computed explicitly, so the prefill is slower than sdpa);
@@ -36,6 +38,7 @@ import torch
 
 from metakv_cl.kv.cache import CompactedCache
 from metakv_cl.kv.protocol import KVCompressor, validate_budget
+from metakv_cl.kv.streaming import repeat_prefill
 from metakv_cl.transformers_api import cache_argument_name, passed_cache
 
 
@@ -68,9 +71,17 @@ def compaction(
     name = cache_argument_name(model.forward)
     signature = inspect.signature(model.forward)
 
+    repeat = cache.method.reference == "repeat"
+    read: list[torch.Tensor] = []  # the context's token ids, for a repeat-prefill
+
     def pass_the_cache(module, args, kwargs):
         if passed_cache(signature, args, kwargs) is None:
             kwargs = {**kwargs, name: cache, "use_cache": True}
+            if repeat and not cache.is_probing:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                if ids is None:
+                    raise ValueError("reference='repeat' re-reads the context, so the calls must pass input_ids")
+                read.append(ids)
         return args, kwargs
 
     # Prepended, so that hooks which read the cache (Meta-KV's meta-state) see this one.
@@ -79,4 +90,6 @@ def compaction(
         yield cache
     finally:
         handle.remove()
+    if repeat and read:
+        repeat_prefill(model, cache, torch.cat(read, dim=1))
     cache.compact(budget)

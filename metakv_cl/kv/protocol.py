@@ -244,6 +244,9 @@ class KVCompressor(ABC):
         query_sampling: which reference queries the cache keeps when it captures more than it
             may hold: ``"recent"`` (the latest ones) or ``"spread"`` (evenly spaced over
             everything read so far).
+        reference: where one-shot compaction takes the reference queries from: ``"context"``
+            (the context's reading) or ``"repeat"`` (a second reading of the context after
+            itself, :func:`metakv_cl.kv.streaming.repeat_prefill`).
         rows_independent: the method compacts every (batch row, KV head) on its own, with no
             state carried between calls, so the cache may stack layers along the batch axis
             and compact a whole model in one call (same result as layer by layer).
@@ -253,6 +256,7 @@ class KVCompressor(ABC):
     needs_queries: ClassVar[bool] = False
     unbounded: ClassVar[bool] = False
     query_sampling: ClassVar[str] = "recent"
+    reference: ClassVar[str] = "context"
     rows_independent: ClassVar[bool] = False
 
     def compact(

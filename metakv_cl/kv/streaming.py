@@ -123,6 +123,44 @@ def stream_log_likelihood(
 
 
 @torch.no_grad()
+def repeat_prefill(model: torch.nn.Module, cache: CompactedCache, context_ids: torch.Tensor, *,
+                   chunk_size: int | None = None) -> None:
+    """Attention Matching's repeat-prefill: read the context again after itself, keeping only that reading's queries.
+
+    Zweiger et al. (2026) take the reference queries of a one-shot compaction from the context
+    read a second time after itself, so that they attend to the context as the tokens that
+    follow it will: every key is in their past. The second reading is a probe
+    (:meth:`CompactedCache.probing`): its tokens are dropped afterwards, and the reference
+    queries captured before it are replaced by its own. Call it after the context was read
+    into ``cache`` and before compacting.
+
+    Args:
+        model: the causal LM that read the context.
+        cache: the cache holding the context (uncompacted).
+        context_ids: [batch, tokens], the context as it was read.
+        chunk_size: tokens per forward call (default :func:`default_chunk_size`).
+
+    Raises:
+        ValueError: a model with learned positions too short for twice the context, or a
+            dynamic Meta-KV source (the probe would advance its meta-state).
+    """
+    context_ids = _check_ids(context_ids)
+    chunk_size = default_chunk_size(cache, chunk_size)
+    _refuses_probes(model)
+    cache.check_position_room(chunk_size, total=context_ids.shape[1])  # on top of the context held
+    enable_compacted_attention(model)
+    for layer in cache.compacted_layers:
+        layer.forget_reference_queries()
+    first = cache.next_position()  # a probe does not advance seen_tokens: count its positions here
+    batch = context_ids.shape[0]
+    with cache.probing():
+        for start in range(0, context_ids.shape[1], chunk_size):
+            chunk = context_ids[:, start : start + chunk_size]
+            positions = (torch.arange(chunk.shape[1], device=chunk.device) + first + start).unsqueeze(0).expand(batch, -1)
+            model(input_ids=chunk, position_ids=positions, use_cache=True, logits_to_keep=1, **with_cache(model, cache))
+
+
+@torch.no_grad()
 def chunked_prefill(
     model: torch.nn.Module,
     cache: CompactedCache,

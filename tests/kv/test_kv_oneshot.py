@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from kv_helpers import METHODS, TOKEN_METHODS, build, token_ids
-from metakv_cl.kv import CompactedCache, chunked_prefill, compaction, continuation_log_likelihood, get_method
+from metakv_cl.kv import (
+    CompactedCache,
+    chunked_prefill,
+    compaction,
+    continuation_log_likelihood,
+    get_method,
+    repeat_prefill,
+)
 from metakv_cl.kv.protocol import KVCompressor
 from metakv_cl.transformers_api import with_cache
 
@@ -145,3 +152,43 @@ def test_spread_sampling_keeps_evenly_spaced_tokens_of_the_whole_context():
     expected = all_rows[:, :, ::8].reshape(1, 2, -1, all_rows.shape[-1])
     torch.testing.assert_close(spread.layers[1].reference_queries, expected)
     torch.testing.assert_close(recent.layers[1].reference_queries, all_rows[:, :, -16:].reshape(1, 2, -1, all_rows.shape[-1]))
+
+
+@torch.no_grad()
+def test_repeat_prefill_keeps_the_queries_of_the_context_read_after_itself():
+    model = build("llama")
+    context = token_ids(2, 40)
+    method = get_method("attention_matching", reference="repeat")
+    repeated = CompactedCache(method, None, config=model.config, reference_queries=10_000)
+    chunked_prefill(model, repeated, context, chunk_size=16)
+    repeat_prefill(model, repeated, context, chunk_size=16)
+    assert repeated.get_seq_length() == 40 and repeated.seen_tokens == 40  # the second reading is dropped
+    twice = CompactedCache(get_method("attention_matching"), None, config=model.config, reference_queries=10_000)
+    chunked_prefill(model, twice, torch.cat([context, context], dim=1), chunk_size=16)
+    for layer, expected in zip(repeated.layers, twice.layers):
+        groups = layer.query_groups
+        assert layer.reference_queries.shape[-2] == 40 * groups  # only the second reading's queries
+        torch.testing.assert_close(layer.reference_queries, expected.reference_queries[:, :, 40 * groups :])
+        torch.testing.assert_close(layer.keys, expected.keys[:, :, :40])
+
+
+@torch.no_grad()
+def test_repeat_reference_changes_the_fit_but_not_a_full_budget():
+    model = build("llama")
+    context, continuation = token_ids(2, 40), token_ids(2, 6, seed=1)
+    reference = model(torch.cat([context, continuation], dim=1)).logits[:, 40:]
+    with compaction(model, "attention_matching", budget=1.0, reference="repeat") as cache:
+        model(context)
+    torch.testing.assert_close(cache_logits(model, cache, continuation), reference, atol=1e-5, rtol=1e-5)
+    compacted = {}
+    for option in ("context", "repeat"):
+        with compaction(model, "attention_matching", budget=0.25, reference=option) as cache:
+            model(context)
+        assert cache.get_seq_length() <= 10 and cache.seen_tokens == 40
+        compacted[option] = cache_logits(model, cache, continuation)
+    assert not torch.allclose(compacted["context"], compacted["repeat"], atol=1e-4)
+
+
+def test_unknown_reference_is_refused():
+    with pytest.raises(ValueError, match="reference"):
+        get_method("attention_matching", reference="self_study")

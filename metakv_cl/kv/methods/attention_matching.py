@@ -15,6 +15,7 @@ SELECTIONS = ("highest_attention", "omp", "accumulated_attention")
 SCORES = ("max", "mean", "rms")
 HEAD_BUDGETS = ("uniform", "adaptive")
 QUERY_SAMPLINGS = ("spread", "recent")
+REFERENCES = ("context", "repeat")
 
 
 def attention_outputs(
@@ -173,6 +174,20 @@ class AttentionMatching(KVCompressor):
             the latest 1,024 query vectors the fit saw only the last 341 tokens of a 2,048-token
             SmolLM2 context, and spreading them lowered one-shot perplexity at 10 % from 21.05
             to 19.77, issue 20) or ``"recent"``.
+        reference: where the reference queries come from in one-shot compaction. ``"context"``
+            (the default): the context's own queries, captured as it is read. ``"repeat"``: the
+            paper's repeat-prefill, the context read a second time after itself (a probe whose
+            tokens are dropped, :func:`metakv_cl.kv.streaming.repeat_prefill`) and only the second
+            reading's queries kept. The fit scores every reference query against every key of
+            the block, with no causal mask; a context query at position i then scores keys after
+            i, at negative relative (RoPE) distances no real query ever sees, while every key is
+            in the past of the repeated queries, as of the continuation's. The one-shot paths
+            (:func:`metakv_cl.kv.oneshot.compaction`, ``kv-eval --protocol oneshot``) run the
+            second reading (twice the prefill time); a streaming cache ignores the option (see
+            ``repeat_queries`` of :func:`metakv_cl.kv.streaming.stream_log_likelihood`).
+            Measured (issue 20, ``benchmarks/results/kv_eval_oneshot_am_study_smollm2_cpu/``):
+            on SmolLM2-135M one-shot, worse than ``"context"`` at every budget from 50 to 2 %
+            (10 %: perplexity 23.16 against 22.45), so not the default.
         head_budgets: ``"uniform"`` (the same number of keys per head) or ``"adaptive"``: heads
             get keys in proportion to how many keys cover ``coverage`` of their mean
             attention, with the layer total unchanged. Heads with fewer keys are padded with
@@ -193,6 +208,7 @@ class AttentionMatching(KVCompressor):
     selection: str = "highest_attention"
     score: str = "rms"
     query_sampling: str = "spread"
+    reference: str = "context"
     head_budgets: str = "uniform"
     coverage: float = 0.95
     nnls_iterations: int = 10
@@ -212,7 +228,8 @@ class AttentionMatching(KVCompressor):
     def __post_init__(self) -> None:
         for name, value, allowed in (("selection", self.selection, SELECTIONS), ("score", self.score, SCORES),
                                      ("head_budgets", self.head_budgets, HEAD_BUDGETS),
-                                     ("query_sampling", self.query_sampling, QUERY_SAMPLINGS)):
+                                     ("query_sampling", self.query_sampling, QUERY_SAMPLINGS),
+                                     ("reference", self.reference, REFERENCES)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         if not 0.0 < self.coverage <= 1.0:
