@@ -184,10 +184,8 @@ class AttentionMatching(KVCompressor):
             in the past of the repeated queries, as of the continuation's. The one-shot paths
             (:func:`metakv_cl.kv.oneshot.compaction`, ``kv-eval --protocol oneshot``) run the
             second reading (twice the prefill time); a streaming cache ignores the option (see
-            ``repeat_queries`` of :func:`metakv_cl.kv.streaming.stream_log_likelihood`).
-            Measured (issue 20, ``benchmarks/results/kv_eval_oneshot_am_study_smollm2_cpu/``):
-            on SmolLM2-135M one-shot, worse than ``"context"`` at every budget from 50 to 2 %
-            (10 %: perplexity 23.16 against 22.45), so not the default.
+            ``repeat_queries`` of :func:`metakv_cl.kv.streaming.stream_log_likelihood`). Not the
+            default: how it compares is in ``benchmarks/results/kv_eval_oneshot_am_study_smollm2_cpu/``.
         head_budgets: ``"uniform"`` (the same number of keys per head) or ``"adaptive"``: heads
             get keys in proportion to how many keys cover ``coverage`` of their mean
             attention, with the layer total unchanged. Heads with fewer keys are padded with

