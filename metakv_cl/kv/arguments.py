@@ -42,6 +42,8 @@ def kv_eval_parser() -> argparse.ArgumentParser:
     )
     _common_arguments(parser)
     parser.add_argument("--articles", type=int, default=2, help="articles read (as one batch)")
+    parser.add_argument("--skip-articles", type=int, default=0,
+                        help="long-enough articles passed over first (held-out articles for settings chosen on the first ones)")
     parser.add_argument("--context", type=int, default=2048, help="context tokens read through the cache")
     parser.add_argument("--continuation", type=int, default=256, help="continuation tokens scored")
     parser.add_argument("--protocol", default="streaming",

@@ -179,20 +179,22 @@ def long_articles(source: str | Path | None) -> list[str]:
     raise FileNotFoundError(f"--data-root {path} is neither a text file nor a folder (see ../shared/data/README.md)")
 
 
-def article_windows(tokenizer, articles: Sequence[str], length: int, count: int) -> torch.Tensor:
-    """The first ``length`` tokens of the first ``count`` articles that are long enough, [count, length].
+def article_windows(tokenizer, articles: Sequence[str], length: int, count: int, skip: int = 0) -> torch.Tensor:
+    """The first ``length`` tokens of ``count`` articles that are long enough, after passing over
+    the first ``skip`` such articles, [count, length].
 
     Raises:
-        ValueError: if fewer than ``count`` articles have ``length`` tokens.
+        ValueError: if fewer than ``skip + count`` articles have ``length`` tokens.
     """
     windows = []
     for article in articles:
         ids = tokenizer(article, add_special_tokens=False)["input_ids"]
         if len(ids) >= length:
             windows.append(ids[:length])
-            if len(windows) == count:
-                return torch.tensor(windows)
-    raise ValueError(f"only {len(windows)} articles have {length} tokens; lower --context/--continuation or --articles")
+            if len(windows) == skip + count:
+                return torch.tensor(windows[skip:])
+    raise ValueError(f"only {len(windows)} articles have {length} tokens, {skip + count} are needed "
+                     "(--skip-articles + --articles); lower --context/--continuation, --articles or --skip-articles")
 
 
 def parse_method_options(options: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -772,12 +774,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(parser, argv)
     try:
         methods, budgets = _methods(args.methods), _budgets(args.budgets)
-        if args.articles < 1 or args.context < 1 or args.continuation < 1:
-            raise ValueError("--articles, --context and --continuation must be >= 1")
+        if args.articles < 1 or args.context < 1 or args.continuation < 1 or args.skip_articles < 0:
+            raise ValueError("--articles, --context and --continuation must be >= 1 and --skip-articles >= 0")
         model, tokenizer = _model(args)
         protocols = _protocols(args.protocol)
         articles = long_articles(args.data_root)
-        windows = article_windows(tokenizer, articles, args.context + args.continuation, args.articles)
+        windows = article_windows(tokenizer, articles, args.context + args.continuation, args.articles, args.skip_articles)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     config = {**vars(args), "methods": methods, "budgets": budgets, "protocols": protocols,

@@ -137,3 +137,19 @@ def test_kv_eval_reports_both_protocols_on_a_folder_of_articles(tmp_path):
     assert abs(oneshot[("full", 1.0)]["nll_per_token"] - streaming_full["nll_per_token"]) < 1e-4
     with pytest.raises(SystemExit):
         main(["--protocol", "batch", "--out-dir", str(tmp_path)])
+
+
+def test_skipped_articles_are_the_next_long_enough_ones():
+    """``--skip-articles`` passes over the first long-enough articles (short ones never count)."""
+    from metakv_cl.kv.evaluate import article_windows
+
+    class Characters:  # a tokenizer with one token per character
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    articles = ["aaaaaa", "bb", "cccccc", "dddddd", "eeeeee"]
+    windows = article_windows(Characters(), articles, 4, 2, skip=1)
+    assert [chr(row[0]) for row in windows.tolist()] == ["c", "d"]
+    assert torch.equal(article_windows(Characters(), articles, 4, 2), article_windows(Characters(), articles, 4, 2, skip=0))
+    with pytest.raises(ValueError, match="only 4 articles have 4 tokens, 5 are needed"):
+        article_windows(Characters(), articles, 4, 2, skip=3)
