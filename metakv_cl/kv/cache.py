@@ -118,10 +118,8 @@ class CompactedLayer(DynamicLayer):
         self.quantized_values = KVStorage()
         self.bias: torch.Tensor | None = None
         self.importance: torch.Tensor | None = None
-        self.reference_queries: torch.Tensor | None = None
+        self.forget_reference_queries()
         self.query_groups = 1
-        self._query_tokens_read = 0  # tokens whose queries were offered, for evenly spread sampling
-        self._query_stride = 1
         self.appended_since_compaction = 0
         self.compactions = 0
         self.compaction_seconds = 0.0
@@ -403,9 +401,9 @@ class CompactedLayer(DynamicLayer):
         self.bias[..., -new:] = torch.where(valid, 0.0, MASKED_BIAS).unsqueeze(1).to(self.bias.dtype)
 
     def forget_reference_queries(self) -> None:
-        """Drop the captured reference queries (before a repeat-prefill captures its own)."""
-        self.reference_queries = None
-        self._query_tokens_read = 0
+        """Drop the captured reference queries (a new sequence, or a repeat-prefill capturing its own)."""
+        self.reference_queries: torch.Tensor | None = None
+        self._query_tokens_read = 0  # tokens whose queries were offered, for evenly spread sampling
         self._query_stride = 1
 
     def add_reference_queries(self, queries: torch.Tensor, groups: int) -> None:
