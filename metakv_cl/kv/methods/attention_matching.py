@@ -18,6 +18,20 @@ QUERY_SAMPLINGS = ("spread", "recent")
 REFERENCES = ("context", "repeat")
 
 
+def key_scores(attention: torch.Tensor, score: str) -> torch.Tensor:
+    """Each key's score from the attention the reference queries give it, [..., queries, keys] -> [..., keys].
+
+    Args:
+        attention: attention weights, queries on the second-to-last axis.
+        score: ``"max"``, ``"mean"`` or ``"rms"`` over the queries (:data:`SCORES`).
+    """
+    if score == "max":
+        return attention.amax(dim=-2)
+    if score == "mean":
+        return attention.mean(dim=-2)
+    return torch.linalg.vector_norm(attention, dim=-2) / math.sqrt(attention.shape[-2])  # no squared copy
+
+
 def attention_outputs(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,13 +365,7 @@ class AttentionMatching(KVCompressor):
 
     def _highest_attention(self, attention: torch.Tensor, valid: torch.Tensor, slots: int) -> torch.Tensor:
         """Indices [flat, slots] of the most attended keys, best first."""
-        if self.score == "max":
-            key_scores = attention.amax(dim=1)
-        elif self.score == "mean":
-            key_scores = attention.mean(dim=1)
-        else:
-            key_scores = torch.linalg.vector_norm(attention, dim=1) / math.sqrt(attention.shape[1])  # no squared copy
-        return key_scores.masked_fill(~valid, -1.0).topk(slots, dim=-1).indices
+        return key_scores(attention, self.score).masked_fill(~valid, -1.0).topk(slots, dim=-1).indices
 
     def _omp(self, attention: torch.Tensor, valid: torch.Tensor, slots: int) -> torch.Tensor:
         """Greedy orthogonal matching pursuit on the mass targets; indices [flat, slots] in selection order.

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from metakv_cl.kv.methods.attention_matching import AttentionMatching, attention_outputs
+from metakv_cl.kv.methods.attention_matching import AttentionMatching, attention_outputs, key_scores
 from metakv_cl.kv.methods.dynamic_precision import AttentionGuidedPrecision
 from metakv_cl.kv.protocol import CompactedKV, float32_math, gather_tokens
 from metakv_cl.kv.quantization import KVStorage
@@ -181,8 +180,7 @@ def reference_rms(keys: torch.Tensor, queries: torch.Tensor, bias: torch.Tensor 
         scores = queries.float() @ keys.float().transpose(-1, -2)
         if bias is not None:
             scores = scores + bias.float().unsqueeze(-2)
-        attention = torch.softmax(scores, dim=-1)
-        return torch.linalg.vector_norm(attention, dim=2) / math.sqrt(attention.shape[2])
+        return key_scores(torch.softmax(scores, dim=-1), "rms")
 
 
 def held_out_queries(queries: torch.Tensor, query_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
