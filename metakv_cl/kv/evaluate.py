@@ -826,6 +826,11 @@ def niah_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def compaction_setting(question_aware: bool) -> str:
+    """How a RULER run compacted, in the words of its pages and plots."""
+    return "question-aware" if question_aware else "question-agnostic"
+
+
 def ruler_markdown(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> str:
     """A results page of :func:`ruler_scores` rows: the command, then one table row per method and
     budget, one column per task and length, each cell the mean score and its 95% interval."""
@@ -839,8 +844,7 @@ def ruler_markdown(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> st
             return "—"
         return f"{row['score']:.2f} [{row['score_low']:.2f}, {row['score_high']:.2f}]"
 
-    setting = "question-aware" if config.get("question_aware") else "question-agnostic"
-    lines = [f"# RULER-style scores, one-shot {setting} compaction", "", "```bash", config["command"], "```", "",
+    lines = [f"# RULER-style scores, one-shot {compaction_setting(config.get('question_aware', False))} compaction", "", "```bash", config["command"], "```", "",
              "Mean score over examples [95% bootstrap interval]; `full` is the uncompacted cache.", "",
              "| method | budget | " + " | ".join(f"{task} @ {length}" for task, length in columns) + " |",
              "|---|---:|" + "---:|" * len(columns)]
@@ -876,15 +880,17 @@ def ruler_main(argv: Sequence[str] | None = None) -> int:
     config = {**vars(args), "methods": methods, "budgets": budgets, "tasks": tasks, "lengths": lengths, "depths": depths,
               "command": "metakv-cl ruler " + " ".join(sys.argv[1:] if argv is None else argv)}
 
-    def save(records: list[dict[str, Any]]) -> Path:
-        return _write(args.out_dir, "ruler", config, ruler_scores(records), examples=records)
+    def save(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write ``ruler.json`` (the scores so far and every answer); returns the scores."""
+        scores = ruler_scores(records)
+        _write(args.out_dir, "ruler", config, scores, examples=records)
+        return scores
 
     records = ruler_sweep(model, tokenizer, examples, methods, budgets, _settings(args), on_example=save,
                           question_aware=args.question_aware)
-    path = save(records)
-    setting = "question-aware" if args.question_aware else "question-agnostic"
-    plot_task_scores(ruler_scores(records), args.out_dir / "ruler.png",
-                     f"{args.model}: RULER-style tasks, one-shot {setting} compaction ({args.examples} examples per task)")
-    (args.out_dir / "ruler.md").write_text(ruler_markdown(ruler_scores(records), config))
-    print(f"wrote {path}, ruler.md and ruler.png in {args.out_dir}")
+    scores = save(records)
+    plot_task_scores(scores, args.out_dir / "ruler.png", f"{args.model}: RULER-style tasks, one-shot "
+                     f"{compaction_setting(args.question_aware)} compaction ({args.examples} examples per task)")
+    (args.out_dir / "ruler.md").write_text(ruler_markdown(scores, config))
+    print(f"wrote ruler.json, ruler.md and ruler.png in {args.out_dir}")
     return 0
