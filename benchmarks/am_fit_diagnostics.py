@@ -60,12 +60,23 @@ def method_from_spec(spec: str):
     return get_method(name, **{key: ast.literal_eval(value) for key, value in (o.split("=", 1) for o in options)})
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_article_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and the WikiText-2 windows a study reads: ``--model --articles --context --continuation``."""
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--articles", type=int, default=2)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--continuation", type=int, default=256)
+
+
+def model_and_windows(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model of ``--model`` and the first ``--articles`` long articles' context + continuation ids, as kv-eval reads them."""
+    model, tokenizer = load_model(args.model)
+    return model, article_windows(tokenizer, long_articles(None), args.context + args.continuation, args.articles)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_article_arguments(parser)
     parser.add_argument("--reference-queries", type=int, default=1024, help="reference queries per KV head, as kv-eval")
     parser.add_argument("--methods", default="h2o,attention_matching,h2o_refit",
                         help="comma-separated METHOD or METHOD:KEY=VALUE:KEY=VALUE (options as Python literals)")
@@ -74,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     methods, budgets = args.methods.split(","), [float(b) for b in args.budgets.split(",")]
 
-    model, tokenizer = load_model(args.model)
-    ids = article_windows(tokenizer, long_articles(None), args.context + args.continuation, args.articles)
+    model, ids = model_and_windows(args)
     total = ids.shape[1]
     capture = CompactedCache("attention_matching", None, config=model.config, reference_queries=4 * total * 64)
     with torch.no_grad():

@@ -13,7 +13,6 @@ a summary to stdout::
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import json
 import math
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from metakv_cl.kv.evaluate import RunSettings, article_windows, load_model, long_articles, oneshot_prefill
+from metakv_cl.benchmarks.am_fit_diagnostics import add_article_arguments, model_and_windows
+from metakv_cl.kv.evaluate import RunSettings, oneshot_prefill, parse_method_options
 from metakv_cl.kv.streaming import continuation_log_likelihood
 
 
@@ -40,20 +40,19 @@ def swapped(base, donor, layers):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--articles", type=int, default=2)
-    parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--continuation", type=int, default=256)
+    add_article_arguments(parser)
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--am-option", action="append", default=[], help="KEY=VALUE for attention_matching (Python literal)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    options = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.am_option)}
+    try:
+        options = parse_method_options([f"attention_matching.{option}" for option in args.am_option])
+    except ValueError as error:
+        parser.error(str(error))
 
-    model, tokenizer = load_model(args.model)
-    ids = article_windows(tokenizer, long_articles(None), args.context + args.continuation, args.articles)
+    model, ids = model_and_windows(args)
     context, continuation = ids[:, : args.context], ids[:, args.context :]
-    settings = RunSettings(None, 0.1, 1024, False, {"attention_matching": options})
+    settings = RunSettings(None, 0.1, 1024, False, options)
     caches = {}
     with torch.no_grad():
         for method in ("h2o", "attention_matching"):
